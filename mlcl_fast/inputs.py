@@ -1,0 +1,110 @@
+"""Argument validation and preparation shared by every backend: errors name the argument."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .labels import LabelSets, as_label_sets
+from .presets import LossConfig
+from .problem import Problem
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "none")
+NORM_EPS = 1e-12
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, Tensor) and temperature.numel() == 1:
+        temperature = float(temperature)
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(f"temperature: expected a positive number, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature}")
+    return float(temperature)
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {list(REDUCTIONS)}, got {reduction!r}")
+    return reduction
+
+
+def check_features(features) -> Tensor:
+    if not isinstance(features, Tensor):
+        raise TypeError(f"features: expected a tensor, got {type(features).__name__}")
+    if features.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"features: expected a float16/bfloat16/float32/float64 tensor, got {features.dtype}")
+    if features.dim() not in (2, 3):
+        raise ValueError(f"features: expected shape [B, d] or [B, V, d], got shape {tuple(features.shape)}")
+    if features.shape[0] < 1 or features.shape[-1] < 1 or (features.dim() == 3 and features.shape[1] < 1):
+        raise ValueError(f"features: every dimension must be at least 1, got shape {tuple(features.shape)}")
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError("features: contains NaN or Inf")
+    return features
+
+
+def check_prototypes(prototypes, cfg: LossConfig, dim: int, num_labels: Optional[int], device) -> Optional[Tensor]:
+    if not cfg.uses_prototypes:
+        if prototypes is not None:
+            raise ValueError("prototypes: given, but prototype_mode='none' does not use prototypes "
+                             "(choose a preset with prototypes or override prototype_mode)")
+        return None
+    if prototypes is None:
+        raise ValueError(f"prototypes: required for prototype_mode={cfg.prototype_mode!r}; pass a [L, d] tensor")
+    if not isinstance(prototypes, Tensor):
+        raise TypeError(f"prototypes: expected a tensor, got {type(prototypes).__name__}")
+    if prototypes.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"prototypes: expected a float tensor, got {prototypes.dtype}")
+    if prototypes.dim() != 2 or prototypes.shape[1] != dim or prototypes.shape[0] < 1:
+        raise ValueError(f"prototypes: expected shape [L, {dim}] with L >= 1, got {tuple(prototypes.shape)}")
+    if num_labels is not None and prototypes.shape[0] != num_labels:
+        raise ValueError(f"prototypes: {prototypes.shape[0]} prototypes for num_labels={num_labels}")
+    if prototypes.device != device:
+        raise ValueError(f"prototypes: on device {prototypes.device}, but features are on {device}")
+    if not bool(torch.isfinite(prototypes).all()):
+        raise ValueError("prototypes: contains NaN or Inf")
+    return prototypes
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half inputs are computed in fp32; fp32 and fp64 keep their precision."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def l2_normalize(x: Tensor, keep_half: bool) -> Tensor:
+    out = F.normalize(x.to(compute_dtype(x.dtype)), dim=-1, eps=NORM_EPS)
+    return out.to(x.dtype) if keep_half else out
+
+
+def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labels: Optional[int] = None,
+            label_format: str = "auto", native_half: bool = False) -> Problem:
+    """Validate everything and build the backend's Problem (normalised rows, canonical labels)."""
+    temperature = check_temperature(temperature)
+    features = check_features(features)
+    batch, dim = features.shape[0], features.shape[-1]
+    views = features.shape[1] if features.dim() == 3 else 1
+    if prototypes is not None and num_labels is None and isinstance(prototypes, Tensor) and prototypes.dim() == 2:
+        num_labels = prototypes.shape[0]
+    label_sets = as_label_sets(labels, batch, num_labels, label_format, device=features.device)
+    prototypes = check_prototypes(prototypes, cfg, dim, label_sets.num_labels, features.device)
+    if cfg.uses_prototypes and label_sets.num_labels != prototypes.shape[0]:
+        raise ValueError(f"labels: label space of size {label_sets.num_labels} but {prototypes.shape[0]} prototypes")
+    keep_half = native_half and features.dtype in (torch.float16, torch.bfloat16)
+    rows = l2_normalize(features.reshape(batch * views, dim), keep_half)
+    protos = None if prototypes is None else l2_normalize(prototypes.to(features.dtype), keep_half)
+    if protos is not None and not keep_half:
+        protos = protos.to(rows.dtype)
+    return Problem(rows, protos, label_sets.repeat_views(views), cfg, temperature)
+
+
+def anchor_label_counts(problem: Problem) -> Tensor:
+    """a_i for every anchor: |y_i| for sample rows, 1 for prototype anchors."""
+    counts = problem.labels.count
+    if problem.config.prototype_mode == "rows":
+        counts = torch.cat([counts, torch.ones(problem.prototypes.shape[0], dtype=counts.dtype, device=counts.device)])
+    return counts

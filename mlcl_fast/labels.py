@@ -1,0 +1,177 @@
+"""Label sets in every accepted input form, reduced to one canonical form.
+
+Canonical form (`LabelSets`): `index` [B, K] int64 with each row's labels sorted ascending,
+unique, and padded with -1 at the end; `count` [B] = |y_b|; `num_labels` = L. Fused backends
+read it directly (sorted lists make intersections a merge); `csr()` and `label_frequency()`
+give the other views they need, computed once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+LABEL_FORMATS = ("auto", "dense", "indices", "sparse")
+
+
+@dataclass(frozen=True)
+class LabelSets:
+    index: Tensor
+    count: Tensor
+    num_labels: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.index.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.index.device
+
+    def to(self, device) -> "LabelSets":
+        return LabelSets(self.index.to(device), self.count.to(device), self.num_labels)
+
+    def repeat_views(self, views: int) -> "LabelSets":
+        """Row b*V + v carries the labels of sample b (features [B, V, d] flattened)."""
+        if views == 1:
+            return self
+        return LabelSets(self.index.repeat_interleave(views, 0), self.count.repeat_interleave(views, 0),
+                         self.num_labels)
+
+    def dense(self, dtype=torch.bool) -> Tensor:
+        out = torch.zeros(self.batch_size, self.num_labels + 1, dtype=dtype, device=self.device)
+        sentinel = torch.where(self.index < 0, self.num_labels, self.index)
+        out.scatter_(1, sentinel, torch.ones_like(sentinel, dtype=dtype))
+        return out[:, : self.num_labels]
+
+    def csr(self) -> tuple[Tensor, Tensor]:
+        """(row_ptr [B+1], col [nnz]) with sorted columns per row."""
+        row_ptr = torch.zeros(self.batch_size + 1, dtype=torch.int64, device=self.device)
+        row_ptr[1:] = torch.cumsum(self.count, 0)
+        return row_ptr, self.index[self.index >= 0]
+
+    def label_frequency(self) -> Tensor:
+        """How many rows carry each label, [L] int64."""
+        cols = self.index[self.index >= 0]
+        return torch.bincount(cols, minlength=self.num_labels)
+
+    @staticmethod
+    def singletons(num_labels: int, device=None) -> "LabelSets":
+        """The label sets {k} of the L prototypes."""
+        index = torch.arange(num_labels, device=device).unsqueeze(1)
+        return LabelSets(index, torch.ones(num_labels, dtype=torch.int64, device=device), num_labels)
+
+
+def as_label_sets(labels, batch_size: int, num_labels: Optional[int] = None, label_format: str = "auto",
+                  device=None) -> LabelSets:
+    """Validate `labels` (any accepted form) and return its canonical LabelSets.
+
+    `num_labels` is L when known from elsewhere (prototypes, the module); it must then agree with
+    the width of dense and sparse labels.
+    """
+    if label_format not in LABEL_FORMATS:
+        raise ValueError(f"label_format: expected one of {list(LABEL_FORMATS)}, got {label_format!r}")
+    if isinstance(labels, LabelSets):
+        out = labels
+        if num_labels is not None and out.num_labels != num_labels:
+            raise ValueError(f"labels: LabelSets has num_labels={out.num_labels}, expected {num_labels}")
+    else:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels: expected a tensor (dense multi-hot [B, L], padded indices [B, K] "
+                            f"or sparse [B, L]) or LabelSets, got {type(labels).__name__}")
+        fmt = _detect_format(labels, num_labels) if label_format == "auto" else label_format
+        if fmt == "sparse":
+            out = _from_sparse(labels, num_labels)
+        elif fmt == "dense":
+            out = _from_dense(labels, num_labels)
+        else:
+            out = _from_indices(labels, num_labels)
+    if out.batch_size != batch_size:
+        raise ValueError(f"labels: batch size {out.batch_size} does not match features' batch size {batch_size}")
+    if device is not None and out.device != torch.device(device):
+        raise ValueError(f"labels: on device {out.device}, but features are on {device}")
+    return out
+
+
+def _detect_format(labels: Tensor, num_labels: Optional[int]) -> str:
+    if labels.layout in (torch.sparse_csr, torch.sparse_coo):
+        return "sparse"
+    if labels.layout != torch.strided:
+        raise TypeError(f"labels: unsupported layout {labels.layout}")
+    if labels.dtype == torch.bool or labels.dtype.is_floating_point:
+        return "dense"
+    if labels.dim() != 2:
+        return "indices"  # let the indices path report the shape error
+    # An integer matrix is multi-hot when it holds only 0/1 and has the width of the label space.
+    binary = labels.numel() == 0 or bool(((labels == 0) | (labels == 1)).all())
+    width_ok = num_labels is None or labels.shape[1] == num_labels
+    return "dense" if binary and width_ok else "indices"
+
+
+def _check_2d(labels: Tensor, what: str) -> None:
+    if labels.dim() != 2:
+        raise ValueError(f"labels: expected {what} of shape [B, ...] with 2 dimensions, got shape {tuple(labels.shape)}")
+
+
+def _from_dense(labels: Tensor, num_labels: Optional[int]) -> LabelSets:
+    _check_2d(labels, "dense multi-hot labels")
+    if labels.is_complex():
+        raise TypeError("labels: complex dtype is not a multi-hot label matrix")
+    if num_labels is not None and labels.shape[1] != num_labels:
+        raise ValueError(f"labels: dense labels have {labels.shape[1]} columns, expected num_labels={num_labels}")
+    if labels.dtype != torch.bool:
+        if not bool(((labels == 0) | (labels == 1)).all()):
+            raise ValueError("labels: dense multi-hot labels must contain only 0 and 1")
+        labels = labels != 0
+    rows, cols = labels.nonzero(as_tuple=True)
+    return _from_pairs(rows, cols, labels.shape[0], labels.shape[1])
+
+
+def _from_sparse(labels: Tensor, num_labels: Optional[int]) -> LabelSets:
+    if labels.dim() != 2:
+        raise ValueError(f"labels: expected sparse labels of shape [B, L], got shape {tuple(labels.shape)}")
+    if num_labels is not None and labels.shape[1] != num_labels:
+        raise ValueError(f"labels: sparse labels have {labels.shape[1]} columns, expected num_labels={num_labels}")
+    coo = (labels.to_sparse_coo() if labels.layout == torch.sparse_csr else labels).coalesce()
+    values, (rows, cols) = coo.values(), coo.indices()
+    if not bool(((values == 0) | (values == 1)).all()):
+        raise ValueError("labels: sparse multi-hot labels must have values 0 or 1")
+    keep = values != 0
+    return _from_pairs(rows[keep], cols[keep], labels.shape[0], labels.shape[1])
+
+
+def _from_indices(labels: Tensor, num_labels: Optional[int]) -> LabelSets:
+    _check_2d(labels, "padded label indices")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels: padded label indices must be an integer tensor, got {labels.dtype}")
+    labels = labels.long()
+    if labels.numel() and bool((labels < -1).any()):
+        raise ValueError("labels: padded label indices must be >= 0, or -1 for padding")
+    largest = int(labels.max()) if labels.numel() else -1
+    if num_labels is None:
+        num_labels = largest + 1
+    elif largest >= num_labels:
+        raise ValueError(f"labels: label index {largest} is out of range for num_labels={num_labels}")
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
+    keep = labels >= 0
+    return _from_pairs(rows[keep], labels[keep], labels.shape[0], num_labels)
+
+
+def _from_pairs(rows: Tensor, cols: Tensor, batch_size: int, num_labels: int) -> LabelSets:
+    """(row, label) pairs in any order, possibly repeated -> canonical padded sorted form."""
+    device = rows.device
+    key = torch.unique(rows.long() * (num_labels + 1) + cols.long())  # sorted, deduplicated
+    rows, cols = key // (num_labels + 1), key % (num_labels + 1)
+    count = torch.bincount(rows, minlength=batch_size)
+    width = int(count.max()) if count.numel() and rows.numel() else 0
+    start = torch.cumsum(count, 0) - count
+    slot = torch.arange(rows.numel(), device=device) - start[rows]
+    index = torch.full((batch_size, width), -1, dtype=torch.int64, device=device)
+    index[rows, slot] = cols
+    return LabelSets(index, count, num_labels)

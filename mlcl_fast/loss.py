@@ -1,0 +1,82 @@
+"""Public API: the functional loss and the nn.Module that owns label prototypes."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .backends import resolve_backend
+from .inputs import anchor_label_counts, check_reduction, check_temperature, prepare
+from .presets import DEFAULT_PRESET, resolve_config
+
+
+def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[Tensor] = None, *,
+                                preset: str = DEFAULT_PRESET, temperature: float = 0.1,
+                                reduction: str = "mean", backend: str = "auto",
+                                num_labels: Optional[int] = None, label_format: str = "auto",
+                                **overrides) -> Tensor:
+    """Multi-label supervised contrastive loss of SPEC.
+
+    features   [B, d] or [B, V, d] (V views of each sample), fp16/bf16/fp32/fp64
+    labels     dense multi-hot [B, L], padded indices [B, K] (-1 = padding), sparse CSR/COO [B, L],
+               or a LabelSets
+    prototypes [L, d] label embeddings, required when the preset uses prototypes
+    reduction  "mean" (SPEC's anchor weighting) or "none" (per anchor: the B*V rows in b-major
+               order, then the L prototypes when they are anchors)
+    overrides  any LossConfig field: weighting, f, alpha, prototype_mode, beta, reg, anchor_weight
+
+    Half-precision features are computed in fp32 and the loss is returned in fp32; gradients
+    come back in the features' own dtype.
+    """
+    cfg = resolve_config(preset, **overrides)
+    reduction = check_reduction(reduction)
+    check_temperature(temperature)
+    device = features.device if isinstance(features, Tensor) else torch.device("cpu")
+    _, impl = resolve_backend(backend, device)
+    problem = prepare(features, labels, prototypes, cfg, temperature, num_labels, label_format,
+                      native_half=getattr(impl, "NATIVE_HALF", False))
+    losses, valid = impl.anchor_losses(problem)
+    if reduction == "none":
+        return losses
+    if cfg.anchor_weight == "uniform":
+        return losses.sum() / valid.sum().clamp(min=1).to(losses.dtype)
+    counts = anchor_label_counts(problem).to(losses.dtype)
+    return (counts * losses).sum() / counts.sum().clamp(min=1)
+
+
+class MultiLabelContrastiveLoss(nn.Module):
+    """Drop-in loss module. Owns learnable label prototypes ([num_labels, dim], Xavier-uniform)
+    when the preset uses them; then `num_labels` and `dim` are required."""
+
+    def __init__(self, preset: str = DEFAULT_PRESET, num_labels: Optional[int] = None, dim: Optional[int] = None,
+                 temperature: float = 0.1, backend: str = "auto", reduction: str = "mean", **overrides):
+        super().__init__()
+        self.config = resolve_config(preset, **overrides)
+        self.temperature = check_temperature(temperature)
+        self.reduction = check_reduction(reduction)
+        self.backend = backend
+        self.num_labels = num_labels
+        if self.config.uses_prototypes:
+            for name, value in (("num_labels", num_labels), ("dim", dim)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{name}: a positive integer is required when the preset uses prototypes, got {value!r}")
+            self.prototypes = nn.Parameter(torch.empty(num_labels, dim))
+            nn.init.xavier_uniform_(self.prototypes)
+        else:
+            self.register_parameter("prototypes", None)
+
+    def forward(self, features: Tensor, labels) -> Tensor:
+        protos = self.prototypes
+        if protos is not None and isinstance(features, Tensor) and protos.dtype != features.dtype \
+                and features.dtype in (torch.float16, torch.bfloat16):
+            protos = protos.to(features.dtype)
+        return multilabel_contrastive_loss(features, labels, protos, preset=self.config, temperature=self.temperature,
+                                           reduction=self.reduction, backend=self.backend, num_labels=self.num_labels)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"weighting={c.weighting}, f={c.f}, alpha={c.alpha}, prototype_mode={c.prototype_mode}, "
+                f"beta={c.beta}, reg={c.reg}, anchor_weight={c.anchor_weight}, temperature={self.temperature}, "
+                f"backend={self.backend}")

@@ -1,0 +1,131 @@
+"""Reference backend: SPEC written as plain, readable PyTorch. The oracle for every other backend.
+
+It materialises the |A| x |C| logit and weight matrices (memory O(|A|·|C|)), never anything
+with a label dimension on top. Gradients come from autograd; the regulariser's r_ij is detached,
+which yields SPEC's gradient W_i p_ij - w_ij - r_ij.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .labels import LabelSets
+from .problem import Problem
+
+
+def anchor_losses(problem: Problem) -> tuple[Tensor, Tensor]:
+    """Per-anchor loss l_i ([|A|], 0 for invalid anchors) and the validity mask ([|A|] bool)."""
+    cfg = problem.config
+    x = problem.samples
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    n = x.shape[0]
+    protos = problem.prototypes.to(x.dtype) if cfg.uses_prototypes else None
+
+    rows = torch.cat([x, protos]) if cfg.prototype_mode == "rows" else x
+    cols = torch.cat([x, protos]) if cfg.uses_prototypes else x
+    logits = rows @ cols.T / problem.temperature
+
+    with torch.no_grad():
+        in_softmax = _softmax_columns(rows.shape[0], cols.shape[0], n, cfg.beta, x.device)
+        weights = positive_weights(problem, in_softmax, logits.dtype)
+
+    log_beta = torch.zeros(cols.shape[0], dtype=logits.dtype, device=x.device)
+    if cfg.beta > 0:
+        log_beta[:n] = torch.log(torch.tensor(cfg.beta, dtype=logits.dtype))
+    has_column = in_softmax.any(dim=1, keepdim=True)
+    masked = (logits + log_beta).masked_fill(~in_softmax, float("-inf"))
+    masked = torch.where(has_column, masked, torch.zeros_like(masked))  # rows with no column stay finite
+    log_denominator = torch.logsumexp(masked, dim=1, keepdim=True)
+    log_p = logits - log_denominator
+
+    total_weight = weights.sum(dim=1)
+    valid = total_weight > 0
+    loss = -(weights * log_p).sum(dim=1)
+    if cfg.reg:
+        positive = weights > 0
+        p = torch.exp(log_p.detach() + log_beta)  # p_ij = beta_j exp(s_ij) / D_i
+        r = torch.where(positive, (p - weights).clamp(min=0), torch.zeros_like(p))
+        loss = loss - (r * logits).sum(dim=1)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return loss, valid
+
+
+def _softmax_columns(num_rows: int, num_cols: int, n: int, beta: float, device) -> Tensor:
+    """[|A|, |C|] bool: column j enters anchor i's softmax (j != i, and beta_j > 0)."""
+    mask = torch.ones(num_rows, num_cols, dtype=torch.bool, device=device)
+    diag = torch.arange(min(num_rows, num_cols), device=device)
+    mask[diag, diag] = False  # anchors and columns list samples, then prototypes, in the same order
+    if beta == 0:
+        mask[:, :n] = False
+    return mask
+
+
+def positive_weights(problem: Problem, in_softmax: Tensor, dtype) -> Tensor:
+    """w_ij of SPEC as a dense [|A|, |C|] matrix (zero outside in_softmax)."""
+    cfg = problem.config
+    n = problem.num_samples
+    row_sets, col_sets = _anchor_and_column_sets(problem)
+    col_members = col_sets.dense(torch.bool)                       # [|C|, L]
+    a_row = row_sets.count.to(dtype)
+    a_col = col_sets.count.to(dtype)
+
+    def member(t: int) -> Tensor:
+        """[|A|, |C|] bool: column j carries anchor i's t-th label (summed over t: c_ij = |y_i ∩ y_j|)."""
+        label_t = row_sets.index[:, t]
+        has_t = (label_t >= 0).unsqueeze(1)
+        return col_members.index_select(1, label_t.clamp(min=0)).T & has_t & in_softmax
+
+    overlap = torch.zeros(in_softmax.shape, dtype=dtype, device=in_softmax.device)
+    for t in range(row_sets.width):
+        overlap += member(t)
+    union = a_row[:, None] + a_col[None, :] - overlap
+
+    if not cfg.label_centric:
+        if cfg.weighting == "any":
+            omega = (overlap > 0).to(dtype)
+        elif cfg.weighting == "all":
+            omega = ((overlap > 0) & (overlap == a_row[:, None]) & (overlap == a_col[None, :])).to(dtype)
+        else:  # jaccard
+            omega = torch.where(overlap > 0, overlap / union.clamp(min=1), torch.zeros_like(overlap))
+        omega = omega * in_softmax
+        total = omega.sum(dim=1, keepdim=True)
+        return torch.where(total > 0, omega / total.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(omega))
+
+    factor = _pair_factor(cfg, overlap, union, a_col, n)
+    weights = torch.zeros_like(overlap)
+    for t in range(row_sets.width):
+        fm = factor * member(t)
+        z = fm.sum(dim=1, keepdim=True)                             # Z_ik for the t-th label k of anchor i
+        weights += torch.where(z > 0, fm / z.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(fm))
+    return weights / a_row.clamp(min=1)[:, None]
+
+
+def _pair_factor(cfg, overlap: Tensor, union: Tensor, a_col: Tensor, n: int) -> Tensor:
+    if cfg.f == "one":
+        return torch.ones_like(overlap)
+    if cfg.f == "union":
+        factor = 1.0 / union.clamp(min=1)
+        factor[:, n:] = 1.0  # prototype columns
+        return factor
+    # overlap: (c_ij / a_j)^alpha on overlapping columns; alpha < 0: 1 iff y_j ⊆ y_i
+    if cfg.alpha < 0:
+        return (overlap == a_col[None, :]).to(overlap.dtype)
+    ratio = overlap / a_col.clamp(min=1)[None, :]
+    return torch.where(overlap > 0, ratio.pow(cfg.alpha), torch.zeros_like(ratio))
+
+
+def _anchor_and_column_sets(problem: Problem) -> tuple[LabelSets, LabelSets]:
+    cfg = problem.config
+    samples = problem.labels
+    if not cfg.uses_prototypes:
+        return samples, samples
+    protos = LabelSets.singletons(problem.prototypes.shape[0], samples.device)
+    both = _concat(samples, protos)
+    return (both if cfg.prototype_mode == "rows" else samples), both
+
+
+def _concat(a: LabelSets, b: LabelSets) -> LabelSets:
+    width = max(a.width, b.width)
+    pad = lambda s: torch.nn.functional.pad(s.index, (0, width - s.width), value=-1)
+    return LabelSets(torch.cat([pad(a), pad(b)]), torch.cat([a.count, b.count]), a.num_labels)
