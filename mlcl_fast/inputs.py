@@ -104,7 +104,4 @@ def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labe
 
 def anchor_label_counts(problem: Problem) -> Tensor:
     """a_i for every anchor: |y_i| for sample rows, 1 for prototype anchors."""
-    counts = problem.labels.count
-    if problem.config.prototype_mode == "rows":
-        counts = torch.cat([counts, torch.ones(problem.prototypes.shape[0], dtype=counts.dtype, device=counts.device)])
-    return counts
+    return problem.anchor_labels().count

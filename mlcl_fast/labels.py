@@ -44,6 +44,12 @@ class LabelSets:
         return LabelSets(self.index.repeat_interleave(views, 0), self.count.repeat_interleave(views, 0),
                          self.num_labels)
 
+    def concat(self, other: "LabelSets") -> "LabelSets":
+        """Rows of self, then rows of other (same label space)."""
+        width = max(self.width, other.width)
+        pad = lambda s: torch.nn.functional.pad(s.index, (0, width - s.width), value=-1)
+        return LabelSets(torch.cat([pad(self), pad(other)]), torch.cat([self.count, other.count]), self.num_labels)
+
     def dense(self, dtype=torch.bool) -> Tensor:
         out = torch.zeros(self.batch_size, self.num_labels + 1, dtype=dtype, device=self.device)
         sentinel = torch.where(self.index < 0, self.num_labels, self.index)

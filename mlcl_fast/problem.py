@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .labels import LabelSets
@@ -17,8 +18,11 @@ class Problem:
     samples     [N, d] L2-normalised rows (views flattened: row b*V + v is view v of sample b)
     prototypes  [L, d] L2-normalised label prototypes, or None when config.prototype_mode == "none"
     labels      label sets of the N rows (already repeated over views)
-    Anchors are the N rows, then the L prototypes when prototype_mode == "rows";
-    columns are the N rows, then the L prototypes when prototypes are used.
+    Columns are the N rows, then the L prototypes when prototypes are used.
+    Anchors are the sample rows [sample_anchors[0], sample_anchors[1]), then the prototypes
+    [prototype_anchors[0], prototype_anchors[1]) when prototype_mode == "rows". By default that is
+    every row and every prototype; a process of a distributed job anchors only its own share.
+    Anchor i is never its own column (sample row r is column r, prototype k is column N + k).
     """
 
     samples: Tensor
@@ -26,6 +30,24 @@ class Problem:
     labels: LabelSets
     config: LossConfig
     temperature: float
+    sample_anchors: Optional[tuple[int, int]] = None
+    prototype_anchors: Optional[tuple[int, int]] = None
+
+    def __post_init__(self):
+        n = self.samples.shape[0]
+        if self.sample_anchors is None:
+            self.sample_anchors = (0, n)
+        if self.prototype_anchors is None:
+            rows = self.config.prototype_mode == "rows"
+            self.prototype_anchors = (0, self.prototypes.shape[0] if rows else 0)
+        lo, hi = self.sample_anchors
+        plo, phi = self.prototype_anchors
+        if not 0 <= lo <= hi <= n:
+            raise ValueError(f"sample_anchors: {self.sample_anchors} is not a range of the {n} rows")
+        num_protos = self.prototypes.shape[0] if self.prototypes is not None else 0
+        if not 0 <= plo <= phi <= num_protos or (phi > plo and self.config.prototype_mode != "rows"):
+            raise ValueError(f"prototype_anchors: {self.prototype_anchors} is not a range of the prototypes "
+                             f"(prototype_mode={self.config.prototype_mode!r})")
 
     @property
     def num_samples(self) -> int:
@@ -33,8 +55,31 @@ class Problem:
 
     @property
     def num_anchors(self) -> int:
+        return (self.sample_anchors[1] - self.sample_anchors[0]) + (self.prototype_anchors[1] - self.prototype_anchors[0])
+
+    def anchor_columns(self) -> Tensor:
+        """[|A|] int64: the column index of each anchor itself (excluded from its softmax)."""
+        dev = self.samples.device
         n = self.num_samples
-        return n + self.prototypes.shape[0] if self.config.prototype_mode == "rows" else n
+        return torch.cat([torch.arange(*self.sample_anchors, device=dev),
+                          n + torch.arange(*self.prototype_anchors, device=dev)])
+
+    def anchor_labels(self) -> LabelSets:
+        """Label sets of the anchors: the anchored rows' sets, then {k} for prototype anchors."""
+        lo, hi = self.sample_anchors
+        rows = LabelSets(self.labels.index[lo:hi], self.labels.count[lo:hi], self.labels.num_labels)
+        plo, phi = self.prototype_anchors
+        if phi == plo:
+            return rows
+        protos = LabelSets.singletons(self.labels.num_labels, self.samples.device)
+        protos = LabelSets(protos.index[plo:phi], protos.count[plo:phi], protos.num_labels)
+        return rows.concat(protos)
+
+    def column_labels(self) -> LabelSets:
+        """Label sets of the columns: every row's set, then {k} for each prototype column."""
+        if not self.config.uses_prototypes:
+            return self.labels
+        return self.labels.concat(LabelSets.singletons(self.prototypes.shape[0], self.samples.device))
 
     @property
     def num_columns(self) -> int:

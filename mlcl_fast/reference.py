@@ -22,12 +22,14 @@ def anchor_losses(problem: Problem) -> tuple[Tensor, Tensor]:
     n = x.shape[0]
     protos = problem.prototypes.to(x.dtype) if cfg.uses_prototypes else None
 
-    rows = torch.cat([x, protos]) if cfg.prototype_mode == "rows" else x
+    lo, hi = problem.sample_anchors
+    plo, phi = problem.prototype_anchors
+    rows = torch.cat([x[lo:hi], protos[plo:phi]]) if phi > plo else x[lo:hi]
     cols = torch.cat([x, protos]) if cfg.uses_prototypes else x
     logits = rows @ cols.T / problem.temperature
 
     with torch.no_grad():
-        in_softmax = _softmax_columns(rows.shape[0], cols.shape[0], n, cfg.beta, x.device)
+        in_softmax = _softmax_columns(problem.anchor_columns(), cols.shape[0], n, cfg.beta)
         weights = positive_weights(problem, in_softmax, logits.dtype)
 
     log_beta = torch.zeros(cols.shape[0], dtype=logits.dtype, device=x.device)
@@ -51,11 +53,10 @@ def anchor_losses(problem: Problem) -> tuple[Tensor, Tensor]:
     return loss, valid
 
 
-def _softmax_columns(num_rows: int, num_cols: int, n: int, beta: float, device) -> Tensor:
-    """[|A|, |C|] bool: column j enters anchor i's softmax (j != i, and beta_j > 0)."""
-    mask = torch.ones(num_rows, num_cols, dtype=torch.bool, device=device)
-    diag = torch.arange(min(num_rows, num_cols), device=device)
-    mask[diag, diag] = False  # anchors and columns list samples, then prototypes, in the same order
+def _softmax_columns(self_column: Tensor, num_cols: int, n: int, beta: float) -> Tensor:
+    """[|A|, |C|] bool: column j enters anchor i's softmax (j is not i itself, and beta_j > 0)."""
+    mask = torch.ones(self_column.shape[0], num_cols, dtype=torch.bool, device=self_column.device)
+    mask[torch.arange(self_column.shape[0], device=self_column.device), self_column] = False
     if beta == 0:
         mask[:, :n] = False
     return mask
@@ -65,7 +66,7 @@ def positive_weights(problem: Problem, in_softmax: Tensor, dtype) -> Tensor:
     """w_ij of SPEC as a dense [|A|, |C|] matrix (zero outside in_softmax)."""
     cfg = problem.config
     n = problem.num_samples
-    row_sets, col_sets = _anchor_and_column_sets(problem)
+    row_sets, col_sets = problem.anchor_labels(), problem.column_labels()
     col_members = col_sets.dense(torch.bool)                       # [|C|, L]
     a_row = row_sets.count.to(dtype)
     a_col = col_sets.count.to(dtype)
@@ -113,19 +114,3 @@ def _pair_factor(cfg, overlap: Tensor, union: Tensor, a_col: Tensor, n: int) -> 
         return (overlap == a_col[None, :]).to(overlap.dtype)
     ratio = overlap / a_col.clamp(min=1)[None, :]
     return torch.where(overlap > 0, ratio.pow(cfg.alpha), torch.zeros_like(ratio))
-
-
-def _anchor_and_column_sets(problem: Problem) -> tuple[LabelSets, LabelSets]:
-    cfg = problem.config
-    samples = problem.labels
-    if not cfg.uses_prototypes:
-        return samples, samples
-    protos = LabelSets.singletons(problem.prototypes.shape[0], samples.device)
-    both = _concat(samples, protos)
-    return (both if cfg.prototype_mode == "rows" else samples), both
-
-
-def _concat(a: LabelSets, b: LabelSets) -> LabelSets:
-    width = max(a.width, b.width)
-    pad = lambda s: torch.nn.functional.pad(s.index, (0, width - s.width), value=-1)
-    return LabelSets(torch.cat([pad(a), pad(b)]), torch.cat([a.count, b.count]), a.num_labels)
