@@ -96,9 +96,9 @@ def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labe
         raise ValueError(f"labels: label space of size {label_sets.num_labels} but {prototypes.shape[0]} prototypes")
     keep_half = native_half and features.dtype in (torch.float16, torch.bfloat16)
     rows = l2_normalize(features.reshape(batch * views, dim), keep_half)
-    protos = None if prototypes is None else l2_normalize(prototypes.to(features.dtype), keep_half)
-    if protos is not None and not keep_half:
-        protos = protos.to(rows.dtype)
+    protos = None
+    if prototypes is not None:  # normalised at the rows' precision (fp32 prototypes stay fp32 for half rows)
+        protos = F.normalize(prototypes.to(compute_dtype(features.dtype)), dim=-1, eps=NORM_EPS).to(rows.dtype)
     return Problem(rows, protos, label_sets.repeat_views(views), cfg, temperature)
 
 

@@ -68,11 +68,7 @@ class MultiLabelContrastiveLoss(nn.Module):
             self.register_parameter("prototypes", None)
 
     def forward(self, features: Tensor, labels) -> Tensor:
-        protos = self.prototypes
-        if protos is not None and isinstance(features, Tensor) and protos.dtype != features.dtype \
-                and features.dtype in (torch.float16, torch.bfloat16):
-            protos = protos.to(features.dtype)
-        return multilabel_contrastive_loss(features, labels, protos, preset=self.config, temperature=self.temperature,
+        return multilabel_contrastive_loss(features, labels, self.prototypes, preset=self.config, temperature=self.temperature,
                                            reduction=self.reduction, backend=self.backend, num_labels=self.num_labels)
 
     def extra_repr(self) -> str:
