@@ -1,0 +1,346 @@
+"""Random SPEC cases, label-format converters and the backend-vs-reference check.
+
+Shared by every backend's tests:
+
+    from cases import ALL_PRESETS, random_case, assert_backend_matches
+    case = random_case(seed, "reg", {"alpha": 0.5}, B=16, V=2, dtype=torch.float32, device="cuda")
+    assert_backend_matches("triton", case, rtol_loss=1e-3, rtol_grad=1e-3)
+
+Seeds: `fresh_seed(*parts)` mixes the session's base seed (env MLCL_TEST_SEED, otherwise drawn
+at random and printed in pytest's header) with the test's own parts, so every run sees new
+inputs and any failure replays with MLCL_TEST_SEED=<seed>.
+"""
+from __future__ import annotations
+
+import os
+import random
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+
+import brute_force
+
+PRESET_NAMES = ("supcon_any", "supcon_all", "jaccard", "mulsupcon", "msc", "proto", "reg_noreg", "reg")
+
+# Every preset as it is, then overrides that together reach every value of every SPEC field:
+# weighting any/all/jaccard/label, f one/union/overlap, alpha 0/0.5/2/-1, prototype_mode
+# none/columns/rows, beta 0/0.1/1/2.5, reg on and off for every weighting, anchor_weight
+# uniform/labels, and their crossings with prototypes as columns and as anchors.
+ALL_PRESETS: list[tuple[str, dict]] = [(name, {}) for name in PRESET_NAMES] + [
+    # pair-centric weightings with prototypes
+    ("supcon_any", {"prototype_mode": "columns"}),
+    ("supcon_any", {"prototype_mode": "rows"}),
+    ("supcon_all", {"prototype_mode": "rows"}),
+    ("jaccard", {"prototype_mode": "columns"}),
+    ("jaccard", {"prototype_mode": "rows", "beta": 0.0}),
+    # pair factors
+    ("mulsupcon", {"f": "union"}),
+    ("mulsupcon", {"f": "overlap", "alpha": 0.5}),
+    ("mulsupcon", {"f": "overlap", "alpha": -1.0}),
+    ("mulsupcon", {"prototype_mode": "rows"}),
+    ("msc", {"f": "one"}),
+    ("msc", {"f": "overlap", "alpha": 2.0}),
+    ("msc", {"prototype_mode": "rows"}),
+    ("reg", {"f": "union"}),
+    ("reg", {"f": "one"}),
+    # alpha
+    ("reg", {"alpha": 0.5}),
+    ("reg", {"alpha": 2.0}),
+    ("reg", {"alpha": -1.0}),
+    ("reg_noreg", {"alpha": 0.5}),
+    ("reg_noreg", {"alpha": 2.0}),
+    ("reg_noreg", {"alpha": -1.0}),
+    # prototype_mode
+    ("reg", {"prototype_mode": "none"}),
+    ("reg", {"prototype_mode": "columns"}),
+    ("proto", {"prototype_mode": "rows"}),
+    # beta
+    ("reg", {"beta": 0.0}),
+    ("reg", {"beta": 0.1}),
+    ("reg", {"beta": 2.5}),
+    ("msc", {"beta": 1.0}),
+    ("msc", {"beta": 2.5}),
+    ("supcon_any", {"beta": 2.5}),
+    ("supcon_any", {"prototype_mode": "columns", "beta": 0.1}),
+    # the regulariser with every weighting (reg=False is covered by the presets themselves)
+    ("supcon_any", {"reg": True}),
+    ("supcon_all", {"reg": True}),
+    ("jaccard", {"reg": True}),
+    ("jaccard", {"reg": True, "prototype_mode": "rows"}),
+    ("mulsupcon", {"reg": True}),
+    ("msc", {"reg": True}),
+    ("proto", {"reg": True}),
+    ("reg", {"reg": True, "alpha": -1.0, "beta": 0.1}),
+    # anchor weighting
+    ("supcon_any", {"anchor_weight": "labels"}),
+    ("mulsupcon", {"anchor_weight": "uniform"}),
+    ("msc", {"anchor_weight": "labels"}),
+    ("reg", {"anchor_weight": "labels"}),
+    ("jaccard", {"anchor_weight": "labels", "reg": True}),
+]
+
+
+def preset_id(preset: str, overrides: dict) -> str:
+    """A readable pytest id: 'reg[alpha=0.5]'."""
+    if not overrides:
+        return preset
+    return preset + "[" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) + "]"
+
+
+ALL_PRESET_IDS = [preset_id(p, o) for p, o in ALL_PRESETS]
+
+
+def uses_prototypes(preset: str, overrides: Optional[dict] = None) -> bool:
+    return brute_force.spec_config(preset, **(overrides or {}))["prototype_mode"] != "none"
+
+
+# ----------------------------------------------------------------------------------------- seeds
+def _initial_base_seed() -> int:
+    env = os.environ.get("MLCL_TEST_SEED")
+    return int(env) if env else random.SystemRandom().randrange(2**31)
+
+
+BASE_SEED = _initial_base_seed()
+
+
+def fresh_seed(*parts) -> int:
+    """A seed from the session's base seed and the caller's parts (stable across processes)."""
+    return zlib.crc32(repr((BASE_SEED,) + parts).encode()) & 0x7FFFFFFF
+
+
+# ------------------------------------------------------------------------------------------ cases
+@dataclass
+class Case:
+    features: torch.Tensor                 # [B, d] or [B, V, d]
+    labels: torch.Tensor                   # dense bool [B, L]
+    prototypes: Optional[torch.Tensor]     # [L, d] or None
+    preset: str = "reg"
+    overrides: dict = field(default_factory=dict)
+    temperature: float = 0.1
+    seed: int = 0
+
+    @property
+    def num_labels(self) -> int:
+        return self.labels.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.features.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+    def label_sets(self) -> list:
+        """Python sets of label ids, one per sample (the oracle's input)."""
+        return [set(torch.nonzero(row).flatten().tolist()) for row in self.labels.cpu()]
+
+    def loss_kwargs(self) -> dict:
+        return dict(preset=self.preset, temperature=self.temperature, **self.overrides)
+
+    def to(self, device=None, dtype=None) -> "Case":
+        """Same case on another device and/or with features and prototypes in another dtype."""
+        move = lambda t: None if t is None else t.to(device=device or t.device, dtype=dtype or t.dtype)
+        return replace(self, features=move(self.features), prototypes=move(self.prototypes),
+                       labels=self.labels.to(device or self.labels.device))
+
+    def brute_force(self) -> brute_force.BruteForceResult:
+        return brute_force.evaluate(self.features, self.label_sets(), self.prototypes, preset=self.preset,
+                                    temperature=self.temperature, num_labels=self.num_labels, **self.overrides)
+
+    def __repr__(self) -> str:
+        return (f"Case(seed={self.seed}, {preset_id(self.preset, self.overrides)}, features={tuple(self.features.shape)} "
+                f"{self.features.dtype}, L={self.num_labels}, prototypes={self.prototypes is not None}, "
+                f"tau={self.temperature})")
+
+
+def random_labels(gen: torch.Generator, B: int, L: int, density: float = 0.3, empty_rows: int = 0,
+                  repeat_prob: float = 0.3) -> torch.Tensor:
+    """Dense bool [B, L]: Bernoulli(density) rows, each non-empty, some copied from earlier rows (so
+    identical label sets occur, which 'all' weighting needs), then `empty_rows` rows emptied."""
+    labels = torch.rand(B, L, generator=gen, dtype=torch.float64) < density
+    for b in range(B):
+        if b > 0 and float(torch.rand(1, generator=gen)) < repeat_prob:
+            labels[b] = labels[int(torch.randint(0, b, (1,), generator=gen))]
+        if not labels[b].any():
+            labels[b, int(torch.randint(0, L, (1,), generator=gen))] = True
+    if empty_rows:
+        empty = torch.randperm(B, generator=gen)[: min(empty_rows, B)]
+        labels[empty] = False
+    return labels
+
+
+def random_case(seed: int, preset: str = "reg", overrides: Optional[dict] = None, *, B: int = 8, V: int = 1,
+                d: int = 8, L: int = 6, density: float = 0.3, empty_rows: int = 0,
+                dtype: torch.dtype = torch.float64, with_prototypes: Optional[bool] = None,
+                temperature: float = 0.1, device="cpu", repeat_prob: float = 0.3) -> Case:
+    """A random case. Features have random norms (the loss normalises them); V > 1 gives [B, V, d].
+    Prototypes come when the configuration uses them (with_prototypes=None) or as forced."""
+    overrides = dict(overrides or {})
+    gen = torch.Generator().manual_seed(seed)
+    shape = (B, V, d) if V > 1 else (B, d)
+    scale = torch.empty(shape[:-1] + (1,), dtype=torch.float64).uniform_(0.5, 2.0, generator=gen)
+    features = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    labels = random_labels(gen, B, L, density, empty_rows, repeat_prob)
+    if with_prototypes is None:
+        with_prototypes = uses_prototypes(preset, overrides)
+    prototypes = torch.randn(L, d, generator=gen, dtype=torch.float64) * 0.7 if with_prototypes else None
+    case = Case(features, labels, prototypes, preset, overrides, float(temperature), seed)
+    return case.to(device=torch.device(device), dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- label conversions
+def to_dense(labels: torch.Tensor, dtype=torch.bool) -> torch.Tensor:
+    return labels.to(dtype)
+
+
+def to_padded(labels: torch.Tensor, seed: int = 0, duplicates: bool = True, shuffle: bool = True,
+              extra: int = 2, dtype=torch.int64) -> torch.Tensor:
+    """Padded indices [B, K]: every row's labels (some repeated when `duplicates`), -1 padding
+    (at least one -1 per matrix, so an all-0/1 matrix is never mistaken for multi-hot), in a
+    random order with -1 anywhere in the row when `shuffle`."""
+    rng = random.Random(seed)
+    rows = []
+    for row in labels.cpu():
+        ids = torch.nonzero(row).flatten().tolist()
+        if duplicates and ids:
+            ids += rng.choices(ids, k=rng.randint(0, 2))
+        rows.append(ids)
+    width = max(len(r) for r in rows) + extra
+    out = []
+    for ids in rows:
+        ids = ids + [-1] * (width - len(ids))
+        if shuffle:
+            rng.shuffle(ids)
+        out.append(ids)
+    return torch.tensor(out, dtype=dtype, device=labels.device).reshape(labels.shape[0], width)
+
+
+def to_csr(labels: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return labels.to(dtype).to_sparse_csr()
+
+
+def to_coo(labels: torch.Tensor, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """Uncoalesced COO with its entries in random order."""
+    idx = torch.nonzero(labels).T
+    perm = torch.randperm(idx.shape[1], generator=torch.Generator().manual_seed(seed)).to(idx.device)
+    idx = idx[:, perm]
+    values = torch.ones(idx.shape[1], dtype=dtype, device=labels.device)
+    return torch.sparse_coo_tensor(idx, values, tuple(labels.shape))
+
+
+def to_label_sets(labels: torch.Tensor):
+    """mlcl_fast.LabelSets built by hand (sorted, unique, -1 padded at the end)."""
+    from mlcl_fast import LabelSets
+
+    ids = [torch.nonzero(row).flatten().tolist() for row in labels.cpu()]
+    width = max([len(r) for r in ids] + [0])
+    index = torch.tensor([r + [-1] * (width - len(r)) for r in ids], dtype=torch.int64).reshape(len(ids), width)
+    count = torch.tensor([len(r) for r in ids], dtype=torch.int64)
+    return LabelSets(index.to(labels.device), count.to(labels.device), labels.shape[1])
+
+
+def label_forms(labels: torch.Tensor, seed: int = 0) -> dict:
+    """The same label sets in every accepted input form."""
+    return {
+        "dense_bool": to_dense(labels, torch.bool),
+        "dense_uint8": to_dense(labels, torch.uint8),
+        "dense_int32": to_dense(labels, torch.int32),
+        "dense_int64": to_dense(labels, torch.int64),
+        "dense_float16": to_dense(labels, torch.float16),
+        "dense_float32": to_dense(labels, torch.float32),
+        "dense_float64": to_dense(labels, torch.float64),
+        "padded": to_padded(labels, seed),
+        "padded_sorted_no_duplicates": to_padded(labels, seed, duplicates=False, shuffle=False, extra=1),
+        "padded_int32": to_padded(labels, seed + 1, dtype=torch.int32),
+        "csr": to_csr(labels),
+        "csr_bool": labels.to_sparse_csr(),
+        "coo": to_coo(labels, seed),
+        "coo_coalesced": to_coo(labels, seed).coalesce(),
+        "label_sets": to_label_sets(labels),
+    }
+
+
+# --------------------------------------------------------------------------------- comparisons
+def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float) -> float:
+    """||x - ref|| / max(||ref||, floor), computed in float64 on the CPU."""
+    x = torch.as_tensor(x).detach().to("cpu", torch.float64)
+    ref = torch.as_tensor(ref).detach().to("cpu", torch.float64)
+    return float((x - ref).norm()) / max(float(ref.norm()), floor)
+
+
+# Losses are compared relative to max(|loss*|, 1): log-softmax terms are of order one, and the
+# regulariser can move a loss value through zero, where a pure relative error means nothing.
+LOSS_FLOOR = 1.0
+# A gradient of the reference below this norm counts as zero: the backend's must then be that small.
+GRAD_FLOOR = 1e-6
+
+
+def run_loss(backend: str, case: Case, labels=None, reduction: str = "mean", dtype=None, device=None,
+             weights: Optional[torch.Tensor] = None):
+    """(value, grad features, grad prototypes) of `backend` on `case`. The backward pass is of the
+    loss itself ("mean"), or of sum(weights * losses) ("none")."""
+    import mlcl_fast
+
+    case = case.to(device=device, dtype=dtype)
+    feats = case.features.detach().clone().requires_grad_(True)
+    protos = None if case.prototypes is None else case.prototypes.detach().clone().requires_grad_(True)
+    out = mlcl_fast.multilabel_contrastive_loss(feats, case.labels if labels is None else labels, protos,
+                                                reduction=reduction, backend=backend, **case.loss_kwargs())
+    target = out if reduction == "mean" else (out * weights.to(out.device, out.dtype)).sum()
+    inputs = [feats] if protos is None else [feats, protos]
+    if target.requires_grad:
+        grads = torch.autograd.grad(target, inputs, allow_unused=True)
+    else:
+        grads = [None] * len(inputs)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    return out.detach(), grads[0], (grads[1] if protos is not None else None)
+
+
+def assert_backend_matches(backend_name: str, case: Case, rtol_loss: float = 1e-5, rtol_grad: float = 1e-4,
+                           device=None, labels=None, check_none: bool = True) -> dict:
+    """Compare `backend_name` on `case` (its dtype, on `device` or the case's) to the reference
+    backend in float64 on the CPU: the reduced loss, the per-anchor losses of reduction='none',
+    and the gradients of features and prototypes of both (for 'none', of a random weighting of
+    the anchors). Gradients are compared as ||g - g*|| / ||g*||. Returns the errors."""
+    ref_case = case.to(device="cpu", dtype=torch.float64)
+    errors = {}
+    value, gf, gp = run_loss(backend_name, case, labels, device=device)
+    ref_value, ref_gf, ref_gp = run_loss("reference", ref_case)
+    _check_output(backend_name, case, value, gf, gp)
+    errors["loss"] = rel_err(value, ref_value, LOSS_FLOOR)
+    errors["grad_features"] = rel_err(gf, ref_gf, GRAD_FLOOR)
+    if ref_gp is not None:
+        errors["grad_prototypes"] = rel_err(gp, ref_gp, GRAD_FLOOR)
+    if check_none:
+        n_anchors = ref_case.features.shape[0] * (ref_case.features.shape[1] if ref_case.features.dim() == 3 else 1)
+        if brute_force.spec_config(case.preset, **case.overrides)["prototype_mode"] == "rows":
+            n_anchors += case.num_labels
+        weights = torch.rand(n_anchors, generator=torch.Generator().manual_seed(case.seed), dtype=torch.float64)
+        losses, nf, np_ = run_loss(backend_name, case, labels, "none", device=device, weights=weights)
+        ref_losses, ref_nf, ref_np = run_loss("reference", ref_case, None, "none", weights=weights)
+        assert losses.shape == ref_losses.shape, f"{backend_name}: reduction='none' shape {tuple(losses.shape)}, " \
+                                                 f"expected {tuple(ref_losses.shape)}"
+        errors["anchor_losses"] = rel_err(losses, ref_losses, LOSS_FLOOR)
+        errors["none_grad_features"] = rel_err(nf, ref_nf, GRAD_FLOOR)
+        if ref_np is not None:
+            errors["none_grad_prototypes"] = rel_err(np_, ref_np, GRAD_FLOOR)
+    bad = {k: v for k, v in errors.items()
+           if not v <= (rtol_loss if k in ("loss", "anchor_losses") else rtol_grad)}
+    assert not bad, f"{backend_name} differs from the fp64 reference on {case}: {bad} " \
+                    f"(rtol_loss={rtol_loss}, rtol_grad={rtol_grad}; all errors {errors})"
+    return errors
+
+
+def _check_output(backend: str, case: Case, value, gf, gp) -> None:
+    assert value.dim() == 0, f"{backend}: loss should be a scalar, got shape {tuple(value.shape)}"
+    half = case.dtype in (torch.float16, torch.bfloat16)
+    expected = torch.float32 if half else case.dtype
+    assert value.dtype == expected, f"{backend}: loss dtype {value.dtype}, expected {expected}"
+    assert gf.dtype == case.dtype, f"{backend}: features' gradient dtype {gf.dtype}, expected {case.dtype}"
+    assert bool(torch.isfinite(value)), f"{backend}: non-finite loss {value} on {case}"
+    assert bool(torch.isfinite(gf).all()), f"{backend}: non-finite features gradient on {case}"
+    if gp is not None:
+        assert bool(torch.isfinite(gp).all()), f"{backend}: non-finite prototypes gradient on {case}"
