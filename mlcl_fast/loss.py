@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import resolve_backend
+from .distributed import check_gather, gathered_loss
 from .inputs import anchor_label_counts, check_reduction, check_temperature, prepare
 from .presets import DEFAULT_PRESET, resolve_config
 
@@ -16,7 +17,7 @@ def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[T
                                 preset: str = DEFAULT_PRESET, temperature: float = 0.1,
                                 reduction: str = "mean", backend: str = "auto",
                                 num_labels: Optional[int] = None, label_format: str = "auto",
-                                **overrides) -> Tensor:
+                                gather: Optional[str] = None, group=None, **overrides) -> Tensor:
     """Multi-label supervised contrastive loss of SPEC.
 
     features   [B, d] or [B, V, d] (V views of each sample), fp16/bf16/fp32/fp64
@@ -25,6 +26,9 @@ def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[T
     prototypes [L, d] label embeddings, required when the preset uses prototypes
     reduction  "mean" (SPEC's anchor weighting) or "none" (per anchor: the B*V rows in b-major
                order, then the L prototypes when they are anchors)
+    gather     None, or "all": the loss over the batches of every rank of `group` (default: the
+               world), each rank anchoring its own rows; see docs/DISTRIBUTED.md for the value and
+               gradient convention under DDP. reduction="none" then gives this rank's anchors.
     overrides  any LossConfig field: weighting, f, alpha, prototype_mode, beta, reg, anchor_weight
 
     Half-precision features are computed in fp32 and the loss is returned in fp32; gradients
@@ -35,6 +39,9 @@ def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[T
     check_temperature(temperature)
     device = features.device if isinstance(features, Tensor) else torch.device("cpu")
     _, impl = resolve_backend(backend, device)
+    if check_gather(gather, group) is not None:
+        return gathered_loss(features, labels, prototypes, cfg, temperature, reduction, impl, num_labels,
+                             label_format, group)
     problem = prepare(features, labels, prototypes, cfg, temperature, num_labels, label_format,
                       native_half=getattr(impl, "NATIVE_HALF", False))
     losses, valid = impl.anchor_losses(problem)
@@ -51,8 +58,11 @@ class MultiLabelContrastiveLoss(nn.Module):
     when the preset uses them; then `num_labels` and `dim` are required."""
 
     def __init__(self, preset: str = DEFAULT_PRESET, num_labels: Optional[int] = None, dim: Optional[int] = None,
-                 temperature: float = 0.1, backend: str = "auto", reduction: str = "mean", **overrides):
+                 temperature: float = 0.1, backend: str = "auto", reduction: str = "mean",
+                 gather: Optional[str] = None, group=None, **overrides):
         super().__init__()
+        self.gather = check_gather(gather, group)
+        self.group = group
         self.config = resolve_config(preset, **overrides)
         self.temperature = check_temperature(temperature)
         self.reduction = check_reduction(reduction)
@@ -69,10 +79,11 @@ class MultiLabelContrastiveLoss(nn.Module):
 
     def forward(self, features: Tensor, labels) -> Tensor:
         return multilabel_contrastive_loss(features, labels, self.prototypes, preset=self.config, temperature=self.temperature,
-                                           reduction=self.reduction, backend=self.backend, num_labels=self.num_labels)
+                                           reduction=self.reduction, backend=self.backend, num_labels=self.num_labels,
+                                           gather=self.gather, group=self.group)
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"weighting={c.weighting}, f={c.f}, alpha={c.alpha}, prototype_mode={c.prototype_mode}, "
                 f"beta={c.beta}, reg={c.reg}, anchor_weight={c.anchor_weight}, temperature={self.temperature}, "
-                f"backend={self.backend}")
+                f"backend={self.backend}" + (f", gather={self.gather!r}" if self.gather else ""))
