@@ -1,0 +1,142 @@
+"""Second sweeps: the regulariser's value and the gradient, recomputing logits from the
+forward statistics (lse_i, W_i, the weight normalisers).
+
+For anchor i and softmax column j (SPEC):
+    p_ij = beta_j exp(s_ij - lse_i),  r_ij = max(p_ij - w_ij, 0) on positives (reg only),
+    dl_i/ds_ij = W_i p_ij - w_ij - r_ij,   g_ij = G_i dl_i/ds_ij / tau.
+rows_kernel owns anchor blocks: dq_i = sum_j g_ij k_j (and the regulariser's sum_j r_ij s_ij).
+cols_kernel owns column blocks: dk_j = sum_i g_ij q_i.
+Each program writes only its own output block, in a fixed order: deterministic, no atomics.
+With MODE_NONE (the sparse regime) the tile has no positives and g_ij = G_i W_i p_ij / tau;
+the positive pairs' part is added by pairs.py.
+"""
+import triton
+import triton.language as tl
+
+from .tiles import dot_tile, load_rows, positive_weights, softmax_mask
+
+
+@triton.jit
+def tile_grad(s, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_tot, scale_i, g_i, a_i,
+              inv_z, a_index, KA, KAP, table, c_count, width, log_beta, alpha,
+              LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr, WEIGHTING: tl.constexpr,
+              FACTOR: tl.constexpr, HARD: tl.constexpr, REG: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(dl/ds scaled by G_i, r) of one tile; both 0 outside the softmax."""
+    soft = softmax_mask(rmask, cols, cmask, self_c, C)
+    shifted = s + tl.where(cols < N, log_beta, 0.0)[None, :] - lse_i[:, None]
+    p = tl.where(soft, tl.exp(tl.where(soft, shifted, 0.0)), 0.0)
+    grad = w_tot[:, None] * p
+    r = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if LABELS:
+        a_j = tl.load(c_count + cols, mask=cmask, other=0).to(tl.float32)
+        w = positive_weights(rows, rmask, cols, cmask, soft, a_i, a_j, scale_i, inv_z, N,
+                             a_index, KA, KAP, table, width, alpha,
+                             BLOCK_M, BLOCK_N, MODE, WORDS, WEIGHTING, FACTOR, HARD)
+        if REG:
+            r = tl.where(w > 0, tl.maximum(p - w, 0.0), 0.0)
+        grad = grad - w - r
+    return grad * g_i[:, None], r
+
+
+@triton.jit
+def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_count, table, c_count,
+                lse, w_tot, scale, inv_z, g_up, dq_out, reg_out,
+                M, C, N, col_lo, d, KA, KAP, width, stride_q, stride_k, stride_dq,
+                inv_tau, log_beta, alpha,
+                LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
+                WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr, REG: tl.constexpr,
+                REG_VALUE: tl.constexpr, GRAD: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                Q_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (anchor blocks, feature chunks). REG_VALUE: reg_out[i] = sum_j r_ij s_ij (written by
+    the first feature chunk). GRAD: dq_out[i, chunk] = sum_j g_ij k_j."""
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    self_c = tl.load(self_col + rows, mask=rmask, other=-1)
+    a_i = tl.load(a_count + rows, mask=rmask, other=0).to(tl.float32)
+    lse_i = tl.load(lse + rows, mask=rmask, other=0.0)
+    w_i = tl.load(w_tot + rows, mask=rmask, other=0.0)
+    scale_i = tl.load(scale + rows, mask=rmask, other=0.0)
+    g_i = tl.load(g_up + rows, mask=rmask, other=0.0)
+    if Q_RESIDENT:
+        q_res = load_rows(q_ptr, rows, rmask, d, stride_q, BLOCK_K)
+    else:
+        q_res = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = offs_d < d
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    reg_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    for start in range(col_lo, C, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < C
+        s = dot_tile(q_ptr, k_ptr, rows, rmask, cols, cmask, d, stride_q, stride_k, q_res,
+                     BLOCK_M, BLOCK_N, BLOCK_K, Q_RESIDENT, PRECISION) * inv_tau
+        grad, r = tile_grad(s, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_i, scale_i, g_i, a_i,
+                            inv_z, a_index, KA, KAP, table, c_count, width, log_beta, alpha,
+                            LABELS, MODE, WORDS, WEIGHTING, FACTOR, HARD, REG, BLOCK_M, BLOCK_N)
+        if REG_VALUE:
+            reg_sum += tl.sum(r * s, axis=1)
+        if GRAD:
+            k = tl.load(k_ptr + cols[:, None] * stride_k + offs_d[None, :],
+                        mask=cmask[:, None] & dmask[None, :], other=0.0)
+            dq += tl.dot(grad.to(k.dtype), k, input_precision=PRECISION)
+
+    if REG_VALUE:
+        if pid_d == 0:
+            tl.store(reg_out + rows, reg_sum, mask=rmask)
+    if GRAD:
+        tl.store(dq_out + rows[:, None] * stride_dq + offs_d[None, :], dq * inv_tau,
+                 mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def cols_kernel(q_ptr, k_ptr, self_col, a_index, a_count, table, c_count,
+                lse, w_tot, scale, inv_z, g_up, dk_out,
+                M, C, N, col_lo, d, KA, KAP, width, stride_q, stride_k, stride_dk,
+                inv_tau, log_beta, alpha,
+                LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
+                WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr, REG: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                K_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (column blocks of [col_lo, C), feature chunks): dk_out[j, chunk] = sum_i g_ij q_i."""
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    cols = col_lo + pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < C
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = offs_d < d
+    offs_k = tl.arange(0, BLOCK_K)
+    if K_RESIDENT:
+        k_res = tl.load(k_ptr + cols[:, None] * stride_k + offs_k[None, :],
+                        mask=cmask[:, None] & (offs_k[None, :] < d), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    for start in range(0, M, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        self_c = tl.load(self_col + rows, mask=rmask, other=-1)
+        a_i = tl.load(a_count + rows, mask=rmask, other=0).to(tl.float32)
+        lse_i = tl.load(lse + rows, mask=rmask, other=0.0)
+        w_i = tl.load(w_tot + rows, mask=rmask, other=0.0)
+        scale_i = tl.load(scale + rows, mask=rmask, other=0.0)
+        g_i = tl.load(g_up + rows, mask=rmask, other=0.0)
+        if K_RESIDENT:
+            q = load_rows(q_ptr, rows, rmask, d, stride_q, BLOCK_K)
+            s = tl.dot(q, tl.trans(k_res), input_precision=PRECISION)
+        else:
+            s = dot_tile(q_ptr, k_ptr, rows, rmask, cols, cmask, d, stride_q, stride_k, rows,
+                         BLOCK_M, BLOCK_N, BLOCK_K, False, PRECISION)
+        s = s * inv_tau
+        grad, r = tile_grad(s, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_i, scale_i, g_i, a_i,
+                            inv_z, a_index, KA, KAP, table, c_count, width, log_beta, alpha,
+                            LABELS, MODE, WORDS, WEIGHTING, FACTOR, HARD, REG, BLOCK_M, BLOCK_N)
+        qd = tl.load(q_ptr + rows[:, None] * stride_q + offs_d[None, :],
+                     mask=rmask[:, None] & dmask[None, :], other=0.0)
+        dk += tl.dot(tl.trans(grad.to(qd.dtype)), qd, input_precision=PRECISION)
+
+    tl.store(dk_out + cols[:, None] * stride_dk + offs_d[None, :], dk * inv_tau,
+             mask=cmask[:, None] & dmask[None, :])

@@ -1,0 +1,73 @@
+"""From a Problem to the custom operators: anchor and column matrices, label tensors, regime."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..problem import Problem
+from . import configs, labels, ops, pairs
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _allow_tf32(device: torch.device) -> bool:
+    return device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """Per-anchor losses [|A|] (fp32, 0 when invalid) and validity. `regime` and `grad_mode`
+    override the label regime and gradient strategy (configs.REGIMES, configs.GRAD_MODES)."""
+    cfg = problem.config
+    x = problem.samples
+    if x.dtype not in _HALF + (torch.float32,):
+        # The kernels accumulate in fp32; a float64 request keeps its precision on the reference.
+        return reference.anchor_losses(problem)
+    protos = problem.prototypes if cfg.uses_prototypes else None
+    lo, hi = problem.sample_anchors
+    plo, phi = problem.prototype_anchors
+    q = torch.cat([x[lo:hi], protos[plo:phi]]) if phi > plo else x[lo:hi]
+    k = torch.cat([x, protos]) if protos is not None else x
+    q, k = q.contiguous(), k.contiguous()
+
+    n = problem.num_samples
+    col_lo = n if cfg.beta == 0 else 0
+    log_beta = math.log(cfg.beta) if cfg.beta > 0 else 0.0
+    anchor_sets, column_sets = problem.anchor_labels(), problem.column_labels()
+    self_col = problem.anchor_columns().to(torch.int32)
+    a_index = labels.padded_index(anchor_sets)
+    a_count = anchor_sets.count.to(torch.int32)
+    c_count = column_sets.count.to(torch.int32)
+    tf32 = _allow_tf32(x.device)
+    weighting = configs.WEIGHTING_CODES[cfg.weighting]
+    factor = configs.FACTOR_CODES[cfg.f]
+
+    regime = regime or configs.forced_regime()
+    if regime is None:
+        triples = None
+        if not torch.compiler.is_compiling() and -(-anchor_sets.num_labels // 32) > configs.BITS_MAX_WORDS:
+            triples = labels.positive_triples(anchor_sets, column_sets, col_lo)
+        regime = configs.choose_regime(anchor_sets.num_labels, anchor_sets.width, column_sets.width,
+                                       q.shape[0], k.shape[0], q.shape[1], triples)
+    if regime not in configs.REGIMES:
+        raise ValueError(f"regime: expected one of {list(configs.REGIMES)}, got {regime!r}")
+
+    if regime == "pairs":
+        loss, w_tot, *_ = pairs.pairs_forward(q, k, self_col, a_index.long(), a_count, column_sets.index, c_count, n,
+                                              col_lo, anchor_sets.num_labels, 1.0 / problem.temperature, log_beta,
+                                              float(cfg.alpha), weighting, factor, cfg.reg, tf32)
+        return loss, w_tot > 0
+
+    mode = configs.REGIMES[regime]
+    table = labels.column_table(column_sets, mode)
+    grad_mode = grad_mode or configs.grad_mode()
+    if grad_mode not in configs.GRAD_MODES:
+        raise ValueError(f"grad_mode: expected one of {list(configs.GRAD_MODES)}, got {grad_mode!r}")
+    need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    loss, w_tot, *_ = ops.dense_forward(q, k, self_col, a_index, a_count, table, c_count, n, col_lo,
+                                        1.0 / problem.temperature, log_beta, float(cfg.alpha), mode, weighting,
+                                        factor, cfg.reg, tf32, grad_mode == "forward" and need_grad)
+    return loss, w_tot > 0

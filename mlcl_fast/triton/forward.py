@@ -1,0 +1,84 @@
+"""Forward statistics: one sweep of each anchor block over its columns.
+
+Per anchor it keeps the online log-sum-exp of beta_j exp(s_ij) over the softmax columns and the
+sums that give the loss once the sweep is over:
+  pair-centric:  Omega_i = sum_j omega_ij,            T_i = sum_j omega_ij s_ij
+  label-centric: Z_it = sum_{j: k_it in y_j} f_ij,     S_it = sum_{j: k_it in y_j} f_ij s_ij
+so that l_i = W_i lse_i - T_i / Omega_i, or W_i lse_i - (1/a_i) sum_t S_it / Z_it.
+The regulariser needs final lse and weights, so its value comes from a second sweep
+(backward.rows_kernel with REG_VALUE).
+"""
+import triton
+import triton.language as tl
+
+from .tiles import dot_tile, load_rows, member, overlap, pair_factor, pair_omega, softmax_mask
+
+
+@triton.jit
+def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_count, table, c_count,
+                 lse_out, acc_z, acc_s,
+                 M, C, N, col_lo, d, KA, KAP, width, stride_q, stride_k,
+                 inv_tau, log_beta, alpha,
+                 LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
+                 WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr,
+                 SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 Q_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    self_c = tl.load(self_col + rows, mask=rmask, other=-1)
+    a_i = tl.load(a_count + rows, mask=rmask, other=0).to(tl.float32)
+    if Q_RESIDENT:
+        q_res = load_rows(q_ptr, rows, rmask, d, stride_q, BLOCK_K)
+    else:
+        q_res = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # pair-centric: column 0 of these holds Omega / T; label-centric: slot t holds Z_it / S_it
+    z_acc = tl.zeros([BLOCK_M, SLOTS], dtype=tl.float32)
+    s_acc = tl.zeros([BLOCK_M, SLOTS], dtype=tl.float32)
+    slots = tl.arange(0, SLOTS)
+
+    for start in range(col_lo, C, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < C
+        s = dot_tile(q_ptr, k_ptr, rows, rmask, cols, cmask, d, stride_q, stride_k, q_res,
+                     BLOCK_M, BLOCK_N, BLOCK_K, Q_RESIDENT, PRECISION) * inv_tau
+        soft = softmax_mask(rmask, cols, cmask, self_c, C)
+        shifted = s + tl.where(cols < N, log_beta, 0.0)[None, :]
+        shifted = tl.where(soft, shifted, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(shifted, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(shifted - m_new[:, None]), axis=1)
+        m_i = m_new
+
+        if LABELS:
+            a_j = tl.load(c_count + cols, mask=cmask, other=0).to(tl.float32)
+            if WEIGHTING == 3:
+                if FACTOR == 0:
+                    f = tl.where(soft, 1.0, 0.0)
+                else:
+                    c = overlap(rows, rmask, cols, cmask, a_index, KA, table, width,
+                                BLOCK_M, BLOCK_N, MODE, WORDS)
+                    f = tl.where(soft, pair_factor(c, a_i, a_j, cols >= N, alpha, FACTOR, HARD), 0.0)
+                for t in range(KA):
+                    lab = tl.load(a_index + rows * KA + t, mask=rmask, other=-1)
+                    hit = member(lab, cols, cmask, table, width, BLOCK_M, BLOCK_N, MODE, WORDS)
+                    fm = tl.where(hit, f, 0.0)
+                    at_t = (slots == t)[None, :]
+                    z_acc += tl.where(at_t, tl.sum(fm, axis=1)[:, None], 0.0)
+                    s_acc += tl.where(at_t, tl.sum(fm * s, axis=1)[:, None], 0.0)
+            else:
+                c = overlap(rows, rmask, cols, cmask, a_index, KA, table, width, BLOCK_M, BLOCK_N, MODE, WORDS)
+                om = tl.where(soft, pair_omega(c, a_i, a_j, WEIGHTING), 0.0)
+                at_0 = (slots == 0)[None, :]
+                z_acc += tl.where(at_0, tl.sum(om, axis=1)[:, None], 0.0)
+                s_acc += tl.where(at_0, tl.sum(om * s, axis=1)[:, None], 0.0)
+
+    # An anchor without any column (a batch of one) keeps lse = 0; it has no positive either.
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+    tl.store(lse_out + rows, lse, mask=rmask)
+    if LABELS:
+        out = rows[:, None] * SLOTS + slots[None, :]
+        tl.store(acc_z + out, z_acc, mask=rmask[:, None])
+        tl.store(acc_s + out, s_acc, mask=rmask[:, None])

@@ -1,0 +1,55 @@
+"""Label tensors in the forms the kernels read, and label statistics for the regime choice.
+
+Everything here is O((|A| + |C|) * K) (bitsets: O(|C| * L / 32)); nothing pairs anchors with
+columns. The positive-pair lists of the sparse regime live in pairs.py.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..labels import LabelSets
+from .configs import MODE_BITS, MODE_GATHER, MODE_LIST, MODE_NONE
+
+
+def padded_index(sets: LabelSets) -> Tensor:
+    """[B, max(K, 1)] int32 sorted labels, -1 padded (at least one slot, so pointers stay valid)."""
+    index = sets.index
+    if index.shape[1] == 0:
+        index = torch.full((index.shape[0], 1), -1, dtype=index.dtype, device=index.device)
+    return index.to(torch.int32).contiguous()
+
+
+def bitsets(sets: LabelSets) -> Tensor:
+    """[B, ceil(L/32)] int32: bit (k mod 32) of word k // 32 is set when the row carries label k."""
+    words = max(1, -(-sets.num_labels // 32))
+    index = sets.index
+    present = index >= 0
+    label = index.clamp(min=0)
+    bit = torch.where(present, torch.ones_like(label) << (label % 32), torch.zeros_like(label))
+    out = torch.zeros(sets.batch_size, words, dtype=torch.int64, device=index.device)
+    # Labels of a row are distinct, so adding their bits is their OR.
+    out.scatter_add_(1, (label // 32), bit)
+    out = torch.where(out >= 2**31, out - 2**32, out)  # the int32 with the same 32 bits
+    return out.to(torch.int32).contiguous()
+
+
+def column_table(sets: LabelSets, mode: int) -> Tensor:
+    """What the kernels read for the column labels in `mode`."""
+    if mode in (MODE_BITS, MODE_GATHER):
+        return bitsets(sets)
+    if mode == MODE_LIST:
+        return padded_index(sets)
+    if mode == MODE_NONE:
+        return torch.full((sets.batch_size, 1), -1, dtype=torch.int32, device=sets.device)
+    raise ValueError(f"unknown label mode {mode}")
+
+
+def positive_triples(anchor_sets: LabelSets, column_sets: LabelSets, col_lo: int) -> int:
+    """Number of (anchor, label, column) triples with the column in [col_lo, |C|) carrying the
+    anchor's label (the anchor's own column included): the size of the sparse regime's lists.
+    Reads label data back to the host (one synchronisation)."""
+    idx = column_sets.index[col_lo:]
+    freq = torch.bincount(idx[idx >= 0], minlength=column_sets.num_labels)
+    a = anchor_sets.index
+    return int(freq[a.clamp(min=0)].masked_fill(a < 0, 0).sum())

@@ -1,0 +1,157 @@
+"""Kernel launches: grids, meta-parameters, fixed or autotuned configurations.
+
+`wrap` is torch.library.wrap_triton inside triton_op bodies (so torch.compile sees the kernels)
+and the identity inside opaque custom ops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+from triton.runtime.jit import JITFunction
+
+from . import backward, configs, forward
+from .configs import MODE_BITS, TileConfig
+
+INTERPRETED = not isinstance(forward.stats_kernel, JITFunction)
+if INTERPRETED == isinstance(triton.language.zeros, JITFunction):
+    raise ImportError("mlcl_fast.triton: TRITON_INTERPRET changed after triton was imported; set it (or not) "
+                      "before the first import of triton")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Everything scalar a launch needs, besides the tensors."""
+    num_anchors: int       # M
+    num_columns: int       # C
+    num_samples: int       # N: columns >= N are prototypes
+    col_lo: int            # first softmax column (N when beta = 0)
+    dim: int
+    anchor_width: int      # KA (>= 1)
+    slots: int             # power of two >= KA: width of the label-centric normaliser arrays
+    table_width: int       # columns of the column label table
+    inv_tau: float
+    log_beta: float
+    alpha: float
+    mode: int
+    weighting: int
+    factor: int
+    hard: bool
+    reg: bool
+    precision: str         # "ieee" or "tf32"
+
+    @property
+    def labels(self) -> bool:
+        return self.mode != configs.MODE_NONE
+
+    @property
+    def words(self) -> int:
+        return self.table_width if self.mode == MODE_BITS else 1
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def geometry(q: Tensor, k: Tensor, a_index: Tensor, table: Tensor, num_samples: int, col_lo: int,
+             inv_tau: float, log_beta: float, alpha: float, mode: int, weighting: int, factor: int,
+             reg: bool, allow_tf32: bool) -> Geometry:
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    return Geometry(q.shape[0], k.shape[0], num_samples, col_lo, q.shape[1], a_index.shape[1],
+                    _pow2(a_index.shape[1]), table.shape[1], inv_tau, log_beta, alpha, mode, weighting, factor,
+                    alpha < 0, reg, "tf32" if (allow_tf32 and not half) else "ieee")
+
+
+def _tile(g: Geometry) -> TileConfig:
+    return configs.tile_config(g.dim, INTERPRETED)
+
+
+def _common(g: Geometry) -> dict:
+    return dict(LABELS=g.labels, MODE=g.mode, WORDS=g.words, WEIGHTING=g.weighting, FACTOR=g.factor,
+                HARD=g.hard, PRECISION=g.precision)
+
+
+_tuned: dict = {}
+
+
+def _kernel(fn, name: str, dim: int):
+    """`fn`, or its autotuned form (over BLOCK_M, BLOCK_N, warps, stages) when MLCL_FAST_AUTOTUNE=1."""
+    if INTERPRETED or not configs.autotune_enabled():
+        return fn
+    key = (name, configs.tile_config(dim, False).block_k)
+    if key not in _tuned:
+        cands = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
+                               num_stages=c.num_stages) for c in configs.autotune_candidates(dim)]
+        _tuned[key] = triton.autotune(configs=cands, key=["M", "C", "d"])(fn)
+    return _tuned[key]
+
+
+def _launch(fn, name: str, g: Geometry, grid_fn, wrap, args: tuple, meta: dict):
+    cfg = _tile(g)
+    kernel = _kernel(fn, name, g.dim)
+    if kernel is fn:
+        meta = dict(meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages)
+        grid = grid_fn({"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n})
+    else:
+        grid = grid_fn
+    wrap(kernel)[grid](*args, **meta)
+
+
+def stats(q, k, self_col, a_index, a_count, table, c_count, g: Geometry, wrap):
+    """Forward sweep: (lse [M], Z-or-Omega [M, slots], S-or-T [M, slots]), fp32."""
+    M, dev = g.num_anchors, q.device
+    lse = torch.empty(M, dtype=torch.float32, device=dev)
+    acc_z = torch.empty(M, g.slots, dtype=torch.float32, device=dev)
+    acc_s = torch.empty(M, g.slots, dtype=torch.float32, device=dev)
+    if M == 0:
+        return lse, acc_z, acc_s
+    cfg = _tile(g)
+    block_k = cfg.block_k
+    args = (q, k, self_col, a_index, a_count, table, c_count, lse, acc_z, acc_s,
+            M, g.num_columns, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
+            q.stride(0), k.stride(0), g.inv_tau, g.log_beta, g.alpha)
+    meta = dict(_common(g), SLOTS=g.slots, BLOCK_K=block_k, Q_RESIDENT=g.dim <= block_k)
+    _launch(forward.stats_kernel, "stats", g, lambda m: (triton.cdiv(M, m["BLOCK_M"]),), wrap, args, meta)
+    return lse, acc_z, acc_s
+
+
+def rows(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, g_up,
+         g: Geometry, wrap, reg_value: bool, grad: bool):
+    """Anchor-owned second sweep: (dq [M, d] fp32 or None, sum_j r_ij s_ij [M] or None)."""
+    M, dev = g.num_anchors, q.device
+    dq = torch.empty(M if grad else 0, g.dim, dtype=torch.float32, device=dev)
+    reg = torch.empty(M if reg_value else 0, dtype=torch.float32, device=dev)
+    if M == 0 or not (grad or reg_value):
+        return (dq if grad else None), (reg if reg_value else None)
+    cfg = _tile(g)
+    # Without a gradient to produce, one program per anchor block covers the whole of d.
+    block_d = cfg.block_d if grad else 16
+    d_chunks = triton.cdiv(g.dim, block_d) if grad else 1
+    args = (q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, g_up,
+            dq if grad else lse, reg if reg_value else lse,
+            M, g.num_columns, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
+            q.stride(0), k.stride(0), g.dim, g.inv_tau, g.log_beta, g.alpha)
+    meta = dict(_common(g), REG=g.reg, REG_VALUE=reg_value, GRAD=grad, BLOCK_K=cfg.block_k, BLOCK_D=block_d,
+                Q_RESIDENT=g.dim <= cfg.block_k)
+    _launch(backward.rows_kernel, "rows", g, lambda m: (triton.cdiv(M, m["BLOCK_M"]), d_chunks), wrap, args, meta)
+    return (dq if grad else None), (reg if reg_value else None)
+
+
+def cols(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap):
+    """Column-owned gradient: dk [C, d] fp32 (zero for columns outside the softmax range)."""
+    C, dev = g.num_columns, q.device
+    dk = torch.zeros(C, g.dim, dtype=torch.float32, device=dev)
+    width = C - g.col_lo
+    if g.num_anchors == 0 or width <= 0:
+        return dk
+    cfg = _tile(g)
+    args = (q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, g_up, dk,
+            g.num_anchors, C, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
+            q.stride(0), k.stride(0), g.dim, g.inv_tau, g.log_beta, g.alpha)
+    meta = dict(_common(g), REG=g.reg, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, K_RESIDENT=g.dim <= cfg.block_k)
+    d_chunks = triton.cdiv(g.dim, cfg.block_d)
+    _launch(backward.cols_kernel, "cols", g, lambda m: (triton.cdiv(width, m["BLOCK_N"]), d_chunks), wrap, args, meta)
+    return dk

@@ -1,0 +1,95 @@
+"""Custom operators with autograd: the dense-label regimes as torch.library.triton_op (their
+kernels are visible to torch.compile through wrap_triton), the sparse regime in pairs.py.
+
+dense_forward(q [M, d], k [C, d], labels...) -> (loss [M] fp32, W [M], lse [M], scale [M],
+inv_z [M, slots], dq_unit [M or 0, d]); only `loss` is differentiable. The backward recomputes
+logits from (lse, W, scale, inv_z) unless the forward already produced the anchor-row gradient
+(`grad_in_forward`, MLCL_FAST_TRITON_GRAD=forward), in which case only the column kernel runs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import launch
+
+
+def epilogue(lse: Tensor, acc_z: Tensor, acc_s: Tensor, a_count: Tensor, label_centric: bool):
+    """(loss without the regulariser, W, scale, inv_z) from the forward sums (see forward.py)."""
+    if label_centric:
+        positive = acc_z > 0
+        inv_z = torch.where(positive, 1.0 / torch.where(positive, acc_z, 1.0), 0.0)
+        scale = 1.0 / a_count.clamp(min=1).to(torch.float32)
+        w_tot = positive.sum(dim=1).to(torch.float32) * scale
+        weighted = scale * (acc_s * inv_z).sum(dim=1)
+    else:
+        omega, total = acc_z[:, 0], acc_s[:, 0]
+        positive = omega > 0
+        scale = torch.where(positive, 1.0 / torch.where(positive, omega, 1.0), 0.0)
+        w_tot = positive.to(torch.float32)
+        weighted = scale * total
+        inv_z = acc_z  # unused by the kernels for pair-centric weights
+    return w_tot * lse - weighted, w_tot, scale, inv_z
+
+
+@triton_op("mlcl_fast::triton_dense_forward", mutates_args=())
+def dense_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_count: Tensor, table: Tensor,
+                  c_count: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float, alpha: float,
+                  mode: int, weighting: int, factor: int, reg: bool, allow_tf32: bool,
+                  grad_in_forward: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    g = launch.geometry(q, k, a_index, table, num_samples, col_lo, inv_tau, log_beta, alpha, mode, weighting,
+                        factor, reg, allow_tf32)
+    lse, acc_z, acc_s = launch.stats(q, k, self_col, a_index, a_count, table, c_count, g, wrap_triton)
+    loss, w_tot, scale, inv_z = epilogue(lse, acc_z, acc_s, a_count, weighting == 3)
+    dq_unit = None
+    if reg or grad_in_forward:
+        ones = torch.ones_like(lse)
+        dq_unit, reg_sum = launch.rows(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z,
+                                       ones, g, wrap_triton, reg_value=reg, grad=grad_in_forward)
+        if reg:
+            loss = loss - reg_sum
+    if dq_unit is None:
+        dq_unit = q.new_empty(0, q.shape[1], dtype=torch.float32)
+    loss = torch.where(w_tot > 0, loss, 0.0)
+    return loss, w_tot, lse, scale, inv_z, dq_unit
+
+
+@triton_op("mlcl_fast::triton_dense_backward", mutates_args=())
+def dense_backward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_count: Tensor, table: Tensor,
+                   c_count: Tensor, lse: Tensor, w_tot: Tensor, scale: Tensor, inv_z: Tensor, g_up: Tensor,
+                   dq_unit: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float, alpha: float,
+                   mode: int, weighting: int, factor: int, reg: bool, allow_tf32: bool) -> tuple[Tensor, Tensor]:
+    g = launch.geometry(q, k, a_index, table, num_samples, col_lo, inv_tau, log_beta, alpha, mode, weighting,
+                        factor, reg, allow_tf32)
+    if dq_unit.shape[0] == q.shape[0]:
+        dq = dq_unit * g_up[:, None]  # the anchor-row gradient is linear in G_i
+    else:
+        dq, _ = launch.rows(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, g_up,
+                            g, wrap_triton, reg_value=False, grad=True)
+    dk = launch.cols(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, g_up, g,
+                     wrap_triton)
+    return dq.to(q.dtype), dk.to(k.dtype)
+
+
+_SCALARS = ("num_samples", "col_lo", "inv_tau", "log_beta", "alpha", "mode", "weighting", "factor", "reg",
+            "allow_tf32")
+_LABELS = ("self_col", "a_index", "a_count", "table", "c_count")
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, self_col, a_index, a_count, table, c_count, *scalars) = inputs
+    _, w_tot, lse, scale, inv_z, dq_unit = output
+    ctx.scalars = dict(zip(_SCALARS, scalars[:len(_SCALARS)]))
+    ctx.save_for_backward(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, dq_unit)
+
+
+def _backward(ctx, g_loss, *_unused):
+    q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, dq_unit = ctx.saved_tensors
+    g_up = g_loss.to(torch.float32).contiguous()
+    dq, dk = dense_backward(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, g_up,
+                            dq_unit, **ctx.scalars)
+    return (dq, dk) + (None,) * (len(_LABELS) + len(_SCALARS) + 1)
+
+
+dense_forward.register_autograd(_backward, setup_context=_setup_context)

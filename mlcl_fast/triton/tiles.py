@@ -1,0 +1,146 @@
+"""Device functions shared by the kernels: one [BLOCK_M anchors x BLOCK_N columns] tile's logits,
+softmax mask, label overlaps and positive weights (SPEC "Positive weights").
+
+Conventions: `rows` index anchors (0..M), `cols` index columns (0..C); columns >= N are
+prototypes. Labels of anchors are padded sorted lists [M, KA] (-1 = none); labels of columns
+are read through `table` in the label mode MODE (configs.MODE_*).
+"""
+import triton
+import triton.language as tl
+
+from .configs import MODE_BITS, MODE_GATHER, MODE_LIST
+
+_MODE_BITS = tl.constexpr(MODE_BITS)
+_MODE_GATHER = tl.constexpr(MODE_GATHER)
+_MODE_LIST = tl.constexpr(MODE_LIST)
+
+
+@triton.jit
+def dot_tile(q_ptr, k_ptr, rows, rmask, cols, cmask, d, stride_q, stride_k, q_res,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             Q_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
+    """<q_i, k_j> for the tile, accumulated in fp32. With Q_RESIDENT the anchor block `q_res`
+    ([BLOCK_M, BLOCK_K], the whole of d) was loaded once by the caller."""
+    offs_k = tl.arange(0, BLOCK_K)
+    if Q_RESIDENT:
+        k = tl.load(k_ptr + cols[:, None] * stride_k + offs_k[None, :],
+                    mask=cmask[:, None] & (offs_k[None, :] < d), other=0.0)
+        acc = tl.dot(q_res, tl.trans(k), input_precision=PRECISION)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            kk = k0 + offs_k
+            q = tl.load(q_ptr + rows[:, None] * stride_q + kk[None, :],
+                        mask=rmask[:, None] & (kk[None, :] < d), other=0.0)
+            k = tl.load(k_ptr + cols[:, None] * stride_k + kk[None, :],
+                        mask=cmask[:, None] & (kk[None, :] < d), other=0.0)
+            acc += tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def load_rows(q_ptr, rows, rmask, d, stride_q, BLOCK_K: tl.constexpr):
+    offs_k = tl.arange(0, BLOCK_K)
+    return tl.load(q_ptr + rows[:, None] * stride_q + offs_k[None, :],
+                   mask=rmask[:, None] & (offs_k[None, :] < d), other=0.0)
+
+
+@triton.jit
+def softmax_mask(rmask, cols, cmask, self_col, C):
+    """Column j enters anchor i's softmax: it exists and is not i itself (the caller's column
+    range already starts after the sample columns when beta = 0)."""
+    return rmask[:, None] & cmask[None, :] & (cols[None, :] != self_col[:, None]) & (cols[None, :] < C)
+
+
+@triton.jit
+def member(lab, cols, cmask, table, width,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] bool: column j carries label lab_i (lab_i = -1: no label)."""
+    has = lab >= 0
+    if MODE == _MODE_LIST:
+        hit = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32) != 0
+        for u in range(width):
+            other = tl.load(table + cols * width + u, mask=cmask, other=-2)
+            hit = hit | (other[None, :] == lab[:, None])
+    elif MODE == _MODE_BITS:
+        word = lab >> 5
+        sel = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for w in tl.static_range(WORDS):
+            bits = tl.load(table + cols * WORDS + w, mask=cmask, other=0)
+            sel = tl.where(word[:, None] == w, bits[None, :], sel)
+        hit = ((sel >> (lab & 31)[:, None]) & 1) != 0
+    else:
+        ok = has[:, None] & cmask[None, :]
+        bits = tl.load(table + cols[None, :] * width + (lab >> 5)[:, None], mask=ok, other=0)
+        hit = ((bits >> (lab & 31)[:, None]) & 1) != 0
+    return hit & has[:, None]
+
+
+@triton.jit
+def overlap(rows, rmask, cols, cmask, a_index, KA, table, width,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr):
+    """c_ij = |y_i ∩ y_j| as fp32."""
+    c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for t in range(KA):
+        lab = tl.load(a_index + rows * KA + t, mask=rmask, other=-1)
+        c += member(lab, cols, cmask, table, width, BLOCK_M, BLOCK_N, MODE, WORDS).to(tl.float32)
+    return c
+
+
+@triton.jit
+def pair_omega(c, a_i, a_j, WEIGHTING: tl.constexpr):
+    """Unnormalised pair-centric weight: any (0), all (1), jaccard (2)."""
+    pos = c > 0
+    if WEIGHTING == 0:
+        om = pos.to(tl.float32)
+    elif WEIGHTING == 1:
+        om = (pos & (c == a_i[:, None]) & (c == a_j[None, :])).to(tl.float32)
+    else:
+        union = tl.maximum(a_i[:, None] + a_j[None, :] - c, 1.0)
+        om = tl.where(pos, c / union, 0.0)
+    return om
+
+
+@triton.jit
+def pair_factor(c, a_i, a_j, proto_col, alpha, FACTOR: tl.constexpr, HARD: tl.constexpr):
+    """f_ij of the label-centric weighting: one (0), union (1), overlap (2); HARD: alpha < 0."""
+    if FACTOR == 0:
+        f = tl.full(c.shape, 1.0, tl.float32)
+    elif FACTOR == 1:
+        union = tl.maximum(a_i[:, None] + a_j[None, :] - c, 1.0)
+        f = tl.where(proto_col[None, :], 1.0, 1.0 / union)
+    else:
+        if HARD:
+            f = (c == a_j[None, :]).to(tl.float32)
+        else:
+            ratio = c / tl.maximum(a_j[None, :], 1.0)
+            # (c/a_j)^alpha on overlapping columns; log2 is only taken where c > 0.
+            f = tl.where(c > 0, tl.exp2(alpha * tl.log2(tl.where(c > 0, ratio, 1.0))), 0.0)
+    return f
+
+
+@triton.jit
+def positive_weights(rows, rmask, cols, cmask, soft, a_i, a_j, scale_i, inv_z, N,
+                     a_index, KA, KAP, table, width, alpha,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
+                     WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr):
+    """w_ij from the per-anchor normalisers of the forward statistics:
+    pair-centric w = scale_i * omega_ij (scale = 1 / sum omega);
+    label-centric w = scale_i * f_ij * sum_{t: k_it in y_j} inv_z[i, t] (scale = 1 / a_i)."""
+    if WEIGHTING == 3:
+        if FACTOR == 0:
+            f = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
+        else:
+            c = overlap(rows, rmask, cols, cmask, a_index, KA, table, width, BLOCK_M, BLOCK_N, MODE, WORDS)
+            f = pair_factor(c, a_i, a_j, cols >= N, alpha, FACTOR, HARD)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for t in range(KA):
+            lab = tl.load(a_index + rows * KA + t, mask=rmask, other=-1)
+            iz = tl.load(inv_z + rows * KAP + t, mask=rmask, other=0.0)
+            hit = member(lab, cols, cmask, table, width, BLOCK_M, BLOCK_N, MODE, WORDS)
+            acc += tl.where(hit, iz[:, None], 0.0)
+        w = f * acc * scale_i[:, None]
+    else:
+        c = overlap(rows, rmask, cols, cmask, a_index, KA, table, width, BLOCK_M, BLOCK_N, MODE, WORDS)
+        w = pair_omega(c, a_i, a_j, WEIGHTING) * scale_i[:, None]
+    return tl.where(soft, w, 0.0)

@@ -1,0 +1,288 @@
+"""The Triton backend against the float64 reference.
+
+Without CUDA, the kernels run on CPU tensors under the Triton interpreter (fp32, small shapes,
+the small fixed tile configuration so that shapes cross tile boundaries). Triton reads
+TRITON_INTERPRET when it is first imported, so this module sets it, for the rest of the test
+process, before anything imports triton (when something already has, without it, these tests
+are skipped). With CUDA the interpreter stays off, these tests step aside and the `gpu` tests
+below run instead (all dtypes, large shapes, torch.compile).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import cases  # noqa: E402
+from cases import ALL_PRESET_IDS, ALL_PRESETS, assert_backend_matches, fresh_seed, random_case, rel_err  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from mlcl_fast import LabelSets, multilabel_contrastive_loss, reference, resolve_config  # noqa: E402
+from mlcl_fast.backends import triton as backend  # noqa: E402
+from mlcl_fast.problem import Problem  # noqa: E402
+
+FP32 = dict(rtol_loss=1e-5, rtol_grad=1e-4)
+REGIMES = ("bits", "gather", "list", "pairs")
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_settings(monkeypatch):
+    monkeypatch.delenv("MLCL_FAST_TRITON_LABELS", raising=False)
+    monkeypatch.delenv("MLCL_FAST_TRITON_GRAD", raising=False)
+
+
+cpu_only = pytest.mark.skipif(HAS_CUDA or not backend.kernels_interpreted(),
+                              reason="interpreter tests run where there is no CUDA, in a process whose triton "
+                                     "was first imported with TRITON_INTERPRET=1")
+
+
+def _case(key, preset="reg", overrides=None, **kw):
+    kw.setdefault("dtype", torch.float32)
+    return random_case(fresh_seed("triton", key, preset, repr(overrides), repr(sorted(kw.items()))), preset,
+                       overrides, **kw)
+
+
+# ------------------------------------------------------------------------------------- presets
+@cpu_only
+@pytest.mark.parametrize("preset,overrides", ALL_PRESETS, ids=ALL_PRESET_IDS)
+def test_every_preset_and_override(preset, overrides):
+    """Small L: in-register bitsets (the default regime), 19 rows (two tiles, ragged)."""
+    case = _case("preset", preset, overrides, B=19, d=12, L=6, empty_rows=1)
+    assert_backend_matches("triton", case, **FP32)
+
+
+REGIME_CONFIGS = [("supcon_any", {}), ("supcon_all", {"reg": True}), ("jaccard", {"prototype_mode": "rows"}),
+                  ("mulsupcon", {}), ("msc", {}), ("proto", {"reg": True}), ("reg", {}),
+                  ("reg", {"alpha": 0.5, "beta": 0.1}), ("reg", {"alpha": -1.0, "beta": 0.0})]
+
+
+@cpu_only
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("preset,overrides", REGIME_CONFIGS, ids=[cases.preset_id(*c) for c in REGIME_CONFIGS])
+def test_label_regimes(monkeypatch, regime, preset, overrides):
+    """Every label regime, forced, over L = 70 labels (three bitset words, labels >= 64 set the
+    sign bit of their word) with some rows sharing none."""
+    monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", regime)
+    case = _case("regime", preset, overrides, B=13, d=10, L=70, density=0.05, empty_rows=1)
+    case.labels[:, 63] |= torch.arange(13) % 3 == 0  # the last bit of a word, in several rows
+    assert_backend_matches("triton", case, check_none=regime == "pairs", **FP32)
+
+
+# ----------------------------------------------------------------------------- shapes and edges
+@cpu_only
+@pytest.mark.parametrize("B,V,d,L", [(1, 1, 3, 1), (5, 3, 20, 1), (16, 1, 16, 4), (17, 2, 33, 9), (7, 1, 5, 40)],
+                         ids=["one_sample", "views_L1", "exact_tiles", "ragged_views", "small_d"])
+@pytest.mark.parametrize("preset", ["reg", "supcon_any", "msc"])
+def test_shapes(B, V, d, L, preset):
+    """Batch of one, views, N a multiple of the tile or not, d below / across feature chunks, L = 1."""
+    case = _case("shape", preset, None, B=B, V=V, d=d, L=L, density=0.4)
+    assert_backend_matches("triton", case, **FP32)
+
+
+@cpu_only
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("preset", ["reg", "supcon_any", "mulsupcon"])
+def test_no_valid_anchor_gives_exact_zeros(monkeypatch, regime, preset):
+    """Every label set empty (K = 0): no positives anywhere -> loss 0 and gradients exactly 0."""
+    monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", regime)
+    case = _case("empty", preset, None, B=9, d=6, L=5, empty_rows=9)
+    assert not case.labels.any()
+    feats = case.features.clone().requires_grad_(True)
+    protos = None if case.prototypes is None else case.prototypes.clone().requires_grad_(True)
+    labels = torch.full((9, 0), -1, dtype=torch.int64)  # padded indices with K = 0
+    loss = multilabel_contrastive_loss(feats, labels, protos, backend="triton", num_labels=5, **case.loss_kwargs())
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(feats.grad) == 0
+    if protos is not None:  # a prototype's label is carried by no other column either
+        assert torch.count_nonzero(protos.grad) == 0
+
+
+@cpu_only
+@pytest.mark.parametrize("preset,overrides", [("reg", {}), ("supcon_any", {}), ("msc", {"reg": True}),
+                                              ("jaccard", {"prototype_mode": "rows", "beta": 0.0})])
+def test_small_temperature(preset, overrides):
+    case = _case("tau", preset, overrides, B=12, d=8, L=5, temperature=0.01)
+    assert_backend_matches("triton", case, **FP32)
+
+
+@cpu_only
+@pytest.mark.parametrize("grad_mode", ["recompute", "forward"])
+@pytest.mark.parametrize("preset,overrides", [("reg", {}), ("supcon_any", {}), ("msc", {"f": "overlap", "alpha": 2.0})])
+def test_gradient_strategies(monkeypatch, grad_mode, preset, overrides):
+    """MLCL_FAST_TRITON_GRAD: the backward recomputes logits, or the forward's second sweep
+    already produced the anchor-row gradient."""
+    monkeypatch.setenv("MLCL_FAST_TRITON_GRAD", grad_mode)
+    case = _case("grad", preset, overrides, B=11, d=9, L=5)
+    assert_backend_matches("triton", case, **FP32)
+
+
+# --------------------------------------------------------------------------------- anchor ranges
+def _problem(case: cases.Case, sample_anchors, prototype_anchors, dtype):
+    from mlcl_fast.inputs import prepare
+
+    cfg = resolve_config(case.preset, **case.overrides)
+    feats = case.features.to(dtype).detach().requires_grad_(True)
+    protos = None if case.prototypes is None else case.prototypes.to(dtype).detach().requires_grad_(True)
+    base = prepare(feats, case.labels, protos, cfg, case.temperature, native_half=True)
+    problem = Problem(base.samples, base.prototypes, base.labels, cfg, base.temperature, sample_anchors,
+                      prototype_anchors)
+    return problem, [t for t in (feats, protos) if t is not None]
+
+
+@cpu_only
+@pytest.mark.parametrize("regime", ["bits", "pairs"])
+@pytest.mark.parametrize("preset,sample_anchors,prototype_anchors",
+                         [("reg", (3, 11), (2, 5)), ("reg", (0, 0), (1, 6)), ("supcon_any", (4, 17), None),
+                          ("msc", (17, 18), None), ("mulsupcon", (5, 5), None)])
+def test_anchor_ranges(regime, preset, sample_anchors, prototype_anchors):
+    """A process's share of anchors: per-anchor losses and their gradients (weighted randomly)."""
+    from mlcl_fast.triton import driver
+
+    case = _case("ranges", preset, None, B=18, d=7, L=6)
+    problem, inputs = _problem(case, sample_anchors, prototype_anchors, torch.float32)
+    losses, valid = driver.anchor_losses(problem, regime=regime)
+    ref_problem, ref_inputs = _problem(case, sample_anchors, prototype_anchors, torch.float64)
+    ref_losses, ref_valid = reference.anchor_losses(ref_problem)
+    assert losses.shape == ref_losses.shape and torch.equal(valid, ref_valid)
+    assert losses.dtype == torch.float32
+    assert rel_err(losses, ref_losses, 1.0) <= 1e-5
+    weights = torch.rand(losses.shape[0], generator=torch.Generator().manual_seed(case.seed), dtype=torch.float64)
+    if losses.numel() and bool(valid.any()):
+        grads = torch.autograd.grad((losses * weights.float()).sum(), inputs, allow_unused=True)
+        ref_grads = torch.autograd.grad((ref_losses * weights).sum(), ref_inputs, allow_unused=True)
+        for g, r in zip(grads, ref_grads):
+            g = torch.zeros_like(r) if g is None else g
+            r = torch.zeros_like(g) if r is None else r
+            assert rel_err(g, r, 1e-6) <= 1e-4
+
+
+# ------------------------------------------------------------------------------ fixed vectors
+@cpu_only
+@pytest.mark.parametrize("index", range(18))
+def test_spec_vectors_in_fp32(spec_vectors, index):
+    from test_vectors import load_case
+
+    case, loss, grad_f, grad_p = load_case(spec_vectors, index)
+    value, gf, gp = cases.run_loss("triton", case, dtype=torch.float32)
+    assert abs(float(value) - loss) <= 1e-5 * max(abs(loss), 1.0)
+    assert rel_err(gf, grad_f, 1e-6) <= 1e-4
+    if grad_p is not None:
+        assert rel_err(gp, grad_p, 1e-6) <= 1e-4
+
+
+# ----------------------------------------------------------------------------- label helpers
+def test_bitsets_and_triples():
+    from mlcl_fast.triton import labels as tl_labels
+
+    sets = LabelSets(torch.tensor([[0, 31, 63, 64], [5, -1, -1, -1], [-1, -1, -1, -1]]), torch.tensor([4, 1, 0]), 70)
+    bits = tl_labels.bitsets(sets)
+    assert bits.dtype == torch.int32 and bits.shape == (3, 3)
+    words = bits.to(torch.int64) & 0xFFFFFFFF
+    assert words[0].tolist() == [1 | (1 << 31), 1 << 31, 1] and words[1].tolist() == [1 << 5, 0, 0]
+    assert words[2].tolist() == [0, 0, 0]
+    # (anchor, label, column) triples over columns >= 1: label 5 in column 1 once; labels 0/31/63/64 nowhere else
+    assert tl_labels.positive_triples(sets, sets, col_lo=1) == 1
+    assert tl_labels.positive_triples(sets, sets, col_lo=0) == 4 + 1
+
+
+def test_regime_choice_thresholds():
+    from mlcl_fast.triton import configs
+
+    assert configs.choose_regime(128, 8, 8, 256, 384, 128, None) == "bits"
+    assert configs.choose_regime(1000, 8, 8, 256, 256, 128, 5000) == "pairs"
+    assert configs.choose_regime(1000, 8, 8, 256, 256, 128, None) == "gather"
+    assert configs.choose_regime(1000, 8, 2, 256, 256, 128, None) == "list"
+    assert configs.choose_regime(100000, 8, 8, 256, 256, 128, 256 * 256) == "list"
+
+
+def test_supports_only_cuda_or_interpreter():
+    assert backend.supports("cpu") == backend.kernels_interpreted()
+    assert backend.supports("cuda") == (HAS_CUDA and not backend.kernels_interpreted())
+    assert backend.NATIVE_HALF is True
+
+
+@cpu_only
+def test_forced_regime_is_checked(monkeypatch):
+    monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", "dense")
+    case = _case("bad", "reg", None, B=4, d=4, L=3)
+    with pytest.raises(ValueError, match="MLCL_FAST_TRITON_LABELS"):
+        cases.run_loss("triton", case)
+
+
+# ------------------------------------------------------------------------------------- GPU
+GPU_DTYPES = {torch.float32: dict(rtol_loss=1e-3, rtol_grad=1e-3),
+              torch.bfloat16: dict(rtol_loss=2e-2, rtol_grad=2e-2),
+              torch.float16: dict(rtol_loss=2e-2, rtol_grad=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", list(GPU_DTYPES), ids=str)
+@pytest.mark.parametrize("preset,overrides", ALL_PRESETS, ids=ALL_PRESET_IDS)
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_presets(preset, overrides, dtype):
+    case = _case("gpu", preset, overrides, B=200, V=2, d=96, L=20, dtype=dtype, device="cuda")
+    assert_backend_matches("triton", case, **GPU_DTYPES[dtype])
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("dtype", list(GPU_DTYPES), ids=str)
+@pytest.mark.parametrize("preset,overrides", REGIME_CONFIGS, ids=[cases.preset_id(*c) for c in REGIME_CONFIGS])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_regimes_large_label_space(monkeypatch, regime, dtype, preset, overrides):
+    monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", regime)
+    case = _case("gpu_regime", preset, overrides, B=300, d=200, L=1500, density=0.004, dtype=dtype, device="cuda")
+    assert_backend_matches("triton", case, check_none=False, **GPU_DTYPES[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("preset", ["reg", "supcon_any", "msc"])
+def test_gpu_torch_compile_fullgraph(preset):
+    case = _case("compile", preset, None, B=128, d=64, L=12, device="cuda")
+    feats = case.features.detach().requires_grad_(True)
+    protos = None if case.prototypes is None else case.prototypes.detach().requires_grad_(True)
+    fn = lambda f, p: multilabel_contrastive_loss(f, case.labels, p, backend="triton",  # noqa: E731
+                                                  num_labels=case.num_labels, **case.loss_kwargs())
+    eager = fn(feats, protos)
+    compiled = torch.compile(fn, fullgraph=True)(feats, protos)
+    inputs = [t for t in (feats, protos) if t is not None]
+    ge = torch.autograd.grad(eager, inputs)
+    gc = torch.autograd.grad(compiled, inputs)
+    assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ge, gc):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("regime", REGIMES)
+def test_gpu_deterministic(monkeypatch, regime):
+    monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", regime)
+    case = _case("determinism", "reg", None, B=512, d=128, L=300, density=0.01, device="cuda")
+    runs = [cases.run_loss("triton", case) for _ in range(2)]
+    for a, b in zip(runs[0], runs[1]):
+        assert a is None and b is None or torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_memory_has_no_anchor_by_column_term():
+    """|A| = |C| = 16384 rows: an fp32 |A| x |C| matrix alone would be 1 GiB."""
+    case = _case("memory", "reg", None, B=16384, d=128, L=64, with_prototypes=False, device="cuda",
+                 overrides={"prototype_mode": "none"})
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    feats = case.features.detach().requires_grad_(True)
+    loss = multilabel_contrastive_loss(feats, case.labels, backend="triton", num_labels=64, prototype_mode="none")
+    loss.backward()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 256 * 2**20, f"peak {peak / 2**20:.0f} MiB"
