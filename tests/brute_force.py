@@ -53,12 +53,22 @@ class BruteForceResult:
     coeffs: list                       # d loss / d l_i of the reduced loss
     loss: float                        # the reduced ("mean") loss
     dl_ds: list                        # dl_ds[a][c] = d l_a / d s_{a,c} (SPEC gradient incl. regulariser)
+    dl_ds_terms: list                  # W_a p_ac + w_ac + r_ac: the size of the terms that dl_ds sums
     # what grads() needs to push dl/ds through the normalisation
     _features: torch.Tensor = field(repr=False, default=None)
     _prototypes: Optional[torch.Tensor] = field(repr=False, default=None)
     _anchors: list = field(repr=False, default=None)
     _columns: list = field(repr=False, default=None)
     _temperature: float = 0.1
+
+    def condition(self, coeffs=None) -> float:
+        """How much dl/ds cancels: sum of |terms| over |sum of terms| (1 = none; inf when the
+        gradient vanishes). Rounding to precision eps perturbs the gradient by about
+        condition * eps / tau relative to its size, so fp32 comparisons need a moderate value."""
+        coeffs = self.coeffs if coeffs is None else [float(c) for c in coeffs]
+        terms = sum(abs(c) * sum(row) for c, row in zip(coeffs, self.dl_ds_terms))
+        net = sum(abs(c) * sum(abs(g) for g in row) for c, row in zip(coeffs, self.dl_ds))
+        return terms / net if net > 0 else (1.0 if terms == 0 else math.inf)
 
     def grads(self, coeffs=None):
         """(grad of features, grad of prototypes or None) of sum_a coeffs[a] * l_a, in float64.
@@ -126,11 +136,12 @@ def evaluate(features: torch.Tensor, label_sets, prototypes: Optional[torch.Tens
     beta = float(cfg["beta"])
     col_beta = [1.0 if is_proto[j] else beta for j in columns]
 
-    losses, valid, dl_ds, counts = [], [], [], []
+    losses, valid, dl_ds, dl_ds_terms, counts = [], [], [], [], []
     for i in anchors:
         y_i = sets[i]
         counts.append(len(y_i))
         grad_row = [0.0] * len(columns)
+        dl_ds_terms.append([0.0] * len(columns))
         active = [j for j in columns if j != i and col_beta[j] > 0]
         if not active:
             losses.append(0.0), valid.append(False), dl_ds.append(grad_row)
@@ -154,6 +165,7 @@ def evaluate(features: torch.Tensor, label_sets, prototypes: Optional[torch.Tens
             loss_i -= sum(r[j] * s[j] for j in active)
         for j in active:
             grad_row[j] = total_w * p[j] - w[j] - r[j]
+            dl_ds_terms[-1][j] = total_w * p[j] + w[j] + r[j]
         losses.append(loss_i), valid.append(True), dl_ds.append(grad_row)
 
     if cfg["anchor_weight"] == "uniform":
@@ -163,7 +175,7 @@ def evaluate(features: torch.Tensor, label_sets, prototypes: Optional[torch.Tens
         total = sum(counts)
         coeffs = [(c / total if v else 0.0) for c, v in zip(counts, valid)] if total else [0.0] * len(valid)
     loss = sum(c * l for c, l in zip(coeffs, losses))
-    return BruteForceResult(torch.tensor(losses, dtype=torch.float64), valid, coeffs, loss, dl_ds,
+    return BruteForceResult(torch.tensor(losses, dtype=torch.float64), valid, coeffs, loss, dl_ds, dl_ds_terms,
                             feats, protos, anchors, columns, float(temperature))
 
 

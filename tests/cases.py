@@ -266,8 +266,8 @@ def label_forms(labels: torch.Tensor, seed: int = 0) -> dict:
 # --------------------------------------------------------------------------------- comparisons
 def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float) -> float:
     """||x - ref|| / max(||ref||, floor), computed in float64 on the CPU."""
-    x = torch.as_tensor(x).detach().to("cpu", torch.float64)
-    ref = torch.as_tensor(ref).detach().to("cpu", torch.float64)
+    x = torch.as_tensor(x, dtype=torch.float64 if isinstance(x, float) else None).detach().to("cpu", torch.float64)
+    ref = torch.as_tensor(ref, dtype=torch.float64 if isinstance(ref, float) else None).detach().to("cpu", torch.float64)
     return float((x - ref).norm()) / max(float(ref.norm()), floor)
 
 
