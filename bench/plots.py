@@ -1,0 +1,124 @@
+"""Plots of one sweep run: time and peak memory against N and against L, log-log, one panel per preset.
+
+    python -m bench.plots bench/results/sweep_cpu_quick.csv [--run RUN_ID] [--outdir DIR]
+
+Lines join the measured points of a provider (forward+backward solid, forward dashed in the time
+plots). Memory plots also show refused points as hollow markers at their predicted size, so the
+cost of the dense formulations stays visible where they cannot run.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .records import number, read_rows, status_kind  # noqa: E402
+
+PRESET_ORDER = ("reg", "msc", "jaccard", "mulsupcon")
+REGIME_MARKERS = {"few": "o", "powerlaw": "s", "bibtex": "^", "delicious": "v"}
+
+
+def _colors(providers):
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {p: cycle[i % len(cycle)] for i, p in enumerate(sorted(providers))}
+
+
+def plot_run(csv_path, run_id: str = "latest", outdir=None) -> list[Path]:
+    """Write the four PNGs of one run next to the CSV (or in outdir); returns their paths."""
+    csv_path = Path(csv_path)
+    rows = read_rows(csv_path, run_id)
+    if not rows:
+        return []
+    outdir = Path(outdir) if outdir else csv_path.parent
+    outdir.mkdir(parents=True, exist_ok=True)
+    colors = _colors({r["provider"] for r in rows})
+    stem = csv_path.stem
+    written = []
+    for axis in ("N", "L"):
+        series = [r for r in rows if r["series"] == axis]
+        if not series:
+            continue
+        for metric in ("time", "memory"):
+            path = outdir / f"{stem}_{metric}_vs_{axis}.png"
+            _figure(series, axis, metric, colors, path, rows[0])
+            written.append(path)
+    return written
+
+
+def _figure(rows, axis, metric, colors, path, first):
+    presets = [p for p in PRESET_ORDER if any(r["preset"] == p for r in rows)]
+    presets += sorted({r["preset"] for r in rows} - set(presets))
+    fig, axes = plt.subplots(1, len(presets), figsize=(4.2 * len(presets), 3.8), squeeze=False)
+    fixed = "L" if axis == "N" else "N"
+    for ax, preset in zip(axes[0], presets):
+        sub = [r for r in rows if r["preset"] == preset]
+        _panel(ax, sub, axis, metric, colors)
+        fixed_values = sorted({r[fixed] for r in sub}, key=float)
+        ax.set_title(f"{preset}  ({fixed}={','.join(fixed_values)}, d={sub[0]['d']})", fontsize=9)
+        ax.set_xlabel(axis)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("median time (ms)" if metric == "time" else "peak memory (MB, above inputs)")
+    handles, labels = [], []
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle(f"{metric} vs {axis} — {first['device_name']} ({first['device']}), torch {first['torch']}, "
+                 f"{first['date']}, commit {first['git_commit']}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _panel(ax, rows, axis, metric, colors):
+    modes = ("full", "fwd") if metric == "time" else ("full",)
+    lines = defaultdict(list)   # (provider, mode) -> [(x, y, regime)]
+    refused = defaultdict(list)
+    for r in rows:
+        if r["mode"] not in modes:
+            continue
+        x = number(r, axis)
+        if status_kind(r["status"]) == "ok":
+            y = number(r, "median_ms" if metric == "time" else "peak_MB")
+            if y is not None and y > 0:
+                lines[(r["provider"], r["mode"])].append((x, y, r["regime"]))
+        elif metric == "memory" and number(r, "pred_MB"):
+            refused[r["provider"]].append((x, number(r, "pred_MB")))
+    for (provider, mode), pts in sorted(lines.items()):
+        pts.sort()
+        style = "-" if mode == "full" else "--"
+        label = provider if mode == "full" else f"{provider} (fwd)"
+        # the line follows the synthetic regime of the series; real data sets are separate markers
+        main = [p for p in pts if p[2] in ("few", "powerlaw")] if axis == "L" else pts
+        if main:
+            ax.plot([p[0] for p in main], [p[1] for p in main], style, color=colors[provider], label=label,
+                    linewidth=1.5 if mode == "full" else 1.0)
+        for x, y, regime in pts:
+            ax.plot([x], [y], REGIME_MARKERS.get(regime, "o"), color=colors[provider], markersize=4)
+    for provider, pts in refused.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", markerfacecolor="none", color=colors[provider],
+                markersize=6, label=f"{provider}: refused, predicted")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.plots", description=__doc__)
+    ap.add_argument("csv", type=Path)
+    ap.add_argument("--run", default="latest", help="run_id to plot (default: the last run in the file)")
+    ap.add_argument("--outdir", type=Path)
+    args = ap.parse_args(argv)
+    for path in plot_run(args.csv, args.run, args.outdir):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""Timers and memory probes: wall clock + RSS on the CPU, CUDA events + allocator stats on the GPU.
+
+CPU memory is the process's resident set (Linux /proc/self/status). Peak RSS (VmHWM) can be
+reset through /proc/self/clear_refs, so one process measures each mode's own peak. glibc keeps
+freed blocks below its mmap threshold in the heap, which would hide a later call's allocations
+from the peak; `exact_malloc()` makes every block of 64 KiB and up a fresh mapping for the memory
+pass, and `steady_malloc()` restores a large threshold (the steady state that glibc's dynamic
+threshold reaches on its own) before the timing pass, so timings see no extra page faults.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MiB = 1 << 20
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear-interpolated quantile of a non-empty list."""
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def summarize(samples_ms: list[float]) -> Timing:
+    return Timing(quantile(samples_ms, 0.5), quantile(samples_ms, 0.2), quantile(samples_ms, 0.8), len(samples_ms))
+
+
+def time_cpu(fn: Callable[[], object], prepare: Optional[Callable[[], object]] = None, *, warmup: int = 1,
+             min_repeats: int = 3, max_repeats: int = 20, budget_s: float = 1.0) -> Timing:
+    """Wall-clock samples of fn(prepare()) (prepare's result passed in, its time not counted).
+
+    Repeats until `budget_s` of measured time is spent, within [min_repeats, max_repeats]."""
+    call = (lambda: fn(prepare())) if prepare is not None else fn
+    for _ in range(warmup):
+        call()
+    samples: list[float] = []
+    spent = 0.0
+    while len(samples) < max_repeats and (len(samples) < min_repeats or spent < budget_s):
+        arg = prepare() if prepare is not None else None
+        t0 = time.perf_counter()
+        fn(arg) if prepare is not None else fn()
+        dt = time.perf_counter() - t0
+        samples.append(dt * 1e3)
+        spent += dt
+    return summarize(samples)
+
+
+def time_cuda(fn: Callable[[], object], prepare: Optional[Callable[[], object]] = None, *, warmup: int = 3,
+              min_repeats: int = 5, max_repeats: int = 100, budget_s: float = 0.5) -> Timing:
+    """CUDA-event samples of fn(prepare()); the L2 cache is flushed before each sample.
+
+    Without `prepare`, triton.testing.do_bench does the work when Triton is importable."""
+    if prepare is None:
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            med, p20, p80 = do_bench(fn, warmup=25, rep=max(1, int(budget_s * 1e3)), quantiles=[0.5, 0.2, 0.8])
+            return Timing(med, p20, p80, -1)  # do_bench does not report its repeat count
+    flush = torch.empty(256 * MiB // 4, dtype=torch.int32, device="cuda")
+    call = (lambda: fn(prepare())) if prepare is not None else fn
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    samples: list[float] = []
+    spent = 0.0
+    while len(samples) < max_repeats and (len(samples) < min_repeats or spent < budget_s):
+        arg = prepare() if prepare is not None else None
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(arg) if prepare is not None else fn()
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end)
+        samples.append(ms)
+        spent += ms / 1e3
+    return summarize(samples)
+
+
+# ---------------------------------------------------------------- CPU memory (Linux)
+
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> Optional[int]:
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def peak_rss_bytes() -> Optional[int]:
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Set the peak RSS to the current RSS; False where the kernel does not allow it."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _mallopt(param: int, value: int) -> bool:
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).mallopt(param, value))
+    except (OSError, AttributeError):
+        return False
+
+
+def exact_malloc() -> bool:
+    """Freed blocks of 64 KiB and up go back to the kernel at once (RSS follows live memory)."""
+    return _mallopt(M_MMAP_THRESHOLD, 64 * 1024) and _mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+
+
+def steady_malloc() -> bool:
+    """Reuse freed blocks up to 32 MiB from the heap, as glibc settles to by itself."""
+    return _mallopt(M_MMAP_THRESHOLD, 32 * MiB) and _mallopt(M_TRIM_THRESHOLD, 64 * MiB)
+
+
+# ---------------------------------------------------------------- matmul rate (the roofline's ceiling)
+
+def matmul_rate(device: str, dtype: torch.dtype = torch.float32, size: Optional[int] = None) -> float:
+    """Measured dense matmul rate in GFLOP/s (2·n³ per n×n product), median of several products.
+
+    fp32 on CUDA is measured with TF32 allowed: the fused GPU backends may use it (SPEC)."""
+    cuda = device.startswith("cuda")
+    n = size or (8192 if cuda else 1024)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    flops = 2.0 * n ** 3
+    if cuda:
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            t = time_cuda(lambda: a @ b, budget_s=0.3)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+    else:
+        t = time_cpu(lambda: a @ b, warmup=2, min_repeats=5, max_repeats=20, budget_s=0.5)
+    return flops / (t.median_ms * 1e-3) / 1e9
