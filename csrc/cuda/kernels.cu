@@ -267,8 +267,10 @@ cudaError_t launch_anchor_loss(const LossProblem& p, const AnchorState& st, floa
 
 cudaError_t launch_gradients(const LossProblem& p, const AnchorState& st, const float* grad_loss, float* grad_rows,
                              float* grad_cols, cudaStream_t stream) {
-  cudaError_t err = cudaMemsetAsync(grad_rows, 0, sizeof(float) * p.num_rows * p.dim, stream);
-  if (err == cudaSuccess) err = cudaMemsetAsync(grad_cols, 0, sizeof(float) * p.num_cols * p.dim, stream);
+  cudaError_t err = cudaSuccess;
+  if (p.num_rows * p.dim > 0) err = cudaMemsetAsync(grad_rows, 0, sizeof(float) * p.num_rows * p.dim, stream);
+  if (err == cudaSuccess && p.num_cols * p.dim > 0)
+    err = cudaMemsetAsync(grad_cols, 0, sizeof(float) * p.num_cols * p.dim, stream);
   if (err == cudaSuccess) err = launch_sweep<kSweepGradRows>(p, st, grad_loss, grad_rows, stream);
   if (err == cudaSuccess) err = launch_sweep<kSweepGradCols>(p, st, grad_loss, grad_cols, stream);
   return err;

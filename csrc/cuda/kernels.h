@@ -51,11 +51,13 @@ struct LossProblem {
 };
 
 // Per-anchor fp32 device buffers, owned by the caller. Memory O(num_rows * row_width).
+// slot, omega and total_weight depend on the labels only; the op saves them with log_denom for
+// the backward pass.
 struct AnchorState {
-  float* slot;            // [num_rows, row_width] per-slot sums, then 1/Z_ik (label-centric)
-  float* inv_norm;        // [num_rows] 1/Omega_i (pair-centric)
+  float* slot;            // [num_rows, row_width] Z_ik (label-centric); per-slot parts of Omega_i otherwise
+  float* omega;           // [num_rows] Omega_i = sum_j omega_ij (pair-centric)
   float* total_weight;    // [num_rows] W_i
-  float* log_denom;       // [num_rows] log D_i (-inf when the softmax is empty)
+  float* log_denom;       // [num_rows] log D_i; 0 for invalid anchors once the loss is written
   float* weighted_logit;  // [num_rows] sum_j w_ij s_ij
   float* reg_logit;       // [num_rows] sum_j r_ij s_ij (0 without reg)
 };
@@ -63,7 +65,7 @@ struct AnchorState {
 #ifndef MLCL_CUDA_NO_RUNTIME
 // Every launcher enqueues on `stream` and returns the first launch error (cudaSuccess otherwise).
 
-// Z_ik / Omega_i from the labels alone: fills slot, inv_norm, total_weight.
+// Z_ik / Omega_i from the labels alone: fills slot, omega, total_weight.
 cudaError_t launch_normaliser(const LossProblem& p, const AnchorState& st, cudaStream_t stream);
 
 // Online log-sum-exp and sum_j w_ij s_ij over the column tiles: fills log_denom, weighted_logit.
@@ -74,8 +76,9 @@ cudaError_t launch_anchor_loss(const LossProblem& p, const AnchorState& st, floa
                                cudaStream_t stream);
 
 // Gradients of sum_i grad_loss[i] * l_i with respect to the rows and the columns, fp32,
-// overwritten: grad_rows [num_rows, dim], grad_cols [num_cols, dim]. Needs every AnchorState field
-// but weighted_logit and reg_logit. Deterministic: each block owns its output rows.
+// overwritten: grad_rows [num_rows, dim], grad_cols [num_cols, dim]. Reads slot (label-centric),
+// omega (pair-centric), total_weight and log_denom, and writes no AnchorState field.
+// Deterministic: each block owns its output rows.
 cudaError_t launch_gradients(const LossProblem& p, const AnchorState& st, const float* grad_loss, float* grad_rows,
                              float* grad_cols, cudaStream_t stream);
 #endif

@@ -28,16 +28,17 @@ MLCL_HD float log_beta(const LossProblem& p, int64_t col) {
   return col < p.num_sample_cols ? p.log_beta_samples : 0.0f;
 }
 
-// c = |y_i ∩ y_j| by merging the two sorted lists. When `inv_z` is given (the anchor's 1/Z_ik per
-// label slot) `inv_z_sum` collects it over the shared slots; `first_slot` is the anchor's slot of
-// the smallest shared label (-1 when none), which lets an inverted-index sweep count a column once.
+// c = |y_i ∩ y_j| by merging the two sorted lists. When `z` is given (the anchor's Z_ik per label
+// slot) `inv_z_sum` collects 1/Z_ik over the shared slots (skipping Z_ik = 0); `first_slot` is the
+// anchor's slot of the smallest shared label (-1 when none), which lets an inverted-index sweep
+// count a column once.
 struct Overlap {
   int32_t count;
   int32_t first_slot;
   float inv_z_sum;
 };
 
-MLCL_HD Overlap merge_labels(const int32_t* a, int32_t na, const int32_t* b, int32_t nb, const float* inv_z) {
+MLCL_HD Overlap merge_labels(const int32_t* a, int32_t na, const int32_t* b, int32_t nb, const float* z) {
   Overlap o{0, -1, 0.0f};
   int32_t x = 0, y = 0;
   while (x < na && y < nb) {
@@ -45,7 +46,7 @@ MLCL_HD Overlap merge_labels(const int32_t* a, int32_t na, const int32_t* b, int
     if (u == v) {
       if (o.count == 0) o.first_slot = x;
       ++o.count;
-      if (inv_z != nullptr) o.inv_z_sum += inv_z[x];
+      if (z != nullptr && z[x] > 0.0f) o.inv_z_sum += 1.0f / z[x];
       ++x;
       ++y;
     } else if (u < v) {
@@ -99,24 +100,19 @@ MLCL_HD float slot_term(const LossProblem& p, int64_t row, int32_t slot, int64_t
   return o.first_slot == slot ? pair_omega(p, o.count, ai, aj) : 0.0f;
 }
 
-// Turns the per-slot sums of one anchor into what the sweeps read: label-centric slots become
-// 1/Z_ik (0 where Z_ik = 0), pair-centric sums collapse into 1/Omega_i; W_i = sum_j w_ij exactly.
+// After the per-slot sums of one anchor: pair-centric sums collapse into Omega_i, and
+// W_i = sum_j w_ij exactly (the share of label slots with Z_ik > 0, or 1 when Omega_i > 0).
 MLCL_HD void finish_normaliser(const LossProblem& p, const AnchorState& st, int64_t row) {
   const int32_t ai = p.row_count[row];
-  float* slots = st.slot + row * p.row_width;
+  const float* slots = st.slot + row * p.row_width;
   if (p.weighting == kWeightLabel) {
     int32_t live = 0;
-    for (int32_t t = 0; t < ai; ++t) {
-      const float z = slots[t];
-      slots[t] = z > 0.0f ? 1.0f / z : 0.0f;
-      live += z > 0.0f;
-    }
+    for (int32_t t = 0; t < ai; ++t) live += slots[t] > 0.0f;
     st.total_weight[row] = ai > 0 ? static_cast<float>(live) / static_cast<float>(ai) : 0.0f;
-    st.inv_norm[row] = 0.0f;
   } else {
     float omega = 0.0f;
     for (int32_t t = 0; t < ai; ++t) omega += slots[t];
-    st.inv_norm[row] = omega > 0.0f ? 1.0f / omega : 0.0f;
+    st.omega[row] = omega;
     st.total_weight[row] = omega > 0.0f ? 1.0f : 0.0f;
   }
 }
@@ -128,7 +124,10 @@ MLCL_HD float pair_weight(const LossProblem& p, const AnchorState& st, int64_t r
   const Overlap o = merge_labels(row_label_list(p, row), ai, col_label_list(p, col), aj,
                                  label ? st.slot + row * p.row_width : nullptr);
   if (o.count == 0) return 0.0f;
-  if (!label) return pair_omega(p, o.count, ai, aj) * st.inv_norm[row];
+  if (!label) {
+    const float omega = st.omega[row];
+    return omega > 0.0f ? pair_omega(p, o.count, ai, aj) / omega : 0.0f;
+  }
   return pair_factor(p, o.count, ai, aj, col >= p.num_sample_cols) * o.inv_z_sum / static_cast<float>(ai);
 }
 
@@ -148,12 +147,14 @@ MLCL_HD float pair_grad(const LossProblem& p, const AnchorState& st, const float
   return grad_loss[row] * (W * prob - w - reg_term(p, prob, w)) * p.inv_temperature;
 }
 
-// l_i = W_i log D_i - sum_j w_ij s_ij - sum_j r_ij s_ij for valid anchors, 0 otherwise.
+// l_i = W_i log D_i - sum_j w_ij s_ij - sum_j r_ij s_ij for valid anchors; an invalid anchor gets
+// loss 0 and log D_i := 0 (its softmax may be empty; the backward never reads it).
 MLCL_HD void finish_anchor(const AnchorState& st, int64_t row, float* loss, uint8_t* valid) {
   const float W = st.total_weight[row];
   const bool ok = W > 0.0f;
   loss[row] = ok ? W * st.log_denom[row] - st.weighted_logit[row] - st.reg_logit[row] : 0.0f;
   valid[row] = ok ? 1 : 0;
+  if (!ok) st.log_denom[row] = 0.0f;
 }
 
 }  // namespace mlcl_cuda

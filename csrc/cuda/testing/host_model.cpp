@@ -75,9 +75,9 @@ int mlcl_host_model(const float* rows, const float* cols, int64_t num_rows, int6
   p.inv_temperature = 1.0f / temperature;
   p.reg = reg != 0;
 
-  std::vector<float> slot(num_rows * row_width), inv_norm(num_rows), total_weight(num_rows), weighted(num_rows),
+  std::vector<float> slot(num_rows * row_width), omega(num_rows), total_weight(num_rows), weighted(num_rows),
       reg_logit(num_rows);
-  const AnchorState st{slot.data(), inv_norm.data(), total_weight.data(), log_denom, weighted.data(), reg_logit.data()};
+  const AnchorState st{slot.data(), omega.data(), total_weight.data(), log_denom, weighted.data(), reg_logit.data()};
 
   for (int64_t i = 0; i < num_rows; ++i) {
     for (int32_t t = 0; t < row_width; ++t) {

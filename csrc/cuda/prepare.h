@@ -1,0 +1,52 @@
+// Host-side preparation of the kernels' label inputs, with device-agnostic ATen ops only (no
+// CUDA headers), so tests can run it on CPU tensors. No host synchronisation in here.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <tuple>
+
+namespace mlcl_fast {
+namespace cuda_prep {
+
+// Entries of a [rows, K] int64 label matrix that break the canonical form (-1 <= k < num_labels,
+// ascending without duplicates, -1 only as padding at the end); a 0-dim int64 tensor.
+inline at::Tensor label_violations(const at::Tensor& labels, int64_t num_labels) {
+  at::Tensor bad = ((labels < -1) | (labels >= num_labels)).sum();
+  if (labels.size(1) > 1) {
+    const at::Tensor a = labels.slice(1, 0, labels.size(1) - 1), b = labels.slice(1, 1);
+    bad = bad + (~((b == -1) | ((a != -1) & (b > a)))).sum();
+  }
+  return bad;
+}
+
+// |y| per row as int32.
+inline at::Tensor label_counts(const at::Tensor& labels) {
+  return (labels >= 0).sum({1}, /*keepdim=*/false, at::kInt).contiguous();
+}
+
+// Inverted index of the columns' labels: label k is carried by columns
+// cols[ptr[k] .. ptr[k+1]), ascending; both int32. Sorting the flat [C, K] entries by label, with
+// padding keyed as num_labels so it sorts last, needs no host synchronisation; the sort is stable,
+// so each label's columns stay in order. Flat entry e lies in column e / K.
+struct LabelIndex {
+  at::Tensor ptr;   // [num_labels + 1]
+  at::Tensor cols;  // [C * K], entries past ptr[num_labels] are padding
+};
+
+inline LabelIndex column_label_index(const at::Tensor& col_labels, int64_t num_labels) {
+  const int64_t width = col_labels.size(1);
+  const at::Tensor keys =
+      at::where(col_labels < 0, at::full({}, num_labels, col_labels.options()), col_labels).reshape({-1});
+  const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  LabelIndex index;
+  index.cols = at::div(std::get<1>(sorted), std::max<int64_t>(width, 1), "floor").to(at::kInt).contiguous();
+  index.ptr = at::searchsorted(std::get<0>(sorted), at::arange(num_labels + 1, col_labels.options()),
+                               /*out_int32=*/true)
+                  .contiguous();
+  return index;
+}
+
+}  // namespace cuda_prep
+}  // namespace mlcl_fast

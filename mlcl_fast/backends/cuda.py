@@ -1,0 +1,64 @@
+"""The C++/CUDA backend (csrc/cuda): CUDA kernels behind the same `mlcl_fast` ops as the CPU
+backend, so autograd and fake-tensor registrations (mlcl_fast/backends/cpp.py) are shared.
+
+Available when torch is a CUDA build, mlcl_fast._C was compiled with CUDA (it then holds CUDA
+kernels for the ops), and a CUDA device exists. fp16/bf16 embeddings go to the kernels as they are
+(fp32 accumulation); float64 embeddings are accepted but computed in fp32.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..problem import Problem
+
+NATIVE_HALF = True
+OP = "mlcl_fast::anchor_loss_forward"
+
+
+def _unavailable_reason() -> str:
+    if torch.version.cuda is None:
+        return "torch is a CPU-only build"
+    from . import cpp  # loads mlcl_fast._C and registers autograd for the shared ops
+
+    ok, reason = cpp.is_available()
+    if not ok:
+        return reason
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CUDA"):
+        return "mlcl_fast._C was built without CUDA (needs nvcc / CUDA_HOME at build time; rebuild with `make build`)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    return ""
+
+
+def is_available():
+    reason = _unavailable_reason()
+    return not reason, reason
+
+
+def supports(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def op_inputs(problem: Problem) -> tuple:
+    """Arguments of torch.ops.mlcl_fast.anchor_loss_forward for `problem`, embeddings kept in
+    their dtype (samples and prototypes share it after mlcl_fast.inputs.prepare)."""
+    cfg = problem.config
+    x = problem.samples
+    lo, hi = problem.sample_anchors
+    plo, phi = problem.prototype_anchors
+    if cfg.uses_prototypes:
+        protos = problem.prototypes.to(x.dtype)
+        rows = torch.cat([x[lo:hi], protos[plo:phi]]) if phi > plo else x[lo:hi]
+        cols = torch.cat([x, protos])
+    else:
+        rows, cols = x[lo:hi], x
+    return (rows, cols, problem.anchor_labels().index, problem.column_labels().index, problem.anchor_columns(),
+            problem.num_samples, problem.labels.num_labels, problem.temperature, cfg.beta, cfg.weighting, cfg.f,
+            cfg.alpha, cfg.reg)
+
+
+def anchor_losses(problem: Problem) -> tuple[Tensor, Tensor]:
+    """Per-anchor loss ([|A|] fp32, or fp64 for fp64 embeddings; 0 for invalid anchors) and validity."""
+    loss, valid, *_ = torch.ops.mlcl_fast.anchor_loss_forward(*op_inputs(problem))
+    return loss, valid
