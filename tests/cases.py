@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 import zlib
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -219,7 +220,9 @@ def to_padded(labels: torch.Tensor, seed: int = 0, duplicates: bool = True, shuf
 
 
 def to_csr(labels: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return labels.to(dtype).to_sparse_csr()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta")
+        return labels.to(dtype).to_sparse_csr()
 
 
 def to_coo(labels: torch.Tensor, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -228,7 +231,7 @@ def to_coo(labels: torch.Tensor, seed: int = 0, dtype=torch.float32) -> torch.Te
     perm = torch.randperm(idx.shape[1], generator=torch.Generator().manual_seed(seed)).to(idx.device)
     idx = idx[:, perm]
     values = torch.ones(idx.shape[1], dtype=dtype, device=labels.device)
-    return torch.sparse_coo_tensor(idx, values, tuple(labels.shape))
+    return torch.sparse_coo_tensor(idx, values, tuple(labels.shape), check_invariants=True)
 
 
 def to_label_sets(labels: torch.Tensor):
@@ -256,7 +259,7 @@ def label_forms(labels: torch.Tensor, seed: int = 0) -> dict:
         "padded_sorted_no_duplicates": to_padded(labels, seed, duplicates=False, shuffle=False, extra=1),
         "padded_int32": to_padded(labels, seed + 1, dtype=torch.int32),
         "csr": to_csr(labels),
-        "csr_bool": labels.to_sparse_csr(),
+        "csr_bool": to_csr(labels, torch.bool),
         "coo": to_coo(labels, seed),
         "coo_coalesced": to_coo(labels, seed).coalesce(),
         "label_sets": to_label_sets(labels),
