@@ -8,6 +8,7 @@ give the other views they need, computed once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Optional
 
 import torch
@@ -83,6 +84,10 @@ def as_label_sets(labels, batch_size: int, num_labels: Optional[int] = None, lab
     """
     if label_format not in LABEL_FORMATS:
         raise ValueError(f"label_format: expected one of {list(LABEL_FORMATS)}, got {label_format!r}")
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, Integral) or num_labels < 0):
+        raise ValueError(f"num_labels: expected a non-negative integer, got {num_labels!r}")
+    if device is not None and isinstance(labels, Tensor) and labels.device != torch.device(device):
+        raise ValueError(f"labels: on device {labels.device}, but features are on {device}")  # before converting
     if isinstance(labels, LabelSets):
         out = labels
         if num_labels is not None and out.num_labels != num_labels:
