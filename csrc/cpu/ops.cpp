@@ -1,0 +1,89 @@
+// Operator schemas (see csrc/README.md) and their CPU kernels.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "kernels.h"
+#include "options.h"
+#include "positives.h"
+
+namespace mlcl_fast {
+
+namespace {
+
+using ForwardTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardTuple anchor_loss_forward(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,
+                                 const at::Tensor& col_labels, const at::Tensor& self_col, int64_t num_sample_cols,
+                                 int64_t num_labels, double temperature, double beta, c10::string_view weighting,
+                                 c10::string_view pair_factor, double alpha, bool reg) {
+  const LossOptions opt = parse_options(num_sample_cols, num_labels, temperature, beta, std::string(weighting),
+                                        std::string(pair_factor), alpha, reg);
+  check_inputs(rows, cols, row_labels, col_labels, self_col, opt);
+  const auto r = rows.contiguous();
+  const auto c = cols.contiguous();
+  const auto self = self_col.contiguous();
+  const LabelContext labels = build_label_context(row_labels, col_labels, opt, c.size(0), positives_strategy_from_env());
+  ForwardResult out = forward_cpu(r, c, self, labels, opt, normalizer_width(opt, row_labels));
+  return {out.loss, out.valid, out.lse, out.total_weight, out.normalizer};
+}
+
+std::tuple<at::Tensor, at::Tensor> anchor_loss_backward(
+    const at::Tensor& grad_loss, const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,
+    const at::Tensor& col_labels, const at::Tensor& self_col, const at::Tensor& lse, const at::Tensor& total_weight,
+    const at::Tensor& normalizer, int64_t num_sample_cols, int64_t num_labels, double temperature, double beta,
+    c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg) {
+  const LossOptions opt = parse_options(num_sample_cols, num_labels, temperature, beta, std::string(weighting),
+                                        std::string(pair_factor), alpha, reg);
+  check_inputs(rows, cols, row_labels, col_labels, self_col, opt);
+  const int64_t anchors = rows.size(0);
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == anchors, "grad_loss: expected shape [", anchors, "], got ",
+              grad_loss.sizes());
+  TORCH_CHECK(grad_loss.is_floating_point() && grad_loss.device().is_cpu(),
+              "grad_loss: expected a floating-point CPU tensor");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{lse, "lse"}, {total_weight, "total_weight"}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == anchors && t.scalar_type() == at::kDouble && t.device().is_cpu(), name,
+                ": expected a float64 CPU tensor of shape [", anchors, "] from anchor_loss_forward, got ",
+                t.scalar_type(), " ", t.sizes());
+  }
+  const int64_t width = normalizer_width(opt, row_labels);
+  TORCH_CHECK(normalizer.dim() == 2 && normalizer.size(0) == anchors && normalizer.size(1) == width &&
+                  normalizer.scalar_type() == at::kDouble && normalizer.device().is_cpu(),
+              "normalizer: expected a float64 CPU tensor of shape [", anchors, ", ", width,
+              "] from anchor_loss_forward, got ", normalizer.scalar_type(), " ", normalizer.sizes());
+  const auto r = rows.contiguous();
+  const auto c = cols.contiguous();
+  const LabelContext labels = build_label_context(row_labels, col_labels, opt, c.size(0), positives_strategy_from_env());
+  auto [grad_rows, grad_cols] = backward_cpu(grad_loss, r, c, self_col.contiguous(), labels, opt, lse.contiguous(),
+                                             total_weight.contiguous(), normalizer.contiguous());
+  return {grad_rows, grad_cols};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mlcl_fast, m) {
+  m.def(
+      "anchor_loss_forward(Tensor rows, Tensor cols, Tensor row_labels, Tensor col_labels, Tensor self_col, "
+      "int num_sample_cols, int num_labels, float temperature, float beta, str weighting, str pair_factor, "
+      "float alpha, bool reg) -> (Tensor loss, Tensor valid, Tensor lse, Tensor total_weight, Tensor normalizer)");
+  m.def(
+      "anchor_loss_backward(Tensor grad_loss, Tensor rows, Tensor cols, Tensor row_labels, Tensor col_labels, "
+      "Tensor self_col, Tensor lse, Tensor total_weight, Tensor normalizer, int num_sample_cols, int num_labels, "
+      "float temperature, float beta, str weighting, str pair_factor, float alpha, bool reg) "
+      "-> (Tensor grad_rows, Tensor grad_cols)");
+}
+
+TORCH_LIBRARY_IMPL(mlcl_fast, CPU, m) {
+  m.impl("anchor_loss_forward", &anchor_loss_forward);
+  m.impl("anchor_loss_backward", &anchor_loss_backward);
+}
+
+}  // namespace mlcl_fast
+
+// `import mlcl_fast._C` loads the library above, which registers the ops with the dispatcher.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "mlcl_fast CPU operators (torch.ops.mlcl_fast)", -1,
+                               nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
+}

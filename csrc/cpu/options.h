@@ -1,0 +1,45 @@
+// Loss configuration as the ops receive it, validated once at the top of each op.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace mlcl_fast {
+
+enum class Weighting { Any, All, Jaccard, Label };
+enum class PairFactor { One, Union, Overlap };
+
+struct LossOptions {
+  Weighting weighting = Weighting::Any;
+  PairFactor factor = PairFactor::One;
+  double alpha = 0.0;
+  double beta = 1.0;
+  double temperature = 0.1;
+  bool reg = false;
+  int64_t num_sample_cols = 0;  // columns [0, num_sample_cols) are samples, the rest prototypes
+  int64_t num_labels = 0;
+
+  bool label_centric() const { return weighting == Weighting::Label; }
+  // f is 1 on every column that shares a label with the anchor, so Z_ik is a column count.
+  bool unit_factor() const {
+    return factor == PairFactor::One || (factor == PairFactor::Overlap && alpha == 0.0);
+  }
+  // beta = 0 drops the sample columns from the softmax (and so from the positives).
+  int64_t first_column() const { return beta == 0.0 ? num_sample_cols : 0; }
+};
+
+LossOptions parse_options(int64_t num_sample_cols, int64_t num_labels, double temperature, double beta,
+                          const std::string& weighting, const std::string& pair_factor, double alpha, bool reg);
+
+// Shape, dtype and range checks shared by the forward and backward ops; each names its argument.
+void check_inputs(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,
+                  const at::Tensor& col_labels, const at::Tensor& self_col, const LossOptions& opt);
+
+// Columns of the per-anchor normaliser: Z_ik per label slot (label-centric) or one sum of omega.
+inline int64_t normalizer_width(const LossOptions& opt, const at::Tensor& row_labels) {
+  return opt.label_centric() ? row_labels.size(1) : 1;
+}
+
+}  // namespace mlcl_fast
