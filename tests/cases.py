@@ -321,7 +321,7 @@ def assert_backend_matches(backend_name: str, case: Case, rtol_loss: float = 1e-
         n_anchors = ref_case.features.shape[0] * (ref_case.features.shape[1] if ref_case.features.dim() == 3 else 1)
         if brute_force.spec_config(case.preset, **case.overrides)["prototype_mode"] == "rows":
             n_anchors += case.num_labels
-        weights = torch.rand(n_anchors, generator=torch.Generator().manual_seed(case.seed), dtype=torch.float64)
+        weights = anchor_weights(case.seed, n_anchors)
         losses, nf, np_ = run_loss(backend_name, case, labels, "none", device=device, weights=weights)
         ref_losses, ref_nf, ref_np = run_loss("reference", ref_case, None, "none", weights=weights)
         assert losses.shape == ref_losses.shape, f"{backend_name}: reduction='none' shape {tuple(losses.shape)}, " \
@@ -347,3 +347,39 @@ def _check_output(backend: str, case: Case, value, gf, gp) -> None:
     assert bool(torch.isfinite(gf).all()), f"{backend}: non-finite features gradient on {case}"
     if gp is not None:
         assert bool(torch.isfinite(gp).all()), f"{backend}: non-finite prototypes gradient on {case}"
+
+
+def anchor_weights(seed: int, n: int) -> torch.Tensor:
+    """Positive per-anchor weights for checking the gradient of reduction='none'."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
+
+
+def assert_matches_brute_force(backend: str, case: Case, rtol_loss: float, rtol_grad: float, oracle=None,
+                               labels=None) -> "brute_force.BruteForceResult":
+    """`backend` against the float64 oracle: the reduced loss and its gradients, the per-anchor
+    losses of reduction='none' (exactly 0 for invalid anchors) and the gradients of a positive
+    weighting of them."""
+    oracle = case.brute_force() if oracle is None else oracle
+    value, gf, gp = run_loss(backend, case, labels)
+    _check_output(backend, case, value, gf, gp)
+    ref_gf, ref_gp = oracle.grads()
+    errors = {"loss": rel_err(value, oracle.loss, LOSS_FLOOR), "grad_features": rel_err(gf, ref_gf, GRAD_FLOOR)}
+    assert (gp is None) == (ref_gp is None)
+    if gp is not None:
+        errors["grad_prototypes"] = rel_err(gp, ref_gp, GRAD_FLOOR)
+
+    weights = anchor_weights(case.seed, len(oracle.valid))
+    losses, nf, np_ = run_loss(backend, case, labels, reduction="none", weights=weights)
+    assert losses.shape == (len(oracle.valid),), f"reduction='none' shape {tuple(losses.shape)}"
+    invalid = ~torch.tensor(oracle.valid, dtype=torch.bool)
+    assert (losses.cpu()[invalid] == 0).all(), "invalid anchors must have loss exactly 0"
+    ref_nf, ref_np = oracle.grads(weights.tolist())
+    errors["anchor_losses"] = rel_err(losses, oracle.anchor_losses, LOSS_FLOOR)
+    errors["none_grad_features"] = rel_err(nf, ref_nf, GRAD_FLOOR)
+    if np_ is not None:
+        errors["none_grad_prototypes"] = rel_err(np_, ref_np, GRAD_FLOOR)
+    bad = {k: v for k, v in errors.items()
+           if not v <= (rtol_loss if k in ("loss", "anchor_losses") else rtol_grad)}
+    assert not bad, f"{backend} differs from the brute-force oracle on {case}: {bad} " \
+                    f"(rtol_loss={rtol_loss}, rtol_grad={rtol_grad}; all errors {errors})"
+    return oracle

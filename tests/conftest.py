@@ -17,6 +17,10 @@ import cases  # noqa: E402
 VECTORS_DIR = Path(os.environ.get("MLCL_SPEC_VECTORS", TESTS_DIR.parent.parent / "shared" / "vectors"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("filterwarnings", "ignore:Sparse CSR tensor support is in beta state:UserWarning")
+
+
 def pytest_report_header(config):
     return f"mlcl_fast random inputs: MLCL_TEST_SEED={cases.BASE_SEED} (set it to replay this run)"
 

@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-import mlcl_fast
 import brute_force
-from cases import (ALL_PRESET_IDS, ALL_PRESETS, fresh_seed, preset_id, random_case, rel_err, run_loss,
-                   uses_prototypes)
+import mlcl_fast
+from cases import (ALL_PRESET_IDS, ALL_PRESETS, anchor_weights, assert_matches_brute_force, fresh_seed, preset_id,
+                   random_case, rel_err, uses_prototypes)
 
 TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
 
@@ -19,36 +19,6 @@ TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
 # fp32 cases whose SPEC gradient cancels more than this (BruteForceResult.condition) are redrawn:
 # there even exact fp32 arithmetic misses 1e-4 (e.g. every anchor's positive at p = 1 - 1e-4).
 MAX_FP32_CONDITION = 30.0
-
-
-def compare_to_brute_force(case, rtol_loss, rtol_grad, backend="reference", oracle=None):
-    """Value, per-anchor losses and both gradients (of the mean and of a weighted sum of the
-    per-anchor losses) of `backend` against the oracle."""
-    oracle = case.brute_force() if oracle is None else oracle
-    value, gf, gp = run_loss(backend, case)
-    assert torch.isfinite(value) and torch.isfinite(gf).all()
-    assert rel_err(value, oracle.loss, 1.0) <= rtol_loss, (case, float(value), oracle.loss)
-    ref_gf, ref_gp = oracle.grads()
-    assert rel_err(gf, ref_gf, 1e-6) <= rtol_grad, case
-    assert (gp is None) == (ref_gp is None)
-    if gp is not None:
-        assert rel_err(gp, ref_gp, 1e-6) <= rtol_grad, case
-
-    weights = anchor_weights(case, len(oracle.valid))
-    losses, nf, np_ = run_loss(backend, case, reduction="none", weights=weights)
-    assert losses.shape == (len(oracle.valid),)
-    assert rel_err(losses, oracle.anchor_losses, 1.0) <= rtol_loss, case
-    invalid = ~torch.tensor(oracle.valid, dtype=torch.bool)
-    assert (losses[invalid] == 0).all(), "invalid anchors must have loss exactly 0"
-    ref_nf, ref_np = oracle.grads(weights.tolist())
-    assert rel_err(nf, ref_nf, 1e-6) <= rtol_grad, case
-    if np_ is not None:
-        assert rel_err(np_, ref_np, 1e-6) <= rtol_grad, case
-    return oracle
-
-
-def anchor_weights(case, n):
-    return torch.rand(n, generator=torch.Generator().manual_seed(case.seed), dtype=torch.float64) + 0.5
 
 
 @pytest.mark.parametrize("views", [1, 2, 3])
@@ -63,9 +33,9 @@ def test_reference_matches_brute_force(preset, overrides, dtype, views):
                            temperature=rng.choice([0.05, 0.1, 0.1, 0.5]), dtype=dtype)
         oracle = case.brute_force()
         if dtype == torch.float64 or max(oracle.condition(), oracle.condition(
-                anchor_weights(case, len(oracle.valid)))) <= MAX_FP32_CONDITION:
+                anchor_weights(case.seed, len(oracle.valid)))) <= MAX_FP32_CONDITION:
             break
-    compare_to_brute_force(case, *TOLERANCES[dtype], oracle=oracle)
+    assert_matches_brute_force("reference", case, *TOLERANCES[dtype], oracle=oracle)
     assert len(oracle.valid) == case.features.shape[0] * views + (
         case.num_labels if mlcl_fast.resolve_config(preset, **overrides).prototype_mode == "rows" else 0)
 
@@ -105,7 +75,7 @@ def test_regulariser_gradient(preset, overrides):
     for attempt in range(50):
         seed = fresh_seed("reg-gradient", preset, sorted(overrides.items()), attempt)
         case = random_case(seed, preset, overrides, B=5, V=2, d=3, L=3, density=0.6, temperature=0.05)
-        oracle = compare_to_brute_force(case, 1e-10, 1e-10)
+        oracle = assert_matches_brute_force("reference", case, 1e-10, 1e-10)
         plain = brute_force.evaluate(case.features, case.label_sets(), case.prototypes, preset=case.preset,
                                      temperature=case.temperature, **dict(case.overrides, reg=False))
         if oracle.dl_ds != plain.dl_ds:
