@@ -1,0 +1,199 @@
+"""`mlcl-fast`: train, study, bench, run.
+
+  mlcl-fast run                                  the main job: several methods on the bundled dataset
+  mlcl-fast train --dataset emotions --loss reg --protocol probe
+  mlcl-fast study --datasets emotions yeast --seeds 0 1 2 --out runs/study
+  mlcl-fast bench [args of python -m bench.sweep]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .presets import PRESETS
+
+RUN_METHODS = ("bce", "zlpr", "reg/probe", "reg/finetune", "reg/joint", "msc/probe")
+
+
+def _common(p: argparse.ArgumentParser, epochs: int = 30) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs, help="most epochs per stage (early stopping on validation)")
+    g.add_argument("--probe-epochs", type=int, default=40, help="most epochs of the linear probe")
+    g.add_argument("--patience", type=int, default=5, help="epochs without validation gain before stopping")
+    g.add_argument("--min-steps", type=int, default=300,
+                   help="small sets get more epochs so that each stage takes at least this many steps")
+    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--finetune-lr", type=float, default=1e-3)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--hidden", type=int, default=256, help="width of the MLP backbone")
+    g.add_argument("--layers", type=int, default=2, help="hidden layers of the MLP backbone")
+    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--proj-dim", type=int, default=128, help="output size of the projection head")
+    g.add_argument("--temperature", type=float, default=0.1)
+    g.add_argument("--joint-lambda", type=float, default=0.1, help="weight of the contrastive term (protocol joint)")
+    g.add_argument("--views", type=int, default=1,
+                   help="contrastive views per sample; >1 adds feature-dropout/noise augmentation")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--backend", default="auto", help="loss backend: auto, reference, cpp, triton, cuda")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data-dir", default=None, help="folder of NAME.npz files (default: $MLCL_FAST_DATA, then ../shared/data)")
+    d.add_argument("--val-fraction", type=float, default=0.15, help="share of train held out for validation")
+    d.add_argument("--max-train", type=int, default=None, help="subsample the training rows to at most this many")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+TRAIN_KEYS = ("epochs", "probe_epochs", "patience", "min_steps", "batch_size", "lr", "finetune_lr", "weight_decay",
+              "hidden", "layers", "dropout", "proj_dim", "temperature", "joint_lambda", "views", "seed", "backend",
+              "device")
+
+
+def _options(args) -> dict:
+    return {k: getattr(args, k) for k in TRAIN_KEYS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlcl-fast", description="Multi-label contrastive training and study")
+    sub = parser.add_subparsers(dest="command", required=True)
+    losses = sorted(PRESETS) + ["bce", "zlpr"]
+
+    t = sub.add_parser("train", help="train one method on one dataset, print and save its metrics")
+    t.add_argument("--dataset", default="emotions", help="NAME (bundled or in --data-dir) or PATH (.npz, .arff, svmlight/XMC)")
+    t.add_argument("--test-file", default=None, help="test split for .arff / svmlight files")
+    t.add_argument("--labels", default=None, help="ARFF: label count (the last N attributes) or a MULAN .xml label file")
+    t.add_argument("--test-size", type=float, default=0.25, help="test share drawn when a file has no test split")
+    t.add_argument("--loss", default="reg", choices=losses)
+    t.add_argument("--protocol", default="probe", choices=("probe", "finetune", "joint"),
+                   help="contrastive presets: linear probe, BCE fine-tuning, or BCE + λ·contrastive")
+    t.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<method>-s<seed>)")
+    _common(t)
+
+    r = sub.add_parser("run", help="the main job: bce, zlpr and REG protocols on the bundled dataset")
+    r.add_argument("--dataset", default="emotions")
+    r.add_argument("--methods", nargs="+", default=list(RUN_METHODS))
+    r.add_argument("--out", default="runs/default")
+    _common(r)
+
+    s = sub.add_parser("study", help="grid of datasets × methods × seeds (resumable), tables and plots")
+    s.add_argument("--datasets", nargs="+", default=None, help="default: the eight study datasets")
+    s.add_argument("--methods", nargs="+", default=None,
+                   help="bce, zlpr or PRESET/PROTOCOL (default: the study grid; see docs/STUDY.md)")
+    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    s.add_argument("--out", default="runs/study")
+    s.add_argument("--summary-only", action="store_true", help="only rebuild tables and plots from finished cells")
+    _common(s, epochs=20)
+    s.set_defaults(patience=4, probe_epochs=20)
+
+    b = sub.add_parser("bench", help="forward the remaining arguments to python -m bench.sweep", add_help=False)
+    b.add_argument("argv", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _setup(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+    # the auto backend warns once when it falls back to the reference implementation; show it once
+    warnings.filterwarnings("once", category=RuntimeWarning, module="mlcl_fast")
+
+
+def cmd_train(args) -> int:
+    from .train.api import train
+    from .train.report import metrics_table
+
+    out = args.out or f"runs/{Path(args.dataset).stem}-{args.loss}{'' if args.loss in ('bce', 'zlpr') else '-' + args.protocol}-s{args.seed}"
+    result = train(args.dataset, out=out, data_dir=args.data_dir, test_file=args.test_file, labels=args.labels,
+                   test_size=args.test_size, val_fraction=args.val_fraction, max_train=args.max_train,
+                   quiet=args.quiet, loss=args.loss, protocol=args.protocol, **_options(args))
+    rec = result.to_json()
+    t = rec["test"]
+    print(metrics_table([rec]))
+    print(f"Micro-F1 {t['micro_f1']:.4f}  Macro-F1 {t['macro_f1']:.4f}  Hamming {t['hamming']:.4f}  "
+          f"mAP {t['map']:.4f}  (per-label thresholds: Macro-F1 {t['macro_f1_tuned']:.4f})")
+    print(f"wrote {out}/metrics.json, model.pt, curves.png")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .train.api import config_from, progress_bar, save, seed_everything
+    from .train.data import load_dataset, prepare_split
+    from .train.protocols import run
+    from .train.report import metrics_table
+    from .train.study import parse_method
+
+    start = time.perf_counter()
+    ds = load_dataset(args.dataset, args.data_dir)
+    print(ds.describe())
+    print(f"test metrics; thresholds 0.5 unless noted; validation = {args.val_fraction:.0%} of train; seed {args.seed}")
+    records = []
+    for method in args.methods:
+        loss, protocol = parse_method(method)
+        cfg = config_from(loss=loss, protocol=protocol, **_options(args))
+        seed_everything(cfg.seed)
+        split = prepare_split(ds, args.val_fraction, cfg.seed, args.max_train)
+        bar = progress_bar(args.quiet, method)
+        try:
+            result = run(split, cfg, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        records.append(save(result, Path(args.out) / method.replace("/", "__"), ds))
+    print(metrics_table(records))
+    best = max(records, key=lambda r: r["test"]["macro_f1"])
+    print(f"best Macro-F1: {best['method']} {best['test']['macro_f1']:.4f}; "
+          f"results in {args.out}/ ({time.perf_counter() - start:.0f}s)")
+    (Path(args.out) / "summary.json").write_text(json.dumps(records, indent=1))
+    return 0
+
+
+def cmd_study(args) -> int:
+    from .train.study import STUDY_DATASETS, STUDY_METHODS, run_study, summarise
+
+    datasets = args.datasets or list(STUDY_DATASETS)
+    methods = args.methods or list(STUDY_METHODS)
+    if args.summary_only:
+        summary = summarise(args.out, datasets, methods, args.seeds)
+    else:
+        options = _options(args)
+        options.pop("seed")  # the grid sets it
+        max_train = {d: args.max_train for d in datasets} if args.max_train is not None else None
+        summary = run_study(args.out, datasets, methods, args.seeds, data_dir=args.data_dir, max_train=max_train,
+                            val_fraction=args.val_fraction, quiet=args.quiet, **options)
+    print((Path(args.out) / "summary.md").read_text() if summary else "no finished cells")
+    print(f"tables and plots in {args.out}/")
+    return 0
+
+
+def cmd_bench(argv: Sequence[str], root: Optional[Path] = None) -> int:
+    root = Path(__file__).resolve().parent.parent if root is None else Path(root)
+    if not (root / "bench" / "sweep.py").exists():
+        print("mlcl-fast bench: the benchmark sweep (bench/sweep.py) ships with the source repository, not with "
+              f"the installed package; run it from a checkout (looked in {root / 'bench'})", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, "-m", "bench.sweep", *argv], cwd=root)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    _setup(args)
+    try:
+        return {"train": cmd_train, "run": cmd_run, "study": cmd_study}[args.command](args)
+    except (ValueError, OSError) as err:
+        print(f"mlcl-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

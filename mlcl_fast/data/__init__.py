@@ -1,0 +1,1 @@
+"""Bundled datasets (see SOURCE.md)."""

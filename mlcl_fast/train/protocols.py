@@ -1,0 +1,422 @@
+"""Training protocols of the study, on a prepared `Split`:
+
+* `bce`, `zlpr`: backbone + linear classifier trained end to end with that loss;
+* contrastive presets, after `pretrain` (backbone + projection head [+ prototypes] with
+  mlcl_fast.MultiLabelContrastiveLoss):
+  - `probe`: the backbone is frozen and per-label linear classifiers (BCE) are trained on its
+    standardised features; each label keeps the L2 strength and epoch with the best validation AP;
+  - `finetune`: a linear classifier is put on the pre-trained backbone and everything is trained
+    with BCE;
+  - `joint`: no pre-training; backbone + head + classifier trained on BCE + λ·contrastive.
+
+Every stage keeps the epoch with the best validation score (contrastive loss for pre-training,
+macro mAP otherwise) and stops after `patience` epochs without improvement. Per-label thresholds
+are tuned on validation; metrics are reported on test.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..baselines import bce_loss, zlpr_loss
+from ..loss import MultiLabelContrastiveLoss
+from ..presets import PRESETS
+from .data import Split, dense_rows
+from .metrics import evaluate, label_average_precision, tune_thresholds
+from .models import Backbone, ProjectionHead, make_views
+
+BASELINES = ("bce", "zlpr")
+PROTOCOLS = ("probe", "finetune", "joint")
+PROBE_L2 = (1e-5, 1e-4, 1e-3)
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "reg"                 # a contrastive preset, or bce / zlpr
+    protocol: str = "probe"           # probe | finetune | joint (contrastive presets only)
+    epochs: int = 30                  # most epochs of each stage (early stopping may end it sooner)
+    probe_epochs: int = 40
+    patience: int = 5
+    min_steps: int = 300              # small sets get more epochs so every stage takes >= this many steps
+    batch_size: int = 256
+    lr: float = 1e-3
+    finetune_lr: float = 1e-3
+    weight_decay: float = 1e-4
+    hidden: int = 256
+    layers: int = 2
+    dropout: float = 0.1
+    proj_dim: int = 128
+    temperature: float = 0.1
+    joint_lambda: float = 0.1
+    views: int = 1
+    aug_drop: float = 0.2
+    aug_noise: float = 0.1
+    seed: int = 0
+    backend: str = "auto"
+    device: str = "cpu"
+
+    def check(self) -> "TrainConfig":
+        if self.loss not in BASELINES and self.loss not in PRESETS:
+            raise ValueError(f"loss: expected bce, zlpr or a preset {sorted(PRESETS)}, got {self.loss!r}")
+        if self.loss not in BASELINES and self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: expected one of {list(PROTOCOLS)}, got {self.protocol!r}")
+        for name in ("epochs", "probe_epochs", "batch_size", "hidden", "layers", "proj_dim", "views", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+        if self.views > 1 and self.loss in BASELINES:
+            raise ValueError("views: bce and zlpr train on one view; use --views 1")
+        return self
+
+    @property
+    def method(self) -> str:
+        return self.loss if self.loss in BASELINES else f"{self.loss}/{self.protocol}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching
+
+class Batches:
+    """Mini-batches of (dense features, dense multi-hot labels) tensors from one split part."""
+
+    def __init__(self, X, Y: sp.csr_matrix, batch_size: int, device: str):
+        self.X, self.Y, self.bs, self.device = X, Y, batch_size, device
+        self.n = Y.shape[0]
+        self._dense_x = None if sp.issparse(X) else torch.from_numpy(np.ascontiguousarray(X))
+
+    def rows(self, idx: np.ndarray) -> tuple[Tensor, Tensor]:
+        x = self._dense_x[idx] if self._dense_x is not None else torch.from_numpy(dense_rows(self.X, idx))
+        y = torch.from_numpy(self.Y[idx].toarray().astype(bool))
+        return x.to(self.device), y.to(self.device)
+
+    def _starts(self) -> list:
+        # a last batch of one row gives contrastive anchors no partner; fold it into the previous one
+        starts = list(range(0, self.n, self.bs))
+        if len(starts) > 1 and self.n - starts[-1] < 2:
+            starts.pop()
+        return starts
+
+    def epoch(self, generator: Optional[torch.Generator]):
+        order = torch.randperm(self.n, generator=generator).numpy() if generator is not None else np.arange(self.n)
+        starts = self._starts()
+        for k, s in enumerate(starts):
+            e = starts[k + 1] if k + 1 < len(starts) else self.n
+            yield self.rows(order[s:e])
+
+    def __len__(self) -> int:
+        return len(self._starts())
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic early-stopped loop
+
+@dataclass
+class StageLog:
+    name: str
+    train_loss: list = field(default_factory=list)
+    val_score: list = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+def stage_epochs(cfg: TrainConfig, batches_per_epoch: int, epochs: Optional[int] = None) -> tuple[int, int]:
+    """(most epochs, patience) of a stage: at least `min_steps` optimiser steps, with the patience
+    scaled by the same factor, so that tiny training sets are not stopped after a few steps."""
+    epochs = cfg.epochs if epochs is None else epochs
+    scale = max(1.0, cfg.min_steps / max(1, batches_per_epoch * epochs))
+    return int(math.ceil(epochs * scale)), int(math.ceil(cfg.patience * scale))
+
+
+def _start_bar(progress, name: str, total: int) -> None:
+    if progress is not None:
+        progress.reset(total=total)
+        progress.set_description(name)
+
+
+def run_stage(name: str, modules: list[nn.Module], params, step_loss: Callable[[Tensor, Tensor], Tensor],
+              val_score: Callable[[], float], batches: Batches, cfg: TrainConfig, lr: float,
+              generator: torch.Generator, progress=None) -> StageLog:
+    """Train with AdamW; keep the epoch with the best `val_score` (higher is better)."""
+    log = StageLog(name)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    best, best_state, stale = -math.inf, None, 0
+    t0 = time.perf_counter()
+    max_epochs, patience = stage_epochs(cfg, len(batches))
+    _start_bar(progress, name, max_epochs)
+    for epoch in range(1, max_epochs + 1):
+        for m in modules:
+            m.train()
+        total, count = 0.0, 0
+        for x, y in batches.epoch(generator):
+            loss = step_loss(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            score = float(val_score())
+        log.train_loss.append(total / max(count, 1))
+        log.val_score.append(score)
+        if progress is not None:
+            progress.set_postfix_str(f"loss {log.train_loss[-1]:.4f} val {score:.4f}", refresh=False)
+            progress.update(1)
+        if score > best + 1e-6:
+            best, stale, log.best_epoch = score, 0, epoch
+            best_state = [copy.deepcopy(m.state_dict()) for m in modules]
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    if best_state is not None:
+        for m, s in zip(modules, best_state):
+            m.load_state_dict(s)
+    log.seconds = time.perf_counter() - t0
+    return log
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores for early stopping and per-label model choice
+
+@torch.no_grad()
+def predict(backbone: nn.Module, classifier: nn.Module, batches: Batches) -> np.ndarray:
+    backbone.eval()
+    classifier.eval()
+    out = [torch.sigmoid(classifier(backbone(x))).cpu().numpy() for x, _ in batches.epoch(None)]
+    return np.concatenate(out).astype(np.float64)
+
+
+def mean_ap(Y: np.ndarray, scores: np.ndarray) -> float:
+    ap = label_average_precision(Y, scores)
+    return float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Protocols
+
+class Parts(nn.Module):
+    """Everything a protocol trains, saved as one checkpoint."""
+
+    def __init__(self, backbone: Backbone, head: Optional[nn.Module], classifier: nn.Module,
+                 contrastive: Optional[nn.Module]):
+        super().__init__()
+        self.backbone, self.head, self.classifier, self.contrastive = backbone, head, classifier, contrastive
+
+
+def _contrastive_module(cfg: TrainConfig, num_labels: int) -> MultiLabelContrastiveLoss:
+    return MultiLabelContrastiveLoss(cfg.loss, num_labels=num_labels, dim=cfg.proj_dim,
+                                     temperature=cfg.temperature, backend=cfg.backend).to(cfg.device)
+
+
+def _contrastive_features(backbone, head, x: Tensor, cfg: TrainConfig, gen: torch.Generator, sparse: bool) -> Tensor:
+    if cfg.views == 1:
+        return head(backbone(x))
+    v = make_views(x.cpu(), cfg.views, cfg.aug_drop, 0.0 if sparse else cfg.aug_noise, gen).to(x.device)
+    B, V, d = v.shape
+    return head(backbone(v.reshape(B * V, d))).reshape(B, V, -1)
+
+
+def pretrain(split: Split, cfg: TrainConfig, progress=None) -> tuple[Backbone, StageLog]:
+    """Contrastive pre-training of backbone + projection head (+ prototypes)."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    backbone = Backbone(split.num_features, cfg.hidden, cfg.layers, cfg.dropout).to(cfg.device)
+    head = ProjectionHead(backbone.out_dim, cfg.proj_dim).to(cfg.device)
+    crit = _contrastive_module(cfg, split.num_labels)
+    sparse = sp.issparse(split.X_train)
+    train = Batches(split.X_train, split.Y_train, cfg.batch_size, cfg.device)
+    val = Batches(split.X_val, split.Y_val, cfg.batch_size, cfg.device)
+
+    def val_score() -> float:
+        losses = [float(crit(head(backbone(x)), y)) * len(y) for x, y in val.epoch(None)]
+        return -sum(losses) / max(val.n, 1)
+
+    log = run_stage("pretrain", [backbone, head, crit], list(backbone.parameters()) + list(head.parameters())
+                    + list(crit.parameters()), lambda x, y: crit(_contrastive_features(backbone, head, x, cfg, gen, sparse), y),
+                    val_score, train, cfg, cfg.lr, gen, progress)
+    return backbone, log
+
+
+def train_supervised(split: Split, cfg: TrainConfig, backbone: Optional[Backbone] = None,
+                     progress=None) -> tuple[Parts, StageLog]:
+    """bce / zlpr end to end, BCE fine-tuning of a pre-trained backbone, or the joint objective."""
+    torch.manual_seed(cfg.seed + 1)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    finetune = backbone is not None
+    if backbone is None:
+        backbone = Backbone(split.num_features, cfg.hidden, cfg.layers, cfg.dropout).to(cfg.device)
+    classifier = nn.Linear(backbone.out_dim, split.num_labels).to(cfg.device)
+    head = crit = None
+    joint = cfg.loss not in BASELINES and cfg.protocol == "joint"
+    if joint:
+        head = ProjectionHead(backbone.out_dim, cfg.proj_dim).to(cfg.device)
+        crit = _contrastive_module(cfg, split.num_labels)
+    supervised = zlpr_loss if cfg.loss == "zlpr" else bce_loss
+    sparse = sp.issparse(split.X_train)
+    train = Batches(split.X_train, split.Y_train, cfg.batch_size, cfg.device)
+    val = Batches(split.X_val, split.Y_val, cfg.batch_size, cfg.device)
+    Y_val = split.Y_val.toarray().astype(bool)
+
+    def step(x: Tensor, y: Tensor) -> Tensor:
+        if not joint:
+            return supervised(classifier(backbone(x)), y)
+        if cfg.views == 1:
+            h = backbone(x)
+            return supervised(classifier(h), y) + cfg.joint_lambda * crit(head(h), y)
+        return supervised(classifier(backbone(x)), y) + \
+            cfg.joint_lambda * crit(_contrastive_features(backbone, head, x, cfg, gen, sparse), y)
+
+    modules = [m for m in (backbone, classifier, head, crit) if m is not None]
+    params = [p for m in modules for p in m.parameters()]
+    name = "finetune" if finetune else ("joint" if joint else cfg.loss)
+    log = run_stage(name, modules, params, step, lambda: mean_ap(Y_val, predict(backbone, classifier, val)),
+                    train, cfg, cfg.finetune_lr if finetune else cfg.lr, gen, progress)
+    return Parts(backbone, head, classifier, crit), log
+
+
+@torch.no_grad()
+def _frozen_features(backbone: nn.Module, X, cfg: TrainConfig) -> Tensor:
+    backbone.eval()
+    b = Batches(X, sp.csr_matrix((X.shape[0], 1), dtype=np.int8), 1024, cfg.device)
+    return torch.cat([backbone(x) for x, _ in b.epoch(None)])
+
+
+def linear_probe(split: Split, cfg: TrainConfig, backbone: Backbone, progress=None) -> tuple[Parts, StageLog]:
+    """Per-label logistic regressions on frozen, standardised backbone features. Several L2
+    strengths are trained at once; each label keeps the (strength, epoch) with its best
+    validation AP, as the paper chose probe settings per label on validation."""
+    torch.manual_seed(cfg.seed + 2)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    F_tr, F_val = _frozen_features(backbone, split.X_train, cfg), _frozen_features(backbone, split.X_val, cfg)
+    mu, sd = F_tr.mean(0), F_tr.std(0).clamp(min=1e-6)
+    F_tr, F_val = (F_tr - mu) / sd, (F_val - mu) / sd
+    Y_tr = torch.from_numpy(split.Y_train.toarray().astype(np.float32)).to(cfg.device)
+    Y_val = split.Y_val.toarray().astype(bool)
+    G, D, L = len(PROBE_L2), F_tr.shape[1], split.num_labels
+    W = torch.zeros(G, D, L, device=cfg.device, requires_grad=True)
+    b = torch.zeros(G, 1, L, device=cfg.device, requires_grad=True)
+    l2 = torch.tensor(PROBE_L2, device=cfg.device).view(G, 1, 1)
+    opt = torch.optim.Adam([W, b], lr=1e-2)
+    best_ap = np.full((G, L), -np.inf)
+    best_W, best_b = W.detach().clone(), b.detach().clone()
+    log = StageLog("probe")
+    t0, stale, best_mean = time.perf_counter(), 0, -math.inf
+    n = F_tr.shape[0]
+    max_epochs, patience = stage_epochs(cfg, math.ceil(n / cfg.batch_size), cfg.probe_epochs)
+    _start_bar(progress, "probe", max_epochs)
+    for epoch in range(1, max_epochs + 1):
+        total = 0.0
+        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+            logits = torch.einsum("nd,gdl->gnl", F_tr[idx], W) + b
+            loss = F.binary_cross_entropy_with_logits(logits, Y_tr[idx].expand(G, -1, -1), reduction="sum") / len(idx) \
+                + (l2 * W.pow(2)).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx) / G
+        with torch.no_grad():
+            val_scores = torch.sigmoid(torch.einsum("nd,gdl->gnl", F_val, W) + b).cpu().numpy()
+        ap = np.stack([label_average_precision(Y_val, val_scores[g]) for g in range(G)])
+        ap = np.nan_to_num(ap, nan=0.0)
+        better = ap > best_ap + 1e-9
+        if better.any():
+            m = torch.from_numpy(better).to(cfg.device)
+            best_W = torch.where(m[:, None, :], W.detach(), best_W)
+            best_b = torch.where(m[:, None, :], b.detach(), best_b)
+            best_ap = np.where(better, ap, best_ap)
+        mean_best = float(best_ap.max(axis=0).mean())
+        log.train_loss.append(total / n)
+        log.val_score.append(mean_best)
+        if progress is not None:
+            progress.set_postfix_str(f"val AP {mean_best:.4f}", refresh=False)
+            progress.update(1)
+        if mean_best > best_mean + 1e-6:
+            best_mean, stale, log.best_epoch = mean_best, 0, epoch
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    choice = torch.from_numpy(best_ap.argmax(axis=0)).to(cfg.device)            # [L]
+    W_lab = best_W[choice, :, torch.arange(L, device=cfg.device)]                 # [L, D]
+    b_lab = best_b[choice, 0, torch.arange(L, device=cfg.device)]                 # [L]
+    # fold the feature standardisation into one linear layer on the raw backbone output
+    classifier = nn.Linear(D, L).to(cfg.device)
+    with torch.no_grad():
+        classifier.weight.copy_(W_lab / sd[None, :])
+        classifier.bias.copy_(b_lab - (W_lab * (mu / sd)[None, :]).sum(1))
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    log.seconds = time.perf_counter() - t0
+    return Parts(backbone, None, classifier, None), log
+
+
+# ----------------------------------------------------------------------------------------------
+# One full run
+
+@dataclass
+class RunResult:
+    config: dict
+    test: dict
+    val: dict
+    thresholds: list
+    stages: list
+    seconds: float
+    backend: str
+    parts: Optional[Parts] = None
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "parts"}
+        d["method"] = TrainConfig(**self.config).method
+        return d
+
+
+def run(split: Split, cfg: TrainConfig, pretrained: Optional[tuple[Backbone, StageLog]] = None,
+        progress=None) -> RunResult:
+    """Train `cfg.method` on `split` and evaluate it; `pretrained` reuses a `pretrain` result
+    (the study shares one pre-training between the probe and fine-tuning protocols)."""
+    cfg.check()
+    t0 = time.perf_counter()
+    stages = []
+    if cfg.loss in BASELINES or cfg.protocol == "joint":
+        parts, log = train_supervised(split, cfg, progress=progress)
+    else:
+        backbone, pre_log = pretrained if pretrained is not None else pretrain(split, cfg, progress)
+        backbone = copy.deepcopy(backbone)
+        stages.append(pre_log)
+        if cfg.protocol == "probe":
+            parts, log = linear_probe(split, cfg, backbone, progress)
+        else:
+            for p in backbone.parameters():
+                p.requires_grad_(True)
+            parts, log = train_supervised(split, cfg, backbone, progress)
+    stages.append(log)
+    val_b = Batches(split.X_val, split.Y_val, 1024, cfg.device)
+    test_b = Batches(split.X_test, split.Y_test, 1024, cfg.device)
+    s_val = predict(parts.backbone, parts.classifier, val_b)
+    s_test = predict(parts.backbone, parts.classifier, test_b)
+    thr = tune_thresholds(split.Y_val, s_val)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns about labels absent from a split
+        test_m, val_m = evaluate(split.Y_test, s_test, thr), evaluate(split.Y_val, s_val, thr)
+    return RunResult(asdict(cfg), test_m, val_m, thr.tolist(), [asdict(s) for s in stages],
+                     time.perf_counter() - t0, _backend_name(cfg), parts)
+
+
+def _backend_name(cfg: TrainConfig) -> str:
+    if cfg.loss in BASELINES:
+        return "-"
+    from ..backends import resolve_backend
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return resolve_backend(cfg.backend, torch.device(cfg.device))[0]

@@ -1,0 +1,206 @@
+"""The study: a grid of datasets × methods × seeds, written incrementally and resumable.
+
+Layout of the output folder:
+  runs/<dataset>/<method>/seed<k>.json   one finished cell (skipped when present)
+  cache/<dataset>/<preset>/seed<k>.pt    a contrastive pre-training, shared by probe and finetune
+  results.csv                            every finished cell, one row each
+  summary.csv, summary.json, summary.md  mean ± std over seeds per (dataset, method)
+  macro_f1_vs_labels.png, curves_<dataset>.png
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .api import config_from, progress_bar, seed_everything
+from .data import load_dataset, prepare_split
+from .metrics import METRIC_LABELS
+from .models import Backbone
+from .plots import f1_vs_labels, training_curves
+from .protocols import BASELINES, StageLog, TrainConfig, pretrain, run
+from .report import TABLE_METRICS, fmt, markdown_table
+
+STUDY_DATASETS = ("emotions", "scene", "yeast", "medical", "genbase", "bibtex", "tmc2007_500", "delicious")
+STUDY_PRESETS = ("reg", "reg_noreg", "msc", "mulsupcon", "jaccard", "supcon_any")
+STUDY_METHODS = ("bce", "zlpr") + tuple(f"{p}/{proto}" for p in STUDY_PRESETS for proto in ("probe", "finetune")) \
+    + ("reg/joint", "supcon_any/joint")
+# training rows kept for the two large sets, so that the grid fits its compute budget
+STUDY_MAX_TRAIN = {"tmc2007_500": 3000, "delicious": 3000}
+
+
+def parse_method(method: str) -> tuple[str, str]:
+    if method in BASELINES:
+        return method, "probe"
+    loss, _, protocol = method.partition("/")
+    if not protocol:
+        raise ValueError(f"methods: {method!r} needs a protocol, e.g. {method}/probe (or use bce / zlpr)")
+    return loss, protocol
+
+
+def cell_path(out: Path, dataset: str, method: str, seed: int) -> Path:
+    return out / "runs" / dataset / method.replace("/", "__") / f"seed{seed}.json"
+
+
+def run_study(out: str, datasets: Sequence[str] = STUDY_DATASETS, methods: Sequence[str] = STUDY_METHODS,
+              seeds: Sequence[int] = (0, 1, 2), data_dir: Optional[str] = None,
+              max_train: Optional[dict] = None, val_fraction: float = 0.15, quiet: bool = True,
+              log=print, **options) -> list[dict]:
+    """Run every missing cell (seed-major, so that every dataset gets a first seed early), then
+    rewrite the summary tables and plots from all finished cells."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    max_train = STUDY_MAX_TRAIN if max_train is None else max_train
+    specs = [parse_method(m) for m in methods]
+    for loss, protocol in specs:
+        config_from(loss=loss, protocol=protocol, **options)  # fail before any training
+    loaded = {}
+    for seed in seeds:
+        for name in datasets:
+            todo = [m for m in methods if not cell_path(out, name, m, seed).exists()]
+            if not todo:
+                continue
+            if name not in loaded:
+                loaded[name] = load_dataset(name, data_dir)
+            ds = loaded[name]
+            seed_everything(seed)
+            split = prepare_split(ds, val_fraction, seed, max_train.get(name))
+            sizes = (split.Y_train.shape[0], split.Y_val.shape[0], split.Y_test.shape[0])
+            for method in todo:
+                loss, protocol = parse_method(method)
+                cfg = config_from(loss=loss, protocol=protocol, seed=seed, **options)
+                t0 = time.perf_counter()
+                bar = progress_bar(quiet, f"{name} {method} s{seed}")
+                try:
+                    pre = _cached_pretraining(out, name, split, cfg, bar) if protocol in ("probe", "finetune") \
+                        and loss not in BASELINES else None
+                    result = run(split, cfg, pretrained=pre, progress=bar)
+                finally:
+                    if bar is not None:
+                        bar.close()
+                record = result.to_json()
+                record.update(dataset=name, num_labels=ds.num_labels, seed=seed, wall_s=time.perf_counter() - t0,
+                              n_train=sizes[0], n_val=sizes[1], n_test=sizes[2])
+                path = cell_path(out, name, method, seed)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(record, indent=1))
+                tmp.replace(path)  # a cell exists only once complete
+                log(f"{name:12s} {method:22s} seed {seed}: Macro-F1 {record['test']['macro_f1']:.3f} "
+                    f"(tuned {record['test']['macro_f1_tuned']:.3f}), mAP {record['test']['map']:.3f}, "
+                    f"{record['wall_s']:.1f}s")
+        summarise(out, datasets, methods, seeds)
+    return summarise(out, datasets, methods, seeds)
+
+
+def _cached_pretraining(out: Path, dataset: str, split, cfg: TrainConfig, bar):
+    path = out / "cache" / dataset / cfg.loss / f"seed{cfg.seed}.pt"
+    if path.exists():
+        blob = torch.load(path, weights_only=False)
+        backbone = Backbone(split.num_features, cfg.hidden, cfg.layers, cfg.dropout)
+        backbone.load_state_dict(blob["backbone"])
+        return backbone, StageLog(**blob["log"])
+    backbone, log = pretrain(split, cfg, bar)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"backbone": backbone.state_dict(), "log": log.__dict__}, path)
+    return backbone, log
+
+
+def load_cells(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/seed*.json"))]
+
+
+def summarise(out, datasets: Sequence[str] = (), methods: Sequence[str] = (), seeds: Sequence[int] = ()) -> list[dict]:
+    """Aggregate every finished cell into summary.{csv,json,md} and the plots."""
+    out = Path(out)
+    cells = load_cells(out)
+    if not cells:
+        return []
+    _write_csv(out / "results.csv", [_flat(c) for c in cells])
+    groups: dict[tuple, list] = {}
+    for c in cells:
+        groups.setdefault((c["dataset"], c["method"]), []).append(c)
+    summary = []
+    for (dataset, method), cs in groups.items():
+        row = {"dataset": dataset, "method": method, "num_labels": cs[0]["num_labels"], "seeds": len(cs),
+               "n_train": cs[0].get("n_train"), "seconds_mean": float(np.mean([c["wall_s"] for c in cs]))}
+        for m in TABLE_METRICS + ("micro_f1_tuned", "hamming_tuned"):
+            vals = [c["test"][m] for c in cs if c["test"].get(m) is not None and not math.isnan(c["test"][m])]
+            row[f"{m}_mean"] = float(np.mean(vals)) if vals else None
+            row[f"{m}_std"] = float(np.std(vals)) if vals else None
+        summary.append(row)
+    all_datasets = list(datasets) + sorted({r["dataset"] for r in summary} - set(datasets))
+    all_methods = list(methods) + sorted({r["method"] for r in summary} - set(methods))
+    summary.sort(key=lambda r: (all_datasets.index(r["dataset"]), all_methods.index(r["method"])))
+    _write_csv(out / "summary.csv", summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text(summary_markdown(summary, all_datasets, all_methods, len(seeds) or None))
+    f1_vs_labels(summary, out / "macro_f1_vs_labels.png")
+    f1_vs_labels(summary, out / "macro_f1_tuned_vs_labels.png", "macro_f1_tuned", "Macro-F1 (per-label thresholds)")
+    for dataset in {c["dataset"] for c in cells}:
+        shown = [c for c in cells if c["dataset"] == dataset and c["seed"] == min(x["seed"] for x in cells)
+                 and c["method"] in ("bce", "reg/probe", "reg/finetune", "reg/joint")]
+        stages = [dict(s, name=f"{c['method']}: {s['name']}") for c in shown for s in c["stages"]]
+        if stages:
+            training_curves(stages, out / f"curves_{dataset}.png", f"{dataset}, seed {shown[0]['seed']}")
+    return summary
+
+
+def summary_markdown(summary: list[dict], datasets, methods, n_seeds: Optional[int]) -> str:
+    """Per dataset, one table: methods × headline metrics (mean ± std); the best mean in bold;
+    a method without finished cells is listed as missing."""
+    by = {(r["dataset"], r["method"]): r for r in summary}
+    metrics = ("micro_f1", "macro_f1", "macro_f1_tuned", "hamming", "map", "p@1")
+    parts = []
+    for d in datasets:
+        rows = [by.get((d, m)) for m in methods]
+        if not any(rows):
+            parts.append(f"### {d}\n\nnot run yet (missing)\n")
+            continue
+        first = next(r for r in rows if r)
+        best = {}
+        for m in metrics:
+            vals = [r[f"{m}_mean"] for r in rows if r and r[f"{m}_mean"] is not None]
+            if vals:
+                best[m] = min(vals) if m == "hamming" else max(vals)
+        table = []
+        for method, r in zip(methods, rows):
+            if r is None:
+                table.append([method] + ["missing"] * len(metrics) + ["0", "—"])
+                continue
+            cells = []
+            for m in metrics:
+                s = fmt(r[f"{m}_mean"], r[f"{m}_std"])
+                cells.append(f"**{s}**" if r[f"{m}_mean"] is not None and abs(r[f"{m}_mean"] - best[m]) < 5e-4 else s)
+            seeds = str(r["seeds"]) + ("" if n_seeds is None or r["seeds"] >= n_seeds else f" of {n_seeds}")
+            table.append([method] + cells + [seeds, f"{r['seconds_mean']:.0f}"])
+        header = ["method"] + [METRIC_LABELS[m] for m in metrics] + ["seeds", "s/run"]
+        parts.append(f"### {d} ({first['num_labels']} labels, {first['n_train']} training rows)\n\n"
+                     + markdown_table(header, table) + "\n")
+    return "\n".join(parts)
+
+
+def _flat(cell: dict) -> dict:
+    row = {k: cell[k] for k in ("dataset", "method", "seed", "num_labels", "n_train", "n_val", "n_test", "wall_s",
+                                "backend")}
+    row.update({f"test_{k}": v for k, v in cell["test"].items()})
+    row.update({f"val_{k}": v for k, v in cell["val"].items()})
+    row["epochs"] = "+".join(str(len(s["train_loss"])) for s in cell["stages"])
+    return row
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)

@@ -1,0 +1,92 @@
+"""End to end: the CLI trains on a few dozen rows and writes its results; seeds are reproducible."""
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from mlcl_fast.cli import cmd_bench, main
+from mlcl_fast.train import from_arrays, train
+
+FAST = ["--epochs", "1", "--probe-epochs", "1", "--min-steps", "1", "--hidden", "16", "--proj-dim", "8",
+        "--batch-size", "16", "--quiet", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    arrays = {}
+    for part, n in (("train", 48), ("test", 20)):
+        X = rng.normal(size=(n, 5)).astype(np.float32)
+        Y = np.stack([X[:, 0] > 0, X[:, 1] > 0, X[:, 0] + X[:, 2] > 0.5], 1)
+        rows, cols = np.nonzero(Y)
+        ptr = np.concatenate([[0], np.cumsum(Y.sum(1))])
+        arrays.update({f"X_{part}": X, f"Y_{part}_indices": cols.astype(np.int32), f"Y_{part}_indptr": ptr,
+                       f"Y_{part}_shape": np.array(Y.shape)})
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("loss, protocol", [("reg", "probe"), ("msc", "finetune"), ("supcon_any", "joint"),
+                                            ("bce", "probe"), ("zlpr", "probe")])
+def test_cli_train_writes_json_and_prints_macro_f1(tiny_npz, tmp_path, capsys, loss, protocol):
+    out = tmp_path / "out"
+    rc = main(["train", "--dataset", str(tiny_npz), "--loss", loss, "--protocol", protocol, "--out", str(out), *FAST])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert any(line.startswith("Micro-F1") and "Macro-F1" in line for line in printed.splitlines())
+    rec = json.loads((out / "metrics.json").read_text())
+    assert rec["dataset"] == "tiny" and rec["num_labels"] == 3
+    assert rec["method"] == (loss if loss in ("bce", "zlpr") else f"{loss}/{protocol}")
+    for key in ("micro_f1", "macro_f1", "hamming", "map", "p@1", "p@3", "p@5", "macro_f1_tuned"):
+        assert 0.0 <= rec["test"][key] <= 1.0
+    assert len(rec["thresholds"]) == 3
+    assert (out / "model.pt").exists() and (out / "curves.png").stat().st_size > 0
+    assert f"Macro-F1 {rec['test']['macro_f1']:.4f}" in printed
+
+
+def test_same_seed_same_result():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(60, 4))
+    ds = from_arrays(X, np.stack([X[:, 0] > 0, X[:, 1] > 0], 1).astype(int), seed=0)
+    kw = dict(loss="reg", protocol="finetune", epochs=2, probe_epochs=2, min_steps=1, hidden=16, proj_dim=8,
+              batch_size=16)
+    a, b = train(ds, seed=3, **kw), train(ds, seed=3, **kw)
+    assert a.test == b.test and a.stages[0]["train_loss"] == b.stages[0]["train_loss"]
+    c = train(ds, seed=4, **kw)
+    assert c.stages[0]["train_loss"] != a.stages[0]["train_loss"]
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["train", "--dataset", str(tmp_path / "none.npz"), "--quiet"]) == 2
+    assert "none.npz: no such file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="epochs: expected an integer >= 1"):
+        train("emotions", loss="bce", epochs=0)
+    with pytest.raises(ValueError, match="nosuch: unknown training option"):
+        train("emotions", nosuch=1)
+
+
+def test_bench_without_bench_folder(tmp_path, capsys):
+    assert cmd_bench(["--quick"], root=tmp_path) == 2
+    assert "bench/sweep.py" in capsys.readouterr().err
+
+
+def test_study_grid_is_resumable(tiny_npz, tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["study", "--datasets", "tiny", "--data-dir", str(tiny_npz.parent), "--methods", "bce", "reg/probe",
+            "reg/finetune", "--seeds", "0", "1", "--out", str(out), *FAST]
+    assert main(args) == 0
+    cells = sorted(p.relative_to(out).as_posix() for p in (out / "runs").rglob("*.json"))
+    assert len(cells) == 6 and (out / "cache" / "tiny" / "reg" / "seed0.pt").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["method"] for r in summary} == {"bce", "reg/probe", "reg/finetune"}
+    assert all(r["seeds"] == 2 and r["macro_f1_std"] is not None for r in summary)
+    assert (out / "results.csv").read_text().count("\n") == 7
+    assert (out / "macro_f1_vs_labels.png").exists() and "### tiny" in (out / "summary.md").read_text()
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+    capsys.readouterr()
+    assert main(args) == 0  # everything finished: nothing is retrained
+    assert stamp == {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
