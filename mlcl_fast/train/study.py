@@ -141,7 +141,14 @@ def summarise(out, datasets: Sequence[str] = (), methods: Sequence[str] = (), se
     summary.sort(key=lambda r: (all_datasets.index(r["dataset"]), all_methods.index(r["method"])))
     _write_csv(out / "summary.csv", summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(summary_markdown(summary, all_datasets, all_methods, len(seeds) or None))
+    n_seeds = len(seeds) or None
+    (out / "summary.md").write_text(
+        "## Macro-F1 at threshold 0.5\n\n" + overview_markdown(summary, all_datasets, all_methods, "macro_f1", n_seeds)
+        + "\n\n## Macro-F1 with per-label thresholds tuned on validation\n\n"
+        + overview_markdown(summary, all_datasets, all_methods, "macro_f1_tuned", n_seeds)
+        + "\n\n## Micro-F1 at threshold 0.5\n\n" + overview_markdown(summary, all_datasets, all_methods, "micro_f1", n_seeds)
+        + "\n\n## macro mAP\n\n" + overview_markdown(summary, all_datasets, all_methods, "map", n_seeds)
+        + "\n\n## Per dataset\n\n" + summary_markdown(summary, all_datasets, all_methods, n_seeds))
     f1_vs_labels(summary, out / "macro_f1_vs_labels.png")
     f1_vs_labels(summary, out / "macro_f1_tuned_vs_labels.png", "macro_f1_tuned", "Macro-F1 (per-label thresholds)")
     for dataset in {c["dataset"] for c in cells}:
@@ -151,6 +158,36 @@ def summarise(out, datasets: Sequence[str] = (), methods: Sequence[str] = (), se
         if stages:
             training_curves(stages, out / f"curves_{dataset}.png", f"{dataset}, seed {shown[0]['seed']}")
     return summary
+
+
+def overview_markdown(summary: list[dict], datasets, methods, metric: str, n_seeds: Optional[int]) -> str:
+    """Methods × datasets for one metric (mean ± std over seeds); the best mean per dataset in bold,
+    '(k seeds)' where fewer seeds than planned finished, 'missing' where none did."""
+    by = {(r["dataset"], r["method"]): r for r in summary}
+    lower_better = metric.startswith("hamming")
+    header = ["method"] + [f"{d} ({next((r['num_labels'] for r in summary if r['dataset'] == d), '?')})"
+                           for d in datasets]
+    best = {}
+    for d in datasets:
+        vals = [by[(d, m)][f"{metric}_mean"] for m in methods if (d, m) in by and by[(d, m)][f"{metric}_mean"] is not None]
+        if vals:
+            best[d] = min(vals) if lower_better else max(vals)
+    rows = []
+    for m in methods:
+        row = [m]
+        for d in datasets:
+            r = by.get((d, m))
+            if r is None or r[f"{metric}_mean"] is None:
+                row.append("missing")
+                continue
+            cell = fmt(r[f"{metric}_mean"], r[f"{metric}_std"] if r["seeds"] > 1 else None)
+            if abs(r[f"{metric}_mean"] - best[d]) < 5e-4:
+                cell = f"**{cell}**"
+            if n_seeds is not None and r["seeds"] < n_seeds:
+                cell += f" ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''})"
+            row.append(cell)
+        rows.append(row)
+    return markdown_table(header, rows)
 
 
 def summary_markdown(summary: list[dict], datasets, methods, n_seeds: Optional[int]) -> str:
@@ -177,7 +214,7 @@ def summary_markdown(summary: list[dict], datasets, methods, n_seeds: Optional[i
                 continue
             cells = []
             for m in metrics:
-                s = fmt(r[f"{m}_mean"], r[f"{m}_std"])
+                s = fmt(r[f"{m}_mean"], r[f"{m}_std"] if r["seeds"] > 1 else None)
                 cells.append(f"**{s}**" if r[f"{m}_mean"] is not None and abs(r[f"{m}_mean"] - best[m]) < 5e-4 else s)
             seeds = str(r["seeds"]) + ("" if n_seeds is None or r["seeds"] >= n_seeds else f" of {n_seeds}")
             table.append([method] + cells + [seeds, f"{r['seconds_mean']:.0f}"])
