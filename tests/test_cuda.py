@@ -182,6 +182,27 @@ def test_memory_has_no_anchor_by_column_term():
     assert peak < 128 * 2**20, f"peak {peak / 2**20:.0f} MiB"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("preset", ["reg", "supcon_any", "msc"])
+def test_torch_compile_fullgraph(preset, dtype):
+    """The shared fake kernels (backends/cpp.py) describe the CUDA outputs: dtypes and shapes agree."""
+    case = _case("compile", preset, None, B=96, d=48, L=12, dtype=dtype)
+    feats = case.features.detach().requires_grad_(True)
+    protos = None if case.prototypes is None else case.prototypes.detach().requires_grad_(True)
+    fn = lambda f, p: multilabel_contrastive_loss(f, case.labels, p, backend="cuda",  # noqa: E731
+                                                  num_labels=case.num_labels, **case.loss_kwargs())
+    eager = fn(feats, protos)
+    compiled = torch.compile(fn, fullgraph=True)(feats, protos)
+    inputs = [t for t in (feats, protos) if t is not None]
+    ge = torch.autograd.grad(eager, inputs)
+    gc = torch.autograd.grad(compiled, inputs)
+    assert compiled.dtype == eager.dtype == torch.float32
+    assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ge, gc):
+        assert a.dtype == b.dtype == dtype
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------ op errors
 def test_op_errors_name_the_argument():
     case = _case("errors", "supcon_any", None, B=6, d=4, L=3)

@@ -49,9 +49,11 @@ def compile_jobs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cuda_compile")
     jobs = {}
     if NVCC is not None:
+        # setup.py's nvcc flags plus the ones torch's CUDAExtension adds to every nvcc call
+        torch_flags = list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", []))
         jobs["nvcc"] = subprocess.Popen(
             [NVCC, "-arch=sm_90", "-std=c++17", "-O3", "--use_fast_math", "-Werror", "all-warnings",
-             "-c", str(CUDA_DIR / "kernels.cu"), "-o", str(tmp / "kernels.o")],
+             "-DMLCL_FAST_WITH_CUDA"] + torch_flags + ["-c", str(CUDA_DIR / "kernels.cu"), "-o", str(tmp / "kernels.o")],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cuda_include = _cuda_include()
     if CXX is not None and cuda_include is not None:
