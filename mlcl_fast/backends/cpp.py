@@ -65,7 +65,8 @@ def _forward_fake(rows, cols, row_labels, col_labels, self_col, num_sample_cols,
                   weighting, pair_factor, alpha, reg):
     r = rows.shape[0]
     stats = dict(dtype=torch.float64, device=rows.device)
-    return (rows.new_empty(r), rows.new_empty(r, dtype=torch.bool), rows.new_empty(r, **stats),
+    loss_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32  # half rows: fp32 loss
+    return (rows.new_empty(r, dtype=loss_dtype), rows.new_empty(r, dtype=torch.bool), rows.new_empty(r, **stats),
             rows.new_empty(r, **stats), rows.new_empty((r, _normalizer_width(row_labels, weighting)), **stats))
 
 

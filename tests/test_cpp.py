@@ -1,0 +1,332 @@
+"""The fused C++ CPU backend against the float64 reference: every preset and override, views,
+anchor ranges, ragged shapes, label formats, both positive-enumeration strategies, large sparse
+label spaces, half and non-contiguous inputs, determinism, op checks and torch.compile."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from cases import (ALL_PRESET_IDS, ALL_PRESETS, assert_backend_matches, fresh_seed, label_forms, random_case,
+                   rel_err, uses_prototypes)
+from mlcl_fast import multilabel_contrastive_loss, resolve_config
+from mlcl_fast.backends import backend_status
+from mlcl_fast.inputs import prepare
+from mlcl_fast.labels import LabelSets
+from mlcl_fast.problem import Problem
+
+if backend_status()["cpp"] != "available":
+    pytest.skip(f"cpp backend unavailable: {backend_status()['cpp']}", allow_module_level=True)
+
+from mlcl_fast.backends import cpp, reference  # noqa: E402
+
+FP64 = dict(rtol_loss=1e-10, rtol_grad=1e-9)
+FP32 = dict(rtol_loss=1e-5, rtol_grad=1e-4)
+STRATEGIES = ["sparse", "dense"]
+
+
+@pytest.fixture(params=STRATEGIES)
+def strategy(request, monkeypatch):
+    """Both positive-pair enumerations (the op reads MLCL_FAST_CPU_POSITIVES at every call)."""
+    monkeypatch.setenv("MLCL_FAST_CPU_POSITIVES", request.param)
+    return request.param
+
+
+def power_law_labels(gen: torch.Generator, batch: int, num_labels: int, mean_labels: float = 5.0,
+                     exponent: float = 1.1) -> torch.Tensor:
+    """Padded indices [batch, K]: label k drawn with probability ~ 1/(k+1)^exponent, 1 + Poisson
+    labels per row (repeats collapse), so a few labels are frequent and most are rare or unused."""
+    probs = torch.arange(1, num_labels + 1, dtype=torch.float64).pow(-exponent)
+    width = int(3 * mean_labels) + 1
+    index = torch.multinomial(probs, batch * width, replacement=True, generator=gen).reshape(batch, width)
+    counts = 1 + torch.poisson(torch.full((batch,), mean_labels - 1, dtype=torch.float64), generator=gen).long()
+    index[torch.arange(width).unsqueeze(0) >= counts.clamp(max=width).unsqueeze(1)] = -1
+    return index
+
+
+# ------------------------------------------------------------------------------ SPEC coverage
+@pytest.mark.parametrize("preset,overrides", ALL_PRESETS, ids=ALL_PRESET_IDS)
+def test_every_preset_fp64(preset, overrides, strategy):
+    seed = fresh_seed("cpp-fp64", preset, sorted(overrides.items()), strategy)
+    rng = random.Random(seed)
+    case = random_case(seed, preset, overrides, B=rng.randint(2, 12), V=rng.choice([1, 2, 3]), d=rng.randint(2, 9),
+                       L=rng.randint(1, 8), density=rng.uniform(0.1, 0.5), empty_rows=rng.randint(0, 2),
+                       temperature=rng.choice([0.05, 0.1, 0.5]))
+    assert_backend_matches("cpp", case, **FP64)
+
+
+@pytest.mark.parametrize("preset,overrides", ALL_PRESETS[::4], ids=ALL_PRESET_IDS[::4])
+def test_several_tiles_fp64(preset, overrides, strategy):
+    """More anchors than one row block and more columns than one tile, with ragged tails."""
+    seed = fresh_seed("cpp-tiles", preset, sorted(overrides.items()), strategy)
+    case = random_case(seed, preset, overrides, B=139, V=2, d=19, L=37, density=0.08, empty_rows=5)
+    assert_backend_matches("cpp", case, **FP64)
+
+
+@pytest.mark.parametrize("preset,overrides", ALL_PRESETS[1::3], ids=ALL_PRESET_IDS[1::3])
+def test_fp32(preset, overrides):
+    seed = fresh_seed("cpp-fp32", preset, sorted(overrides.items()))
+    case = random_case(seed, preset, overrides, B=70, V=2, d=32, L=12, density=0.2, dtype=torch.float32,
+                       temperature=0.2)
+    assert_backend_matches("cpp", case, **FP32)
+
+
+@pytest.mark.parametrize("B,V,d,L", [(1, 1, 1, 1), (1, 2, 3, 1), (3, 1, 4, 1), (5, 3, 7, 2), (128, 1, 8, 3),
+                                     (129, 2, 5, 300), (257, 1, 3, 4), (40, 1, 300, 9)])
+@pytest.mark.parametrize("preset", ["reg", "msc", "supcon_any", "jaccard", "proto"])
+def test_ragged_shapes(B, V, d, L, preset):
+    seed = fresh_seed("cpp-shapes", B, V, d, L, preset)
+    case = random_case(seed, preset, B=B, V=V, d=d, L=L, density=min(0.5, 3.0 / L) if L > 3 else 0.4)
+    assert_backend_matches("cpp", case, **FP64)
+
+
+@pytest.mark.parametrize("preset", ["reg", "msc", "supcon_all", "mulsupcon", "proto"])
+def test_all_label_sets_empty(preset, strategy):
+    """K = 0: no anchor is valid, so the loss and every gradient are exactly zero."""
+    case = random_case(fresh_seed("cpp-empty", preset), preset, B=6, V=2, d=5, L=4)
+    case.labels[:] = False  # prototype anchors have no positive either: no sample carries their label
+    feats = case.features.clone().requires_grad_(True)
+    protos = None if case.prototypes is None else case.prototypes.clone().requires_grad_(True)
+    for reduction in ("mean", "none"):
+        out = multilabel_contrastive_loss(feats, case.labels, protos, backend="cpp", reduction=reduction,
+                                          **case.loss_kwargs())
+        assert bool((out == 0).all()), out
+        inputs = [feats] if protos is None else [feats, protos]
+        grads = torch.autograd.grad(out.sum(), inputs, allow_unused=True)
+        assert all(g is None or bool((g == 0).all()) for g in grads)
+
+
+def test_small_temperature_and_half_inputs():
+    for preset in ("reg", "msc", "supcon_any"):
+        seed = fresh_seed("cpp-tau", preset)
+        case = random_case(seed, preset, B=24, V=2, d=16, L=5, density=0.3, temperature=0.01, dtype=torch.float32)
+        assert_backend_matches("cpp", case, **FP32)
+        for half in (torch.float16, torch.bfloat16):
+            # the reference sees the same half-rounded inputs in fp64; only the gradient's own
+            # rounding to half precision remains
+            h = random_case(seed, preset, B=24, V=2, d=16, L=5, density=0.3, dtype=half)
+            assert_backend_matches("cpp", h, rtol_loss=1e-5, rtol_grad=1e-2)
+
+
+def test_label_formats_agree():
+    seed = fresh_seed("cpp-formats")
+    case = random_case(seed, "reg", B=20, V=2, d=6, L=7, density=0.3, empty_rows=1)
+    assert_backend_matches("cpp", case, **FP64)
+    expected = multilabel_contrastive_loss(case.features, case.labels, case.prototypes, backend="cpp",
+                                           reduction="none", **case.loss_kwargs())
+    for name, labels in label_forms(case.labels, seed).items():
+        got = multilabel_contrastive_loss(case.features, labels, case.prototypes, backend="cpp", reduction="none",
+                                          num_labels=case.num_labels, **case.loss_kwargs())
+        assert torch.equal(got, expected), name
+
+
+def test_non_contiguous_inputs():
+    seed = fresh_seed("cpp-strided")
+    case = random_case(seed, "reg", B=33, V=2, d=10, L=6, density=0.3)
+    feats = case.features.transpose(0, 1).contiguous().transpose(0, 1)
+    protos = case.prototypes.T.contiguous().T
+    assert not feats.is_contiguous() and not protos.is_contiguous()
+    out = multilabel_contrastive_loss(feats, case.labels, protos, backend="cpp", **case.loss_kwargs())
+    ref = multilabel_contrastive_loss(case.features, case.labels, case.prototypes, backend="reference",
+                                      **case.loss_kwargs())
+    assert rel_err(out, ref, 1.0) < 1e-12
+    # the op itself, with strided rows, columns and labels
+    problem = _problem(case)
+    args = list(_op_args(problem))
+    args[0] = args[0].T.contiguous().T
+    args[1] = torch.cat([args[1], args[1]], dim=1)[:, : args[1].shape[1]]
+    args[2] = torch.cat([args[2], args[2]], dim=1)[:, : args[2].shape[1]]
+    assert not (args[0].is_contiguous() or args[1].is_contiguous() or args[2].is_contiguous())
+    strided = torch.ops.mlcl_fast.anchor_loss_forward(*args)
+    dense = torch.ops.mlcl_fast.anchor_loss_forward(*_op_args(problem))
+    for a, b in zip(strided, dense):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- anchor ranges
+def _problem(case, sample_anchors=None, prototype_anchors=None, dtype=None) -> Problem:
+    cfg = resolve_config(case.preset, **case.overrides)
+    base = prepare(case.features if dtype is None else case.features.to(dtype), case.labels,
+                   None if case.prototypes is None else (case.prototypes if dtype is None else case.prototypes.to(dtype)),
+                   cfg, case.temperature)
+    return Problem(base.samples, base.prototypes, base.labels, cfg, base.temperature, sample_anchors,
+                   prototype_anchors)
+
+
+def _op_args(problem: Problem) -> tuple:
+    cfg = problem.config
+    x = problem.samples
+    lo, hi = problem.sample_anchors
+    plo, phi = problem.prototype_anchors
+    rows = torch.cat([x[lo:hi], problem.prototypes[plo:phi]]) if phi > plo else x[lo:hi]
+    cols = torch.cat([x, problem.prototypes]) if cfg.uses_prototypes else x
+    return (rows, cols, problem.anchor_labels().index, problem.column_labels().index, problem.anchor_columns(),
+            problem.num_samples, problem.labels.num_labels, problem.temperature, cfg.beta, cfg.weighting, cfg.f,
+            cfg.alpha, cfg.reg)
+
+
+@pytest.mark.parametrize("preset,sample_anchors,prototype_anchors", [
+    ("reg", (0, 0), (2, 9)), ("reg", (5, 17), (0, 0)), ("reg", (3, 40), (1, 4)), ("reg_noreg", (39, 40), (8, 9)),
+    ("supcon_any", (7, 31), None), ("msc", (0, 40), None), ("proto", (12, 13), None)])
+def test_anchor_ranges(preset, sample_anchors, prototype_anchors):
+    case = random_case(fresh_seed("cpp-ranges", preset, sample_anchors), preset, B=20, V=2, d=6, L=9, density=0.25)
+    coeffs = None
+    results = []
+    for backend in (cpp, reference):
+        problem = _problem(case, sample_anchors, prototype_anchors)
+        samples = problem.samples.detach().requires_grad_(True)
+        protos = None if problem.prototypes is None else problem.prototypes.detach().requires_grad_(True)
+        problem.samples, problem.prototypes = samples, protos
+        loss, valid = backend.anchor_losses(problem)
+        if coeffs is None:
+            coeffs = torch.rand(loss.shape[0], dtype=loss.dtype, generator=torch.Generator().manual_seed(1)) + 0.5
+        inputs = [samples] if protos is None else [samples, protos]
+        grads = torch.autograd.grad((loss * coeffs).sum(), inputs, allow_unused=True)
+        results.append((loss.detach(), valid, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]))
+    (loss, valid, grads), (ref_loss, ref_valid, ref_grads) = results
+    assert torch.equal(valid, ref_valid)
+    assert rel_err(loss, ref_loss, 1.0) < 1e-10
+    for g, ref in zip(grads, ref_grads):
+        assert rel_err(g, ref, 1e-6) < 1e-9
+
+
+# ------------------------------------------------------------------------- large label spaces
+@pytest.mark.parametrize("preset,overrides", [("supcon_any", {}), ("jaccard", {}), ("mulsupcon", {}),
+                                              ("reg", {"prototype_mode": "none"}),
+                                              ("reg", {"prototype_mode": "none", "alpha": 0.5})])
+def test_large_sparse_label_space(preset, overrides):
+    """L = 50,000 with power-law labels: the inverted-index enumeration (the only one used above
+    1024 labels) against the reference, which stays affordable without prototype columns."""
+    seed = fresh_seed("cpp-sparse-L", preset, sorted(overrides.items()))
+    gen = torch.Generator().manual_seed(seed)
+    labels = power_law_labels(gen, 96, 50_000)
+    features = torch.randn(96, 2, 24, generator=gen, dtype=torch.float64)
+    out = {}
+    for backend in ("cpp", "reference"):
+        x = features.clone().requires_grad_(True)
+        loss = multilabel_contrastive_loss(x, labels, preset=preset, backend=backend, num_labels=50_000, **overrides)
+        out[backend] = (loss.detach(), torch.autograd.grad(loss, x)[0])
+    assert rel_err(out["cpp"][0], out["reference"][0], 1.0) < 1e-10
+    assert rel_err(out["cpp"][1], out["reference"][1], 1e-6) < 1e-9
+
+
+def test_large_sparse_label_space_with_prototypes():
+    """L = 1,100 prototypes as anchors and columns (past the bitset limit: sparse path), against
+    the reference."""
+    seed = fresh_seed("cpp-sparse-protos")
+    gen = torch.Generator().manual_seed(seed)
+    L = 1100
+    labels = power_law_labels(gen, 64, L)
+    features = torch.randn(64, 2, 16, generator=gen, dtype=torch.float64)
+    protos = torch.randn(L, 16, generator=gen, dtype=torch.float64)
+    for preset, overrides in (("reg", {}), ("msc", {"alpha": 0.5, "f": "overlap"})):
+        out = {}
+        for backend in ("cpp", "reference"):
+            x, p = features.clone().requires_grad_(True), protos.clone().requires_grad_(True)
+            loss = multilabel_contrastive_loss(x, labels, p, preset=preset, backend=backend, **overrides)
+            out[backend] = (loss.detach(), *torch.autograd.grad(loss, [x, p]))
+        assert rel_err(out["cpp"][0], out["reference"][0], 1.0) < 1e-10, preset
+        for g, ref in zip(out["cpp"][1:], out["reference"][1:]):
+            assert rel_err(g, ref, 1e-6) < 1e-9, preset
+
+
+def test_huge_label_space_runs_in_fp32():
+    """REG with 50,000 prototype anchors and columns at N = 128 (too large for the reference's
+    dense label matrix): finite, and the fp32 kernels agree with the fp64 ones."""
+    gen = torch.Generator().manual_seed(fresh_seed("cpp-huge-L"))
+    L = 50_000
+    labels = power_law_labels(gen, 64, L)
+    features = torch.randn(64, 2, 16, generator=gen, dtype=torch.float64)
+    protos = torch.randn(L, 16, generator=gen, dtype=torch.float64)
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        x, p = features.to(dtype).requires_grad_(True), protos.to(dtype).requires_grad_(True)
+        loss = multilabel_contrastive_loss(x, labels, p, preset="reg", backend="cpp")
+        out[dtype] = (loss.detach(), *torch.autograd.grad(loss, [x, p]))
+        assert all(bool(torch.isfinite(t).all()) for t in out[dtype])
+    assert rel_err(out[torch.float32][0], out[torch.float64][0], 1.0) < 1e-5
+    for g, ref in zip(out[torch.float32][1:], out[torch.float64][1:]):
+        assert rel_err(g, ref, 1e-6) < 1e-4
+
+
+# -------------------------------------------------------------------- strategies and kernels
+def test_strategies_and_gemm_paths_agree(monkeypatch):
+    case = random_case(fresh_seed("cpp-paths"), "reg", {"alpha": 0.5}, B=150, V=2, d=12, L=20, density=0.15)
+    results = {}
+    for positives in ("sparse", "dense", "auto"):
+        for gemm in ("blas", "aten"):
+            monkeypatch.setenv("MLCL_FAST_CPU_POSITIVES", positives)
+            monkeypatch.setenv("MLCL_FAST_CPU_GEMM", gemm)
+            results[positives, gemm] = multilabel_contrastive_loss(case.features, case.labels, case.prototypes,
+                                                                   backend="cpp", reduction="none",
+                                                                   **case.loss_kwargs())
+    ref = multilabel_contrastive_loss(case.features, case.labels, case.prototypes, backend="reference",
+                                      reduction="none", **case.loss_kwargs())
+    for key, value in results.items():
+        assert rel_err(value, ref, 1.0) < 1e-10, key
+
+
+def test_deterministic():
+    case = random_case(fresh_seed("cpp-determinism"), "reg", B=300, V=2, d=48, L=30, density=0.1,
+                       dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        x = case.features.clone().requires_grad_(True)
+        p = case.prototypes.clone().requires_grad_(True)
+        loss = multilabel_contrastive_loss(x, case.labels, p, backend="cpp")
+        runs.append((loss.detach(), *torch.autograd.grad(loss, [x, p])))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_bad_arguments_are_named():
+    case = random_case(fresh_seed("cpp-errors"), "reg", B=6, d=4, L=3, density=0.5)
+    args = _op_args(_problem(case))
+    out_of_range = args[2].clone()
+    out_of_range[0, 0] = args[6]  # label id == num_labels
+    unsorted = torch.nn.functional.pad(args[3], (0, 1), value=-1)
+    unsorted[0, :2] = torch.tensor([1, 0])
+    bad = [(1, args[1].float(), "cols"), (2, out_of_range, "row_labels"), (3, unsorted, "col_labels"),
+           (4, args[4] + 1000, "self_col"), (7, 0.0, "temperature"), (8, -1.0, "beta"), (9, "cosine", "weighting"),
+           (10, "square", "pair_factor"), (2, args[2][:-1], "row_labels")]
+    for position, value, name in bad:
+        trial = list(args)
+        trial[position] = value
+        with pytest.raises(RuntimeError, match=name):
+            torch.ops.mlcl_fast.anchor_loss_forward(*trial)
+
+
+# ----------------------------------------------------------------- torch.library integration
+def test_opcheck():
+    case = random_case(fresh_seed("cpp-opcheck"), "reg", B=10, V=2, d=6, L=5, density=0.3)
+    problem = _problem(case)
+    args = list(_op_args(problem))
+    args[0] = args[0].detach().requires_grad_(True)
+    args[1] = args[1].detach().requires_grad_(True)
+    torch.library.opcheck(torch.ops.mlcl_fast.anchor_loss_forward.default, tuple(args))
+    outputs = torch.ops.mlcl_fast.anchor_loss_forward(*[a.detach() if torch.is_tensor(a) else a for a in args])
+    grad = torch.rand(args[0].shape[0], dtype=args[0].dtype)
+    bwd_args = (grad, args[0].detach(), args[1].detach(), *args[2:5], *outputs[2:], *args[5:])
+    torch.library.opcheck(torch.ops.mlcl_fast.anchor_loss_backward.default, bwd_args)
+
+
+def test_torch_compile_fullgraph():
+    case = random_case(fresh_seed("cpp-compile"), "reg", B=12, V=2, d=8, L=5, density=0.3, dtype=torch.float32)
+    base = _problem(case)
+    labels = base.labels
+
+    def losses(samples, prototypes):
+        problem = Problem(samples, prototypes, labels, base.config, base.temperature)
+        loss, valid = cpp.anchor_losses(problem)
+        return loss.sum() / valid.sum().clamp(min=1)
+
+    compiled = torch.compile(losses, fullgraph=True, backend="aot_eager")
+    out = {}
+    for name, fn in (("eager", losses), ("compiled", compiled)):
+        x = base.samples.detach().clone().requires_grad_(True)
+        p = base.prototypes.detach().clone().requires_grad_(True)
+        value = fn(x, p)
+        out[name] = (value.detach(), *torch.autograd.grad(value, [x, p]))
+    for a, b in zip(out["eager"], out["compiled"]):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
