@@ -2,11 +2,13 @@
 
 Every test is marked `gpu` and skipped unless the backend is available (CUDA build of torch,
 mlcl_fast._C compiled with CUDA, a device). Run them on a GPU machine with
-    python -m pytest -q -m gpu tests/test_cuda.py
+    MLCL_FAST_REQUIRE_CUDA=1 python -m pytest -q -m gpu tests/test_cuda.py
 Shapes are ragged on purpose: anchors, columns and dimensions cross the kernels' 32-wide tiles
 and chunks. Tolerances are SPEC's: fp32 1e-3, fp16/bf16 2e-2 (fp64 inputs are computed in fp32).
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -18,6 +20,10 @@ from mlcl_fast.backends import cuda as backend
 from mlcl_fast.problem import Problem
 
 AVAILABLE, REASON = backend.is_available()
+# On a GPU machine a skipped module would look like success: MLCL_FAST_REQUIRE_CUDA=1 makes an
+# unavailable backend (e.g. an extension built without CUDA) an error instead.
+if not AVAILABLE and os.environ.get("MLCL_FAST_REQUIRE_CUDA", "0") == "1":
+    pytest.fail(f"MLCL_FAST_REQUIRE_CUDA=1 but the CUDA backend is unavailable: {REASON}", pytrace=False)
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=f"CUDA backend unavailable: {REASON}")]
 
 FP32 = dict(rtol_loss=1e-3, rtol_grad=1e-3)
