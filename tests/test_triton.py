@@ -53,31 +53,38 @@ def _case(key, preset="reg", overrides=None, **kw):
 @cpu_only
 @pytest.mark.parametrize("preset,overrides", ALL_PRESETS, ids=ALL_PRESET_IDS)
 def test_every_preset_and_override(preset, overrides):
-    """Small L: in-register bitsets (the default regime), 19 rows (two tiles, ragged)."""
-    case = _case("preset", preset, overrides, B=19, d=12, L=6, empty_rows=1)
+    """Small L: in-register bitsets (the default regime); one ragged tile (the shape tests cross tiles)."""
+    case = _case("preset", preset, overrides, B=9, d=12, L=6, empty_rows=1)
     assert_backend_matches("triton", case, **FP32)
 
 
-REGIME_CONFIGS = [("supcon_any", {}), ("supcon_all", {"reg": True}), ("jaccard", {"prototype_mode": "rows"}),
-                  ("mulsupcon", {}), ("msc", {}), ("proto", {"reg": True}), ("reg", {}),
-                  ("reg", {"alpha": 0.5, "beta": 0.1}), ("reg", {"alpha": -1.0, "beta": 0.0})]
+# Without prototypes over L = 70 labels (three bitset words; labels 31 and 63 set the sign bit of
+# their word); with prototypes over L = 20 (every prototype is a column, so L adds tiles).
+REGIME_CONFIGS = [("supcon_any", {}, 70), ("supcon_all", {"reg": True}, 70), ("jaccard", {}, 70),
+                  ("mulsupcon", {}, 70), ("mulsupcon", {"f": "union", "reg": True}, 70),
+                  ("reg", {"prototype_mode": "none", "alpha": 0.5}, 70),
+                  ("reg", {"prototype_mode": "none", "alpha": -1.0}, 70),
+                  ("msc", {}, 20), ("proto", {"reg": True}, 20), ("reg", {}, 20),
+                  ("reg", {"alpha": 2.0, "beta": 0.1}, 20), ("jaccard", {"prototype_mode": "rows", "beta": 0.0}, 20)]
 
 
 @cpu_only
 @pytest.mark.parametrize("regime", REGIMES)
-@pytest.mark.parametrize("preset,overrides", REGIME_CONFIGS, ids=[cases.preset_id(*c) for c in REGIME_CONFIGS])
-def test_label_regimes(monkeypatch, regime, preset, overrides):
-    """Every label regime, forced, over L = 70 labels (three bitset words, labels >= 64 set the
-    sign bit of their word) with some rows sharing none."""
+@pytest.mark.parametrize("preset,overrides,L", REGIME_CONFIGS, ids=[cases.preset_id(p, o) for p, o, _ in REGIME_CONFIGS])
+def test_label_regimes(monkeypatch, regime, preset, overrides, L):
+    """Every label regime, forced, with sparse labels (some rows share none)."""
     monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", regime)
-    case = _case("regime", preset, overrides, B=13, d=10, L=70, density=0.05, empty_rows=1)
-    case.labels[:, 63] |= torch.arange(13) % 3 == 0  # the last bit of a word, in several rows
+    B = 13 if L > 32 else 7
+    case = _case("regime", preset, overrides, B=B, d=10, L=L, density=0.05, empty_rows=1)
+    for label in (31, 63):
+        if label < L:
+            case.labels[:, label] |= torch.arange(B) % 3 == 0
     assert_backend_matches("triton", case, check_none=regime == "pairs", **FP32)
 
 
 # ----------------------------------------------------------------------------- shapes and edges
 @cpu_only
-@pytest.mark.parametrize("B,V,d,L", [(1, 1, 3, 1), (5, 3, 20, 1), (16, 1, 16, 4), (17, 2, 33, 9), (7, 1, 5, 40)],
+@pytest.mark.parametrize("B,V,d,L", [(1, 1, 3, 1), (5, 3, 20, 1), (16, 1, 16, 4), (9, 2, 33, 5), (7, 1, 5, 8)],
                          ids=["one_sample", "views_L1", "exact_tiles", "ragged_views", "small_d"])
 @pytest.mark.parametrize("preset", ["reg", "supcon_any", "msc"])
 def test_shapes(B, V, d, L, preset):
@@ -234,10 +241,10 @@ def test_gpu_presets(preset, overrides, dtype):
 
 @pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("dtype", list(GPU_DTYPES), ids=str)
-@pytest.mark.parametrize("preset,overrides", REGIME_CONFIGS, ids=[cases.preset_id(*c) for c in REGIME_CONFIGS])
+@pytest.mark.parametrize("preset,overrides,_", REGIME_CONFIGS, ids=[cases.preset_id(p, o) for p, o, _ in REGIME_CONFIGS])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_gpu_regimes_large_label_space(monkeypatch, regime, dtype, preset, overrides):
+def test_gpu_regimes_large_label_space(monkeypatch, regime, dtype, preset, overrides, _):
     monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", regime)
     case = _case("gpu_regime", preset, overrides, B=300, d=200, L=1500, density=0.004, dtype=dtype, device="cuda")
     assert_backend_matches("triton", case, check_none=False, **GPU_DTYPES[dtype])
