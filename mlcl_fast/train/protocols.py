@@ -9,8 +9,9 @@
     with BCE;
   - `joint`: no pre-training; backbone + head + classifier trained on BCE + λ·contrastive.
 
-Every stage keeps the epoch with the best validation score (contrastive loss for pre-training,
-macro mAP otherwise) and stops after `patience` epochs without improvement. Per-label thresholds
+Every stage keeps the epoch with the best validation score (the stage's own loss: contrastive for
+pre-training, BCE / ZLPR for classifiers, per-label AP for the probe) and stops after `patience`
+epochs without improvement. Per-label thresholds
 are tuned on validation; metrics are reported on test.
 """
 from __future__ import annotations
@@ -197,11 +198,6 @@ def predict(backbone: nn.Module, classifier: nn.Module, batches: Batches) -> np.
     return np.concatenate(out).astype(np.float64)
 
 
-def mean_ap(Y: np.ndarray, scores: np.ndarray) -> float:
-    ap = label_average_precision(Y, scores)
-    return float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0
-
-
 # ----------------------------------------------------------------------------------------------
 # Protocols
 
@@ -266,7 +262,6 @@ def train_supervised(split: Split, cfg: TrainConfig, backbone: Optional[Backbone
     sparse = sp.issparse(split.X_train)
     train = Batches(split.X_train, split.Y_train, cfg.batch_size, cfg.device)
     val = Batches(split.X_val, split.Y_val, cfg.batch_size, cfg.device)
-    Y_val = split.Y_val.toarray().astype(bool)
 
     def step(x: Tensor, y: Tensor) -> Tensor:
         if not joint:
@@ -280,8 +275,14 @@ def train_supervised(split: Split, cfg: TrainConfig, backbone: Optional[Backbone
     modules = [m for m in (backbone, classifier, head, crit) if m is not None]
     params = [p for m in modules for p in m.parameters()]
     name = "finetune" if finetune else ("joint" if joint else cfg.loss)
-    log = run_stage(name, modules, params, step, lambda: mean_ap(Y_val, predict(backbone, classifier, val)),
-                    train, cfg, cfg.finetune_lr if finetune else cfg.lr, gen, progress)
+    def val_score() -> float:
+        # validation loss of the classifier (not AP): a ranking score peaks while a fresh head is
+        # still uncalibrated, which would leave thresholded metrics at 0.5 arbitrary
+        total = sum(float(supervised(classifier(backbone(x)), y)) * len(y) for x, y in val.epoch(None))
+        return -total / max(val.n, 1)
+
+    log = run_stage(name, modules, params, step, val_score, train, cfg, cfg.finetune_lr if finetune else cfg.lr,
+                    gen, progress)
     return Parts(backbone, head, classifier, crit), log
 
 

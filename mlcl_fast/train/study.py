@@ -93,7 +93,7 @@ def run_study(out: str, datasets: Sequence[str] = STUDY_DATASETS, methods: Seque
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(record, indent=1))
                 tmp.replace(path)  # a cell exists only once complete
-                log(f"{name:12s} {method:22s} seed {seed}: Macro-F1 {record['test']['macro_f1']:.3f} "
+                log(f"{time.strftime('%H:%M:%S')} {name:12s} {method:22s} seed {seed}: Macro-F1 {record['test']['macro_f1']:.3f} "
                     f"(tuned {record['test']['macro_f1_tuned']:.3f}), mAP {record['test']['map']:.3f}, "
                     f"{record['wall_s']:.1f}s")
         summarise(out, datasets, methods, seeds)
