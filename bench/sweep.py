@@ -30,7 +30,7 @@ from . import timing
 from .labels import find_dataset, max_labels, REAL_DATASETS
 from .providers import CompiledReference, Shape, get_provider, provider_names, useful_flops
 from .records import append_rows, status_kind
-from .worker import DTYPES, MODES, measure
+from .worker import DTYPES, MODES, forked_worker, measure
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -121,7 +121,7 @@ def plan(grid: grid_mod.Grid, device: str, providers: list[str], presets=None, s
             if not provider.supports(resolve_config(point.preset)):
                 continue
             if isinstance(provider, CompiledReference):
-                if point.preset not in grid.compile_presets:
+                if point.preset not in grid.compile_presets or point.series not in grid.compile_series:
                     continue
                 key = (point.series, point.preset, point.dtype)
                 if compiled.get(key, 0) >= grid.compile_points:
@@ -146,15 +146,12 @@ def spec_of(task: Task, ctx: Context) -> dict:
     return {"provider": task.provider, "preset": p.preset, "regime": p.regime, "N": p.N, "L": p.L, "d": p.d,
             "dtype": p.dtype, "device": ctx.device, "seed": 0, "temperature": 0.1,
             "mode_budget_s": g.mode_budget_s, "min_repeats": g.min_repeats, "max_repeats": g.max_repeats,
-            "soft_timeout_s": g.timeout_s}
+            "threads": ctx.run_fields.get("threads")}
 
 
 def run_subprocess(spec: dict, timeout_s: float, threads: Optional[int] = None) -> list[dict]:
     """Run bench.worker in a fresh process (own process group, killed whole at the timeout)."""
-    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    env = dict(os.environ, **_worker_env(threads))
     proc = subprocess.Popen([sys.executable, "-m", "bench.worker", json.dumps(spec)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     timed_out = False
@@ -168,29 +165,96 @@ def run_subprocess(spec: dict, timeout_s: float, threads: Optional[int] = None) 
         _kill_group(proc)
         raise
     records = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
+    return _complete(records, timed_out, timeout_s, proc.returncode, err)
+
+
+class ForkRunner:
+    """Each point in a fresh process forked from a server that has imported torch once.
+
+    A process per point isolates memory (its own peak RSS) and lets a hung point be killed,
+    like `run_subprocess`, without paying the interpreter and torch start-up (seconds on a
+    small, busy machine) at every point. The server only imports: no thread pool exists
+    yet when it forks, so every child starts its own."""
+
+    def __init__(self, threads: Optional[int] = None):
+        import multiprocessing
+        os.environ.update(_worker_env(threads))  # the server, started at the first point, inherits it
+        self.mp = multiprocessing.get_context("forkserver")
+        self.mp.set_forkserver_preload(["torch", "mlcl_fast", "bench.worker"])
+
+    def __call__(self, spec: dict, timeout_s: float) -> list[dict]:
+        recv, send = self.mp.Pipe(duplex=False)
+        proc = self.mp.Process(target=forked_worker, args=(spec, send), daemon=True)
+        proc.start()
+        send.close()
+        records: list[dict] = []
+        deadline = time.monotonic() + timeout_s
+        timed_out = False
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    timed_out = True
+                    break
+                if recv.poll(min(remaining, 0.5)):
+                    try:
+                        records.append(recv.recv())
+                    except EOFError:  # the child is done (or died)
+                        break
+        finally:
+            if timed_out or proc.is_alive():
+                proc.join(timeout=0 if timed_out else 5)
+            if proc.is_alive():
+                _kill_pid_group(proc.pid)
+                proc.join()
+            recv.close()
+        exitcode = proc.exitcode
+        proc.close()
+        return _complete(records, timed_out, timeout_s, exitcode, "")
+
+
+def _worker_env(threads: Optional[int]) -> dict:
+    env = {"TORCHINDUCTOR_COMPILE_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _complete(records: list[dict], timed_out: bool, timeout_s: float, returncode, stderr: str) -> list[dict]:
+    """Statuses for the modes a worker did not report: timeout, killed (likely oom), or error."""
     seen = {r["mode"] for r in records}
     missing = [m for m in MODES if m not in seen]
     if missing:
         if timed_out:
             status = f"timeout (> {timeout_s:.0f} s)"
-        elif proc.returncode in (-signal.SIGKILL, 137):
+        elif returncode in (-signal.SIGKILL, 137):
             status = "oom (killed by SIGKILL: likely the kernel's out-of-memory killer)"
         else:
-            last = (err.strip().splitlines() or ["no output"])[-1][:200]
-            status = f"error (exit {proc.returncode}: {last})"
-        records += [{"mode": m, "status": status} for m in missing]
+            last = (stderr.strip().splitlines() or ["no output"])[-1][:200]
+            status = f"error (exit {returncode}: {last})"
+        records = records + [{"mode": m, "status": status} for m in missing]
     return records
+
+
+def _kill_pid_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
     """Kill the worker and any compiler processes it started (its own process group)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    _kill_pid_group(proc.pid)
 
 
-def run_in_process(spec: dict) -> list[dict]:
+def run_in_process(spec: dict, timeout_s: float = float("inf")) -> list[dict]:
+    """Measure in this process (CUDA): a first call slower than timeout_s ends the point."""
+    spec = dict(spec, soft_timeout_s=timeout_s)
     records: list[dict] = []
     measure(spec, records.append)
     return records
@@ -221,10 +285,23 @@ def rows_for(task: Task, ctx: Context, records: list[dict]) -> list[dict]:
     return rows
 
 
-def visit(task: Task, ctx: Context, runner: Callable[[dict], list[dict]], deadline: float) -> list[dict]:
+CALLS_PER_POINT = 10  # setup, memory pass and at least 3 timed calls per mode, in forward+backward units
+
+
+def predicted_seconds(task: Task, ctx: Context) -> Optional[float]:
+    """A lower bound on a point's run time: its calls' matrix FLOPs at the measured matmul rate."""
+    rate = ctx.matmul.get(task.point.dtype)
+    if not rate:
+        return None
+    return CALLS_PER_POINT * useful_flops(point_shape(task.point), "full") / (rate * 1e9)
+
+
+def visit(task: Task, ctx: Context, runner: Callable[[dict, float], list[dict]], deadline: float) -> list[dict]:
     """Decide, run (or refuse) one task; returns its CSV rows and updates the series skips."""
     p = task.point
     skip_key = (task.provider, p.key)
+    timeout = ctx.grid.compile_timeout_s if task.provider == CompiledReference.name else ctx.grid.timeout_s
+    seconds = predicted_seconds(task, ctx)
     if time.monotonic() > deadline:
         records = [{"mode": m, "status": "timeout (sweep time budget spent)"} for m in MODES]
     elif skip_key in ctx.skip:
@@ -232,8 +309,11 @@ def visit(task: Task, ctx: Context, runner: Callable[[dict], list[dict]], deadli
     elif task.pred_bytes > ctx.budget:
         status = f"oom (predicted {task.pred_bytes / GB:.3g} GB > budget {ctx.budget / GB:.3g} GB)"
         records = [{"mode": m, "status": status} for m in MODES]
+    elif seconds is not None and seconds > timeout:
+        status = f"timeout (predicted >= {seconds:.0f} s at the measured matmul rate > {timeout:.0f} s)"
+        records = [{"mode": m, "status": status} for m in MODES]
     else:
-        records = runner(spec_of(task, ctx))
+        records = runner(spec_of(task, ctx), timeout)
         kinds = {status_kind(r["status"]) for r in records}
         for kind in ("timeout", "oom"):
             if kind in kinds:
@@ -257,10 +337,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--series", help="N, L or N,L (default both)")
     ap.add_argument("--mem-budget-gb", type=float, help="refuse points predicted above this many GB")
     ap.add_argument("--timeout", type=float, help="seconds per point (default: the grid's)")
-    ap.add_argument("--time-budget-s", type=float, default=float("inf"),
-                    help="stop running points after this many seconds; the rest are recorded as timeouts")
+    ap.add_argument("--time-budget-s", type=float,
+                    help="stop running points after this many seconds; the rest are recorded as timeouts "
+                         "(default: the grid's, 280 s for cpu --quick, else none)")
     ap.add_argument("--threads", type=int, help="CPU threads per worker (default: torch's default)")
-    ap.add_argument("--in-process", action="store_true", help="CPU: measure in this process (no isolation)")
+    ap.add_argument("--isolation", choices=("fork", "exec", "none"), default="fork",
+                    help="CPU points: a process forked from a torch-preloaded server (default), a fresh "
+                         "interpreter per point (exec), or this process (none)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and predictions, measure nothing")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
@@ -286,7 +369,8 @@ def main(argv=None) -> int:
         return 2
     grid = grid_mod.get_grid(device, args.variant)
     if args.timeout:
-        grid = grid_mod.Grid(**{**grid.__dict__, "timeout_s": args.timeout})
+        grid = grid_mod.Grid(**{**grid.__dict__, "timeout_s": args.timeout,
+                                "compile_timeout_s": max(args.timeout, grid.compile_timeout_s)})
     all_providers = provider_names(device)
     providers = _split(args.providers) or all_providers
     unknown = [p for p in providers if p not in all_providers]
@@ -332,12 +416,14 @@ def main(argv=None) -> int:
           + f", memory budget {budget / GB:.3g} GB", flush=True)
 
     signal.signal(signal.SIGTERM, _terminate)
-    if cuda or args.in_process:
+    if cuda or args.isolation == "none":
         runner = run_in_process
+    elif args.isolation == "fork":
+        runner = ForkRunner(args.threads)
     else:
-        runner = lambda spec: run_subprocess(spec, grid.timeout_s, args.threads)  # noqa: E731
+        runner = lambda spec, timeout: run_subprocess(spec, timeout, args.threads)  # noqa: E731
     start = time.monotonic()
-    deadline = start + args.time_budget_s
+    deadline = start + (args.time_budget_s if args.time_budget_s is not None else grid.time_budget_s)
     for i, task in enumerate(tasks, 1):
         rows = visit(task, ctx, runner, deadline)
         append_rows(out, rows)

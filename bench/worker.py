@@ -82,6 +82,8 @@ def measure(spec: dict, emit: Callable[[dict], None]) -> None:
 def _measure(spec: dict, cuda: bool, report) -> None:
     if not cuda:
         timing.exact_malloc()
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
     inputs = build_inputs(spec)
     common = {"K": inputs.labels.width}
     t0 = time.perf_counter()
@@ -162,6 +164,16 @@ def _time_mode(runner: Runner, mode: str, cuda: bool, spec: dict) -> timing.Timi
     if mode == "bwd":
         return timer(runner.backward, prepare=runner.forward, **kw)
     return timer(runner.full, **kw)
+
+
+def forked_worker(spec: dict, conn) -> None:
+    """Entry point of a process forked by the sweep's fork server: records go back through conn."""
+    import os
+    os.setsid()  # its own process group: a timeout kills any compiler processes with it
+    try:
+        measure(spec, conn.send)
+    finally:
+        conn.close()
 
 
 def main(argv: list[str]) -> int:

@@ -267,7 +267,7 @@ def _ctx(budget=10 ** 12):
     return sweep.Context("cpu", g, budget, {"run_id": "t", "device": "cpu"}, matmul={"float32": 10.0})
 
 
-def _never(spec):
+def _never(spec, timeout_s):
     raise AssertionError("a refused point must not run")
 
 
@@ -286,7 +286,7 @@ def test_timeout_is_recorded_and_skips_larger_points_of_the_series():
     large = grid_mod.Point("N", "jaccard", "few", 128, 16, 8)
     spec_seen = []
 
-    def slow(spec):
+    def slow(spec, timeout_s):
         spec_seen.append(spec)
         return sweep.run_subprocess(spec, timeout_s=0.3)  # the worker cannot even import torch in 0.3 s
     rows = sweep.visit(sweep.Task(small, "reference", 1), ctx, slow, deadline=math.inf)
@@ -308,21 +308,48 @@ def test_errors_and_ooms_inside_a_point_become_statuses():
     assert worker.classify_error(KeyError("x")).startswith("error")
 
 
-def test_a_point_in_a_fresh_subprocess(tmp_path):
-    point = grid_mod.Point("N", "reg", "few", 96, 16, 16)
-    provider = providers.get_provider("reference")
-    task = sweep.Task(point, "reference", provider.predict_bytes(sweep.point_shape(point)))
-    ctx = _ctx()
-    runner = lambda spec: sweep.run_subprocess(spec, timeout_s=120)  # noqa: E731
-    rows = sweep.visit(task, ctx, runner, deadline=math.inf)
+def test_predicted_time_over_the_timeout_is_recorded_not_run():
+    point = grid_mod.Point("L", "reg", "powerlaw", 256, 100_000, 64)
+    task = sweep.Task(point, "cpp", 1)
+    ctx = _ctx()                                                # matmul rate 10 GFLOP/s
+    assert sweep.predicted_seconds(task, ctx) > ctx.grid.timeout_s
+    rows = sweep.visit(task, ctx, _never, deadline=math.inf)
+    assert all(r["status"].startswith("timeout (predicted >=") for r in rows)
+
+
+def _check_ok_rows(rows):
     assert [r["status"] for r in rows] == ["ok"] * 3, rows
     for r in rows:
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["repeats"] >= 3
         assert r["total_MB"] > r["peak_MB"] >= 0
         assert r["peak_MB"] <= r["pred_MB"]                    # the prediction is an upper bound here
         assert r["K"] <= bl.FEW_MAX_SIZE and r["gflop"] > 0 and r["roofline_frac"] > 0
+
+
+def test_a_point_in_a_fresh_interpreter(tmp_path):
+    point = grid_mod.Point("N", "reg", "few", 96, 16, 16)
+    task = sweep.Task(point, "reference", providers.get_provider("reference").predict_bytes(sweep.point_shape(point)))
+    runner = lambda spec, timeout_s: sweep.run_subprocess(spec, timeout_s=120)  # noqa: E731
+    rows = sweep.visit(task, _ctx(), runner, deadline=math.inf)
+    _check_ok_rows(rows)
     records.append_rows(tmp_path / "r.csv", rows)
     assert len(records.read_rows(tmp_path / "r.csv")) == 3
+
+
+def test_points_in_forked_processes():
+    runner = sweep.ForkRunner()
+    point = grid_mod.Point("N", "jaccard", "few", 80, 16, 16)
+    task = sweep.Task(point, "reference", providers.get_provider("reference").predict_bytes(sweep.point_shape(point)))
+    _check_ok_rows(sweep.visit(task, _ctx(), runner, deadline=math.inf))
+    # a point that cannot finish in time is killed and recorded
+    spec = dict(provider="reference", preset="reg", regime="few", N=3000, L=64, d=64, dtype="float32", device="cpu")
+    t0 = time.monotonic()
+    rows = runner(spec, 1.0)
+    assert time.monotonic() - t0 < 10
+    assert all(r["status"] == "timeout (> 1 s)" for r in rows)
+    # an error inside the child becomes a status too
+    rows = runner(dict(spec, provider="published", preset="msc", N=8), 60)
+    assert all(r["status"].startswith("error (ValueError") for r in rows)
 
 
 def test_memory_pass_sees_a_large_temporary():
