@@ -18,9 +18,9 @@ from .tiles import dot_tile, load_rows, positive_weights, softmax_mask
 
 @triton.jit
 def tile_grad(s, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_tot, scale_i, g_i, a_i,
-              inv_z, a_index, KA, KAP, table, c_count, width, log_beta, alpha,
+              inv_z, a_index, a_bits, KA, KAP, table, c_count, width, log_beta, alpha,
               LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr, WEIGHTING: tl.constexpr,
-              FACTOR: tl.constexpr, HARD: tl.constexpr, REG: tl.constexpr,
+              FACTOR: tl.constexpr, HARD: tl.constexpr, REG: tl.constexpr, NATIVE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(dl/ds scaled by G_i, r) of one tile; both 0 outside the softmax."""
     soft = softmax_mask(rmask, cols, cmask, self_c, C)
@@ -31,8 +31,8 @@ def tile_grad(s, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_tot, scale_i, 
     if LABELS:
         a_j = tl.load(c_count + cols, mask=cmask, other=0).to(tl.float32)
         w = positive_weights(rows, rmask, cols, cmask, soft, a_i, a_j, scale_i, inv_z, N,
-                             a_index, KA, KAP, table, width, alpha,
-                             BLOCK_M, BLOCK_N, MODE, WORDS, WEIGHTING, FACTOR, HARD)
+                             a_index, a_bits, KA, KAP, table, width, alpha,
+                             BLOCK_M, BLOCK_N, MODE, WORDS, WEIGHTING, FACTOR, HARD, NATIVE)
         if REG:
             r = tl.where(w > 0, tl.maximum(p - w, 0.0), 0.0)
         grad = grad - w - r
@@ -40,13 +40,13 @@ def tile_grad(s, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_tot, scale_i, 
 
 
 @triton.jit
-def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_count, table, c_count,
+def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count,
                 lse, w_tot, scale, inv_z, g_up, dq_out, reg_out,
                 M, C, N, col_lo, d, KA, KAP, width, stride_q, stride_k, stride_dq,
                 inv_tau, log_beta, alpha,
                 LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
                 WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr, REG: tl.constexpr,
-                REG_VALUE: tl.constexpr, GRAD: tl.constexpr,
+                NATIVE: tl.constexpr, REG_VALUE: tl.constexpr, GRAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                 Q_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (anchor blocks, feature chunks). REG_VALUE: reg_out[i] = sum_j r_ij s_ij (written by
@@ -76,8 +76,8 @@ def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_count, table, c_count,
         s = dot_tile(q_ptr, k_ptr, rows, rmask, cols, cmask, d, stride_q, stride_k, q_res,
                      BLOCK_M, BLOCK_N, BLOCK_K, Q_RESIDENT, PRECISION) * inv_tau
         grad, r = tile_grad(s, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_i, scale_i, g_i, a_i,
-                            inv_z, a_index, KA, KAP, table, c_count, width, log_beta, alpha,
-                            LABELS, MODE, WORDS, WEIGHTING, FACTOR, HARD, REG, BLOCK_M, BLOCK_N)
+                            inv_z, a_index, a_bits, KA, KAP, table, c_count, width, log_beta, alpha,
+                            LABELS, MODE, WORDS, WEIGHTING, FACTOR, HARD, REG, NATIVE, BLOCK_M, BLOCK_N)
         if REG_VALUE:
             reg_sum += tl.sum(r * s, axis=1)
         if GRAD:
@@ -94,13 +94,13 @@ def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_count, table, c_count,
 
 
 @triton.jit
-def cols_kernel(q_ptr, k_ptr, self_col, a_index, a_count, table, c_count,
+def cols_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count,
                 lse, w_tot, scale, inv_z, g_up, dk_out,
                 M, C, N, col_lo, d, KA, KAP, width, stride_q, stride_k, stride_dk,
                 inv_tau, log_beta, alpha,
                 LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
                 WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr, REG: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                NATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                 K_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (column blocks of [col_lo, C), feature chunks): dk_out[j, chunk] = sum_i g_ij q_i."""
     pid = tl.program_id(0)
@@ -132,8 +132,8 @@ def cols_kernel(q_ptr, k_ptr, self_col, a_index, a_count, table, c_count,
                          BLOCK_M, BLOCK_N, BLOCK_K, False, PRECISION)
         s = s * inv_tau
         grad, r = tile_grad(s, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_i, scale_i, g_i, a_i,
-                            inv_z, a_index, KA, KAP, table, c_count, width, log_beta, alpha,
-                            LABELS, MODE, WORDS, WEIGHTING, FACTOR, HARD, REG, BLOCK_M, BLOCK_N)
+                            inv_z, a_index, a_bits, KA, KAP, table, c_count, width, log_beta, alpha,
+                            LABELS, MODE, WORDS, WEIGHTING, FACTOR, HARD, REG, NATIVE, BLOCK_M, BLOCK_N)
         qd = tl.load(q_ptr + rows[:, None] * stride_q + offs_d[None, :],
                      mask=rmask[:, None] & dmask[None, :], other=0.0)
         dk += tl.dot(tl.trans(grad.to(qd.dtype)), qd, input_precision=PRECISION)

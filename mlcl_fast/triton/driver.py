@@ -14,7 +14,18 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _allow_tf32(device: torch.device) -> bool:
-    return device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
+    """fp32 dots may use tf32 when torch's matmul setting allows it (read through the newer
+    fp32_precision setting first: reading allow_tf32 raises once that one was used)."""
+    if device.type != "cuda":
+        return False
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
 
 
 def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | None = None
@@ -63,11 +74,12 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
 
     mode = configs.REGIMES[regime]
     table = labels.column_table(column_sets, mode)
+    a_bits = labels.bitsets(anchor_sets) if mode == configs.MODE_BITS else a_index[:, :1]
     grad_mode = grad_mode or configs.grad_mode()
     if grad_mode not in configs.GRAD_MODES:
         raise ValueError(f"grad_mode: expected one of {list(configs.GRAD_MODES)}, got {grad_mode!r}")
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    loss, w_tot, *_ = ops.dense_forward(q, k, self_col, a_index, a_count, table, c_count, n, col_lo,
+    loss, w_tot, *_ = ops.dense_forward(q, k, self_col, a_index, a_bits, a_count, table, c_count, n, col_lo,
                                         1.0 / problem.temperature, log_beta, float(cfg.alpha), mode, weighting,
                                         factor, cfg.reg, tf32, grad_mode == "forward" and need_grad)
     return loss, w_tot > 0

@@ -15,12 +15,12 @@ from .tiles import dot_tile, load_rows, member, overlap, pair_factor, pair_omega
 
 
 @triton.jit
-def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_count, table, c_count,
+def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count,
                  lse_out, acc_z, acc_s,
                  M, C, N, col_lo, d, KA, KAP, width, stride_q, stride_k,
                  inv_tau, log_beta, alpha,
                  LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
-                 WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr,
+                 WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr, NATIVE: tl.constexpr,
                  SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  Q_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
@@ -58,8 +58,8 @@ def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_count, table, c_count,
                 if FACTOR == 0:
                     f = tl.where(soft, 1.0, 0.0)
                 else:
-                    c = overlap(rows, rmask, cols, cmask, a_index, KA, table, width,
-                                BLOCK_M, BLOCK_N, MODE, WORDS)
+                    c = overlap(rows, rmask, cols, cmask, a_index, a_bits, KA, table, width,
+                                BLOCK_M, BLOCK_N, MODE, WORDS, NATIVE)
                     f = tl.where(soft, pair_factor(c, a_i, a_j, cols >= N, alpha, FACTOR, HARD), 0.0)
                 for t in range(KA):
                     lab = tl.load(a_index + rows * KA + t, mask=rmask, other=-1)
@@ -69,7 +69,8 @@ def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_count, table, c_count,
                     z_acc += tl.where(at_t, tl.sum(fm, axis=1)[:, None], 0.0)
                     s_acc += tl.where(at_t, tl.sum(fm * s, axis=1)[:, None], 0.0)
             else:
-                c = overlap(rows, rmask, cols, cmask, a_index, KA, table, width, BLOCK_M, BLOCK_N, MODE, WORDS)
+                c = overlap(rows, rmask, cols, cmask, a_index, a_bits, KA, table, width,
+                            BLOCK_M, BLOCK_N, MODE, WORDS, NATIVE)
                 om = tl.where(soft, pair_omega(c, a_i, a_j, WEIGHTING), 0.0)
                 at_0 = (slots == 0)[None, :]
                 z_acc += tl.where(at_0, tl.sum(om, axis=1)[:, None], 0.0)

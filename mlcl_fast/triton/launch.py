@@ -1,5 +1,8 @@
 """Kernel launches: grids, meta-parameters, fixed or autotuned configurations.
 
+`labels` is the tuple (self_col [M], a_index [M, KA], a_bits [M, W], a_count [M], table [C, *],
+c_count [C]) of int32 tensors, in the kernels' argument order.
+
 `wrap` is torch.library.wrap_triton inside triton_op bodies (so torch.compile sees the kernels)
 and the identity inside opaque custom ops.
 """
@@ -55,9 +58,10 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def geometry(q: Tensor, k: Tensor, a_index: Tensor, table: Tensor, num_samples: int, col_lo: int,
+def geometry(q: Tensor, k: Tensor, labels: tuple, num_samples: int, col_lo: int,
              inv_tau: float, log_beta: float, alpha: float, mode: int, weighting: int, factor: int,
              reg: bool, allow_tf32: bool) -> Geometry:
+    a_index, table = labels[1], labels[4]
     half = q.dtype in (torch.float16, torch.bfloat16)
     return Geometry(q.shape[0], k.shape[0], num_samples, col_lo, q.shape[1], a_index.shape[1],
                     _pow2(a_index.shape[1]), table.shape[1], inv_tau, log_beta, alpha, mode, weighting, factor,
@@ -70,7 +74,7 @@ def _tile(g: Geometry) -> TileConfig:
 
 def _common(g: Geometry) -> dict:
     return dict(LABELS=g.labels, MODE=g.mode, WORDS=g.words, WEIGHTING=g.weighting, FACTOR=g.factor,
-                HARD=g.hard, PRECISION=g.precision)
+                HARD=g.hard, NATIVE=not INTERPRETED, PRECISION=g.precision)
 
 
 _tuned: dict = {}
@@ -100,7 +104,7 @@ def _launch(fn, name: str, g: Geometry, grid_fn, wrap, args: tuple, meta: dict):
     wrap(kernel)[grid](*args, **meta)
 
 
-def stats(q, k, self_col, a_index, a_count, table, c_count, g: Geometry, wrap):
+def stats(q, k, labels: tuple, g: Geometry, wrap):
     """Forward sweep: (lse [M], Z-or-Omega [M, slots], S-or-T [M, slots]), fp32."""
     M, dev = g.num_anchors, q.device
     lse = torch.empty(M, dtype=torch.float32, device=dev)
@@ -110,7 +114,7 @@ def stats(q, k, self_col, a_index, a_count, table, c_count, g: Geometry, wrap):
         return lse, acc_z, acc_s
     cfg = _tile(g)
     block_k = cfg.block_k
-    args = (q, k, self_col, a_index, a_count, table, c_count, lse, acc_z, acc_s,
+    args = (q, k, *labels, lse, acc_z, acc_s,
             M, g.num_columns, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
             q.stride(0), k.stride(0), g.inv_tau, g.log_beta, g.alpha)
     meta = dict(_common(g), SLOTS=g.slots, BLOCK_K=block_k, Q_RESIDENT=g.dim <= block_k)
@@ -118,8 +122,7 @@ def stats(q, k, self_col, a_index, a_count, table, c_count, g: Geometry, wrap):
     return lse, acc_z, acc_s
 
 
-def rows(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, g_up,
-         g: Geometry, wrap, reg_value: bool, grad: bool):
+def rows(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap, reg_value: bool, grad: bool):
     """Anchor-owned second sweep: (dq [M, d] fp32 or None, sum_j r_ij s_ij [M] or None)."""
     M, dev = g.num_anchors, q.device
     dq = torch.empty(M if grad else 0, g.dim, dtype=torch.float32, device=dev)
@@ -130,8 +133,7 @@ def rows(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, in
     # Without a gradient to produce, one program per anchor block covers the whole of d.
     block_d = cfg.block_d if grad else 16
     d_chunks = triton.cdiv(g.dim, block_d) if grad else 1
-    args = (q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, g_up,
-            dq if grad else lse, reg if reg_value else lse,
+    args = (q, k, *labels, lse, w_tot, scale, inv_z, g_up, dq if grad else lse, reg if reg_value else lse,
             M, g.num_columns, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
             q.stride(0), k.stride(0), g.dim, g.inv_tau, g.log_beta, g.alpha)
     meta = dict(_common(g), REG=g.reg, REG_VALUE=reg_value, GRAD=grad, BLOCK_K=cfg.block_k, BLOCK_D=block_d,
@@ -140,7 +142,7 @@ def rows(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, in
     return (dq if grad else None), (reg if reg_value else None)
 
 
-def cols(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap):
+def cols(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap):
     """Column-owned gradient: dk [C, d] fp32 (zero for columns outside the softmax range)."""
     C, dev = g.num_columns, q.device
     dk = torch.zeros(C, g.dim, dtype=torch.float32, device=dev)
@@ -148,7 +150,7 @@ def cols(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, in
     if g.num_anchors == 0 or width <= 0:
         return dk
     cfg = _tile(g)
-    args = (q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, g_up, dk,
+    args = (q, k, *labels, lse, w_tot, scale, inv_z, g_up, dk,
             g.num_anchors, C, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
             q.stride(0), k.stride(0), g.dim, g.inv_tau, g.log_beta, g.alpha)
     meta = dict(_common(g), REG=g.reg, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, K_RESIDENT=g.dim <= cfg.block_k)

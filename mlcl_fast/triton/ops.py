@@ -34,19 +34,20 @@ def epilogue(lse: Tensor, acc_z: Tensor, acc_s: Tensor, a_count: Tensor, label_c
 
 
 @triton_op("mlcl_fast::triton_dense_forward", mutates_args=())
-def dense_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_count: Tensor, table: Tensor,
-                  c_count: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float, alpha: float,
-                  mode: int, weighting: int, factor: int, reg: bool, allow_tf32: bool,
+def dense_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_bits: Tensor, a_count: Tensor,
+                  table: Tensor, c_count: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float,
+                  alpha: float, mode: int, weighting: int, factor: int, reg: bool, allow_tf32: bool,
                   grad_in_forward: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    g = launch.geometry(q, k, a_index, table, num_samples, col_lo, inv_tau, log_beta, alpha, mode, weighting,
-                        factor, reg, allow_tf32)
-    lse, acc_z, acc_s = launch.stats(q, k, self_col, a_index, a_count, table, c_count, g, wrap_triton)
+    labels = (self_col, a_index, a_bits, a_count, table, c_count)
+    g = launch.geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, alpha, mode, weighting, factor, reg,
+                        allow_tf32)
+    lse, acc_z, acc_s = launch.stats(q, k, labels, g, wrap_triton)
     loss, w_tot, scale, inv_z = epilogue(lse, acc_z, acc_s, a_count, weighting == 3)
     dq_unit = None
     if reg or grad_in_forward:
         ones = torch.ones_like(lse)
-        dq_unit, reg_sum = launch.rows(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z,
-                                       ones, g, wrap_triton, reg_value=reg, grad=grad_in_forward)
+        dq_unit, reg_sum = launch.rows(q, k, labels, lse, w_tot, scale, inv_z, ones, g, wrap_triton,
+                                       reg_value=reg, grad=grad_in_forward)
         if reg:
             loss = loss - reg_sum
     if dq_unit is None:
@@ -56,40 +57,41 @@ def dense_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_cou
 
 
 @triton_op("mlcl_fast::triton_dense_backward", mutates_args=())
-def dense_backward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_count: Tensor, table: Tensor,
-                   c_count: Tensor, lse: Tensor, w_tot: Tensor, scale: Tensor, inv_z: Tensor, g_up: Tensor,
-                   dq_unit: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float, alpha: float,
-                   mode: int, weighting: int, factor: int, reg: bool, allow_tf32: bool) -> tuple[Tensor, Tensor]:
-    g = launch.geometry(q, k, a_index, table, num_samples, col_lo, inv_tau, log_beta, alpha, mode, weighting,
-                        factor, reg, allow_tf32)
+def dense_backward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_bits: Tensor, a_count: Tensor,
+                   table: Tensor, c_count: Tensor, lse: Tensor, w_tot: Tensor, scale: Tensor, inv_z: Tensor,
+                   g_up: Tensor, dq_unit: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float,
+                   alpha: float, mode: int, weighting: int, factor: int, reg: bool,
+                   allow_tf32: bool) -> tuple[Tensor, Tensor]:
+    labels = (self_col, a_index, a_bits, a_count, table, c_count)
+    g = launch.geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, alpha, mode, weighting, factor, reg,
+                        allow_tf32)
     if dq_unit.shape[0] == q.shape[0]:
         dq = dq_unit * g_up[:, None]  # the anchor-row gradient is linear in G_i
     else:
-        dq, _ = launch.rows(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, g_up,
-                            g, wrap_triton, reg_value=False, grad=True)
-    dk = launch.cols(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, g_up, g,
-                     wrap_triton)
+        dq, _ = launch.rows(q, k, labels, lse, w_tot, scale, inv_z, g_up, g, wrap_triton, reg_value=False, grad=True)
+    dk = launch.cols(q, k, labels, lse, w_tot, scale, inv_z, g_up, g, wrap_triton)
     return dq.to(q.dtype), dk.to(k.dtype)
 
 
+_NUM_LABEL_TENSORS = 6
 _SCALARS = ("num_samples", "col_lo", "inv_tau", "log_beta", "alpha", "mode", "weighting", "factor", "reg",
             "allow_tf32")
-_LABELS = ("self_col", "a_index", "a_count", "table", "c_count")
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, self_col, a_index, a_count, table, c_count, *scalars) = inputs
+    q, k = inputs[:2]
+    labels = inputs[2:2 + _NUM_LABEL_TENSORS]
+    scalars = inputs[2 + _NUM_LABEL_TENSORS:]
     _, w_tot, lse, scale, inv_z, dq_unit = output
-    ctx.scalars = dict(zip(_SCALARS, scalars[:len(_SCALARS)]))
-    ctx.save_for_backward(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, dq_unit)
+    ctx.scalars = dict(zip(_SCALARS, scalars))  # grad_in_forward, the last one, is not needed
+    ctx.save_for_backward(q, k, *labels, lse, w_tot, scale, inv_z, dq_unit)
 
 
 def _backward(ctx, g_loss, *_unused):
-    q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, dq_unit = ctx.saved_tensors
+    saved = ctx.saved_tensors
     g_up = g_loss.to(torch.float32).contiguous()
-    dq, dk = dense_backward(q, k, self_col, a_index, a_count, table, c_count, lse, w_tot, scale, inv_z, g_up,
-                            dq_unit, **ctx.scalars)
-    return (dq, dk) + (None,) * (len(_LABELS) + len(_SCALARS) + 1)
+    dq, dk = dense_backward(*saved[:-1], g_up, saved[-1], **ctx.scalars)
+    return (dq, dk) + (None,) * (_NUM_LABEL_TENSORS + len(_SCALARS) + 1)
 
 
 dense_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -33,8 +33,9 @@ def positive_pairs(a_index: Tensor, c_index: Tensor, self_col: Tensor, col_lo: i
     col_ids = torch.arange(C, device=dev).unsqueeze(1).expand_as(c_index)
     keep = (c_index >= 0) & (col_ids >= col_lo)
     labs, cols = c_index[keep], col_ids[keep]
-    by_label = cols[torch.argsort(labs * C + cols)]  # keys are distinct: a deterministic order
-    col_ptr = sparse.offsets(labs, num_labels)
+    order = torch.argsort(labs * C + cols)  # keys are distinct: a deterministic order
+    by_label = cols[order]
+    col_ptr = sparse.offsets(labs[order], num_labels)
 
     flat = a_index.reshape(-1)
     slot = torch.nonzero(flat >= 0).flatten()        # i * KA + t, ascending
@@ -86,17 +87,20 @@ def pair_weights(pi, pj, count, tri_seg, tri_pair, a_count, c_count, num_anchors
     inv_z = torch.where(z > 0, 1.0 / torch.where(z > 0, z, 1.0), 0.0)
     # sum over the labels a pair shares of 1/Z_ik: regroup the triples by pair.
     by_pair = torch.argsort(tri_pair, stable=True)
-    pair_ptr = sparse.offsets(tri_pair, pi.numel())
+    pair_ptr = sparse.offsets(tri_pair[by_pair], pi.numel())
     shared = sparse.segment_sum(inv_z[tri_seg[by_pair]], pair_ptr, interpret)
     inv_a = 1.0 / a_count.clamp(min=1).to(torch.float32)
     w_tot = (z.reshape(num_anchors, slots) > 0).sum(dim=1).to(torch.float32) * inv_a
     return f * shared * inv_a[pi], w_tot
 
 
-def _label_free_geometry(q, k, num_samples, col_lo, inv_tau, log_beta, allow_tf32):
-    dummy = torch.empty(q.shape[0], 1, dtype=torch.int32, device=q.device)
-    return launch.geometry(q, k, dummy, dummy, num_samples, col_lo, inv_tau, log_beta, 0.0, MODE_NONE, 0, 0,
-                           False, allow_tf32)
+def _label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta, allow_tf32):
+    """(label tuple, geometry) of the dense kernels without positives (configs.MODE_NONE)."""
+    none_a = torch.full((q.shape[0], 1), -1, dtype=torch.int32, device=q.device)
+    none_c = torch.full((k.shape[0], 1), -1, dtype=torch.int32, device=q.device)
+    labels = (self_col, none_a, none_a, a_count, none_c, c_count)
+    return labels, launch.geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, 0.0, MODE_NONE, 0, 0,
+                                   False, allow_tf32)
 
 
 @custom_op("mlcl_fast::triton_pairs_forward", mutates_args=())
@@ -107,10 +111,8 @@ def pairs_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_cou
     """(loss [M], W [M], lse [M], pi [P], pj [P], w + r [P])."""
     interpret = launch.INTERPRETED
     M = q.shape[0]
-    g = _label_free_geometry(q, k, num_samples, col_lo, inv_tau, log_beta, allow_tf32)
-    dummy_i = torch.full((M, 1), -1, dtype=torch.int32, device=q.device)
-    dummy_c = torch.full((k.shape[0], 1), -1, dtype=torch.int32, device=q.device)
-    lse, _, _ = launch.stats(q, k, self_col, dummy_i, a_count, dummy_c, c_count, g, _identity)
+    labels, g = _label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta, allow_tf32)
+    lse, _, _ = launch.stats(q, k, labels, g, _identity)
 
     slots = a_index.shape[1]
     tri_seg, tri_pair, pi, pj, count = positive_pairs(a_index, c_index, self_col, col_lo, num_labels)
@@ -147,14 +149,10 @@ def pairs_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_co
                    col_lo: int, inv_tau: float, log_beta: float, allow_tf32: bool) -> tuple[Tensor, Tensor]:
     interpret = launch.INTERPRETED
     M, C = q.shape[0], k.shape[0]
-    g = _label_free_geometry(q, k, num_samples, col_lo, inv_tau, log_beta, allow_tf32)
-    dummy_i = torch.full((M, 1), -1, dtype=torch.int32, device=q.device)
-    dummy_c = torch.full((C, 1), -1, dtype=torch.int32, device=q.device)
+    labels, g = _label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta, allow_tf32)
     no_z = torch.zeros(M, 1, dtype=torch.float32, device=q.device)
-    dq, _ = launch.rows(q, k, self_col, dummy_i, a_count, dummy_c, c_count, lse, w_tot, w_tot, no_z, g_up, g,
-                        _identity, reg_value=False, grad=True)
-    dk = launch.cols(q, k, self_col, dummy_i, a_count, dummy_c, c_count, lse, w_tot, w_tot, no_z, g_up, g,
-                     _identity)
+    dq, _ = launch.rows(q, k, labels, lse, w_tot, w_tot, no_z, g_up, g, _identity, reg_value=False, grad=True)
+    dk = launch.cols(q, k, labels, lse, w_tot, w_tot, no_z, g_up, g, _identity)
     # The positives' part: -(w_ij + r_ij) G_i / tau, summed per anchor (pairs sorted by anchor) and
     # per column (the same pairs stably re-sorted by column).
     corr = -coef * g_up[pi] * inv_tau

@@ -96,7 +96,6 @@ def csr_rows(ptr: Tensor, idx: Tensor, coef: Tensor, x: Tensor, interpret: bool)
 
 
 def offsets(keys: Tensor, segments: int) -> Tensor:
-    """CSR offsets [segments + 1] of sorted segment ids `keys`."""
-    ptr = torch.zeros(segments + 1, dtype=torch.int64, device=keys.device)
-    ptr[1:] = torch.cumsum(torch.bincount(keys, minlength=segments), 0)
-    return ptr
+    """CSR offsets [segments + 1] of the segment ids `keys`, which must be sorted."""
+    bounds = torch.arange(segments + 1, dtype=keys.dtype, device=keys.device)
+    return torch.searchsorted(keys, bounds)

@@ -7,6 +7,7 @@ are read through `table` in the label mode MODE (configs.MODE_*).
 """
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .configs import MODE_BITS, MODE_GATHER, MODE_LIST
 
@@ -77,13 +78,37 @@ def member(lab, cols, cmask, table, width,
 
 
 @triton.jit
-def overlap(rows, rmask, cols, cmask, a_index, KA, table, width,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr):
-    """c_ij = |y_i ∩ y_j| as fp32."""
-    c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for t in range(KA):
-        lab = tl.load(a_index + rows * KA + t, mask=rmask, other=-1)
-        c += member(lab, cols, cmask, table, width, BLOCK_M, BLOCK_N, MODE, WORDS).to(tl.float32)
+def popcount(x, NATIVE: tl.constexpr):
+    """Set bits of each int32 (the interpreter has no popc: bit tricks on uint32 there)."""
+    if NATIVE:
+        n = libdevice.popc(x)
+    else:
+        u = x.to(tl.uint32, bitcast=True)
+        u = u - ((u >> 1) & 0x55555555)
+        u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+        u = (u + (u >> 4)) & 0x0F0F0F0F
+        n = ((u * 0x01010101) >> 24).to(tl.int32)
+    return n
+
+
+@triton.jit
+def overlap(rows, rmask, cols, cmask, a_index, a_bits, KA, table, width,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
+            NATIVE: tl.constexpr):
+    """c_ij = |y_i ∩ y_j| as fp32: popcounts of bitset ANDs in MODE_BITS (WORDS ops per pair
+    instead of KA membership tests), else one membership test per anchor label."""
+    if MODE == _MODE_BITS:
+        n = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for w in tl.static_range(WORDS):
+            a = tl.load(a_bits + rows * WORDS + w, mask=rmask, other=0)
+            b = tl.load(table + cols * WORDS + w, mask=cmask, other=0)
+            n += popcount(a[:, None] & b[None, :], NATIVE)
+        c = n.to(tl.float32)
+    else:
+        c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for t in range(KA):
+            lab = tl.load(a_index + rows * KA + t, mask=rmask, other=-1)
+            c += member(lab, cols, cmask, table, width, BLOCK_M, BLOCK_N, MODE, WORDS).to(tl.float32)
     return c
 
 
@@ -121,9 +146,9 @@ def pair_factor(c, a_i, a_j, proto_col, alpha, FACTOR: tl.constexpr, HARD: tl.co
 
 @triton.jit
 def positive_weights(rows, rmask, cols, cmask, soft, a_i, a_j, scale_i, inv_z, N,
-                     a_index, KA, KAP, table, width, alpha,
+                     a_index, a_bits, KA, KAP, table, width, alpha,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
-                     WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr):
+                     WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr, NATIVE: tl.constexpr):
     """w_ij from the per-anchor normalisers of the forward statistics:
     pair-centric w = scale_i * omega_ij (scale = 1 / sum omega);
     label-centric w = scale_i * f_ij * sum_{t: k_it in y_j} inv_z[i, t] (scale = 1 / a_i)."""
@@ -131,7 +156,8 @@ def positive_weights(rows, rmask, cols, cmask, soft, a_i, a_j, scale_i, inv_z, N
         if FACTOR == 0:
             f = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
         else:
-            c = overlap(rows, rmask, cols, cmask, a_index, KA, table, width, BLOCK_M, BLOCK_N, MODE, WORDS)
+            c = overlap(rows, rmask, cols, cmask, a_index, a_bits, KA, table, width, BLOCK_M, BLOCK_N, MODE, WORDS,
+                        NATIVE)
             f = pair_factor(c, a_i, a_j, cols >= N, alpha, FACTOR, HARD)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for t in range(KA):
@@ -141,6 +167,7 @@ def positive_weights(rows, rmask, cols, cmask, soft, a_i, a_j, scale_i, inv_z, N
             acc += tl.where(hit, iz[:, None], 0.0)
         w = f * acc * scale_i[:, None]
     else:
-        c = overlap(rows, rmask, cols, cmask, a_index, KA, table, width, BLOCK_M, BLOCK_N, MODE, WORDS)
+        c = overlap(rows, rmask, cols, cmask, a_index, a_bits, KA, table, width, BLOCK_M, BLOCK_N, MODE, WORDS,
+                        NATIVE)
         w = pair_omega(c, a_i, a_j, WEIGHTING) * scale_i[:, None]
     return tl.where(soft, w, 0.0)
