@@ -22,7 +22,7 @@ def training_curves(stages: list[dict], path: Path, title: str = "") -> Path:
         ax.set_xlabel("epoch")
         ax.set_ylabel("train loss", color="tab:blue")
         ax2 = ax.twinx()
-        what = "val macro AP (best per label)" if st["name"].endswith("probe") else "−val loss"
+        what = "−val loss (best per label)" if st["name"].endswith("probe") else "−val loss"
         ax2.plot(epochs, st["val_score"], color="tab:orange", label=what)
         ax2.set_ylabel(what, color="tab:orange")
         if st.get("best_epoch"):

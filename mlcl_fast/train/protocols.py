@@ -4,13 +4,13 @@
 * contrastive presets, after `pretrain` (backbone + projection head [+ prototypes] with
   mlcl_fast.MultiLabelContrastiveLoss):
   - `probe`: the backbone is frozen and per-label linear classifiers (BCE) are trained on its
-    standardised features; each label keeps the L2 strength and epoch with the best validation AP;
+    standardised features; each label keeps the L2 strength and epoch with the lowest validation BCE;
   - `finetune`: a linear classifier is put on the pre-trained backbone and everything is trained
     with BCE;
   - `joint`: no pre-training; backbone + head + classifier trained on BCE + λ·contrastive.
 
 Every stage keeps the epoch with the best validation score (the stage's own loss: contrastive for
-pre-training, BCE / ZLPR for classifiers, per-label AP for the probe) and stops after `patience`
+pre-training, BCE / ZLPR for classifiers, per-label BCE for the probe) and stops after `patience`
 epochs without improvement. Per-label thresholds
 are tuned on validation; metrics are reported on test.
 """
@@ -33,7 +33,7 @@ from ..baselines import bce_loss, zlpr_loss
 from ..loss import MultiLabelContrastiveLoss
 from ..presets import PRESETS
 from .data import Split, dense_rows
-from .metrics import evaluate, label_average_precision, tune_thresholds
+from .metrics import evaluate, tune_thresholds
 from .models import Backbone, ProjectionHead, make_views
 
 BASELINES = ("bce", "zlpr")
@@ -295,21 +295,23 @@ def _frozen_features(backbone: nn.Module, X, cfg: TrainConfig) -> Tensor:
 
 def linear_probe(split: Split, cfg: TrainConfig, backbone: Backbone, progress=None) -> tuple[Parts, StageLog]:
     """Per-label logistic regressions on frozen, standardised backbone features. Several L2
-    strengths are trained at once; each label keeps the (strength, epoch) with its best
-    validation AP, as the paper chose probe settings per label on validation."""
+    strengths are trained at once; each label keeps the (strength, epoch) with its lowest
+    validation BCE, as the paper chose probe settings per label on validation. (Validation AP
+    would stop rare labels while their probabilities are still near the prior, leaving the 0.5
+    threshold meaningless.)"""
     torch.manual_seed(cfg.seed + 2)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     F_tr, F_val = _frozen_features(backbone, split.X_train, cfg), _frozen_features(backbone, split.X_val, cfg)
     mu, sd = F_tr.mean(0), F_tr.std(0).clamp(min=1e-6)
     F_tr, F_val = (F_tr - mu) / sd, (F_val - mu) / sd
     Y_tr = torch.from_numpy(split.Y_train.toarray().astype(np.float32)).to(cfg.device)
-    Y_val = split.Y_val.toarray().astype(bool)
+    Y_val = torch.from_numpy(split.Y_val.toarray().astype(np.float32)).to(cfg.device)
     G, D, L = len(PROBE_L2), F_tr.shape[1], split.num_labels
     W = torch.zeros(G, D, L, device=cfg.device, requires_grad=True)
     b = torch.zeros(G, 1, L, device=cfg.device, requires_grad=True)
     l2 = torch.tensor(PROBE_L2, device=cfg.device).view(G, 1, 1)
     opt = torch.optim.Adam([W, b], lr=1e-2)
-    best_ap = np.full((G, L), -np.inf)
+    best_score = np.full((G, L), -np.inf)                                       # -validation BCE
     best_W, best_b = W.detach().clone(), b.detach().clone()
     log = StageLog("probe")
     t0, stale, best_mean = time.perf_counter(), 0, -math.inf
@@ -327,20 +329,20 @@ def linear_probe(split: Split, cfg: TrainConfig, backbone: Backbone, progress=No
             opt.step()
             total += float(loss.detach()) * len(idx) / G
         with torch.no_grad():
-            val_scores = torch.sigmoid(torch.einsum("nd,gdl->gnl", F_val, W) + b).cpu().numpy()
-        ap = np.stack([label_average_precision(Y_val, val_scores[g]) for g in range(G)])
-        ap = np.nan_to_num(ap, nan=0.0)
-        better = ap > best_ap + 1e-9
+            val_logits = torch.einsum("nd,gdl->gnl", F_val, W) + b
+            score = -F.binary_cross_entropy_with_logits(val_logits, Y_val.expand(G, -1, -1), reduction="none") \
+                .mean(1).cpu().numpy()
+        better = score > best_score + 1e-9
         if better.any():
             m = torch.from_numpy(better).to(cfg.device)
             best_W = torch.where(m[:, None, :], W.detach(), best_W)
             best_b = torch.where(m[:, None, :], b.detach(), best_b)
-            best_ap = np.where(better, ap, best_ap)
-        mean_best = float(best_ap.max(axis=0).mean())
+            best_score = np.where(better, score, best_score)
+        mean_best = float(best_score.max(axis=0).mean())
         log.train_loss.append(total / n)
         log.val_score.append(mean_best)
         if progress is not None:
-            progress.set_postfix_str(f"val AP {mean_best:.4f}", refresh=False)
+            progress.set_postfix_str(f"val loss {-mean_best:.4f}", refresh=False)
             progress.update(1)
         if mean_best > best_mean + 1e-6:
             best_mean, stale, log.best_epoch = mean_best, 0, epoch
@@ -348,7 +350,7 @@ def linear_probe(split: Split, cfg: TrainConfig, backbone: Backbone, progress=No
             stale += 1
             if stale >= patience:
                 break
-    choice = torch.from_numpy(best_ap.argmax(axis=0)).to(cfg.device)            # [L]
+    choice = torch.from_numpy(best_score.argmax(axis=0)).to(cfg.device)            # [L]
     W_lab = best_W[choice, :, torch.arange(L, device=cfg.device)]                 # [L, D]
     b_lab = best_b[choice, 0, torch.arange(L, device=cfg.device)]                 # [L]
     # fold the feature standardisation into one linear layer on the raw backbone output
