@@ -82,6 +82,18 @@ def test_label_regimes(monkeypatch, regime, preset, overrides, L):
     assert_backend_matches("triton", case, check_none=regime == "pairs", **FP32)
 
 
+@cpu_only
+@pytest.mark.parametrize("regime", ["bits", "gather"])
+@pytest.mark.parametrize("preset,overrides", [("jaccard", {}), ("supcon_all", {}), ("mulsupcon", {"f": "union"}),
+                                              ("reg", {"prototype_mode": "none", "alpha": 0.5})])
+def test_dense_label_sets(monkeypatch, regime, preset, overrides):
+    """Rows with dozens of labels: overlaps up to 40 (every bit of a word set, both signs)."""
+    monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", regime)
+    case = _case("dense", preset, overrides, B=9, d=6, L=64, density=0.75, repeat_prob=0.4)
+    case.labels[::2, :32] = True
+    assert_backend_matches("triton", case, check_none=False, **FP32)
+
+
 # ----------------------------------------------------------------------------- shapes and edges
 @cpu_only
 @pytest.mark.parametrize("B,V,d,L", [(1, 1, 3, 1), (5, 3, 20, 1), (16, 1, 16, 4), (9, 2, 33, 5), (7, 1, 5, 8)],
