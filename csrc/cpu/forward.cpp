@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "blocks.h"
@@ -41,6 +42,20 @@ void stream_blocks(const T* rows, const T* cols, int64_t dim, const int64_t* sel
   const int64_t blocks = (static_cast<int64_t>(active.size()) + kRowBlock - 1) / kRowBlock;
   const T inv_tau = static_cast<T>(1.0 / opt.temperature);
   const double neg_inf = -std::numeric_limits<double>::infinity();
+  // |s_ij| <= |x_i| max_j |x_j| / tau bounds every logit, so when that range fits the exponent
+  // range a fixed per-anchor shift replaces the running maximum (one pass over each tile).
+  double col_norm = 0.0;
+  for (int64_t j = labels.first_col; j < labels.num_cols; ++j) {
+    double sq = 0.0;
+    for (int64_t e = 0; e < dim; ++e) sq += static_cast<double>(cols[j * dim + e]) * cols[j * dim + e];
+    col_norm = std::max(col_norm, std::sqrt(sq));
+  }
+  double log_beta_hi = neg_inf, log_beta_lo = -neg_inf;
+  for (const ColumnTile& tile : tiles) {
+    log_beta_hi = std::max(log_beta_hi, tile.log_beta);
+    log_beta_lo = std::min(log_beta_lo, tile.log_beta);
+  }
+  const double shift_range = std::is_same_v<T, float> ? 50.0 : 600.0;
   const int64_t threads = thread_count();
 #pragma omp parallel num_threads(threads)
   {
@@ -48,6 +63,7 @@ void stream_blocks(const T* rows, const T* cols, int64_t dim, const int64_t* sel
     BlockPositives pos;
     std::vector<T> block_rows(kRowBlock * dim), sim(kRowBlock * kColTile);
     std::vector<double> run_max(kRowBlock), run_sum(kRowBlock);
+    std::vector<char> fixed_shift(kRowBlock);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t* ids = active.data() + b * kRowBlock;
@@ -58,7 +74,11 @@ void stream_blocks(const T* rows, const T* cols, int64_t dim, const int64_t* sel
         std::copy(rows + i * dim, rows + (i + 1) * dim, block_rows.data() + r * dim);
         total_weight[i] = finder.positives(i, self[i], norm + i * width, pos.col, pos.w);
         pos.close_anchor();
-        run_max[r] = neg_inf;
+        double sq = 0.0;
+        for (int64_t e = 0; e < dim; ++e) sq += static_cast<double>(rows[i * dim + e]) * rows[i * dim + e];
+        const double bound = std::sqrt(sq) * col_norm / opt.temperature;
+        fixed_shift[r] = 2.0 * bound + (log_beta_hi - log_beta_lo) <= shift_range;
+        run_max[r] = fixed_shift[r] ? bound + log_beta_hi : neg_inf;
         run_sum[r] = 0.0;
       }
       pos.rewind();
@@ -71,6 +91,10 @@ void stream_blocks(const T* rows, const T* cols, int64_t dim, const int64_t* sel
           for (int64_t p = p0; p < p1; ++p) pos.s[p] = static_cast<double>(s[pos.col[p] - tile.begin]);
           const int64_t own = self[ids[r]] - tile.begin;
           if (own >= 0 && own < n) s[own] = -std::numeric_limits<T>::infinity();
+          if (fixed_shift[r]) {
+            run_sum[r] += static_cast<double>(sum_exp(s, n, static_cast<T>(run_max[r] - tile.log_beta)));
+            continue;
+          }
           const T tile_max = row_max(s, n);
           if (!(tile_max > -std::numeric_limits<T>::infinity())) continue;
           // running max of s_ij + log beta_j, rescaling the running sum when it grows

@@ -6,6 +6,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace mlcl_fast {
 
 // C[m x n] = alpha * A[m x k] * B[n x k]^T
@@ -46,10 +50,36 @@ inline float exp_tile(float x) {
 
 inline double exp_tile(double x) { return std::exp(x); }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// The same polynomial as exp_tile(float), eight lanes at a time.
+inline __m256 exp_tile8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
 template <typename T>
 inline T row_max(const T* s, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
   return m;
 }
@@ -58,7 +88,6 @@ inline T row_max(const T* s, int64_t n) {
 template <typename T>
 inline T sum_exp(const T* s, int64_t n, T shift) {
   T acc = 0;
-#pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) acc += exp_tile(s[j] - shift);
   return acc;
 }
@@ -66,8 +95,47 @@ inline T sum_exp(const T* s, int64_t n, T shift) {
 // s_j <- coef * exp(s_j - shift)
 template <typename T>
 inline void scaled_exp(T* s, int64_t n, T shift, T coef) {
-#pragma omp simd
   for (int64_t j = 0; j < n; ++j) s[j] = coef * exp_tile(s[j] - shift);
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+template <>
+inline float row_max<float>(const float* s, int64_t n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  float out = _mm_cvtss_f32(h);
+  for (; j < n; ++j) out = s[j] > out ? s[j] : out;
+  return out;
+}
+
+template <>
+inline float sum_exp<float>(const float* s, int64_t n, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    a0 = _mm256_add_ps(a0, exp_tile8(_mm256_sub_ps(_mm256_loadu_ps(s + j), sh)));
+    a1 = _mm256_add_ps(a1, exp_tile8(_mm256_sub_ps(_mm256_loadu_ps(s + j + 8), sh)));
+  }
+  for (; j + 8 <= n; j += 8) a0 = _mm256_add_ps(a0, exp_tile8(_mm256_sub_ps(_mm256_loadu_ps(s + j), sh)));
+  float acc = horizontal_sum(_mm256_add_ps(a0, a1));
+  for (; j < n; ++j) acc += exp_tile(s[j] - shift);
+  return acc;
+}
+
+template <>
+inline void scaled_exp<float>(float* s, int64_t n, float shift, float coef) {
+  const __m256 sh = _mm256_set1_ps(shift), c = _mm256_set1_ps(coef);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    _mm256_storeu_ps(s + j, _mm256_mul_ps(c, exp_tile8(_mm256_sub_ps(_mm256_loadu_ps(s + j), sh))));
+  }
+  for (; j < n; ++j) s[j] = coef * exp_tile(s[j] - shift);
+}
+#endif
 
 }  // namespace mlcl_fast
