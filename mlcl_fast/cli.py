@@ -90,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     s.add_argument("--out", default="runs/study")
     s.add_argument("--summary-only", action="store_true", help="only rebuild tables and plots from finished cells")
-    _common(s, epochs=20)
-    s.set_defaults(patience=4, probe_epochs=20)
+    _common(s, epochs=40)
 
     b = sub.add_parser("bench", help="forward the remaining arguments to python -m bench.sweep", add_help=False)
     b.add_argument("argv", nargs=argparse.REMAINDER)

@@ -9,8 +9,8 @@
     with BCE;
   - `joint`: no pre-training; backbone + head + classifier trained on BCE + λ·contrastive.
 
-Every stage keeps the epoch with the best validation score (the stage's own loss: contrastive for
-pre-training, BCE / ZLPR for classifiers, per-label BCE for the probe) and stops after `patience`
+Every stage keeps the epoch with the best validation score (contrastive loss for pre-training,
+per-label BCE for the probe, macro AP for trained classifiers, whose bias starts at the label prior) and stops after `patience`
 epochs without improvement. Per-label thresholds
 are tuned on validation; metrics are reported on test.
 """
@@ -33,7 +33,7 @@ from ..baselines import bce_loss, zlpr_loss
 from ..loss import MultiLabelContrastiveLoss
 from ..presets import PRESETS
 from .data import Split, dense_rows
-from .metrics import evaluate, tune_thresholds
+from .metrics import evaluate, macro_map, tune_thresholds
 from .models import Backbone, ProjectionHead, make_views
 
 BASELINES = ("bce", "zlpr")
@@ -253,6 +253,8 @@ def train_supervised(split: Split, cfg: TrainConfig, backbone: Optional[Backbone
     if backbone is None:
         backbone = Backbone(split.num_features, cfg.hidden, cfg.layers, cfg.dropout).to(cfg.device)
     classifier = nn.Linear(backbone.out_dim, split.num_labels).to(cfg.device)
+    with torch.no_grad():
+        classifier.bias.copy_(prior_logits(split.Y_train).to(cfg.device))
     head = crit = None
     joint = cfg.loss not in BASELINES and cfg.protocol == "joint"
     if joint:
@@ -276,14 +278,21 @@ def train_supervised(split: Split, cfg: TrainConfig, backbone: Optional[Backbone
     params = [p for m in modules for p in m.parameters()]
     name = "finetune" if finetune else ("joint" if joint else cfg.loss)
     def val_score() -> float:
-        # validation loss of the classifier (not AP): a ranking score peaks while a fresh head is
-        # still uncalibrated, which would leave thresholded metrics at 0.5 arbitrary
-        total = sum(float(supervised(classifier(backbone(x)), y)) * len(y) for x, y in val.epoch(None))
-        return -total / max(val.n, 1)
+        # macro AP: threshold-free and smooth. (Validation loss stops BCE on rare-label data long
+        # before its ranking and F1 peak; validation F1 is too noisy on small validation slices.)
+        return macro_map(split.Y_val, predict(backbone, classifier, val))
 
     log = run_stage(name, modules, params, step, val_score, train, cfg, cfg.finetune_lr if finetune else cfg.lr,
                     gen, progress)
     return Parts(backbone, head, classifier, crit), log
+
+
+def prior_logits(Y: sp.csr_matrix) -> Tensor:
+    """logit of each label's training frequency: the starting bias of every classifier, so that
+    training does not spend its first epochs learning that most labels are rare."""
+    freq = np.asarray(Y.sum(axis=0)).ravel() / max(Y.shape[0], 1)
+    freq = np.clip(freq, 1e-3, 1 - 1e-3)
+    return torch.from_numpy(np.log(freq / (1 - freq)).astype(np.float32))
 
 
 @torch.no_grad()
@@ -308,7 +317,7 @@ def linear_probe(split: Split, cfg: TrainConfig, backbone: Backbone, progress=No
     Y_val = torch.from_numpy(split.Y_val.toarray().astype(np.float32)).to(cfg.device)
     G, D, L = len(PROBE_L2), F_tr.shape[1], split.num_labels
     W = torch.zeros(G, D, L, device=cfg.device, requires_grad=True)
-    b = torch.zeros(G, 1, L, device=cfg.device, requires_grad=True)
+    b = prior_logits(split.Y_train).to(cfg.device).expand(G, 1, L).clone().requires_grad_(True)
     l2 = torch.tensor(PROBE_L2, device=cfg.device).view(G, 1, 1)
     opt = torch.optim.Adam([W, b], lr=1e-2)
     best_score = np.full((G, L), -np.inf)                                       # -validation BCE
