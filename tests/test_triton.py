@@ -197,6 +197,48 @@ def test_spec_vectors_in_fp32(spec_vectors, index):
         assert rel_err(gp, grad_p, 1e-6) <= 1e-4
 
 
+# ------------------------------------------------------------------------------ custom operators
+def _op_args(case: cases.Case, regime: str):
+    """Arguments of the custom operator of `regime` for `case` (every anchor)."""
+    from mlcl_fast.triton import configs, labels as tl_labels
+
+    problem, _ = _problem(case, None, None, torch.float32)
+    cfg = problem.config
+    q = problem.samples.detach().requires_grad_(True)
+    k = problem.samples.detach().requires_grad_(True)
+    a, col = problem.anchor_labels(), problem.column_labels()
+    head = (q, k, problem.anchor_columns().to(torch.int32))
+    codes = (configs.WEIGHTING_CODES[cfg.weighting], configs.FACTOR_CODES[cfg.f], cfg.reg, False)
+    if regime == "pairs":
+        return head + (tl_labels.padded_index(a).long(), a.count.to(torch.int32), col.index,
+                       col.count.to(torch.int32), problem.num_samples, 0, a.num_labels, 10.0, 0.0, cfg.alpha) + codes
+    mode = configs.REGIMES[regime]
+    return head + (tl_labels.padded_index(a), tl_labels.bitsets(a), a.count.to(torch.int32),
+                   tl_labels.column_table(col, mode), col.count.to(torch.int32), problem.num_samples, 0, 10.0, 0.0,
+                   cfg.alpha, mode, *codes[:2], cfg.reg, False, True)
+
+
+@cpu_only
+def test_pairs_operator_passes_opcheck():
+    """The sparse regime's operator (opaque, data-dependent output sizes): schema, autograd
+    registration, fake implementation and AOT tracing with dynamic shapes."""
+    from mlcl_fast.triton import pairs
+
+    case = _case("opcheck", "reg", {"prototype_mode": "none"}, B=7, d=6, L=8)
+    torch.library.opcheck(pairs.pairs_forward, _op_args(case, "pairs"))
+
+
+@cpu_only
+def test_dense_operator_schema_and_autograd():
+    """The triton_op's schema and autograd registration (its fake tracing needs compiled kernels:
+    the gpu compile test covers it)."""
+    from mlcl_fast.triton import ops
+
+    case = _case("opcheck", "mulsupcon", {"f": "union", "reg": True}, B=7, d=6, L=8)
+    torch.library.opcheck(ops.dense_forward, _op_args(case, "bits"),
+                          test_utils=("test_schema", "test_autograd_registration"))
+
+
 # ----------------------------------------------------------------------------- label helpers
 def test_bitsets_and_triples():
     from mlcl_fast.triton import labels as tl_labels
@@ -234,6 +276,10 @@ def test_forced_regime_is_checked(monkeypatch):
     case = _case("bad", "reg", None, B=4, d=4, L=3)
     with pytest.raises(ValueError, match="MLCL_FAST_TRITON_LABELS"):
         cases.run_loss("triton", case)
+    monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", "bits")
+    case = _case("bad", "supcon_any", None, B=4, d=4, L=129)
+    with pytest.raises(ValueError, match="at most 128 labels"):
+        cases.run_loss("triton", case)
 
 
 # ------------------------------------------------------------------------------------- GPU
@@ -251,7 +297,7 @@ def test_gpu_presets(preset, overrides, dtype):
     assert_backend_matches("triton", case, **GPU_DTYPES[dtype])
 
 
-@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("regime", ["gather", "list", "pairs"])
 @pytest.mark.parametrize("dtype", list(GPU_DTYPES), ids=str)
 @pytest.mark.parametrize("preset,overrides,_", REGIME_CONFIGS, ids=[cases.preset_id(p, o) for p, o, _ in REGIME_CONFIGS])
 @pytest.mark.gpu
@@ -264,16 +310,31 @@ def test_gpu_regimes_large_label_space(monkeypatch, regime, dtype, preset, overr
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("grad_mode", ["forward", "recompute"])
 @pytest.mark.parametrize("preset", ["reg", "supcon_any", "msc"])
-def test_gpu_torch_compile_fullgraph(preset):
-    case = _case("compile", preset, None, B=128, d=64, L=12, device="cuda")
-    feats = case.features.detach().requires_grad_(True)
-    protos = None if case.prototypes is None else case.prototypes.detach().requires_grad_(True)
-    fn = lambda f, p: multilabel_contrastive_loss(f, case.labels, p, backend="triton",  # noqa: E731
-                                                  num_labels=case.num_labels, **case.loss_kwargs())
-    eager = fn(feats, protos)
-    compiled = torch.compile(fn, fullgraph=True)(feats, protos)
-    inputs = [t for t in (feats, protos) if t is not None]
+def test_gpu_torch_compile_fullgraph(monkeypatch, preset, grad_mode):
+    """The backend's operators under torch.compile(fullgraph=True): from normalisation to the
+    reduced loss, with labels prepared outside (the public API validates inputs eagerly)."""
+    import torch.nn.functional as F
+
+    from mlcl_fast import as_label_sets
+    from mlcl_fast.triton import driver
+
+    monkeypatch.setenv("MLCL_FAST_TRITON_GRAD", grad_mode)
+    case = _case("compile", preset, None, B=128, V=2, d=64, L=12, device="cuda")
+    cfg = resolve_config(case.preset, **case.overrides)
+    label_sets = as_label_sets(case.labels, 128, case.num_labels).repeat_views(2)
+
+    def loss_fn(feats, protos):
+        rows = F.normalize(feats.flatten(0, 1), dim=-1)
+        protos = None if protos is None else F.normalize(protos, dim=-1)
+        losses, valid = driver.anchor_losses(Problem(rows, protos, label_sets, cfg, case.temperature))
+        return losses.sum() / valid.sum().clamp(min=1)
+
+    inputs = [t.detach().requires_grad_(True) for t in (case.features, case.prototypes) if t is not None]
+    args = inputs + [None] * (2 - len(inputs))
+    eager = loss_fn(*args)
+    compiled = torch.compile(loss_fn, fullgraph=True)(*args)
     ge = torch.autograd.grad(eager, inputs)
     gc = torch.autograd.grad(compiled, inputs)
     assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-6)
@@ -286,7 +347,7 @@ def test_gpu_torch_compile_fullgraph(preset):
 @pytest.mark.parametrize("regime", REGIMES)
 def test_gpu_deterministic(monkeypatch, regime):
     monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", regime)
-    case = _case("determinism", "reg", None, B=512, d=128, L=300, density=0.01, device="cuda")
+    case = _case("determinism", "reg", None, B=512, d=128, L=100, density=0.03, device="cuda")
     runs = [cases.run_loss("triton", case) for _ in range(2)]
     for a, b in zip(runs[0], runs[1]):
         assert a is None and b is None or torch.equal(a, b)
@@ -296,8 +357,7 @@ def test_gpu_deterministic(monkeypatch, regime):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_memory_has_no_anchor_by_column_term():
     """|A| = |C| = 16384 rows: an fp32 |A| x |C| matrix alone would be 1 GiB."""
-    case = _case("memory", "reg", None, B=16384, d=128, L=64, with_prototypes=False, device="cuda",
-                 overrides={"prototype_mode": "none"})
+    case = _case("memory", "reg", {"prototype_mode": "none"}, B=16384, d=128, L=64, device="cuda")
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     feats = case.features.detach().requires_grad_(True)

@@ -34,7 +34,7 @@ GATHER_MIN_LIST_WIDTH = 4   # ... when columns carry enough labels that a list s
 PAIRS_MAX_PER_ROW = 4
 PAIRS_MAX_DENSITY = 0.25
 
-GRAD_MODES = ("recompute", "forward")
+GRAD_MODES = ("forward", "recompute")
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,11 @@ def autotune_candidates(dim: int) -> list[TileConfig]:
 
 
 def grad_mode() -> str:
-    """MLCL_FAST_TRITON_GRAD: 'recompute' (default: backward re-derives the logits) or 'forward'
-    (the forward's last sweep also produces the anchor-row gradient; see README.md)."""
-    mode = os.environ.get("MLCL_FAST_TRITON_GRAD", "recompute")
+    """MLCL_FAST_TRITON_GRAD: 'forward' (default: when a gradient will be needed, the forward's
+    second sweep also produces the anchor-row gradient; the backward runs the column kernel only)
+    or 'recompute' (the backward re-derives everything from the forward statistics). README.md
+    compares their costs."""
+    mode = os.environ.get("MLCL_FAST_TRITON_GRAD", "forward")
     if mode not in GRAD_MODES:
         raise ValueError(f"MLCL_FAST_TRITON_GRAD: expected one of {list(GRAD_MODES)}, got {mode!r}")
     return mode

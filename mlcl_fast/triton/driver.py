@@ -65,6 +65,9 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
                                        q.shape[0], k.shape[0], q.shape[1], triples)
     if regime not in configs.REGIMES:
         raise ValueError(f"regime: expected one of {list(configs.REGIMES)}, got {regime!r}")
+    if regime == "bits" and anchor_sets.num_labels > 32 * configs.BITS_MAX_WORDS:
+        raise ValueError(f"regime: 'bits' holds at most {32 * configs.BITS_MAX_WORDS} labels, "
+                         f"got {anchor_sets.num_labels}; use 'gather', 'list' or 'pairs'")
 
     if regime == "pairs":
         loss, w_tot, *_ = pairs.pairs_forward(q, k, self_col, a_index.long(), a_count, column_sets.index, c_count, n,
@@ -74,7 +77,8 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
 
     mode = configs.REGIMES[regime]
     table = labels.column_table(column_sets, mode)
-    a_bits = labels.bitsets(anchor_sets) if mode == configs.MODE_BITS else a_index[:, :1]
+    # Anchor bitsets serve the popcount overlaps of MODE_BITS only.
+    a_bits = labels.bitsets(anchor_sets) if mode == configs.MODE_BITS else torch.zeros_like(a_index[:, :1])
     grad_mode = grad_mode or configs.grad_mode()
     if grad_mode not in configs.GRAD_MODES:
         raise ValueError(f"grad_mode: expected one of {list(configs.GRAD_MODES)}, got {grad_mode!r}")

@@ -88,7 +88,8 @@ def _kernel(fn, name: str, dim: int):
     if key not in _tuned:
         cands = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
                                num_stages=c.num_stages) for c in configs.autotune_candidates(dim)]
-        _tuned[key] = triton.autotune(configs=cands, key=["M", "C", "d"])(fn)
+        # Label work differs by mode and weighting, so each gets its own tuned configuration.
+        _tuned[key] = triton.autotune(configs=cands, key=["M", "C", "d", "MODE", "WEIGHTING", "FACTOR"])(fn)
     return _tuned[key]
 
 
