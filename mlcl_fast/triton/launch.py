@@ -43,7 +43,7 @@ class Geometry:
     factor: int
     hard: bool
     reg: bool
-    precision: str         # "ieee" or "tf32"
+    precision: str         # tl.dot input_precision: "ieee" for fp32 unless tf32 is allowed (moot for halves)
 
     @property
     def labels(self) -> bool:
@@ -65,7 +65,7 @@ def geometry(q: Tensor, k: Tensor, labels: tuple, num_samples: int, col_lo: int,
     half = q.dtype in (torch.float16, torch.bfloat16)
     return Geometry(q.shape[0], k.shape[0], num_samples, col_lo, q.shape[1], a_index.shape[1],
                     _pow2(a_index.shape[1]), table.shape[1], inv_tau, log_beta, alpha, mode, weighting, factor,
-                    alpha < 0, reg, "tf32" if (allow_tf32 and not half) else "ieee")
+                    alpha < 0, reg, "ieee" if (not allow_tf32 and not half) else "tf32")
 
 
 def _tile(g: Geometry) -> TileConfig:

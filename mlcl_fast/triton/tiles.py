@@ -9,10 +9,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .configs import MODE_BITS, MODE_GATHER, MODE_LIST
+from .configs import MODE_BITS, MODE_LIST
 
 _MODE_BITS = tl.constexpr(MODE_BITS)
-_MODE_GATHER = tl.constexpr(MODE_GATHER)
 _MODE_LIST = tl.constexpr(MODE_LIST)
 
 
@@ -70,7 +69,7 @@ def member(lab, cols, cmask, table, width,
             bits = tl.load(table + cols * WORDS + w, mask=cmask, other=0)
             sel = tl.where(word[:, None] == w, bits[None, :], sel)
         hit = ((sel >> (lab & 31)[:, None]) & 1) != 0
-    else:
+    else:  # MODE_GATHER
         ok = has[:, None] & cmask[None, :]
         bits = tl.load(table + cols[None, :] * width + (lab >> 5)[:, None], mask=ok, other=0)
         hit = ((bits >> (lab & 31)[:, None]) & 1) != 0
