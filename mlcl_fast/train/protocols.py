@@ -10,7 +10,8 @@
   - `joint`: no pre-training; backbone + head + classifier trained on BCE + λ·contrastive.
 
 Every stage keeps the epoch with the best validation score (contrastive loss for pre-training,
-per-label BCE for the probe, macro AP for trained classifiers, whose bias starts at the label prior) and stops after `patience`
+per-label BCE for the probe, macro AP with ties broken by validation loss for trained classifiers,
+whose bias starts at the label prior) and stops after `patience`
 epochs without improvement. Per-label thresholds
 are tuned on validation; metrics are reported on test.
 """
@@ -144,12 +145,13 @@ def _start_bar(progress, name: str, total: int) -> None:
 
 
 def run_stage(name: str, modules: list[nn.Module], params, step_loss: Callable[[Tensor, Tensor], Tensor],
-              val_score: Callable[[], float], batches: Batches, cfg: TrainConfig, lr: float,
+              val_score: Callable[[], "float | tuple"], batches: Batches, cfg: TrainConfig, lr: float,
               generator: torch.Generator, progress=None) -> StageLog:
-    """Train with AdamW; keep the epoch with the best `val_score` (higher is better)."""
+    """Train with AdamW; keep the epoch with the best `val_score` (higher is better; tuples
+    compare in order, the first entry is what the log keeps)."""
     log = StageLog(name)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    best, best_state, stale = -math.inf, None, 0
+    best, best_state, stale = (-math.inf,), None, 0
     t0 = time.perf_counter()
     max_epochs, patience = stage_epochs(cfg, len(batches))
     _start_bar(progress, name, max_epochs)
@@ -167,14 +169,16 @@ def run_stage(name: str, modules: list[nn.Module], params, step_loss: Callable[[
         for m in modules:
             m.eval()
         with torch.no_grad():
-            score = float(val_score())
+            key = val_score()
+        key = tuple(float(k) for k in key) if isinstance(key, tuple) else (float(key),)
+        score = key[0]
         log.train_loss.append(total / max(count, 1))
         log.val_score.append(score)
         if progress is not None:
             progress.set_postfix_str(f"loss {log.train_loss[-1]:.4f} val {score:.4f}", refresh=False)
             progress.update(1)
-        if score > best + 1e-6:
-            best, stale, log.best_epoch = score, 0, epoch
+        if key > best:
+            best, stale, log.best_epoch = key, 0, epoch
             best_state = [copy.deepcopy(m.state_dict()) for m in modules]
         else:
             stale += 1
@@ -277,10 +281,14 @@ def train_supervised(split: Split, cfg: TrainConfig, backbone: Optional[Backbone
     modules = [m for m in (backbone, classifier, head, crit) if m is not None]
     params = [p for m in modules for p in m.parameters()]
     name = "finetune" if finetune else ("joint" if joint else cfg.loss)
-    def val_score() -> float:
-        # macro AP: threshold-free and smooth. (Validation loss stops BCE on rare-label data long
-        # before its ranking and F1 peak; validation F1 is too noisy on small validation slices.)
-        return macro_map(split.Y_val, predict(backbone, classifier, val))
+    def val_score() -> tuple:
+        # macro AP (3 decimals), ties broken by the validation loss. AP alone is threshold-free and
+        # smooth but saturates on easy sets while a fresh head is still uncalibrated; validation
+        # loss alone stops BCE on rare-label data long before its ranking and F1 peak; validation
+        # F1 is too noisy on small validation slices.
+        ap = macro_map(split.Y_val, predict(backbone, classifier, val))
+        loss = sum(float(supervised(classifier(backbone(x)), y)) * len(y) for x, y in val.epoch(None)) / max(val.n, 1)
+        return round(ap, 3), -loss
 
     log = run_stage(name, modules, params, step, val_score, train, cfg, cfg.finetune_lr if finetune else cfg.lr,
                     gen, progress)
