@@ -1,7 +1,7 @@
 """The Triton backend against the float64 reference.
 
-Without CUDA, the kernels run on CPU tensors under the Triton interpreter (fp32, small shapes,
-the small fixed tile configuration so that shapes cross tile boundaries). Triton reads
+Without CUDA, the kernels run on CPU tensors under the Triton interpreter (fp32 and fp16, small
+shapes, the small fixed tile configuration so that shapes cross tile boundaries). Triton reads
 TRITON_INTERPRET when it is first imported, so this module sets it, for the rest of the test
 process, before anything imports triton (when something already has, without it, these tests
 are skipped). With CUDA the interpreter stays off, these tests step aside and the `gpu` tests
