@@ -70,18 +70,20 @@ class BruteForceResult:
         net = sum(abs(c) * sum(abs(g) for g in row) for c, row in zip(coeffs, self.dl_ds))
         return terms / net if net > 0 else (1.0 if terms == 0 else math.inf)
 
-    def grads(self, coeffs=None):
+    def grads(self, coeffs=None, terms: bool = False):
         """(grad of features, grad of prototypes or None) of sum_a coeffs[a] * l_a, in float64.
 
         Default coeffs: those of the reduced loss. The SPEC gradient G[a][c] = dl_a/ds_{a,c} is
         chained through s = <x_a, x_c>/tau and the L2 normalisation by autograd on the
-        surrogate sum(G * s), where G is a constant.
+        surrogate sum(G * s), where G is a constant. terms=True chains the sizes of the terms
+        instead (W p + w + r): the scale that rounding errors of a gradient are relative to.
         """
         coeffs = self.coeffs if coeffs is None else [float(c) for c in coeffs]
         feats = self._features.detach().clone().requires_grad_(True)
         protos = None if self._prototypes is None else self._prototypes.detach().clone().requires_grad_(True)
         emb = _normalised_embeddings(feats, protos)
-        g = torch.tensor([[coeffs[a] * self.dl_ds[a][c] for c in range(len(self._columns))]
+        dl_ds = self.dl_ds_terms if terms else self.dl_ds
+        g = torch.tensor([[(abs(coeffs[a]) if terms else coeffs[a]) * dl_ds[a][c] for c in range(len(self._columns))]
                           for a in range(len(self._anchors))], dtype=torch.float64).reshape(
             len(self._anchors), len(self._columns))
         s = emb[self._anchors] @ emb[self._columns].T / self._temperature

@@ -25,6 +25,11 @@ def pytest_report_header(config):
     return f"mlcl_fast random inputs: MLCL_TEST_SEED={cases.BASE_SEED} (set it to replay this run)"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if terminalreporter.stats.get("failed"):
+        terminalreporter.write_line(f"random inputs of this run: replay with MLCL_TEST_SEED={cases.BASE_SEED}")
+
+
 @pytest.fixture(scope="session")
 def spec_vectors():
     """(meta list, npz arrays) of ../shared/vectors; the test is skipped when they are absent."""
@@ -38,3 +43,15 @@ def spec_vectors():
     with np.load(data_path) as npz:
         arrays = {k: npz[k] for k in npz.files}
     return meta, arrays
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny tensors: intra-op threads only add scheduling cost (20x on a busy 2-core machine).
+    Opt in with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,6 +8,8 @@ import mlcl_fast
 from cases import (ALL_PRESET_IDS, ALL_PRESETS, PRESET_NAMES, assert_matches_brute_force, fresh_seed, random_case,
                    rel_err, run_loss, to_padded)
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 FP64 = (1e-10, 1e-10)
 
 
@@ -75,6 +77,8 @@ def test_batch_of_one_with_forced_prototypes(preset):
     """B=1 with prototype columns even for pair-centric weightings."""
     overrides = {} if mlcl_fast.resolve_config(preset).uses_prototypes else {"prototype_mode": "columns"}
     case = random_case(fresh_seed("b1p", preset), preset, overrides, B=1, d=4, L=3)
+    if preset == "supcon_all":  # a prototype {k} is a positive only of the anchor whose set is {k}
+        case.labels[0] = torch.tensor([False, True, False])
     oracle = assert_matches_brute_force("reference", case, *FP64)
     assert oracle.valid[0]
 

@@ -9,6 +9,8 @@ import torch
 import mlcl_fast
 from mlcl_fast import MultiLabelContrastiveLoss, multilabel_contrastive_loss
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 B, L, D = 4, 3, 5
 LABELS = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 0]], dtype=torch.bool)
 

@@ -7,6 +7,8 @@ import torch
 import mlcl_fast
 from cases import fresh_seed, label_forms, random_case, run_loss, to_padded
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 FORM_PRESETS = [("reg", {}), ("msc", {}), ("mulsupcon", {}), ("supcon_all", {}), ("jaccard", {"reg": True})]
 FORMS = list(label_forms(torch.eye(3, dtype=torch.bool)))
 

@@ -7,6 +7,8 @@ import torch
 import brute_force
 from cases import Case, rel_err, run_loss
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 NUM_VECTORS = 18
 TOL = 1e-10
 
