@@ -53,14 +53,17 @@ REAL_L = {"bibtex": 159, "delicious": 983}
 
 def _series(presets, d, n_values, n_fixed_l, l_values, l_fixed_n, few_l=None, dtypes=("float32",)) -> tuple[Point, ...]:
     """Series N (few labels, L = n_fixed_l) and series L (N = l_fixed_n: the `few` regime at few_l
-    when given, the real data sets, power-law labels at l_values), for every preset and dtype."""
+    when given, the real data sets, power-law labels at l_values), for every preset and dtype.
+
+    Size-major order (every preset at one size, then the next size), so a sweep that runs out
+    of time loses the largest points of every preset rather than whole presets."""
     pts: list[Point] = []
+    ls = ([("few", few_l)] if few_l else []) + [(name, REAL_L[name]) for name in REAL_DATASETS] + \
+        [("powerlaw", L) for L in l_values]
     for dtype in dtypes:
-        for preset in presets:
-            pts += [Point("N", preset, "few", n, n_fixed_l, d, dtype) for n in n_values]
-            ls = ([("few", few_l)] if few_l else []) + [(name, REAL_L[name]) for name in REAL_DATASETS] + \
-                 [("powerlaw", L) for L in l_values]
-            pts += [Point("L", preset, regime, l_fixed_n, L, d, dtype) for regime, L in sorted(ls, key=lambda r: r[1])]
+        pts += [Point("N", preset, "few", n, n_fixed_l, d, dtype) for n in n_values for preset in presets]
+        pts += [Point("L", preset, regime, l_fixed_n, L, d, dtype)
+                for regime, L in sorted(ls, key=lambda r: r[1]) for preset in presets]
     return tuple(pts)
 
 
@@ -70,8 +73,8 @@ GRIDS = {
     ("cpu", "quick"): Grid(
         "quick", _series(PRESETS, d=64, n_values=(128, 512, 1024), n_fixed_l=32,
                          l_values=(10_000, 100_000), l_fixed_n=256),
-        timeout_s=45, mode_budget_s=0.2, min_repeats=3, max_repeats=10, mem_budget_gb=1.0, compile_points=1,
-        compile_presets=("reg",), compile_series=("N",), time_budget_s=230, compile_timeout_s=120),
+        timeout_s=20, mode_budget_s=0.1, min_repeats=3, max_repeats=10, mem_budget_gb=1.0, compile_points=1,
+        compile_presets=("reg",), compile_series=("N",), time_budget_s=245, compile_timeout_s=120),
     ("cpu", "full"): Grid(
         "full", _series(PRESETS, d=128, n_values=(256, 512, 1024, 2048, 4096, 8192, 16384), n_fixed_l=128,
                         l_values=(1_000, 3_000, 10_000, 30_000, 100_000), l_fixed_n=1024, few_l=128),

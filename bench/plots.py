@@ -16,11 +16,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from .records import number, read_rows, status_kind  # noqa: E402
 
 PRESET_ORDER = ("reg", "msc", "jaccard", "mulsupcon")
-REGIME_MARKERS = {"few": "o", "powerlaw": "s", "bibtex": "^", "delicious": "v"}
+REGIME_MARKERS = {"few": "o", "powerlaw": "s", "bibtex": "^", "delicious": "v"}  # legend in the suptitle
 
 
 def _colors(providers):
@@ -63,6 +64,9 @@ def _figure(rows, axis, metric, colors, path, first):
         ax.set_xlabel(axis)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        xs = sorted({float(r[axis]) for r in sub})
+        ax.set_xticks(xs, [_tick(x) for x in xs], fontsize=7, rotation=45 if len(xs) > 5 else 0)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("median time (ms)" if metric == "time" else "peak memory (MB, above inputs)")
     handles, labels = [], []
@@ -72,11 +76,18 @@ def _figure(rows, axis, metric, colors, path, first):
                 handles.append(h)
                 labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+    markers = "  markers: o few, s power law, ^ bibtex, v delicious" if axis == "L" else ""
     fig.suptitle(f"{metric} vs {axis} — {first['device_name']} ({first['device']}), torch {first['torch']}, "
-                 f"{first['date']}, commit {first['git_commit']}", fontsize=9)
+                 f"{first['threads']} threads, {first['date']}, commit {first['git_commit']}{markers}", fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _tick(x: float) -> str:
+    """1000 -> '1000', 100000 -> '1e5', 30000 -> '3e4', 16384 -> '16384'."""
+    short = f"{x:.0e}".replace("e+0", "e").replace("e+", "e")
+    return short if x >= 1e4 and float(short) == x else f"{x:.0f}"
 
 
 def _panel(ax, rows, axis, metric, colors):
@@ -91,17 +102,15 @@ def _panel(ax, rows, axis, metric, colors):
             y = number(r, "median_ms" if metric == "time" else "peak_MB")
             if y is not None and y > 0:
                 lines[(r["provider"], r["mode"])].append((x, y, r["regime"]))
-        elif metric == "memory" and number(r, "pred_MB"):
+        elif metric == "memory" and r["status"].startswith("oom (predicted") and number(r, "pred_MB"):
             refused[r["provider"]].append((x, number(r, "pred_MB")))
     for (provider, mode), pts in sorted(lines.items()):
         pts.sort()
         style = "-" if mode == "full" else "--"
         label = provider if mode == "full" else f"{provider} (fwd)"
-        # the line follows the synthetic regime of the series; real data sets are separate markers
-        main = [p for p in pts if p[2] in ("few", "powerlaw")] if axis == "L" else pts
-        if main:
-            ax.plot([p[0] for p in main], [p[1] for p in main], style, color=colors[provider], label=label,
-                    linewidth=1.5 if mode == "full" else 1.0)
+        # along L the regimes differ from point to point: the marker says which
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colors[provider], label=label,
+                linewidth=1.5 if mode == "full" else 1.0)
         for x, y, regime in pts:
             ax.plot([x], [y], REGIME_MARKERS.get(regime, "o"), color=colors[provider], markersize=4)
     for provider, pts in refused.items():

@@ -171,6 +171,9 @@ class CompiledReference(Provider):
     def setup(self, inputs: Inputs) -> Runner:
         program = reference_program(inputs)
         if self.compile:
+            # in-process sweeps (CUDA) compile one shape per point: start from an empty cache, or
+            # dynamo's recompile limit would silently fall back to eager after a few points
+            torch._dynamo.reset()
             program = torch.compile(program, dynamic=False)
         return Runner(lambda: program(inputs.features, inputs.prototypes), _backward(inputs))
 

@@ -35,8 +35,12 @@ def tables(rows: list[dict]) -> str:
     for r in rows:
         key = (r["series"], r["preset"], r["regime"], r["N"], r["L"], r["d"], r["dtype"], r["provider"])
         groups.setdefault(key, {})[r["mode"]] = r
+    presets = list(dict.fromkeys(k[1] for k in groups))
+    providers = list(dict.fromkeys(k[7] for k in groups))
     for series in ("N", "L"):
-        keys = [k for k in groups if k[0] == series]
+        size = 3 if series == "N" else 4
+        keys = sorted((k for k in groups if k[0] == series),
+                      key=lambda k: (presets.index(k[1]), k[6], int(k[size]), providers.index(k[7])))
         if not keys:
             continue
         fixed = "L" if series == "N" else "N"

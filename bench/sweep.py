@@ -302,16 +302,16 @@ def visit(task: Task, ctx: Context, runner: Callable[[dict, float], list[dict]],
     skip_key = (task.provider, p.key)
     timeout = ctx.grid.compile_timeout_s if task.provider == CompiledReference.name else ctx.grid.timeout_s
     seconds = predicted_seconds(task, ctx)
-    if time.monotonic() > deadline:
-        records = [{"mode": m, "status": "timeout (sweep time budget spent)"} for m in MODES]
-    elif skip_key in ctx.skip:
-        records = [{"mode": m, "status": ctx.skip[skip_key]} for m in MODES]
-    elif task.pred_bytes > ctx.budget:
+    if task.pred_bytes > ctx.budget:
         status = f"oom (predicted {task.pred_bytes / GB:.3g} GB > budget {ctx.budget / GB:.3g} GB)"
         records = [{"mode": m, "status": status} for m in MODES]
     elif seconds is not None and seconds > timeout:
         status = f"timeout (predicted >= {seconds:.0f} s at the measured matmul rate > {timeout:.0f} s)"
         records = [{"mode": m, "status": status} for m in MODES]
+    elif time.monotonic() > deadline:
+        records = [{"mode": m, "status": "timeout (sweep time budget spent)"} for m in MODES]
+    elif skip_key in ctx.skip:
+        records = [{"mode": m, "status": ctx.skip[skip_key]} for m in MODES]
     else:
         records = runner(spec_of(task, ctx), timeout)
         kinds = {status_kind(r["status"]) for r in records}

@@ -28,7 +28,7 @@ class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
-    repeats: int
+    repeats: Optional[int]  # None where the timer does not report it (do_bench)
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -75,7 +75,7 @@ def time_cuda(fn: Callable[[], object], prepare: Optional[Callable[[], object]] 
             do_bench = None
         if do_bench is not None:
             med, p20, p80 = do_bench(fn, warmup=25, rep=max(1, int(budget_s * 1e3)), quantiles=[0.5, 0.2, 0.8])
-            return Timing(med, p20, p80, -1)  # do_bench does not report its repeat count
+            return Timing(med, p20, p80, None)
     flush = torch.empty(256 * MiB // 4, dtype=torch.int32, device="cuda")
     call = (lambda: fn(prepare())) if prepare is not None else fn
     for _ in range(warmup):
