@@ -427,3 +427,23 @@ def test_plots_and_report_from_a_csv(tmp_path):
     assert all(p.stat().st_size > 1000 for p in written)
     text = report.tables(records.read_rows(path))
     assert "### N grows" in text and "oom (predicted 9 GB" in text and "| reg | few | 64 |" in text
+
+
+def test_gpu_script_dry_run(tmp_path):
+    """bench/gpu.sh's CPU side: stage bookkeeping, logging into $OUT, the sweep's CUDA plan."""
+    import os
+    import subprocess
+    import sys
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path), MLCL_GPU_STAGES="build sweep")
+    done = subprocess.run(["bash", str(script), "quick", "--dry-run"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    log = (tmp_path / "gpu.log").read_text()
+    assert "== build: not run (dry run)" in log and "== sweep: ok" in log
+    assert "plan:" in log and "on cuda (quick)" in log and "L=1000000" in log
+    assert "tests-gpu" not in log                       # not selected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.log"]
+    done = subprocess.run(["bash", str(script), "sideways"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "usage" in done.stderr
