@@ -1,14 +1,17 @@
 """Measures one sweep point for one provider: peak memory and time of fwd, bwd and fwd+bwd.
 
-On a CPU the sweep runs this module as a fresh subprocess per point
+On a CPU the sweep runs each point in its own process: forked from a server that has imported
+torch (`forked_worker`, records sent through a pipe), or a fresh interpreter
     python -m bench.worker '<json spec>'
-which prints one `ROW {json}` line per mode as soon as it is measured (a point killed at its
-timeout keeps the modes it finished). On CUDA the sweep calls `measure()` in-process.
+which prints one `ROW {json}` line per mode. Either way a mode is reported as soon as it is
+measured, so a point killed at its timeout keeps the modes it finished. On CUDA the sweep calls
+`measure()` in-process.
 
 Order inside the process: build inputs, set up the provider and run forward+backward once
 (compilation, lazy initialisation: `setup_s`), then one memory pass over the three modes, then
-the timing pass. Memory is relative to the resident / allocated bytes just before the memory pass,
-i.e. after the inputs are built and the provider is warm (`total_MB` is the absolute peak).
+the timing pass. A mode's `peak_MB` is its peak resident (CPU) or allocated (CUDA) bytes above
+those in use just before it, i.e. with the inputs built and the provider warm; `total_MB` is the
+absolute peak.
 """
 from __future__ import annotations
 
