@@ -96,8 +96,9 @@ else
 fi
 
 # tests marked gpu, then the tests that switch themselves on when CUDA is present
+# pytest-xdist (in the machine's image) runs them 8 at a time; MLCL_GPU_XDIST=0 runs them in one process
 PYTEST_XDIST=""
-$PY -c "import xdist" >/dev/null 2>&1 && PYTEST_XDIST="-n 8"
+[ "${MLCL_GPU_XDIST:-1}" != 0 ] && $PY -c "import xdist" >/dev/null 2>&1 && PYTEST_XDIST="-n 8"
 want tests && stage tests-gpu 100 $PY -m pytest -q -m "gpu and not slow" $PYTEST_XDIST tests
 want tests && stage tests-cuda 80 $PY -m pytest -q -m "not slow and not gpu" -k "cuda or gpu or triton" $PYTEST_XDIST tests
 
