@@ -109,6 +109,18 @@ def test_small_temperature_and_half_inputs():
             assert_backend_matches("cpp", h, rtol_loss=1e-5, rtol_grad=1e-2)
 
 
+@pytest.mark.parametrize("dtype,temperature,beta", [(torch.float64, 0.002, 1.0), (torch.float32, 0.1, 1e-12),
+                                                     (torch.float64, 0.05, 1e-300), (torch.float32, 0.5, 1e8)])
+def test_softmax_shift_paths(dtype, temperature, beta):
+    """The softmax sums use a fixed per-anchor shift when the logit range (2/tau plus the spread
+    of log beta) fits the dtype's exponent range, else a running maximum: both sides of that
+    switch, in both dtypes."""
+    seed = fresh_seed("cpp-shift", str(dtype), temperature, beta)
+    case = random_case(seed, "reg", {"beta": beta}, B=40, V=2, d=12, L=6, density=0.3, temperature=temperature,
+                       dtype=dtype)
+    assert_backend_matches("cpp", case, **(FP64 if dtype == torch.float64 else FP32))
+
+
 def test_label_formats_agree():
     seed = fresh_seed("cpp-formats")
     case = random_case(seed, "reg", B=20, V=2, d=6, L=7, density=0.3, empty_rows=1)
@@ -330,3 +342,23 @@ def test_torch_compile_fullgraph():
         out[name] = (value.detach(), *torch.autograd.grad(value, [x, p]))
     for a, b in zip(out["eager"], out["compiled"]):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    """The default inductor backend compiles around the ops (fake kernels, autograd) as well."""
+    case = random_case(fresh_seed("cpp-inductor"), "msc", B=12, V=2, d=8, L=5, density=0.3, dtype=torch.float32)
+    base = _problem(case)
+
+    def losses(samples, prototypes):
+        loss, valid = cpp.anchor_losses(Problem(samples, prototypes, base.labels, base.config, base.temperature))
+        return loss.sum() / valid.sum().clamp(min=1)
+
+    x = base.samples.detach().clone().requires_grad_(True)
+    p = base.prototypes.detach().clone().requires_grad_(True)
+    value = torch.compile(losses, fullgraph=True)(x, p)
+    grads = torch.autograd.grad(value, [x, p])
+    expected = losses(x, p)
+    assert torch.allclose(value, expected, rtol=1e-6)
+    for g, e in zip(grads, torch.autograd.grad(expected, [x, p])):
+        assert torch.allclose(g, e, rtol=1e-5, atol=1e-7)
