@@ -70,22 +70,18 @@ class BruteForceResult:
         net = sum(abs(c) * sum(abs(g) for g in row) for c, row in zip(coeffs, self.dl_ds))
         return terms / net if net > 0 else (1.0 if terms == 0 else math.inf)
 
-    def grads(self, coeffs=None, terms: bool = False):
+    def grads(self, coeffs=None):
         """(grad of features, grad of prototypes or None) of sum_a coeffs[a] * l_a, in float64.
 
         Default coeffs: those of the reduced loss. The SPEC gradient G[a][c] = dl_a/ds_{a,c} is
         chained through s = <x_a, x_c>/tau and the L2 normalisation by autograd on the
-        surrogate sum(G * s), where G is a constant. terms=True chains the sizes of the terms
-        instead (W p + w + r): the scale that rounding errors of a gradient are relative to.
+        surrogate sum(G * s), where G is a constant.
         """
         coeffs = self.coeffs if coeffs is None else [float(c) for c in coeffs]
         feats = self._features.detach().clone().requires_grad_(True)
         protos = None if self._prototypes is None else self._prototypes.detach().clone().requires_grad_(True)
         emb = _normalised_embeddings(feats, protos)
-        dl_ds = self.dl_ds_terms if terms else self.dl_ds
-        g = torch.tensor([[(abs(coeffs[a]) if terms else coeffs[a]) * dl_ds[a][c] for c in range(len(self._columns))]
-                          for a in range(len(self._anchors))], dtype=torch.float64).reshape(
-            len(self._anchors), len(self._columns))
+        g = self._weighted(self.dl_ds, coeffs)
         s = emb[self._anchors] @ emb[self._columns].T / self._temperature
         inputs = [feats] if protos is None else [feats, protos]
         out = torch.autograd.grad((g * s).sum(), inputs, allow_unused=True)
@@ -94,6 +90,30 @@ class BruteForceResult:
         if protos is not None:
             gp = out[1] if out[1] is not None else torch.zeros_like(protos)
         return gf, gp
+
+
+    def grad_scale(self, coeffs=None):
+        """(features, prototypes) norms of the size of what the gradient sums: the terms'
+        sizes |c_a| (W p + w + r) chained to the normalised embeddings, divided by each raw
+        row's norm, without the normalisation's projection (which can cancel everything, e.g.
+        at d = 1). Rounding errors of a gradient are relative to this, not to the gradient."""
+        coeffs = self.coeffs if coeffs is None else [float(c) for c in coeffs]
+        with torch.no_grad():
+            emb = _normalised_embeddings(self._features, self._prototypes)
+        emb.requires_grad_(True)
+        g = self._weighted(self.dl_ds_terms, [abs(c) for c in coeffs])
+        s = emb[self._anchors] @ emb[self._columns].T / self._temperature
+        (grad,) = torch.autograd.grad((g * s).sum(), emb)
+        raw = torch.cat([self._features.reshape(-1, self._features.shape[-1])]
+                        + ([self._prototypes] if self._prototypes is not None else []))
+        grad = grad / raw.norm(dim=1, keepdim=True).clamp(min=NORM_EPS)
+        n = raw.shape[0] - (self._prototypes.shape[0] if self._prototypes is not None else 0)
+        return float(grad[:n].norm()), float(grad[n:].norm())
+
+    def _weighted(self, dl_ds, coeffs) -> torch.Tensor:
+        return torch.tensor([[coeffs[a] * dl_ds[a][c] for c in range(len(self._columns))]
+                             for a in range(len(self._anchors))], dtype=torch.float64).reshape(
+            len(self._anchors), len(self._columns))
 
 
 def _normalised_embeddings(feats: torch.Tensor, protos: Optional[torch.Tensor]) -> torch.Tensor:

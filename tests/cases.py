@@ -279,8 +279,8 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float) -> float:
 LOSS_FLOOR = 1.0
 # Gradients are compared relative to max(||g*||, floor). A gradient can vanish by cancellation
 # (e.g. a lone positive with p = 1: W p - w = 0), where a pure relative error only measures
-# rounding noise. The floor is GRAD_SCALE_FLOOR times the gradient of the terms' sizes
-# (BruteForceResult.grads(terms=True)) when the oracle is cheap enough to ask, never below
+# rounding noise. The floor is GRAD_SCALE_FLOOR times the size of what the gradient sums
+# (BruteForceResult.grad_scale) when the oracle is cheap enough to ask, never below
 # GRAD_FLOOR: so up to a cancellation of 1e4 the comparison stays purely relative.
 GRAD_FLOOR = 1e-6
 GRAD_SCALE_FLOOR = 1e-4
@@ -289,9 +289,8 @@ ORACLE_MAX_PAIRS = 5000  # anchors x columns up to which assert_backend_matches 
 
 def grad_floors(oracle: "brute_force.BruteForceResult", coeffs=None) -> tuple[float, float]:
     """(features, prototypes) gradient floors for the loss sum_a coeffs[a] l_a (default: the mean)."""
-    tf, tp = oracle.grads(coeffs, terms=True)
-    scale = lambda g: 0.0 if g is None else float(g.norm())
-    return max(GRAD_FLOOR, GRAD_SCALE_FLOOR * scale(tf)), max(GRAD_FLOOR, GRAD_SCALE_FLOOR * scale(tp))
+    scale_f, scale_p = oracle.grad_scale(coeffs)
+    return max(GRAD_FLOOR, GRAD_SCALE_FLOOR * scale_f), max(GRAD_FLOOR, GRAD_SCALE_FLOOR * scale_p)
 
 
 def run_loss(backend: str, case: Case, labels=None, reduction: str = "mean", dtype=None, device=None,
