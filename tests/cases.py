@@ -152,9 +152,9 @@ class Case:
                                     temperature=self.temperature, num_labels=self.num_labels, **self.overrides)
 
     def __repr__(self) -> str:
-        return (f"Case(seed={self.seed}, {preset_id(self.preset, self.overrides)}, features={tuple(self.features.shape)} "
-                f"{self.features.dtype}, L={self.num_labels}, prototypes={self.prototypes is not None}, "
-                f"tau={self.temperature})")
+        return (f"Case(seed={self.seed}, {preset_id(self.preset, self.overrides)}, "
+                f"features={tuple(self.features.shape)} {self.features.dtype}, L={self.num_labels}, "
+                f"prototypes={self.prototypes is not None}, tau={self.temperature}; MLCL_TEST_SEED={BASE_SEED})")
 
 
 def random_labels(gen: torch.Generator, B: int, L: int, density: float = 0.3, empty_rows: int = 0,
@@ -267,10 +267,15 @@ def label_forms(labels: torch.Tensor, seed: int = 0) -> dict:
 
 
 # --------------------------------------------------------------------------------- comparisons
+def _as_f64(x) -> torch.Tensor:
+    if isinstance(x, (int, float)):
+        return torch.tensor(float(x), dtype=torch.float64)
+    return x.detach().to("cpu", torch.float64)
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float) -> float:
     """||x - ref|| / max(||ref||, floor), computed in float64 on the CPU."""
-    x = torch.as_tensor(x, dtype=torch.float64 if isinstance(x, float) else None).detach().to("cpu", torch.float64)
-    ref = torch.as_tensor(ref, dtype=torch.float64 if isinstance(ref, float) else None).detach().to("cpu", torch.float64)
+    x, ref = _as_f64(x), _as_f64(ref)
     return float((x - ref).norm()) / max(float(ref.norm()), floor)
 
 

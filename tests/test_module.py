@@ -38,7 +38,8 @@ def test_owns_prototypes_only_when_used(preset):
 
 
 def test_prototypes_follow_overrides():
-    assert MultiLabelContrastiveLoss("supcon_any", num_labels=L, dim=D, prototype_mode="rows").prototypes.shape == (L, D)
+    module = MultiLabelContrastiveLoss("supcon_any", num_labels=L, dim=D, prototype_mode="rows")
+    assert module.prototypes.shape == (L, D)
     assert MultiLabelContrastiveLoss("reg", prototype_mode="none").prototypes is None
 
 

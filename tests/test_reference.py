@@ -8,10 +8,9 @@ import random
 import pytest
 import torch
 
-import brute_force
 import mlcl_fast
 from cases import (ALL_PRESET_IDS, ALL_PRESETS, anchor_weights, assert_matches_brute_force, fresh_seed, preset_id,
-                   random_case, rel_err, uses_prototypes)
+                   random_case, uses_prototypes)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
