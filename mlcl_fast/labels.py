@@ -97,6 +97,8 @@ def as_label_sets(labels, batch_size: int, num_labels: Optional[int] = None, lab
             raise TypeError(f"labels: expected a tensor (dense multi-hot [B, L], padded indices [B, K] "
                             f"or sparse [B, L]) or LabelSets, got {type(labels).__name__}")
         fmt = _detect_format(labels, num_labels) if label_format == "auto" else label_format
+        if (fmt == "sparse") != (labels.layout in (torch.sparse_csr, torch.sparse_coo)):
+            raise TypeError(f"labels: label_format={fmt!r} does not fit a tensor of layout {labels.layout}")
         if fmt == "sparse":
             out = _from_sparse(labels, num_labels)
         elif fmt == "dense":

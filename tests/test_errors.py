@@ -256,3 +256,17 @@ def test_baseline_errors(fn):
     raises("labels", lambda: fn(logits, torch.zeros(B, L + 1, dtype=torch.bool)))
     raises("labels", lambda: fn(logits, torch.tensor([[0, 3], [1, -1], [2, 2], [-1, -1]])))
     raises("reduction", lambda: fn(logits, LABELS, reduction="sum"))
+
+
+def test_explicit_label_format_checks_the_values():
+    """An integer matrix with a 2 reads as indices under 'auto'; said to be dense, it is refused."""
+    ints = torch.tensor([[2, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+    raises("labels", lambda: call(labels=ints, preset="supcon_any", label_format="dense"), ValueError)
+    raises("labels", lambda: call(labels=LABELS.float(), preset="supcon_any", label_format="indices"), TypeError)
+    raises("labels", lambda: call(labels=LABELS, preset="supcon_any", label_format="sparse"))
+
+
+@pytest.mark.parametrize("fmt,labels", [("dense", LABELS.float().to_sparse()), ("indices", LABELS.long().to_sparse()),
+                                        ("sparse", LABELS)], ids=["dense-of-coo", "indices-of-coo", "sparse-of-dense"])
+def test_label_format_must_fit_the_layout(fmt, labels):
+    raises("labels", lambda: call(labels=labels, preset="supcon_any", label_format=fmt), TypeError)
