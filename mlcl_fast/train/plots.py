@@ -37,29 +37,35 @@ def training_curves(stages: list[dict], path: Path, title: str = "") -> Path:
 
 
 def f1_vs_labels(summary: list[dict], path: Path, metric: str = "macro_f1", label: str = "Macro-F1") -> Path:
-    """summary rows: {dataset, num_labels, method, <metric>_mean, <metric>_std}. One line per method,
-    datasets ordered by their number of labels (log axis)."""
+    """summary rows: {dataset, num_labels, method, <metric>_mean, <metric>_std}. One panel per
+    protocol (probe, finetune, joint), one line per loss, bce and zlpr in every panel; datasets
+    evenly spaced in order of their number of labels."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    methods = sorted({r["method"] for r in summary}, key=lambda m: (m not in ("bce", "zlpr"), m))
-    for m in methods:
-        pts = sorted((r["num_labels"], r[f"{metric}_mean"], r[f"{metric}_std"], r["dataset"])
-                     for r in summary if r["method"] == m and r.get(f"{metric}_mean") is not None)
-        if not pts:
-            continue
-        xs, ys, es = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
-        style = dict(lw=2.2, color="black" if m == "bce" else ("dimgrey" if m == "zlpr" else None),
-                     ls="-" if m in ("bce", "zlpr") else "--")
-        ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, label=m, **style)
     names = sorted({(r["num_labels"], r["dataset"]) for r in summary})
-    ax.set_xscale("log")
-    ax.set_xticks([n for n, _ in names])
-    ax.set_xticklabels([f"{d}\n({n})" for n, d in names], fontsize=7, rotation=30)
-    ax.minorticks_off()
-    ax.set_xlabel("dataset (number of labels)")
-    ax.set_ylabel(f"test {label} (mean ± std over seeds)")
-    ax.legend(fontsize=7, ncol=2, loc="best")
-    ax.grid(alpha=0.3)
+    xpos = {d: i for i, (_, d) in enumerate(names)}
+    protocols = [p for p in ("probe", "finetune", "joint") if any(r["method"].endswith("/" + p) for r in summary)]
+    protocols = protocols or ["baselines"]
+    losses = sorted({r["method"].split("/")[0] for r in summary if "/" in r["method"]})
+    colours = {loss: plt.get_cmap("tab10")(i % 10) for i, loss in enumerate(losses)}
+    fig, axes = plt.subplots(1, len(protocols), figsize=(4.6 * len(protocols), 4.2), sharey=True, squeeze=False)
+    for ax, proto in zip(axes[0], protocols):
+        methods = ["bce", "zlpr"] + [f"{loss}/{proto}" for loss in losses]
+        for m in methods:
+            pts = sorted((xpos[r["dataset"]], r[f"{metric}_mean"], r[f"{metric}_std"] or 0.0)
+                         for r in summary if r["method"] == m and r.get(f"{metric}_mean") is not None)
+            if not pts:
+                continue
+            base = m in ("bce", "zlpr")
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=3,
+                        capsize=2, label=m.split("/")[0], lw=2.4 if base else 1.3, ls="-" if base else "--",
+                        color={"bce": "black", "zlpr": "grey"}.get(m, colours.get(m.split("/")[0])))
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([f"{d}\n({n})" for n, d in names], fontsize=7, rotation=35)
+        ax.set_title(f"protocol: {proto}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"test {label}, mean ± std")
+    axes[0][0].legend(fontsize=7, loc="best")  # the probe panel has every loss
+    fig.supxlabel("dataset (number of labels), ordered by number of labels", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

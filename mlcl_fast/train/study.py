@@ -150,7 +150,7 @@ def summarise(out, datasets: Sequence[str] = (), methods: Sequence[str] = (), se
         + "\n\n## macro mAP\n\n" + overview_markdown(summary, all_datasets, all_methods, "map", n_seeds)
         + "\n\n## Per dataset\n\n" + summary_markdown(summary, all_datasets, all_methods, n_seeds))
     f1_vs_labels(summary, out / "macro_f1_vs_labels.png")
-    f1_vs_labels(summary, out / "macro_f1_tuned_vs_labels.png", "macro_f1_tuned", "Macro-F1 (per-label thresholds)")
+    f1_vs_labels(summary, out / "macro_f1_tuned_vs_labels.png", "macro_f1_tuned", "Macro-F1, tuned thresholds")
     for dataset in {c["dataset"] for c in cells}:
         shown = [c for c in cells if c["dataset"] == dataset and c["seed"] == min(x["seed"] for x in cells)
                  and c["method"] in ("bce", "reg/probe", "reg/finetune", "reg/joint")]
