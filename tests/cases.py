@@ -324,7 +324,9 @@ def assert_backend_matches(backend_name: str, case: Case, rtol_loss: float = 1e-
     """Compare `backend_name` on `case` (its dtype, on `device` or the case's) to the reference
     backend in float64 on the CPU: the reduced loss, the per-anchor losses of reduction='none',
     and the gradients of features and prototypes of both (for 'none', of a random weighting of
-    the anchors). Gradients are compared as ||g - g*|| / ||g*||. Returns the errors."""
+    the anchors). Losses are compared as |l - l*| / max(|l*|, LOSS_FLOOR), gradients as
+    ||g - g*|| / max(||g*||, floor) with the floors of `grad_floors` (GRAD_FLOOR for cases too
+    large for the oracle). Returns the errors."""
     ref_case = case.to(device="cpu", dtype=torch.float64)
     n_rows = ref_case.features.shape[0] * (ref_case.features.shape[1] if ref_case.features.dim() == 3 else 1)
     cfg = brute_force.spec_config(case.preset, **case.overrides)
