@@ -178,7 +178,9 @@ def cmd_bench(argv: Sequence[str], root: Optional[Path] = None) -> int:
         print("mlcl-fast bench: the benchmark sweep (bench/sweep.py) ships with the source repository, not with "
               f"the installed package; run it from a checkout (looked in {root / 'bench'})", file=sys.stderr)
         return 2
-    return subprocess.call([sys.executable, "-m", "bench.sweep", *argv], cwd=root)
+    # run from the caller's folder (relative paths in argv keep their meaning), importing bench/ from root
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    return subprocess.call([sys.executable, "-m", "bench.sweep", *argv], env=env)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

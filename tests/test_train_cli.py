@@ -60,6 +60,22 @@ def test_same_seed_same_result():
     assert c.stages[0]["train_loss"] != a.stages[0]["train_loss"]
 
 
+def test_two_augmented_views():
+    import torch
+    from mlcl_fast.train.models import make_views
+
+    x = torch.ones(4, 10)
+    v = make_views(x, 2, 0.5, 0.0, torch.Generator().manual_seed(0))
+    assert v.shape == (4, 2, 10) and not torch.equal(v[:, 0], v[:, 1])
+    assert set(v.unique().tolist()) <= {0.0, 2.0}  # dropped, or kept with inverted scaling
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(40, 4))
+    ds = from_arrays(X, np.stack([X[:, 0] > 0, X[:, 1] > 0], 1).astype(int), seed=0)
+    r = train(ds, loss="supcon_any", protocol="joint", views=2, epochs=1, min_steps=1, hidden=8, proj_dim=4,
+              batch_size=16)
+    assert 0 <= r.test["macro_f1"] <= 1
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["train", "--dataset", str(tmp_path / "none.npz"), "--quiet"]) == 2
     assert "none.npz: no such file" in capsys.readouterr().err
