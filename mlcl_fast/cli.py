@@ -29,6 +29,8 @@ def _common(p: argparse.ArgumentParser, epochs: int = 30) -> None:
     g.add_argument("--patience", type=int, default=5, help="epochs without validation gain before stopping")
     g.add_argument("--min-steps", type=int, default=300,
                    help="small sets get more epochs so that each stage takes at least this many steps")
+    g.add_argument("--warmup-steps", type=int, default=100,
+                   help="classifier stages: epochs before this many steps are not selected by early stopping")
     g.add_argument("--batch-size", type=int, default=256)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--finetune-lr", type=float, default=1e-3)
@@ -52,7 +54,7 @@ def _common(p: argparse.ArgumentParser, epochs: int = 30) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-TRAIN_KEYS = ("epochs", "probe_epochs", "patience", "min_steps", "batch_size", "lr", "finetune_lr", "weight_decay",
+TRAIN_KEYS = ("epochs", "probe_epochs", "patience", "min_steps", "warmup_steps", "batch_size", "lr", "finetune_lr", "weight_decay",
               "hidden", "layers", "dropout", "proj_dim", "temperature", "joint_lambda", "views", "seed", "backend",
               "device")
 

@@ -10,7 +10,7 @@ pytest.importorskip("matplotlib")
 from mlcl_fast.cli import cmd_bench, main
 from mlcl_fast.train import from_arrays, train
 
-FAST = ["--epochs", "1", "--probe-epochs", "1", "--min-steps", "1", "--hidden", "16", "--proj-dim", "8",
+FAST = ["--epochs", "1", "--probe-epochs", "1", "--min-steps", "1", "--warmup-steps", "0", "--hidden", "16", "--proj-dim", "8",
         "--batch-size", "16", "--quiet", "--threads", "1"]
 
 

@@ -50,6 +50,7 @@ class TrainConfig:
     probe_epochs: int = 40
     patience: int = 5
     min_steps: int = 300              # small sets get more epochs so every stage takes >= this many steps
+    warmup_steps: int = 100           # classifier stages: no epoch before this many steps is selected
     batch_size: int = 256
     lr: float = 1e-3
     finetune_lr: float = 1e-3
@@ -146,20 +147,23 @@ def _start_bar(progress, name: str, total: int) -> None:
 
 def run_stage(name: str, modules: list[nn.Module], params, step_loss: Callable[[Tensor, Tensor], Tensor],
               val_score: Callable[[], "float | tuple"], batches: Batches, cfg: TrainConfig, lr: float,
-              generator: torch.Generator, progress=None) -> StageLog:
+              generator: torch.Generator, progress=None, warmup_steps: int = 0) -> StageLog:
     """Train with AdamW; keep the epoch with the best `val_score` (higher is better; tuples
-    compare in order, the first entry is what the log keeps)."""
+    compare in order, the first entry is what the log keeps). Epochs that end before
+    `warmup_steps` optimiser steps are neither selected nor counted toward the patience."""
     log = StageLog(name)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     best, best_state, stale = (-math.inf,), None, 0
     t0 = time.perf_counter()
     max_epochs, patience = stage_epochs(cfg, len(batches))
+    steps = 0
     _start_bar(progress, name, max_epochs)
     for epoch in range(1, max_epochs + 1):
         for m in modules:
             m.train()
         total, count = 0.0, 0
         for x, y in batches.epoch(generator):
+            steps += 1
             loss = step_loss(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -177,6 +181,8 @@ def run_stage(name: str, modules: list[nn.Module], params, step_loss: Callable[[
         if progress is not None:
             progress.set_postfix_str(f"loss {log.train_loss[-1]:.4f} val {score:.4f}", refresh=False)
             progress.update(1)
+        if steps < warmup_steps:
+            continue
         if key > best:
             best, stale, log.best_epoch = key, 0, epoch
             best_state = [copy.deepcopy(m.state_dict()) for m in modules]
@@ -290,8 +296,10 @@ def train_supervised(split: Split, cfg: TrainConfig, backbone: Optional[Backbone
         loss = sum(float(supervised(classifier(backbone(x)), y)) * len(y) for x, y in val.epoch(None)) / max(val.n, 1)
         return round(ap, 3), -loss
 
+    # a fresh head on a tiny validation slice can score its best AP after a handful of steps,
+    # while its probabilities still sit at the label priors: hence the warm-up
     log = run_stage(name, modules, params, step, val_score, train, cfg, cfg.finetune_lr if finetune else cfg.lr,
-                    gen, progress)
+                    gen, progress, warmup_steps=cfg.warmup_steps)
     return Parts(backbone, head, classifier, crit), log
 
 
