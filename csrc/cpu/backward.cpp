@@ -68,7 +68,8 @@ void backward_typed(const T* grad_loss, const T* rows, const T* cols, int64_t di
             for (int64_t p = p0; p < p1; ++p) {
               double delta = pos.w[p];
               if (opt.reg) {
-                const double prob = std::exp(static_cast<double>(s[pos.col[p] - tile.begin]) - shift);
+                const double prob =
+                    static_cast<double>(exp_tile(static_cast<T>(s[pos.col[p] - tile.begin] - shift)));
                 delta += std::max(prob - pos.w[p], 0.0);
               }
               pos.s[p] = g * delta;

@@ -56,6 +56,7 @@ void stream_blocks(const T* rows, const T* cols, int64_t dim, const int64_t* sel
     log_beta_lo = std::min(log_beta_lo, tile.log_beta);
   }
   const double shift_range = std::is_same_v<T, float> ? 50.0 : 600.0;
+  const double log_beta_samples = opt.beta > 0.0 ? std::log(opt.beta) : 0.0;
   const int64_t threads = thread_count();
 #pragma omp parallel num_threads(threads)
   {
@@ -114,8 +115,8 @@ void stream_blocks(const T* rows, const T* cols, int64_t dim, const int64_t* sel
           value -= pos.w[p] * pos.s[p];
           if (opt.reg) {
             // r_ij = max(p_ij - w_ij, 0) on positives, a constant; the value includes -r_ij s_ij
-            const double log_beta = pos.col[p] < opt.num_sample_cols ? std::log(opt.beta) : 0.0;
-            const double prob = std::exp(pos.s[p] + log_beta - log_d);
+            const double log_beta = pos.col[p] < opt.num_sample_cols ? log_beta_samples : 0.0;
+            const double prob = static_cast<double>(exp_tile(static_cast<T>(pos.s[p] + log_beta - log_d)));
             value -= std::max(prob - pos.w[p], 0.0) * pos.s[p];
           }
         }
