@@ -96,16 +96,21 @@ def worker(provider: str, shape: dict, repeats: int, warmup: int) -> dict:
 
 
 # -------------------------------------------------------------------------------------- main
-def sgemm_rate(rows: int = 4096, cols: int = 4096, d: int = 256, repeats: int = 7) -> float:
-    """GFLOP/s of the similarity-shaped product [rows, d] @ [d, cols] (median of repeats)."""
-    a, b = torch.randn(rows, d), torch.randn(cols, d)
-    a @ b.T
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b.T
-        times.append(time.perf_counter() - start)
-    return 2.0 * rows * cols * d / statistics.median(times) / 1e9
+def sgemm_rate(repeats: int = 7) -> float:
+    """GFLOP/s of torch's sgemm here: the higher of a similarity-shaped product [4096, 256] @
+    [256, 4096] and a square 2048^3 one (median of repeats each), so the fraction of the 4-GEMM
+    limit is measured against the faster of the two."""
+    rates = []
+    for m, n, k in ((4096, 4096, 256), (2048, 2048, 2048)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        rates.append(2.0 * m * n * k / statistics.median(times) / 1e9)
+    return max(rates)
 
 
 def run_worker(provider: str, shape: dict, repeats: int, warmup: int) -> dict:
@@ -158,7 +163,7 @@ def main(argv=None) -> int:
     print(f"\nshape N={MAIN['B'] * MAIN['V']} (B={MAIN['B']}, V={MAIN['V']}), d={MAIN['d']}, L={MAIN['L']}, "
           f"preset={PRESET}, |A|={cpp['anchors']} ({n_valid} valid), |C|={cpp['columns']}, "
           f"threads={cpp['threads']}")
-    print(f"sgemm rate ([4096,256]x[256,4096], median before/after): {rate:.1f} GFLOP/s "
+    print(f"sgemm rate (best of [4096,256]x[256,4096] and 2048^3; median of before/after): {rate:.1f} GFLOP/s "
           f"(before {rate_before:.1f}, after {rate_after:.1f})")
     print(f"{'provider':22s} {'median s':>9s} {'runs s':>28s} {'extra peak MiB':>15s}")
     for name, r in results.items():

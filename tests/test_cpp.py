@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from cases import (ALL_PRESET_IDS, ALL_PRESETS, assert_backend_matches, fresh_seed, label_forms, random_case,
-                   rel_err, uses_prototypes)
+                   rel_err)
 from mlcl_fast import multilabel_contrastive_loss, resolve_config
 from mlcl_fast.backends import backend_status
 from mlcl_fast.inputs import prepare
-from mlcl_fast.labels import LabelSets
 from mlcl_fast.problem import Problem
 
 if backend_status()["cpp"] != "available":
