@@ -59,7 +59,7 @@ def _program(provider: str, labels):
                           cfg, TEMPERATURE)
         losses, valid = reference.anchor_losses(problem)
         return losses.sum() / valid.sum().clamp(min=1).to(losses.dtype)
-    return torch.compile(program, dynamic=False)
+    return torch.compile(program, dynamic=False, options=reference.COMPILE_OPTIONS)
 
 
 def worker(provider: str, shape: dict, repeats: int, warmup: int) -> dict:

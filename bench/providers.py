@@ -174,7 +174,7 @@ class CompiledReference(Provider):
             # in-process sweeps (CUDA) compile one shape per point: start from an empty cache, or
             # dynamo's recompile limit would silently fall back to eager after a few points
             torch._dynamo.reset()
-            program = torch.compile(program, dynamic=False)
+            program = torch.compile(program, dynamic=False, options=reference.COMPILE_OPTIONS)
         return Runner(lambda: program(inputs.features, inputs.prototypes), _backward(inputs))
 
 

@@ -18,6 +18,12 @@ REDUCTIONS = ("mean", "none")
 NORM_EPS = 1e-12
 
 
+def _check_values() -> bool:
+    """Checks that read tensor values (finiteness) need a host sync; under torch.compile they
+    would break the graph, so there only shapes, dtypes and devices are checked."""
+    return not torch.compiler.is_compiling()
+
+
 def check_temperature(temperature) -> float:
     if isinstance(temperature, Tensor) and temperature.numel() == 1:
         temperature = float(temperature)
@@ -43,7 +49,7 @@ def check_features(features) -> Tensor:
         raise ValueError(f"features: expected shape [B, d] or [B, V, d], got shape {tuple(features.shape)}")
     if features.shape[0] < 1 or features.shape[-1] < 1 or (features.dim() == 3 and features.shape[1] < 1):
         raise ValueError(f"features: every dimension must be at least 1, got shape {tuple(features.shape)}")
-    if not bool(torch.isfinite(features).all()):
+    if _check_values() and not bool(torch.isfinite(features).all()):
         raise ValueError("features: contains NaN or Inf")
     return features
 
@@ -66,7 +72,7 @@ def check_prototypes(prototypes, cfg: LossConfig, dim: int, num_labels: Optional
         raise ValueError(f"prototypes: {prototypes.shape[0]} prototypes for num_labels={num_labels}")
     if prototypes.device != device:
         raise ValueError(f"prototypes: on device {prototypes.device}, but features are on {device}")
-    if not bool(torch.isfinite(prototypes).all()):
+    if _check_values() and not bool(torch.isfinite(prototypes).all()):
         raise ValueError("prototypes: contains NaN or Inf")
     return prototypes
 

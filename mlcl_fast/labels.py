@@ -54,7 +54,7 @@ class LabelSets:
     def dense(self, dtype=torch.bool) -> Tensor:
         out = torch.zeros(self.batch_size, self.num_labels + 1, dtype=dtype, device=self.device)
         sentinel = torch.where(self.index < 0, self.num_labels, self.index)
-        out.scatter_(1, sentinel, torch.ones_like(sentinel, dtype=dtype))
+        out = out.scatter(1, sentinel, torch.ones_like(sentinel, dtype=dtype))
         return out[:, : self.num_labels]
 
     def csr(self) -> tuple[Tensor, Tensor]:

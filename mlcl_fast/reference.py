@@ -6,11 +6,17 @@ which yields SPEC's gradient W_i p_ij - w_ij - r_ij.
 """
 from __future__ import annotations
 
+
 import torch
 from torch import Tensor
 
 from .labels import LabelSets
 from .problem import Problem
+
+# Inductor options for torch.compile of this module. With prototypes as anchors, torch 2.13's
+# joint-graph constant folding returns wrong feature gradients for this program (values are right;
+# aot_eager is right); tests/test_compile.py checks both the bug and this workaround.
+COMPILE_OPTIONS = {"joint_graph_constant_folding": False}
 
 
 def anchor_losses(problem: Problem) -> tuple[Tensor, Tensor]:
@@ -32,9 +38,10 @@ def anchor_losses(problem: Problem) -> tuple[Tensor, Tensor]:
         in_softmax = _softmax_columns(problem.anchor_columns(), cols.shape[0], n, cfg.beta)
         weights = positive_weights(problem, in_softmax, logits.dtype)
 
+    is_sample_column = torch.arange(cols.shape[0], device=x.device) < n
     log_beta = torch.zeros(cols.shape[0], dtype=logits.dtype, device=x.device)
     if cfg.beta > 0:
-        log_beta[:n] = torch.log(torch.tensor(cfg.beta, dtype=logits.dtype))
+        log_beta = torch.where(is_sample_column, torch.tensor(cfg.beta, dtype=logits.dtype).log(), log_beta)
     has_column = in_softmax.any(dim=1, keepdim=True)
     masked = (logits + log_beta).masked_fill(~in_softmax, float("-inf"))
     masked = torch.where(has_column, masked, torch.zeros_like(masked))  # rows with no column stay finite
@@ -55,10 +62,10 @@ def anchor_losses(problem: Problem) -> tuple[Tensor, Tensor]:
 
 def _softmax_columns(self_column: Tensor, num_cols: int, n: int, beta: float) -> Tensor:
     """[|A|, |C|] bool: column j enters anchor i's softmax (j is not i itself, and beta_j > 0)."""
-    mask = torch.ones(self_column.shape[0], num_cols, dtype=torch.bool, device=self_column.device)
-    mask[torch.arange(self_column.shape[0], device=self_column.device), self_column] = False
+    column = torch.arange(num_cols, device=self_column.device)
+    mask = column[None, :] != self_column[:, None]
     if beta == 0:
-        mask[:, :n] = False
+        mask = mask & (column >= n)[None, :]
     return mask
 
 
@@ -79,7 +86,7 @@ def positive_weights(problem: Problem, in_softmax: Tensor, dtype) -> Tensor:
 
     overlap = torch.zeros(in_softmax.shape, dtype=dtype, device=in_softmax.device)
     for t in range(row_sets.width):
-        overlap += member(t)
+        overlap = overlap + member(t)
     union = a_row[:, None] + a_col[None, :] - overlap
 
     if not cfg.label_centric:
@@ -98,7 +105,7 @@ def positive_weights(problem: Problem, in_softmax: Tensor, dtype) -> Tensor:
     for t in range(row_sets.width):
         fm = factor * member(t)
         z = fm.sum(dim=1, keepdim=True)                             # Z_ik for the t-th label k of anchor i
-        weights += torch.where(z > 0, fm / z.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(fm))
+        weights = weights + torch.where(z > 0, fm / z.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(fm))
     return weights / a_row.clamp(min=1)[:, None]
 
 
@@ -106,9 +113,8 @@ def _pair_factor(cfg, overlap: Tensor, union: Tensor, a_col: Tensor, n: int) -> 
     if cfg.f == "one":
         return torch.ones_like(overlap)
     if cfg.f == "union":
-        factor = 1.0 / union.clamp(min=1)
-        factor[:, n:] = 1.0  # prototype columns
-        return factor
+        is_prototype_column = torch.arange(union.shape[1], device=union.device) >= n
+        return torch.where(is_prototype_column[None, :], 1.0, 1.0 / union.clamp(min=1))
     # overlap: (c_ij / a_j)^alpha on overlapping columns; alpha < 0: 1 iff y_j ⊆ y_i
     if cfg.alpha < 0:
         return (overlap == a_col[None, :]).to(overlap.dtype)

@@ -67,3 +67,9 @@ def resolve_backend(name: str, device: torch.device) -> tuple[str, ModuleType]:
     if not module.supports(device):
         raise ValueError(f"backend: {name!r} does not run on device {device}")
     return name, module
+
+
+# Resolve every backend once at import (a few ms, triton itself is not imported): later lookups are
+# plain dict reads, which torch.compile can trace.
+for _name in BACKENDS:
+    _load(_name)
