@@ -179,7 +179,8 @@ def _op_args(problem: Problem) -> tuple:
 
 @pytest.mark.parametrize("preset,sample_anchors,prototype_anchors", [
     ("reg", (0, 0), (2, 9)), ("reg", (5, 17), (0, 0)), ("reg", (3, 40), (1, 4)), ("reg_noreg", (39, 40), (8, 9)),
-    ("supcon_any", (7, 31), None), ("msc", (0, 40), None), ("proto", (12, 13), None)])
+    ("supcon_any", (7, 31), None), ("supcon_any", (4, 4), None), ("msc", (0, 40), None),
+    ("proto", (12, 13), None)])
 def test_anchor_ranges(preset, sample_anchors, prototype_anchors):
     case = random_case(fresh_seed("cpp-ranges", preset, sample_anchors), preset, B=20, V=2, d=6, L=9, density=0.25)
     coeffs = None
