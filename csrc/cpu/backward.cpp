@@ -30,22 +30,25 @@ void backward_typed(const T* grad_loss, const T* rows, const T* cols, int64_t di
   }
   const std::vector<ColumnTile> tiles = column_tiles(opt, num_cols);
   const int64_t blocks = (static_cast<int64_t>(active.size()) + kRowBlock - 1) / kRowBlock;
-  // One C x d column-gradient buffer per extra partition; on many-core machines their number is
-  // capped so that together they take at most max(1 GiB, 4 buffers).
+  // Partitions are contiguous runs of blocks, each summed by one thread into its own C x d
+  // column-gradient buffer. Two per thread, taken dynamically, keep a thread slowed by other load
+  // from holding up the rest; their number is capped so that the buffers take at most
+  // max(1 GiB, 4 buffers).
+  const int64_t threads = thread_count();
   const double buffer_bytes = static_cast<double>(num_cols) * dim * sizeof(T);
   const double budget = std::max(double(1 << 30), 4.0 * buffer_bytes);
   const int64_t max_parts = 1 + static_cast<int64_t>(budget / std::max(buffer_bytes, 1.0));
-  const int64_t parts = std::max<int64_t>(1, std::min({thread_count(), blocks, max_parts}));
+  const int64_t parts = std::max<int64_t>(1, std::min({threads == 1 ? 1 : 2 * threads, blocks, max_parts}));
   // Partition 0 accumulates straight into grad_cols; the others into their own buffers.
   std::vector<T> partial(static_cast<size_t>((parts - 1) * num_cols * dim), T(0));
   const T inv_tau = static_cast<T>(1.0 / opt.temperature);
 
-#pragma omp parallel num_threads(parts)
+#pragma omp parallel num_threads(std::min(threads, parts))
   {
     PositiveFinder finder(labels, opt);
     BlockPositives pos;
     std::vector<T> block_rows(kRowBlock * dim), block_grad(kRowBlock * dim), sim(kRowBlock * kColTile);
-#pragma omp for schedule(static, 1)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t part = 0; part < parts; ++part) {
       T* gcols = part == 0 ? grad_cols : partial.data() + (part - 1) * num_cols * dim;
       for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; ++b) {

@@ -95,7 +95,7 @@ LabelContext build_label_context(const at::Tensor& row_labels, const at::Tensor&
 }
 
 PositiveFinder::PositiveFinder(const LabelContext& ctx, const LossOptions& opt)
-    : ctx_(ctx), opt_(opt), count_(ctx.num_cols, 0), acc_(ctx.num_cols, 0.0) {
+    : ctx_(ctx), opt_(opt), count_(ctx.num_cols, 0), acc_(ctx.num_cols, 0.0), seen_((ctx.num_cols + 63) / 64, 0) {
   if (ctx.strategy == Strategy::Dense) slot_of_.assign(ctx.num_labels, -1);
 }
 
@@ -141,14 +141,19 @@ void PositiveFinder::count_shared(int64_t i, int64_t self) {
       for (int64_t w = 0; w < words; ++w) c += __builtin_popcountll(bi[w] & bj[w]);
       if (c > 0) {
         count_[j] = c;
-        touched_.push_back(static_cast<int32_t>(j));  // already ascending
+        touched_.push_back(static_cast<int32_t>(j));  // ascending: the dense strategy needs no sort
       }
     }
     return;
   }
   for_each_shared(i, self, [&](int32_t j, int32_t) {
-    if (count_[j]++ == 0) touched_.push_back(j);
+    if (count_[j]++ == 0) touch(j);
   });
+}
+
+void PositiveFinder::touch(int32_t j) {
+  touched_.push_back(j);
+  seen_[j >> 6] |= uint64_t{1} << (j & 63);
 }
 
 int64_t PositiveFinder::slot_columns(int64_t i, int64_t self, int32_t slot) const {
@@ -187,12 +192,15 @@ double PositiveFinder::factor(int32_t c, int32_t ai, int32_t aj, int64_t j) cons
 }
 
 void PositiveFinder::sort_touched() {
+  if (ctx_.strategy == Strategy::Dense) return;  // visited in column order already
   const int64_t span = ctx_.num_cols - ctx_.first_col;
   if (static_cast<int64_t>(touched_.size()) * 16 > span) {
-    // Most columns are positives: one ordered scan beats sorting.
+    // Most columns are positives: reading the bitmap in order beats sorting.
     touched_.clear();
-    for (int64_t j = ctx_.first_col; j < ctx_.num_cols; ++j) {
-      if (count_[j] != 0) touched_.push_back(static_cast<int32_t>(j));
+    for (int64_t w = ctx_.first_col >> 6; w < static_cast<int64_t>(seen_.size()); ++w) {
+      for (uint64_t m = seen_[w]; m != 0; m &= m - 1) {
+        touched_.push_back(static_cast<int32_t>(w * 64 + __builtin_ctzll(m)));
+      }
     }
   } else {
     std::sort(touched_.begin(), touched_.end());
@@ -203,6 +211,7 @@ void PositiveFinder::clear() {
   for (int32_t j : touched_) {
     count_[j] = 0;
     acc_[j] = 0.0;
+    seen_[j >> 6] = 0;
   }
   touched_.clear();
 }
@@ -252,7 +261,7 @@ double PositiveFinder::positives(int64_t i, int64_t self, const double* norm, st
     for_each_shared(i, self, [&](int32_t j, int32_t t) {
       if (unit && count_[j] == 0) {
         count_[j] = 1;  // marks the column as touched; f needs no overlap count here
-        touched_.push_back(j);
+        touch(j);
       }
       acc_[j] += iz[t];
     });

@@ -72,6 +72,7 @@ class PositiveFinder {
   int64_t slot_columns(int64_t i, int64_t self, int32_t slot) const;
   double omega(int32_t c, int32_t ai, int32_t aj) const;
   double factor(int32_t c, int32_t ai, int32_t aj, int64_t j) const;
+  void touch(int32_t j);
   void sort_touched();
   void clear();
 
@@ -80,6 +81,7 @@ class PositiveFinder {
   std::vector<int32_t> count_;    // c_ij of the current anchor, by column (0 = untouched)
   std::vector<double> acc_;       // per-column accumulator of the current anchor
   std::vector<int32_t> touched_;  // columns with count_ > 0
+  std::vector<uint64_t> seen_;    // bitmap of touched_, for listing many of them in column order
   std::vector<int32_t> slot_of_;  // dense strategy: label -> slot in the anchor's list, or -1
 };
 
