@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from cases import (ALL_PRESET_IDS, ALL_PRESETS, assert_backend_matches, fresh_seed, label_forms, random_case,
-                   rel_err)
+from cases import (ALL_PRESET_IDS, ALL_PRESETS, assert_backend_matches, assert_matches_brute_force, fresh_seed,
+                   label_forms, random_case, rel_err)
 from mlcl_fast import multilabel_contrastive_loss, resolve_config
 from mlcl_fast.backends import backend_status
 from mlcl_fast.inputs import prepare
@@ -53,6 +53,14 @@ def test_every_preset_fp64(preset, overrides, strategy):
                        L=rng.randint(1, 8), density=rng.uniform(0.1, 0.5), empty_rows=rng.randint(0, 2),
                        temperature=rng.choice([0.05, 0.1, 0.5]))
     assert_backend_matches("cpp", case, **FP64)
+
+
+@pytest.mark.parametrize("preset,overrides", ALL_PRESETS[2::5], ids=ALL_PRESET_IDS[2::5])
+def test_matches_brute_force(preset, overrides):
+    """Against the independent loop-by-loop oracle as well (not only the reference backend)."""
+    seed = fresh_seed("cpp-brute", preset, sorted(overrides.items()))
+    case = random_case(seed, preset, overrides, B=5, V=2, d=4, L=4, density=0.4, empty_rows=1)
+    assert_matches_brute_force("cpp", case, 1e-10, 1e-9)
 
 
 @pytest.mark.parametrize("preset,overrides", ALL_PRESETS[::4], ids=ALL_PRESET_IDS[::4])
