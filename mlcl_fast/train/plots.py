@@ -15,14 +15,19 @@ def _pyplot():
 def training_curves(stages: list[dict], path: Path, title: str = "") -> Path:
     """One panel per stage: training loss and the validation score it early-stops on."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.2), squeeze=False)
-    for ax, st in zip(axes[0], stages):
+    cols = min(3, len(stages))
+    rows = -(-len(stages) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat[len(stages):]:
+        ax.set_visible(False)
+    for ax, st in zip(axes.flat, stages):
         epochs = range(1, len(st["train_loss"]) + 1)
         ax.plot(epochs, st["train_loss"], color="tab:blue", label="train loss")
         ax.set_xlabel("epoch")
         ax.set_ylabel("train loss", color="tab:blue")
         ax2 = ax.twinx()
-        what = "−val loss (best per label)" if st["name"].endswith("probe") else "−val loss"
+        what = ("−val contrastive loss" if st["name"].endswith("pretrain") else
+                "−val BCE (best per label)" if st["name"].endswith("probe") else "val macro AP")
         ax2.plot(epochs, st["val_score"], color="tab:orange", label=what)
         ax2.set_ylabel(what, color="tab:orange")
         if st.get("best_epoch"):

@@ -154,7 +154,9 @@ def summarise(out, datasets: Sequence[str] = (), methods: Sequence[str] = (), se
     for dataset in {c["dataset"] for c in cells}:
         shown = [c for c in cells if c["dataset"] == dataset and c["seed"] == min(x["seed"] for x in cells)
                  and c["method"] in ("bce", "reg/probe", "reg/finetune", "reg/joint")]
-        stages = [dict(s, name=f"{c['method']}: {s['name']}") for c in shown for s in c["stages"]]
+        shown.sort(key=lambda c: ("bce", "reg/finetune", "reg/probe", "reg/joint").index(c["method"]))
+        stages = [dict(s, name=f"{c['method']}: {s['name']}") for c in shown for s in c["stages"]
+                  if not (c["method"] == "reg/probe" and s["name"] == "pretrain")]  # shared with reg/finetune
         if stages:
             training_curves(stages, out / f"curves_{dataset}.png", f"{dataset}, seed {shown[0]['seed']}")
     return summary
