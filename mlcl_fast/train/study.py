@@ -13,7 +13,6 @@ import csv
 import json
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
