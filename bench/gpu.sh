@@ -91,7 +91,8 @@ elif (( DRY )); then
 else
   # ignored build outputs are not carried, so this compiles afresh on a new machine (ninja
   # recompiles only what changed when a warm machine still has them)
-  stage build 240 bash -c "MAX_JOBS=\${MAX_JOBS:-16} $PY setup.py build_ext --inplace \
+  # REQUIRE_EXT: a failed build must fail this stage instead of installing without the extension
+  stage build 240 bash -c "TORCH_CUDA_ARCH_LIST=\${TORCH_CUDA_ARCH_LIST:-9.0} MLCL_FAST_REQUIRE_EXT=1 MAX_JOBS=\${MAX_JOBS:-16} $PY setup.py build_ext --inplace \
     && $PY -c 'import mlcl_fast, torch; print(mlcl_fast.backend_status()); print(\"cuda backends:\", mlcl_fast.available_backends(\"cuda\") if torch.cuda.is_available() else None)'"
 fi
 
@@ -99,6 +100,8 @@ fi
 # pytest-xdist (in the machine's image) runs them 8 at a time; MLCL_GPU_XDIST=0 runs them in one process
 PYTEST_XDIST=""
 [ "${MLCL_GPU_XDIST:-1}" != 0 ] && $PY -c "import xdist" >/dev/null 2>&1 && PYTEST_XDIST="-n 8"
+# REQUIRE_CUDA: an unavailable cuda backend is an error, not 244 green skips
+export MLCL_FAST_REQUIRE_CUDA=1
 want tests && stage tests-gpu 100 $PY -m pytest -q -m "gpu and not slow" $PYTEST_XDIST tests
 want tests && stage tests-cuda 80 $PY -m pytest -q -m "not slow and not gpu" -k "cuda or gpu or triton" $PYTEST_XDIST tests
 
