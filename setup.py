@@ -31,7 +31,7 @@ def _extensions():
         and os.environ.get("MLCL_FAST_NO_CUDA", "0") != "1"
         and bool(cuda_sources)
     )
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]  # torch 2.13 headers expect C++20
     if os.environ.get("MLCL_FAST_NATIVE", "1") == "1":  # source builds tune for the host CPU
         cxx.append("-march=native")
     extra = {"cxx": cxx}
