@@ -57,6 +57,17 @@ class Problem:
     def num_anchors(self) -> int:
         return (self.sample_anchors[1] - self.sample_anchors[0]) + (self.prototype_anchors[1] - self.prototype_anchors[0])
 
+    def embeddings(self, dtype=None) -> tuple[Tensor, Tensor]:
+        """(anchor rows [|A|, d], columns [|C|, d]), in `dtype` (default: the samples' dtype)."""
+        x = self.samples if dtype is None else self.samples.to(dtype)
+        lo, hi = self.sample_anchors
+        if not self.config.uses_prototypes:
+            return x[lo:hi], x
+        protos = self.prototypes.to(x.dtype)
+        plo, phi = self.prototype_anchors
+        rows = torch.cat([x[lo:hi], protos[plo:phi]]) if phi > plo else x[lo:hi]
+        return rows, torch.cat([x, protos])
+
     def anchor_columns(self) -> Tensor:
         """[|A|] int64: the column index of each anchor itself (excluded from its softmax)."""
         dev = self.samples.device

@@ -23,23 +23,16 @@ def anchor_losses(problem: Problem) -> tuple[Tensor, Tensor]:
     """Per-anchor loss l_i ([|A|], 0 for invalid anchors) and the validity mask ([|A|] bool)."""
     cfg = problem.config
     x = problem.samples
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
     n = x.shape[0]
-    protos = problem.prototypes.to(x.dtype) if cfg.uses_prototypes else None
-
-    lo, hi = problem.sample_anchors
-    plo, phi = problem.prototype_anchors
-    rows = torch.cat([x[lo:hi], protos[plo:phi]]) if phi > plo else x[lo:hi]
-    cols = torch.cat([x, protos]) if cfg.uses_prototypes else x
+    rows, cols = problem.embeddings(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None)
     logits = rows @ cols.T / problem.temperature
 
     with torch.no_grad():
         in_softmax = _softmax_columns(problem.anchor_columns(), cols.shape[0], n, cfg.beta)
         weights = positive_weights(problem, in_softmax, logits.dtype)
 
-    is_sample_column = torch.arange(cols.shape[0], device=x.device) < n
-    log_beta = torch.zeros(cols.shape[0], dtype=logits.dtype, device=x.device)
+    is_sample_column = torch.arange(cols.shape[0], device=cols.device) < n
+    log_beta = torch.zeros(cols.shape[0], dtype=logits.dtype, device=cols.device)
     if cfg.beta > 0:
         log_beta = torch.where(is_sample_column, torch.tensor(cfg.beta, dtype=logits.dtype).log(), log_beta)
     has_column = in_softmax.any(dim=1, keepdim=True)

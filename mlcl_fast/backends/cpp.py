@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..problem import Problem
+from .op_args import op_inputs
 
 # Half inputs arrive upcast to fp32 (the kernels compute in fp32 or fp64).
 NATIVE_HALF = False
@@ -37,22 +38,8 @@ def supports(device) -> bool:
 
 def anchor_losses(problem: Problem) -> tuple[Tensor, Tensor]:
     """Per-anchor loss ([|A|], 0 for invalid anchors) and validity ([|A|] bool)."""
-    cfg = problem.config
-    x = problem.samples
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    lo, hi = problem.sample_anchors
-    plo, phi = problem.prototype_anchors
-    if cfg.uses_prototypes:
-        protos = problem.prototypes.to(x.dtype)
-        rows = torch.cat([x[lo:hi], protos[plo:phi]]) if phi > plo else x[lo:hi]
-        cols = torch.cat([x, protos])
-    else:
-        rows, cols = x[lo:hi], x
-    loss, valid, *_ = torch.ops.mlcl_fast.anchor_loss_forward(
-        rows, cols, problem.anchor_labels().index, problem.column_labels().index, problem.anchor_columns(),
-        problem.num_samples, problem.labels.num_labels, problem.temperature, cfg.beta, cfg.weighting, cfg.f,
-        cfg.alpha, cfg.reg)
+    half = problem.samples.dtype in (torch.float16, torch.bfloat16)
+    loss, valid, *_ = torch.ops.mlcl_fast.anchor_loss_forward(*op_inputs(problem, torch.float32 if half else None))
     return loss, valid
 
 

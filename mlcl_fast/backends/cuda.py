@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..problem import Problem
+from .op_args import op_inputs  # noqa: F401  (embeddings kept in their dtype)
 
 NATIVE_HALF = True
 OP = "mlcl_fast::anchor_loss_forward"
@@ -38,24 +39,6 @@ def is_available():
 
 def supports(device) -> bool:
     return torch.device(device).type == "cuda"
-
-
-def op_inputs(problem: Problem) -> tuple:
-    """Arguments of torch.ops.mlcl_fast.anchor_loss_forward for `problem`, embeddings kept in
-    their dtype (samples and prototypes share it after mlcl_fast.inputs.prepare)."""
-    cfg = problem.config
-    x = problem.samples
-    lo, hi = problem.sample_anchors
-    plo, phi = problem.prototype_anchors
-    if cfg.uses_prototypes:
-        protos = problem.prototypes.to(x.dtype)
-        rows = torch.cat([x[lo:hi], protos[plo:phi]]) if phi > plo else x[lo:hi]
-        cols = torch.cat([x, protos])
-    else:
-        rows, cols = x[lo:hi], x
-    return (rows, cols, problem.anchor_labels().index, problem.column_labels().index, problem.anchor_columns(),
-            problem.num_samples, problem.labels.num_labels, problem.temperature, cfg.beta, cfg.weighting, cfg.f,
-            cfg.alpha, cfg.reg)
 
 
 def anchor_losses(problem: Problem) -> tuple[Tensor, Tensor]:
