@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a lent GPU machine: build the extension, run the GPU tests, run the GPU sweep.
+# One command for a GPU machine: build the extension, run the GPU tests, run the GPU sweep.
 #
 #   bash bench/gpu.sh [quick|full] [--dry-run]
 #
