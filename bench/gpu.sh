@@ -4,7 +4,7 @@
 #   bash bench/gpu.sh [quick|full] [--dry-run]
 #
 # Everything lands in $OUT (default: bench/results/gpu-<date>): gpu.log (every stage's output,
-# with a stage summary at the end), the sweep CSV and its four plots: six files, within the
+# with a stage summary at the end), the sweep CSV and its four plots: six files, a
 # small set to copy back. The whole script keeps to MLCL_GPU_BUDGET_S seconds (default
 # 520, under 9 minutes): each stage runs under `timeout` with its own share, a failed stage is
 # logged and the next one still runs. --dry-run does the CPU-side part on a machine without a
