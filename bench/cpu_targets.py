@@ -48,6 +48,7 @@ def _program(provider: str, labels):
     from mlcl_fast import reference
     from mlcl_fast.inputs import l2_normalize
     from mlcl_fast.problem import Problem
+    from mlcl_fast.reduction import mean_loss
 
     if provider in ("cpp", "reference"):
         return lambda x, p: mlcl_fast.multilabel_contrastive_loss(x, labels, p, preset=PRESET, temperature=TEMPERATURE,
@@ -57,8 +58,7 @@ def _program(provider: str, labels):
     def program(x, p):  # the API's host-side input checks left out, so the graph stays whole
         problem = Problem(l2_normalize(x.flatten(0, 1), False), l2_normalize(p, False), labels.repeat_views(x.shape[1]),
                           cfg, TEMPERATURE)
-        losses, valid = reference.anchor_losses(problem)
-        return losses.sum() / valid.sum().clamp(min=1).to(losses.dtype)
+        return mean_loss(problem, *reference.anchor_losses(problem))
     return torch.compile(program, dynamic=False, options=reference.COMPILE_OPTIONS)
 
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
             print(f"speedup over {name}: {speedup:.1f}x (target >= {TARGETS[key]}x)")
         mem = cpp["extra_peak_bytes"] / max(results["reference"]["extra_peak_bytes"], 1)
         print(f"cpp extra peak memory / reference's: {mem:.3f} (target <= {TARGETS['memory_fraction']})")
-        print(f"losses: " + ", ".join(f"{k}={v['loss']:.6f}" for k, v in results.items()))
+        print("losses: " + ", ".join(f"{k}={v['loss']:.6f}" for k, v in results.items()))
     if large is not None:
         print(f"\nN={LARGE['B'] * LARGE['V']}, L={LARGE['L']} (|A|={large['anchors']}, |C|={large['columns']}): "
               f"forward+backward {large['median_s']:.1f} s, process peak RSS {large['peak_rss_bytes'] / GIB:.2f} GiB "

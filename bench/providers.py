@@ -20,10 +20,11 @@ from torch import Tensor
 
 import mlcl_fast
 from mlcl_fast import reference
-from mlcl_fast.inputs import anchor_label_counts, l2_normalize
+from mlcl_fast.inputs import l2_normalize
 from mlcl_fast.labels import LabelSets
 from mlcl_fast.presets import LossConfig, resolve_config
 from mlcl_fast.problem import Problem
+from mlcl_fast.reduction import mean_loss
 
 from . import published
 
@@ -148,11 +149,7 @@ def reference_program(inputs: Inputs) -> Callable[[Tensor, Optional[Tensor]], Te
         rows = l2_normalize(features, False)
         protos = None if prototypes is None else l2_normalize(prototypes, False)
         problem = Problem(rows, protos, labels, cfg, temperature)
-        losses, valid = reference.anchor_losses(problem)
-        if cfg.anchor_weight == "uniform":
-            return losses.sum() / valid.sum().clamp(min=1).to(losses.dtype)
-        counts = anchor_label_counts(problem).to(losses.dtype)
-        return (counts * losses).sum() / counts.sum().clamp(min=1)
+        return mean_loss(problem, *reference.anchor_losses(problem))
     return program
 
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .inputs import FLOAT_DTYPES, anchor_label_counts, prepare
+from .inputs import FLOAT_DTYPES, prepare
+from .reduction import mean_terms
 from .labels import LabelSets, _detect_format
 
 GATHER_MODES = (None, "all")
@@ -95,11 +96,7 @@ def gathered_loss(features, labels, prototypes, cfg, temperature: float, reducti
     losses, valid = impl.anchor_losses(problem)
     if reduction == "none":
         return losses
-    if cfg.anchor_weight == "uniform":
-        numerator, denominator = losses.sum(), valid.sum().to(losses.dtype)
-    else:
-        counts = anchor_label_counts(problem).to(losses.dtype)
-        numerator, denominator = (counts * losses).sum(), counts.sum()
+    numerator, denominator = mean_terms(problem, losses, valid)
     totals = torch.stack([numerator.detach(), denominator.detach()])
     dist.all_reduce(totals, group=group)
     denominator = totals[1].clamp(min=1)

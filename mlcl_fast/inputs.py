@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .labels import LabelSets, as_label_sets
+from .labels import as_label_sets
 from .presets import LossConfig
 from .problem import Problem
 

@@ -1,7 +1,6 @@
 """Public API: the functional loss and the nn.Module that owns label prototypes."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -9,8 +8,9 @@ from torch import Tensor, nn
 
 from .backends import resolve_backend
 from .distributed import check_gather, gathered_loss
-from .inputs import anchor_label_counts, check_reduction, check_temperature, prepare
+from .inputs import check_reduction, check_temperature, prepare
 from .presets import DEFAULT_PRESET, resolve_config
+from .reduction import mean_loss
 
 
 def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[Tensor] = None, *,
@@ -47,10 +47,7 @@ def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[T
     losses, valid = impl.anchor_losses(problem)
     if reduction == "none":
         return losses
-    if cfg.anchor_weight == "uniform":
-        return losses.sum() / valid.sum().clamp(min=1).to(losses.dtype)
-    counts = anchor_label_counts(problem).to(losses.dtype)
-    return (counts * losses).sum() / counts.sum().clamp(min=1)
+    return mean_loss(problem, losses, valid)
 
 
 class MultiLabelContrastiveLoss(nn.Module):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .labels import LabelSets
 from .problem import Problem
 
 # Inductor options for torch.compile of this module. With prototypes as anchors, torch 2.13's

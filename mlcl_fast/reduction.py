@@ -1,0 +1,22 @@
+"""SPEC's mean over anchors, shared by the single-process and the gathered (distributed) loss."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from .inputs import anchor_label_counts
+from .problem import Problem
+
+
+def mean_terms(problem: Problem, losses: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """(numerator, denominator) of the mean: uniform -> (Σ_valid l_i, #valid);
+    labels -> (Σ a_i l_i, Σ_{i in A} a_i). Invalid anchors have l_i = 0."""
+    if problem.config.anchor_weight == "uniform":
+        return losses.sum(), valid.sum().to(losses.dtype)
+    counts = anchor_label_counts(problem).to(losses.dtype)
+    return (counts * losses).sum(), counts.sum()
+
+
+def mean_loss(problem: Problem, losses: Tensor, valid: Tensor) -> Tensor:
+    """The reduced loss; 0 (with zero gradients) when no anchor is valid."""
+    numerator, denominator = mean_terms(problem, losses, valid)
+    return numerator / denominator.clamp(min=1)
