@@ -70,6 +70,7 @@ def positive_weights(problem: Problem, in_softmax: Tensor, dtype) -> Tensor:
     a_row = row_sets.count.to(dtype)
     a_col = col_sets.count.to(dtype)
 
+    # Recomputed in each loop below rather than kept: K matrices of |A| x |C| would not fit.
     def member(t: int) -> Tensor:
         """[|A|, |C|] bool: column j carries anchor i's t-th label (summed over t: c_ij = |y_i ∩ y_j|)."""
         label_t = row_sets.index[:, t]
