@@ -28,13 +28,15 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu.log"
 CSV="$OUT/sweep_cuda_${VARIANT}.csv"
 BUDGET=${MLCL_GPU_BUDGET_S:-520}
-STAGES=" ${MLCL_GPU_STAGES:-env build tests sweep} "   # e.g. "build sweep" on a second call
+STAGES=" ${MLCL_GPU_STAGES:-env build tests sweep} "   # e.g. "build tests-cuda sweep"
 START=$(date +%s)
 SUMMARY=""
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # a stage that needs real data sets finds them here when the caller carried them (README)
 [ -d "$PWD/.benchdata" ] && export MLCL_FAST_DATA_DIR=${MLCL_FAST_DATA_DIR:-$PWD/.benchdata}
+# ... and the fixed SPEC vectors for the tests (../shared does not travel to a GPU machine)
+[ -d "$PWD/.benchdata/vectors" ] && export MLCL_SPEC_VECTORS=${MLCL_SPEC_VECTORS:-$PWD/.benchdata/vectors}
 
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( BUDGET - $(elapsed) )); }
@@ -96,16 +98,23 @@ else
     && $PY -c 'import mlcl_fast, torch; print(mlcl_fast.backend_status()); print(\"cuda backends:\", mlcl_fast.available_backends(\"cuda\") if torch.cuda.is_available() else None)'"
 fi
 
-# tests marked gpu, then the tests that switch themselves on when CUDA is present
-# pytest-xdist (in the machine's image) runs them 8 at a time; MLCL_GPU_XDIST=0 runs them in one process
-PYTEST_XDIST=""
-[ "${MLCL_GPU_XDIST:-1}" != 0 ] && $PY -c "import xdist" >/dev/null 2>&1 && PYTEST_XDIST="-n 8"
+# The CUDA backend's tests, the Triton backend's GPU tests, then the tests that switch themselves on
+# when CUDA is present. pytest-xdist (in the machine's image) spreads them over the cores, which
+# also parallelises Triton's compilation; MLCL_GPU_XDIST=0 runs them in one process. Verbose
+# output names every test as it ends, so a stage cut by its time limit still says what ran.
+PYTEST=($PY -m pytest -v --tb=short -rfE -p no:cacheprovider)
+[ "${MLCL_GPU_XDIST:-1}" != 0 ] && $PY -c "import xdist" >/dev/null 2>&1 && PYTEST+=(-n "${MLCL_GPU_WORKERS:-16}")
+$PY -c "import pytest_timeout" >/dev/null 2>&1 && PYTEST+=(--timeout 150 --timeout-method=thread)
 # REQUIRE_CUDA: an unavailable cuda backend is an error, not 244 green skips
 export MLCL_FAST_REQUIRE_CUDA=1
-want tests && stage tests-gpu 100 $PY -m pytest -q -m "gpu and not slow" $PYTEST_XDIST tests
-want tests && stage tests-cuda 80 $PY -m pytest -q -m "not slow and not gpu" -k "cuda or gpu or triton" $PYTEST_XDIST tests
+(want tests || want tests-cuda) && stage tests-cuda 130 "${PYTEST[@]}" -m "gpu and not slow" tests/test_cuda.py
+(want tests || want tests-triton) && stage tests-triton 100 "${PYTEST[@]}" -m "gpu and not slow" tests/test_triton.py
+(want tests || want tests-other) && stage tests-other 60 "${PYTEST[@]}" -m "not slow and not gpu" -k "cuda or gpu or triton" tests
 
-SWEEP_ARGS=(--"$VARIANT" --device cuda --out "$CSV")
+# MLCL_GPU_SWEEP_ARGS narrows the sweep, e.g. "--presets reg,msc"
+# shellcheck disable=SC2206
+EXTRA_SWEEP=(${MLCL_GPU_SWEEP_ARGS:-})
+SWEEP_ARGS=(--"$VARIANT" --device cuda --out "$CSV" "${EXTRA_SWEEP[@]}")
 if ! want sweep; then
   SUMMARY+="sweep: not selected"$'\n'
 elif (( DRY )); then

@@ -42,8 +42,8 @@ def plot_run(csv_path, run_id: str = "latest", outdir=None) -> list[Path]:
     written = []
     for axis in ("N", "L"):
         series = [r for r in rows if r["series"] == axis]
-        if not series:
-            continue
+        if not any(status_kind(r["status"]) == "ok" for r in series):
+            continue  # e.g. a run narrowed to the other series: its points are all timeouts
         for metric in ("time", "memory"):
             path = outdir / f"{stem}_{metric}_vs_{axis}.png"
             _figure(series, axis, metric, colors, path, rows[0])
@@ -78,7 +78,7 @@ def _figure(rows, axis, metric, colors, path, first):
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
     markers = "  markers: o few, s power law, ^ bibtex, v delicious" if axis == "L" else ""
     fig.suptitle(f"{metric} vs {axis} — {first['device_name']} ({first['device']}), torch {first['torch']}, "
-                 f"{first['threads']} threads, {first['date']}, commit {first['git_commit']}{markers}", fontsize=9)
+                 f"{first['threads']} threads, {first['date']}, commit {first['git_commit']}\n{markers.strip()}", fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)

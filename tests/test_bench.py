@@ -427,6 +427,12 @@ def test_plots_and_report_from_a_csv(tmp_path):
     assert all(p.stat().st_size > 1000 for p in written)
     text = report.tables(records.read_rows(path))
     assert "### N grows" in text and "oom (predicted 9 GB" in text and "| reg | few | 64 |" in text
+    # a run narrowed to one series (the other's points all timed out) plots only that series
+    narrowed = [dict(r, run_id="r2", status="timeout (sweep time budget spent)", median_ms=None)
+                if r["series"] == "L" else dict(r, run_id="r2") for r in rows]
+    records.append_rows(path, narrowed)
+    assert sorted(p.name for p in plots.plot_run(path, "r2", tmp_path / "r2")) == \
+        sorted(f"sweep_cpu_test_{m}_vs_N.png" for m in ("time", "memory"))
 
 
 def test_gpu_script_dry_run(tmp_path):

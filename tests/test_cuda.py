@@ -15,7 +15,7 @@ import torch
 
 import cases
 from cases import ALL_PRESET_IDS, ALL_PRESETS, assert_backend_matches, fresh_seed, random_case, rel_err
-from mlcl_fast import multilabel_contrastive_loss, reference, resolve_config
+from mlcl_fast import as_label_sets, multilabel_contrastive_loss, reference, resolve_config
 from mlcl_fast.backends import cuda as backend
 from mlcl_fast.problem import Problem
 
@@ -195,7 +195,9 @@ def test_torch_compile_fullgraph(preset, dtype):
     case = _case("compile", preset, None, B=96, d=48, L=12, dtype=dtype)
     feats = case.features.detach().requires_grad_(True)
     protos = None if case.prototypes is None else case.prototypes.detach().requires_grad_(True)
-    fn = lambda f, p: multilabel_contrastive_loss(f, case.labels, p, backend="cuda",  # noqa: E731
+    # Label parsing reads values on the host, so labels enter the compiled region canonicalised.
+    label_sets = as_label_sets(case.labels, feats.shape[0], case.num_labels).to(feats.device)
+    fn = lambda f, p: multilabel_contrastive_loss(f, label_sets, p, backend="cuda",  # noqa: E731
                                                   num_labels=case.num_labels, **case.loss_kwargs())
     eager = fn(feats, protos)
     compiled = torch.compile(fn, fullgraph=True)(feats, protos)
@@ -210,20 +212,22 @@ def test_torch_compile_fullgraph(preset, dtype):
 
 
 # ------------------------------------------------------------------------------------ op errors
-def test_op_errors_name_the_argument():
+def _corrupt(args: list, which: str, num_labels: int) -> list:
+    bad = list(args)
+    if which == "row_labels":
+        bad[2] = args[2].cpu()
+    elif which == "col_labels":
+        bad[3] = args[3].clone()
+        bad[3][0, 0] = num_labels  # out of the label space
+    else:
+        bad[4] = args[4] + 1000
+    return bad
+
+
+@pytest.mark.parametrize("which", ["row_labels", "col_labels", "self_col"])
+def test_op_errors_name_the_argument(which):
     case = _case("errors", "supcon_any", None, B=6, d=4, L=3)
     problem, _ = _problem(case, None, None, torch.float32, "cuda")
-    args = list(backend.op_inputs(problem))
-    bad = list(args)
-    bad[2] = args[2].cpu()
-    with pytest.raises(RuntimeError, match="row_labels"):
-        torch.ops.mlcl_fast.anchor_loss_forward(*bad)
-    bad = list(args)
-    bad[3] = args[3].clone()
-    bad[3][0, 0] = case.num_labels  # out of the label space
-    with pytest.raises(RuntimeError, match="col_labels"):
-        torch.ops.mlcl_fast.anchor_loss_forward(*bad)
-    bad = list(args)
-    bad[4] = args[4] + 1000
-    with pytest.raises(RuntimeError, match="self_col"):
+    bad = _corrupt(list(backend.op_inputs(problem)), which, case.num_labels)
+    with pytest.raises(RuntimeError, match=which):
         torch.ops.mlcl_fast.anchor_loss_forward(*bad)

@@ -276,6 +276,26 @@ def test_regime_choice_thresholds():
     assert configs.choose_regime(100000, 8, 8, 256, 256, 128, 256 * 256) == "list"
 
 
+def test_tile_configs_per_kernel_family(monkeypatch):
+    from mlcl_fast.triton import configs
+
+    monkeypatch.delenv("MLCL_FAST_TRITON_TILE", raising=False)
+    anchors, columns = configs.tile_config(128, False), configs.tile_config(128, False, "columns")
+    assert (anchors.block_m, anchors.block_n) == (16, 64) and (columns.block_m, columns.block_n) == (32, 32)
+    assert configs.tile_config(300, False).block_k == 128 and configs.tile_config(20, False).block_k == 32
+    assert configs.tile_config(128, True, "columns").block_m == 16
+    with pytest.raises(ValueError, match="owner"):
+        configs.tile_config(128, False, "rows")
+    monkeypatch.setenv("MLCL_FAST_TRITON_TILE", "32,128,8,3")
+    forced = configs.tile_config(64, False, "columns")
+    assert (forced.block_m, forced.block_n, forced.num_warps, forced.num_stages, forced.block_k) == (32, 128, 8, 3, 64)
+    for bad, match in (("32,64,4", "expected"), ("24,64,4,2", "BLOCK_M must be a power of two"),
+                       ("32,64,3,2", "num_warps")):
+        monkeypatch.setenv("MLCL_FAST_TRITON_TILE", bad)
+        with pytest.raises(ValueError, match=match):
+            configs.tile_config(64, False)
+
+
 def test_supports_only_cuda_or_interpreter():
     assert backend.supports("cpu") == backend.kernels_interpreted()
     assert backend.supports("cuda") == (HAS_CUDA and not backend.kernels_interpreted())

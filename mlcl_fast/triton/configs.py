@@ -51,8 +51,17 @@ def _pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def tile_config(dim: int, interpret: bool) -> TileConfig:
-    """The fixed configuration for feature dimension `dim`."""
+OWNERS = ("anchors", "columns")
+
+
+def tile_config(dim: int, interpret: bool, owner: str = "anchors") -> TileConfig:
+    """The fixed configuration for feature dimension `dim` and a kernel whose programs own anchor
+    blocks (stats, rows) or column blocks (cols). MLCL_FAST_TRITON_TILE overrides it."""
+    if owner not in OWNERS:
+        raise ValueError(f"owner: expected one of {list(OWNERS)}, got {owner!r}")
+    forced = forced_tile(dim)
+    if forced is not None:
+        return forced
     if interpret:
         # Small tiles so that the CPU tests cross tile, chunk and padding boundaries.
         return TileConfig(block_m=16, block_n=16, block_k=16, block_d=16, num_warps=1, num_stages=1)
@@ -60,7 +69,31 @@ def tile_config(dim: int, interpret: bool) -> TileConfig:
     # gradient outputs are split into 128-wide chunks, each program recomputing its logits.
     block_k = max(16, min(_pow2(dim), 128))
     block_d = max(16, min(_pow2(dim), 128))
-    return TileConfig(block_m=64, block_n=64, block_k=block_k, block_d=block_d, num_warps=4, num_stages=2)
+    # One program per owned block and nothing else to spread over the GPU: small owned blocks give
+    # enough programs, and 64 x 64 tiles spill registers. Measured per kernel on an H100 for reg,
+    # N=4096, d=128 (bench/RESULTS.md): anchor-owned kernels fastest at 16 x 64, the column-owned
+    # kernel at 32 x 32.
+    if owner == "columns":
+        return TileConfig(block_m=32, block_n=32, block_k=block_k, block_d=block_d, num_warps=4, num_stages=2)
+    return TileConfig(block_m=16, block_n=64, block_k=block_k, block_d=block_d, num_warps=4, num_stages=2)
+
+
+def forced_tile(dim: int) -> TileConfig | None:
+    """MLCL_FAST_TRITON_TILE="BLOCK_M,BLOCK_N,num_warps,num_stages" fixes the anchor and column
+    tile (for measurements: bench/profile.py); the feature chunks stay as for `dim`."""
+    text = os.environ.get("MLCL_FAST_TRITON_TILE")
+    if not text:
+        return None
+    try:
+        bm, bn, warps, stages = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"MLCL_FAST_TRITON_TILE: expected 'BLOCK_M,BLOCK_N,num_warps,num_stages', got {text!r}")
+    for name, v in (("BLOCK_M", bm), ("BLOCK_N", bn), ("num_warps", warps)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"MLCL_FAST_TRITON_TILE: {name} must be a power of two, got {v}")
+    chunk = max(16, min(_pow2(dim), 128))
+    return TileConfig(block_m=max(bm, 16), block_n=max(bn, 16), block_k=chunk, block_d=chunk,
+                      num_warps=warps, num_stages=max(stages, 1))
 
 
 def autotune_enabled() -> bool:
@@ -70,7 +103,7 @@ def autotune_enabled() -> bool:
 def autotune_candidates(dim: int) -> list[TileConfig]:
     """Candidates tried per (|A|, |C|, d) when MLCL_FAST_AUTOTUNE=1."""
     out = []
-    for bm, bn, warps in ((64, 64, 4), (128, 64, 8), (64, 128, 4), (128, 128, 8), (32, 64, 4)):
+    for bm, bn, warps in ((32, 64, 4), (64, 64, 4), (16, 64, 4), (32, 32, 4), (64, 32, 4)):
         for stages in (2, 3):
             base = tile_config(dim, interpret=False)
             out.append(TileConfig(bm, bn, base.block_k, base.block_d, warps, stages))

@@ -68,8 +68,8 @@ def geometry(q: Tensor, k: Tensor, labels: tuple, num_samples: int, col_lo: int,
                     alpha < 0, reg, "ieee" if (not allow_tf32 and not half) else "tf32")
 
 
-def _tile(g: Geometry) -> TileConfig:
-    return configs.tile_config(g.dim, INTERPRETED)
+def _tile(g: Geometry, owner: str = "anchors") -> TileConfig:
+    return configs.tile_config(g.dim, INTERPRETED, owner)
 
 
 def _common(g: Geometry) -> dict:
@@ -93,8 +93,8 @@ def _kernel(fn, name: str, dim: int):
     return _tuned[key]
 
 
-def _launch(fn, name: str, g: Geometry, grid_fn, wrap, args: tuple, meta: dict):
-    cfg = _tile(g)
+def _launch(fn, name: str, g: Geometry, grid_fn, wrap, args: tuple, meta: dict, owner: str = "anchors"):
+    cfg = _tile(g, owner)
     kernel = _kernel(fn, name, g.dim)
     if kernel is fn:
         meta = dict(meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
@@ -150,11 +150,12 @@ def cols(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap)
     width = C - g.col_lo
     if g.num_anchors == 0 or width <= 0:
         return dk
-    cfg = _tile(g)
+    cfg = _tile(g, "columns")
     args = (q, k, *labels, lse, w_tot, scale, inv_z, g_up, dk,
             g.num_anchors, C, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
             q.stride(0), k.stride(0), g.dim, g.inv_tau, g.log_beta, g.alpha)
     meta = dict(_common(g), REG=g.reg, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, K_RESIDENT=g.dim <= cfg.block_k)
     d_chunks = triton.cdiv(g.dim, cfg.block_d)
-    _launch(backward.cols_kernel, "cols", g, lambda m: (triton.cdiv(width, m["BLOCK_N"]), d_chunks), wrap, args, meta)
+    _launch(backward.cols_kernel, "cols", g, lambda m: (triton.cdiv(width, m["BLOCK_N"]), d_chunks), wrap, args, meta,
+            owner="columns")
     return dk
