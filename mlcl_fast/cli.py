@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--labels", default=None, help="ARFF: label count (the last N attributes) or a MULAN .xml label file")
     t.add_argument("--test-size", type=float, default=0.25, help="test share drawn when a file has no test split")
     t.add_argument("--loss", default="reg", choices=losses)
-    t.add_argument("--protocol", default="probe", choices=("probe", "finetune", "joint"),
-                   help="contrastive presets: linear probe, BCE fine-tuning, or BCE + λ·contrastive")
+    t.add_argument("--protocol", default=None, choices=("probe", "finetune", "joint", "end2end"),
+                   help="contrastive presets: linear probe (default), BCE fine-tuning, or BCE + λ·contrastive; "
+                        "bce/zlpr: end2end (default) or probe (a linear probe refitted on the trained backbone)")
     t.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<method>-s<seed>)")
     _common(t)
 
@@ -109,9 +110,11 @@ def _setup(args) -> None:
 
 def cmd_train(args) -> int:
     from .train.api import train
+    from .train.protocols import TrainConfig
     from .train.report import metrics_table
 
-    out = args.out or f"runs/{Path(args.dataset).stem}-{args.loss}{'' if args.loss in ('bce', 'zlpr') else '-' + args.protocol}-s{args.seed}"
+    method = TrainConfig(loss=args.loss, protocol=args.protocol).method
+    out = args.out or f"runs/{Path(args.dataset).stem}-{method.replace('/', '-')}-s{args.seed}"
     result = train(args.dataset, out=out, data_dir=args.data_dir, test_file=args.test_file, labels=args.labels,
                    test_size=args.test_size, val_fraction=args.val_fraction, max_train=args.max_train,
                    quiet=args.quiet, loss=args.loss, protocol=args.protocol, **_options(args))

@@ -30,22 +30,37 @@ def tiny_npz(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("loss, protocol", [("reg", "probe"), ("msc", "finetune"), ("supcon_any", "joint"),
-                                            ("bce", "probe"), ("zlpr", "probe")])
-def test_cli_train_writes_json_and_prints_macro_f1(tiny_npz, tmp_path, capsys, loss, protocol):
+@pytest.mark.parametrize("loss, protocol, method", [("reg", "probe", "reg/probe"), ("msc", "finetune", "msc/finetune"),
+                                                    ("supcon_any", "joint", "supcon_any/joint"), ("reg", None, "reg/probe"),
+                                                    ("bce", None, "bce"), ("zlpr", "end2end", "zlpr"),
+                                                    ("bce", "probe", "bce/probe")])
+def test_cli_train_writes_json_and_prints_macro_f1(tiny_npz, tmp_path, capsys, loss, protocol, method):
     out = tmp_path / "out"
-    rc = main(["train", "--dataset", str(tiny_npz), "--loss", loss, "--protocol", protocol, "--out", str(out), *FAST])
+    chosen = [] if protocol is None else ["--protocol", protocol]
+    rc = main(["train", "--dataset", str(tiny_npz), "--loss", loss, *chosen, "--out", str(out), *FAST])
     assert rc == 0
     printed = capsys.readouterr().out
     assert any(line.startswith("Micro-F1") and "Macro-F1" in line for line in printed.splitlines())
     rec = json.loads((out / "metrics.json").read_text())
     assert rec["dataset"] == "tiny" and rec["num_labels"] == 3
-    assert rec["method"] == (loss if loss in ("bce", "zlpr") else f"{loss}/{protocol}")
+    assert rec["method"] == method
+    names = [st["name"] for st in rec["stages"]]
+    assert (names[-1] == "probe") == method.endswith("/probe")
+    if method == "bce/probe":  # the end-to-end stage, then the probe refitted on its frozen backbone
+        assert len(names) == 2 and names[0] != "probe"
+
     for key in ("micro_f1", "macro_f1", "hamming", "map", "p@1", "p@3", "p@5", "macro_f1_tuned"):
         assert 0.0 <= rec["test"][key] <= 1.0
     assert len(rec["thresholds"]) == 3
     assert (out / "model.pt").exists() and (out / "curves.png").stat().st_size > 0
     assert f"Macro-F1 {rec['test']['macro_f1']:.4f}" in printed
+
+
+@pytest.mark.parametrize("loss, protocol", [("bce", "finetune"), ("zlpr", "joint"), ("reg", "end2end")])
+def test_protocol_must_suit_the_loss(loss, protocol):
+    from mlcl_fast.train.api import config_from
+    with pytest.raises(ValueError, match="protocol"):
+        config_from(loss=loss, protocol=protocol)
 
 
 def test_same_seed_same_result():

@@ -1,6 +1,8 @@
 """Training protocols of the study, on a prepared `Split`:
 
-* `bce`, `zlpr`: backbone + linear classifier trained end to end with that loss;
+* `bce`, `zlpr` (protocol `end2end`): backbone + linear classifier trained end to end with that
+  loss; `bce/probe`, `zlpr/probe`: the same, then the backbone is frozen and the linear probe
+  below is fitted on it (separates the backbone's features from how its classifier was trained);
 * contrastive presets, after `pretrain` (backbone + projection head [+ prototypes] with
   mlcl_fast.MultiLabelContrastiveLoss):
   - `probe`: the backbone is frozen and per-label linear classifiers (BCE) are trained on its
@@ -39,13 +41,14 @@ from .models import Backbone, ProjectionHead, make_views
 
 BASELINES = ("bce", "zlpr")
 PROTOCOLS = ("probe", "finetune", "joint")
+BASELINE_PROTOCOLS = ("end2end", "probe")
 PROBE_L2 = (1e-5, 1e-4, 1e-3)
 
 
 @dataclass
 class TrainConfig:
     loss: str = "reg"                 # a contrastive preset, or bce / zlpr
-    protocol: str = "probe"           # probe | finetune | joint (contrastive presets only)
+    protocol: Optional[str] = None    # presets: probe (default) | finetune | joint; bce/zlpr: end2end (default) | probe
     epochs: int = 30                  # most epochs of each stage (early stopping may end it sooner)
     probe_epochs: int = 40
     patience: int = 5
@@ -68,11 +71,17 @@ class TrainConfig:
     backend: str = "auto"
     device: str = "cpu"
 
+    def __post_init__(self):
+        if self.protocol is None:
+            self.protocol = "end2end" if self.loss in BASELINES else "probe"
+
     def check(self) -> "TrainConfig":
         if self.loss not in BASELINES and self.loss not in PRESETS:
             raise ValueError(f"loss: expected bce, zlpr or a preset {sorted(PRESETS)}, got {self.loss!r}")
         if self.loss not in BASELINES and self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol: expected one of {list(PROTOCOLS)}, got {self.protocol!r}")
+            raise ValueError(f"protocol: expected one of {list(PROTOCOLS)} for a contrastive preset, got {self.protocol!r}")
+        if self.loss in BASELINES and self.protocol not in BASELINE_PROTOCOLS:
+            raise ValueError(f"protocol: expected one of {list(BASELINE_PROTOCOLS)} for {self.loss}, got {self.protocol!r}")
         for name in ("epochs", "probe_epochs", "batch_size", "hidden", "layers", "proj_dim", "views", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
@@ -82,7 +91,7 @@ class TrainConfig:
 
     @property
     def method(self) -> str:
-        return self.loss if self.loss in BASELINES else f"{self.loss}/{self.protocol}"
+        return self.loss if self.protocol == "end2end" else f"{self.loss}/{self.protocol}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,6 +427,9 @@ def run(split: Split, cfg: TrainConfig, pretrained: Optional[tuple[Backbone, Sta
     stages = []
     if cfg.loss in BASELINES or cfg.protocol == "joint":
         parts, log = train_supervised(split, cfg, progress=progress)
+        if cfg.protocol == "probe":  # bce/probe, zlpr/probe: refit a linear probe on the frozen backbone
+            stages.append(log)
+            parts, log = linear_probe(split, cfg, copy.deepcopy(parts.backbone), progress)
     else:
         backbone, pre_log = pretrained if pretrained is not None else pretrain(split, cfg, progress)
         backbone = copy.deepcopy(backbone)

@@ -29,7 +29,7 @@ from .report import TABLE_METRICS, fmt, markdown_table
 
 STUDY_DATASETS = ("emotions", "scene", "yeast", "medical", "genbase", "bibtex", "tmc2007_500", "delicious")
 STUDY_PRESETS = ("reg", "reg_noreg", "msc", "mulsupcon", "jaccard", "supcon_any")
-STUDY_METHODS = ("bce", "zlpr") + tuple(f"{p}/{proto}" for p in STUDY_PRESETS for proto in ("probe", "finetune")) \
+STUDY_METHODS = ("bce", "zlpr", "bce/probe") + tuple(f"{p}/{proto}" for p in STUDY_PRESETS for proto in ("probe", "finetune")) \
     + ("reg/joint", "supcon_any/joint")
 # training rows kept for the two large sets, so that the grid fits its compute budget
 STUDY_MAX_TRAIN = {"tmc2007_500": 3000, "delicious": 3000}
@@ -37,7 +37,7 @@ STUDY_MAX_TRAIN = {"tmc2007_500": 3000, "delicious": 3000}
 
 def parse_method(method: str) -> tuple[str, str]:
     if method in BASELINES:
-        return method, "probe"
+        return method, "end2end"
     loss, _, protocol = method.partition("/")
     if not protocol:
         raise ValueError(f"methods: {method!r} needs a protocol, e.g. {method}/probe (or use bce / zlpr)")
