@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     s.add_argument("--out", default="runs/study")
     s.add_argument("--summary-only", action="store_true", help="only rebuild tables and plots from finished cells")
+    s.add_argument("--tune", action="store_true",
+                   help="choose each method's learning rate / temperature / λ per dataset on validation first "
+                        "(mlcl_fast/train/tuning.py); use a separate --out from untuned studies")
     _common(s, epochs=40)
 
     b = sub.add_parser("bench", help="forward the remaining arguments to python -m bench.sweep", add_help=False)
@@ -171,7 +174,7 @@ def cmd_study(args) -> int:
         options.pop("seed")  # the grid sets it
         max_train = {d: args.max_train for d in datasets} if args.max_train is not None else None
         summary = run_study(args.out, datasets, methods, args.seeds, data_dir=args.data_dir, max_train=max_train,
-                            val_fraction=args.val_fraction, quiet=args.quiet, **options)
+                            val_fraction=args.val_fraction, quiet=args.quiet, tune=args.tune, **options)
     print((Path(args.out) / "summary.md").read_text() if summary else "no finished cells")
     print(f"tables and plots in {args.out}/")
     return 0

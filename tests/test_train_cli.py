@@ -111,7 +111,8 @@ def test_study_grid_is_resumable(tiny_npz, tmp_path, capsys):
             "reg/finetune", "--seeds", "0", "1", "--out", str(out), *FAST]
     assert main(args) == 0
     cells = sorted(p.relative_to(out).as_posix() for p in (out / "runs").rglob("*.json"))
-    assert len(cells) == 6 and (out / "cache" / "tiny" / "reg" / "seed0.pt").exists()
+    # one pre-training per seed, shared by probe and finetune, cached under the options it used
+    assert len(cells) == 6 and len(list((out / "cache" / "tiny" / "reg").rglob("seed0.pt"))) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert {r["method"] for r in summary} == {"bce", "reg/probe", "reg/finetune"}
     assert all(r["seeds"] == 2 and r["macro_f1_std"] is not None for r in summary)
@@ -121,3 +122,32 @@ def test_study_grid_is_resumable(tiny_npz, tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0  # everything finished: nothing is retrained
     assert stamp == {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+
+
+def test_study_tune_chooses_on_validation_and_uses_the_choice_for_every_seed(tiny_npz, tmp_path, monkeypatch):
+    from mlcl_fast.train import tuning
+    monkeypatch.setitem(tuning.GRIDS, "end2end", {"lr": (1e-3, 3e-2)})
+    monkeypatch.setitem(tuning.GRIDS, "probe", {"temperature": (0.1, 0.5)})
+    out = tmp_path / "tuned"
+    args = ["study", "--tune", "--datasets", "tiny", "--data-dir", str(tiny_npz.parent), "--methods", "bce",
+            "reg/probe", "--seeds", "0", "1", "--out", str(out), *FAST]
+    assert main(args) == 0
+    choices = json.loads((out / "tuning" / "choices.json").read_text())
+    for method, loss, protocol, key in (("bce", "bce", "end2end", "lr"), ("reg/probe", "reg", "probe", "temperature")):
+        tried = [json.loads(tuning.candidate_path(out, "tiny", method, o).read_text())
+                 for o in tuning.candidates(loss, protocol)]
+        assert len(tried) == 2 and tried[0]["config"][key] != tried[1]["config"][key]
+        best = max(tried, key=tuning.score)  # validation scores only
+        assert choices["tiny"][method] == {key: best["config"][key]}
+        folder = out / "runs" / "tiny" / method.replace("/", "__")
+        cells = [json.loads((folder / f"seed{s}.json").read_text()) for s in (0, 1)]
+        assert all(c["config"][key] == best["config"][key] for c in cells)
+        assert cells[0]["test"] == best["test"] and cells[1]["seed"] == 1  # seed 0 is the chosen candidate itself
+    # the two temperatures pre-trained separately (the cache keys on them)
+    assert len(list((out / "cache" / "tiny" / "reg").rglob("seed0.pt"))) == 2
+    assert "τ" in (out / "tuning" / "choices.md").read_text()
+    trained = lambda: {p: p.stat().st_mtime_ns for d in ("runs", "tuning") for p in (out / d).rglob("*.json")}  # noqa: E731
+    stamp = trained()
+    assert main(args) == 0  # resumable: nothing is retrained or re-chosen
+    assert stamp == trained()
+

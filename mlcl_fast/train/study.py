@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from . import tuning
 from .api import config_from, progress_bar, seed_everything
 from .data import load_dataset, prepare_split
 from .metrics import METRIC_LABELS
@@ -51,9 +52,10 @@ def cell_path(out: Path, dataset: str, method: str, seed: int) -> Path:
 def run_study(out: str, datasets: Sequence[str] = STUDY_DATASETS, methods: Sequence[str] = STUDY_METHODS,
               seeds: Sequence[int] = (0, 1, 2), data_dir: Optional[str] = None,
               max_train: Optional[dict] = None, val_fraction: float = 0.15, quiet: bool = True,
-              log=print, **options) -> list[dict]:
+              tune: bool = False, log=print, **options) -> list[dict]:
     """Run every missing cell (seed-major, so that every dataset gets a first seed early), then
-    rewrite the summary tables and plots from all finished cells."""
+    rewrite the summary tables and plots from all finished cells. With `tune`, every (dataset,
+    method) first chooses its options on validation (tuning.py) and all its seeds use them."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     max_train = STUDY_MAX_TRAIN if max_train is None else max_train
@@ -61,37 +63,31 @@ def run_study(out: str, datasets: Sequence[str] = STUDY_DATASETS, methods: Seque
     for loss, protocol in specs:
         config_from(loss=loss, protocol=protocol, **options)  # fail before any training
     loaded = {}
+
+    def dataset(name):
+        if name not in loaded:
+            loaded[name] = load_dataset(name, data_dir)
+        return loaded[name]
+
+    def split_for(name, seed):
+        seed_everything(seed)
+        return prepare_split(dataset(name), val_fraction, seed, max_train.get(name))
+
+    choices = _tune(out, datasets, methods, split_for, dataset, quiet, log, options) if tune else {}
     for seed in seeds:
         for name in datasets:
             todo = [m for m in methods if not cell_path(out, name, m, seed).exists()]
             if not todo:
                 continue
-            if name not in loaded:
-                loaded[name] = load_dataset(name, data_dir)
-            ds = loaded[name]
-            seed_everything(seed)
-            split = prepare_split(ds, val_fraction, seed, max_train.get(name))
-            sizes = (split.Y_train.shape[0], split.Y_val.shape[0], split.Y_test.shape[0])
+            split = split_for(name, seed)
             for method in todo:
-                loss, protocol = parse_method(method)
-                cfg = config_from(loss=loss, protocol=protocol, seed=seed, **options)
-                t0 = time.perf_counter()
-                bar = progress_bar(quiet, f"{name} {method} s{seed}")
-                try:
-                    pre = _cached_pretraining(out, name, split, cfg, bar) if protocol in ("probe", "finetune") \
-                        and loss not in BASELINES else None
-                    result = run(split, cfg, pretrained=pre, progress=bar)
-                finally:
-                    if bar is not None:
-                        bar.close()
-                record = result.to_json()
-                record.update(dataset=name, num_labels=ds.num_labels, seed=seed, wall_s=time.perf_counter() - t0,
-                              n_train=sizes[0], n_val=sizes[1], n_test=sizes[2])
-                path = cell_path(out, name, method, seed)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(record, indent=1))
-                tmp.replace(path)  # a cell exists only once complete
+                chosen = choices.get(name, {}).get(method, {})
+                reuse = tuning.candidate_path(out, name, method, chosen) if tune and seed == 0 else None
+                if reuse is not None and reuse.exists():  # the chosen candidate is this very cell
+                    record = json.loads(reuse.read_text())
+                else:
+                    record = _train_cell(out, name, dataset(name), split, method, seed, {**options, **chosen}, quiet)
+                _write_json(cell_path(out, name, method, seed), record)
                 log(f"{time.strftime('%H:%M:%S')} {name:12s} {method:22s} seed {seed}: Macro-F1 {record['test']['macro_f1']:.3f} "
                     f"(tuned {record['test']['macro_f1_tuned']:.3f}), mAP {record['test']['map']:.3f}, "
                     f"{record['wall_s']:.1f}s")
@@ -99,8 +95,68 @@ def run_study(out: str, datasets: Sequence[str] = STUDY_DATASETS, methods: Seque
     return summarise(out, datasets, methods, seeds)
 
 
+def _tune(out: Path, datasets, methods, split_for, dataset, quiet: bool, log, options: dict) -> dict:
+    choices = tuning.read_choices(out)
+    for name in datasets:
+        todo = [m for m in methods if m not in choices.get(name, {})]
+        if not todo:
+            continue
+        split = split_for(name, 0)
+        for method in todo:
+            loss, protocol = parse_method(method)
+
+            def train_candidate(opts, method=method):
+                return _train_cell(out, name, dataset(name), split, method, 0, {**options, **opts}, quiet)
+
+            chosen = tuning.tune_method(tuning.method_folder(out, name, method), loss, protocol, train_candidate)
+            choices.setdefault(name, {})[method] = chosen
+            tuning.write_choices(out, choices)
+            log(f"{time.strftime('%H:%M:%S')} {name:12s} {method:22s} tuned: {tuning.candidate_key(chosen)}")
+    (out / "tuning" / "choices.md").write_text(tuning.choices_table(choices, datasets, methods) + "\n")
+    return choices
+
+
+def _train_cell(out: Path, name: str, ds, split, method: str, seed: int, options: dict, quiet: bool) -> dict:
+    loss, protocol = parse_method(method)
+    cfg = config_from(loss=loss, protocol=protocol, seed=seed, **options)
+    t0 = time.perf_counter()
+    bar = progress_bar(quiet, f"{name} {method} s{seed}")
+    try:
+        pre = _cached_pretraining(out, name, split, cfg, bar) if protocol in ("probe", "finetune") \
+            and loss not in BASELINES else None
+        result = run(split, cfg, pretrained=pre, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    record = result.to_json()
+    record.update(dataset=name, num_labels=ds.num_labels, seed=seed, wall_s=time.perf_counter() - t0,
+                  n_train=split.Y_train.shape[0], n_val=split.Y_val.shape[0], n_test=split.Y_test.shape[0])
+    return record
+
+
+def _write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)  # a file exists only once complete
+
+
+# Options that change a contrastive pre-training; the cache keys on those that differ from the
+# defaults, so that a study with other options (or a tuning candidate) never reuses another's.
+PRETRAIN_FIELDS = ("epochs", "patience", "min_steps", "batch_size", "lr", "weight_decay", "hidden", "layers",
+                   "dropout", "proj_dim", "temperature", "views", "aug_drop", "aug_noise", "device")
+
+
+def _pretraining_key(cfg: TrainConfig) -> str:
+    default = TrainConfig(loss=cfg.loss)
+    changed = [(f, getattr(cfg, f)) for f in PRETRAIN_FIELDS if getattr(cfg, f) != getattr(default, f)]
+    return "_".join(f"{f}={v}" for f, v in changed) or "default"
+
+
 def _cached_pretraining(out: Path, dataset: str, split, cfg: TrainConfig, bar):
-    path = out / "cache" / dataset / cfg.loss / f"seed{cfg.seed}.pt"
+    key = _pretraining_key(cfg)
+    folder = out / "cache" / dataset / cfg.loss
+    path = folder / f"seed{cfg.seed}.pt" if key == "default" else folder / key / f"seed{cfg.seed}.pt"
     if path.exists():
         blob = torch.load(path, weights_only=False)
         backbone = Backbone(split.num_features, cfg.hidden, cfg.layers, cfg.dropout)

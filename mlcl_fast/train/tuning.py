@@ -1,0 +1,105 @@
+"""Per-method hyper-parameter selection on validation (`mlcl-fast study --tune`).
+
+For every (dataset, method), each candidate of the method's grid trains once with seed 0; the
+candidate with the best validation Macro-F1 at tuned thresholds (ties: validation mAP) is the
+method's setting for every seed of the study. Test metrics play no part in the choice.
+
+Layout under the study's output folder:
+  tuning/<dataset>/<method>/<candidate>.json   one trained candidate (skipped when present)
+  tuning/choices.json                          the chosen options per dataset and method
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .protocols import BASELINES
+
+# What each protocol family searches. Pre-training candidates (lr, temperature) are shared by the
+# probe and fine-tuning protocols of a preset through the pre-training cache.
+GRIDS: dict[str, dict[str, tuple]] = {
+    "end2end": {"lr": (3e-4, 1e-3, 3e-3)},
+    "baseline_probe": {"lr": (3e-4, 1e-3, 3e-3)},
+    "probe": {"lr": (3e-4, 1e-3, 3e-3), "temperature": (0.05, 0.1, 0.3)},
+    "finetune": {"lr": (3e-4, 1e-3, 3e-3), "temperature": (0.05, 0.1, 0.3)},
+    "joint": {"temperature": (0.1, 0.3), "joint_lambda": (0.03, 0.1, 0.3, 1.0)},
+}
+
+
+def grid_for(loss: str, protocol: str) -> dict[str, tuple]:
+    if loss in BASELINES:
+        return GRIDS["end2end" if protocol == "end2end" else "baseline_probe"]
+    return GRIDS[protocol]
+
+
+def candidates(loss: str, protocol: str) -> list[dict]:
+    grid = grid_for(loss, protocol)
+    names = sorted(grid)
+    return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+
+
+def candidate_key(options: dict) -> str:
+    return "_".join(f"{k}={options[k]:g}" for k in sorted(options))
+
+
+def score(record: dict) -> tuple:
+    """Validation only: Macro-F1 at tuned thresholds, then mAP."""
+    return record["val"]["macro_f1_tuned"], record["val"]["map"]
+
+
+def method_folder(out: Path, dataset: str, method: str) -> Path:
+    return Path(out) / "tuning" / dataset / method.replace("/", "__")
+
+
+def candidate_path(out: Path, dataset: str, method: str, options: dict) -> Path:
+    return method_folder(out, dataset, method) / f"{candidate_key(options)}.json"
+
+
+def tune_method(folder: Path, loss: str, protocol: str, train_candidate: Callable[[dict], dict]) -> dict:
+    """Train (or read back) every candidate of one (dataset, method) and return the chosen options.
+    `train_candidate(options)` trains seed 0 with those options and returns its record."""
+    best, best_score = None, None
+    for options in candidates(loss, protocol):
+        path = folder / f"{candidate_key(options)}.json"
+        if path.exists():
+            record = json.loads(path.read_text())
+        else:
+            record = train_candidate(options)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=1))
+            tmp.replace(path)
+        s = score(record)
+        if best_score is None or s > best_score:
+            best, best_score = options, s
+    return best
+
+
+def read_choices(out: Path) -> dict:
+    path = out / "tuning" / "choices.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_choices(out: Path, choices: dict) -> None:
+    path = out / "tuning" / "choices.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(choices, indent=1, sort_keys=True))
+
+
+def choices_table(choices: dict, datasets: Sequence[str], methods: Sequence[str]) -> str:
+    """Markdown: the chosen options of every method on every dataset."""
+    shown = [d for d in datasets if d in choices]
+    lines = ["| method | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+    for method in methods:
+        cells = []
+        for d in shown:
+            opts = choices[d].get(method)
+            cells.append("—" if opts is None else ", ".join(f"{_short(k)} {v:g}" for k, v in sorted(opts.items())))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _short(name: str) -> str:
+    return {"temperature": "τ", "joint_lambda": "λ"}.get(name, name)
