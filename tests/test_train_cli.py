@@ -151,3 +151,19 @@ def test_study_tune_chooses_on_validation_and_uses_the_choice_for_every_seed(tin
     assert main(args) == 0  # resumable: nothing is retrained or re-chosen
     assert stamp == trained()
 
+
+
+def test_against_baseline_counts_clear_differences():
+    from mlcl_fast.train.study import against_baseline_markdown
+
+    def row(dataset, method, mean, std):
+        return {"dataset": dataset, "method": method, "macro_f1_mean": mean, "macro_f1_std": std}
+
+    summary = [row("a", "bce", 0.50, 0.01), row("a", "m", 0.60, 0.02),   # +0.10, clearly above
+               row("b", "bce", 0.50, 0.05), row("b", "m", 0.52, 0.05),   # +0.02, within noise
+               row("c", "bce", 0.50, 0.00), row("c", "m", 0.40, 0.01),   # -0.10, clearly below
+               row("d", "m", 0.90, 0.00)]                               # no baseline: left out
+    text = against_baseline_markdown(summary, ["a", "b", "c", "d"], ["bce", "m"], "macro_f1")
+    line = next(x for x in text.splitlines() if x.startswith("| m "))
+    assert [c.strip() for c in line.strip("|").split("|")] == ["m", "+0.0067", "2/3", "1", "1"]
+    assert "| bce " not in text
