@@ -17,6 +17,19 @@ from .tiles import dot_tile, load_rows, positive_weights, softmax_mask
 
 
 @triton.jit
+def anchor_state(rows, rmask, self_col, a_count, lse, w_tot, scale, g_up):
+    """What a gradient tile needs of its anchors: own column, |y_i|, and the forward's saved
+    lse_i, W_i, weight scale and the upstream gradient G_i."""
+    self_c = tl.load(self_col + rows, mask=rmask, other=-1)
+    a_i = tl.load(a_count + rows, mask=rmask, other=0).to(tl.float32)
+    lse_i = tl.load(lse + rows, mask=rmask, other=0.0)
+    w_i = tl.load(w_tot + rows, mask=rmask, other=0.0)
+    scale_i = tl.load(scale + rows, mask=rmask, other=0.0)
+    g_i = tl.load(g_up + rows, mask=rmask, other=0.0)
+    return self_c, a_i, lse_i, w_i, scale_i, g_i
+
+
+@triton.jit
 def tile_grad(s, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_tot, scale_i, g_i, a_i,
               inv_z, a_index, a_bits, KA, KAP, table, c_count, width, log_beta, alpha,
               LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr, WEIGHTING: tl.constexpr,
@@ -55,12 +68,7 @@ def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
     pid_d = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    self_c = tl.load(self_col + rows, mask=rmask, other=-1)
-    a_i = tl.load(a_count + rows, mask=rmask, other=0).to(tl.float32)
-    lse_i = tl.load(lse + rows, mask=rmask, other=0.0)
-    w_i = tl.load(w_tot + rows, mask=rmask, other=0.0)
-    scale_i = tl.load(scale + rows, mask=rmask, other=0.0)
-    g_i = tl.load(g_up + rows, mask=rmask, other=0.0)
+    self_c, a_i, lse_i, w_i, scale_i, g_i = anchor_state(rows, rmask, self_col, a_count, lse, w_tot, scale, g_up)
     if Q_RESIDENT:
         q_res = load_rows(q_ptr, rows, rmask, d, stride_q, BLOCK_K)
     else:
@@ -118,12 +126,7 @@ def cols_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
     for start in range(0, M, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         rmask = rows < M
-        self_c = tl.load(self_col + rows, mask=rmask, other=-1)
-        a_i = tl.load(a_count + rows, mask=rmask, other=0).to(tl.float32)
-        lse_i = tl.load(lse + rows, mask=rmask, other=0.0)
-        w_i = tl.load(w_tot + rows, mask=rmask, other=0.0)
-        scale_i = tl.load(scale + rows, mask=rmask, other=0.0)
-        g_i = tl.load(g_up + rows, mask=rmask, other=0.0)
+        self_c, a_i, lse_i, w_i, scale_i, g_i = anchor_state(rows, rmask, self_col, a_count, lse, w_tot, scale, g_up)
         if K_RESIDENT:
             q = load_rows(q_ptr, rows, rmask, d, stride_q, BLOCK_K)
             s = tl.dot(q, tl.trans(k_res), input_precision=PRECISION)
