@@ -146,6 +146,7 @@ def test_study_tune_chooses_on_validation_and_uses_the_choice_for_every_seed(tin
     # the two temperatures pre-trained separately (the cache keys on them)
     assert len(list((out / "cache" / "tiny" / "reg").rglob("seed0.pt"))) == 2
     assert "τ" in (out / "tuning" / "choices.md").read_text()
+    assert "## Options chosen on validation" in (out / "summary.md").read_text()
     trained = lambda: {p: p.stat().st_mtime_ns for d in ("runs", "tuning") for p in (out / d).rglob("*.json")}  # noqa: E731
     stamp = trained()
     assert main(args) == 0  # resumable: nothing is retrained or re-chosen

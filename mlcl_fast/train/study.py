@@ -95,6 +95,16 @@ def run_study(out: str, datasets: Sequence[str] = STUDY_DATASETS, methods: Seque
     return summarise(out, datasets, methods, seeds)
 
 
+def _choices_markdown(out: Path, datasets: Sequence[str], methods: Sequence[str]) -> str:
+    """The options a tuned study chose (empty for an untuned one); also written to tuning/choices.md."""
+    choices = tuning.read_choices(out)
+    if not choices:
+        return ""
+    table = tuning.choices_table(choices, datasets, methods)
+    (out / "tuning" / "choices.md").write_text(table + "\n")
+    return "\n\n## Options chosen on validation\n\n" + table
+
+
 def _tune(out: Path, datasets, methods, split_for, dataset, quiet: bool, log, options: dict) -> dict:
     choices = tuning.read_choices(out)
     for name in datasets:
@@ -112,7 +122,6 @@ def _tune(out: Path, datasets, methods, split_for, dataset, quiet: bool, log, op
             choices.setdefault(name, {})[method] = chosen
             tuning.write_choices(out, choices)
             log(f"{time.strftime('%H:%M:%S')} {name:12s} {method:22s} tuned: {tuning.candidate_key(chosen)}")
-    (out / "tuning" / "choices.md").write_text(tuning.choices_table(choices, datasets, methods) + "\n")
     return choices
 
 
@@ -235,7 +244,8 @@ def summarise(out, datasets: Sequence[str] = (), methods: Sequence[str] = (), se
         + overview_markdown(summary, all_datasets, all_methods, "macro_f1_tuned", n_seeds)
         + "\n\n## Micro-F1 at threshold 0.5\n\n" + overview_markdown(summary, all_datasets, all_methods, "micro_f1", n_seeds)
         + "\n\n## macro mAP\n\n" + overview_markdown(summary, all_datasets, all_methods, "map", n_seeds)
-        + "\n\n## Per dataset\n\n" + summary_markdown(summary, all_datasets, all_methods, n_seeds))
+        + "\n\n## Per dataset\n\n" + summary_markdown(summary, all_datasets, all_methods, n_seeds)
+        + _choices_markdown(out, all_datasets, all_methods))
     f1_vs_labels(summary, out / "macro_f1_vs_labels.png")
     f1_vs_labels(summary, out / "macro_f1_tuned_vs_labels.png", "macro_f1_tuned", "Macro-F1, tuned thresholds")
     for dataset in {c["dataset"] for c in cells}:
