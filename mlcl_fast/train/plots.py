@@ -62,7 +62,7 @@ def f1_vs_labels(summary: list[dict], path: Path, metric: str = "macro_f1", labe
                 continue
             base = m in ("bce", "zlpr")
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=3,
-                        capsize=2, label=m.split("/")[0], lw=2.4 if base else 1.3, ls="-" if base else "--",
+                        capsize=2, label=m if m.split("/")[0] in ("bce", "zlpr") else m.split("/")[0], lw=2.4 if base else 1.3, ls="-" if base else "--",
                         color={"bce": "black", "zlpr": "grey"}.get(m, colours.get(m.split("/")[0])))
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([f"{d}\n({n})" for n, d in names], fontsize=7, rotation=35)
