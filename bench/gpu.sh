@@ -111,6 +111,12 @@ export MLCL_FAST_REQUIRE_CUDA=1
 (want tests || want tests-triton) && stage tests-triton 100 "${PYTEST[@]}" -m "gpu and not slow" tests/test_triton.py
 (want tests || want tests-other) && stage tests-other 60 "${PYTEST[@]}" -m "not slow and not gpu" -k "cuda or gpu or triton" tests
 
+# Not in the default stages: a host backtrace of the op-error tests that crashed on an H100
+# (README "Known issues"); cuda-gdb also debugs the host side of a Python process.
+if want debug && (( DRY )); then log "== debug: not run (dry run)"; fi
+want debug && (( ! DRY )) && stage debug 150 bash -c "cuda-gdb -q -batch -ex 'set pagination off' -ex run -ex bt \
+  --args $PY -X faulthandler -m pytest -q -p no:cacheprovider tests/test_cuda.py -k 'op_errors and (col_labels or self_col)'"
+
 # MLCL_GPU_SWEEP_ARGS narrows the sweep, e.g. "--presets reg,msc"
 # shellcheck disable=SC2206
 EXTRA_SWEEP=(${MLCL_GPU_SWEEP_ARGS:-})
