@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .inputs import FLOAT_DTYPES, prepare
-from .reduction import mean_terms
 from .labels import LabelSets, _detect_format
+from .reduction import mean_terms
 
 GATHER_MODES = (None, "all")
 

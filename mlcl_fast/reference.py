@@ -6,7 +6,6 @@ which yields SPEC's gradient W_i p_ij - w_ij - r_ij.
 """
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..problem import Problem
-from .op_args import op_inputs  # noqa: F401  (embeddings kept in their dtype)
+from .op_args import op_inputs
 
 NATIVE_HALF = True
 OP = "mlcl_fast::anchor_loss_forward"

@@ -60,6 +60,15 @@ def train(dataset: "str | Dataset" = "emotions", *, out: Optional[str] = None, d
     return result
 
 
+def write_json(path: Path, obj) -> None:
+    """Write `obj` as JSON so that the file exists only once complete (resumable runs skip it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
 def save(result: RunResult, out: Path, ds: Dataset, split_sizes=None, plot: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     record = result.to_json()
@@ -67,7 +76,7 @@ def save(result: RunResult, out: Path, ds: Dataset, split_sizes=None, plot: bool
     record["num_labels"] = ds.num_labels
     if split_sizes:
         record["n_train"], record["n_val"], record["n_test"] = split_sizes
-    (out / "metrics.json").write_text(json.dumps(record, indent=1))
+    write_json(out / "metrics.json", record)
     if result.parts is not None:
         torch.save({"config": result.config, "state_dict": result.parts.state_dict(),
                     "thresholds": result.thresholds, "num_features": ds.num_features,

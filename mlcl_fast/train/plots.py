@@ -60,10 +60,10 @@ def f1_vs_labels(summary: list[dict], path: Path, metric: str = "macro_f1", labe
                          for r in summary if r["method"] == m and r.get(f"{metric}_mean") is not None)
             if not pts:
                 continue
-            base = m in ("bce", "zlpr")
+            base, loss = m in ("bce", "zlpr"), m.split("/")[0]
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=3,
-                        capsize=2, label=m if m.split("/")[0] in ("bce", "zlpr") else m.split("/")[0], lw=2.4 if base else 1.3, ls="-" if base else "--",
-                        color={"bce": "black", "zlpr": "grey"}.get(m, colours.get(m.split("/")[0])))
+                        capsize=2, label=m if loss in ("bce", "zlpr") else loss, lw=2.4 if base else 1.3,
+                        ls="-" if base else "--", color={"bce": "black", "zlpr": "grey"}.get(m, colours.get(loss)))
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([f"{d}\n({n})" for n, d in names], fontsize=7, rotation=35)
         ax.set_title(f"protocol: {proto}")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import tuning
-from .api import config_from, progress_bar, seed_everything
+from .api import config_from, progress_bar, seed_everything, write_json
 from .data import load_dataset, prepare_split
 from .metrics import METRIC_LABELS
 from .models import Backbone
@@ -64,16 +64,13 @@ def run_study(out: str, datasets: Sequence[str] = STUDY_DATASETS, methods: Seque
         config_from(loss=loss, protocol=protocol, **options)  # fail before any training
     loaded = {}
 
-    def dataset(name):
+    def split_for(name, seed):
         if name not in loaded:
             loaded[name] = load_dataset(name, data_dir)
-        return loaded[name]
-
-    def split_for(name, seed):
         seed_everything(seed)
-        return prepare_split(dataset(name), val_fraction, seed, max_train.get(name))
+        return prepare_split(loaded[name], val_fraction, seed, max_train.get(name))
 
-    choices = _tune(out, datasets, methods, split_for, dataset, quiet, log, options) if tune else {}
+    choices = _tune(out, datasets, methods, split_for, quiet, log, options) if tune else {}
     for seed in seeds:
         for name in datasets:
             todo = [m for m in methods if not cell_path(out, name, m, seed).exists()]
@@ -86,8 +83,8 @@ def run_study(out: str, datasets: Sequence[str] = STUDY_DATASETS, methods: Seque
                 if reuse is not None and reuse.exists():  # the chosen candidate is this very cell
                     record = json.loads(reuse.read_text())
                 else:
-                    record = _train_cell(out, name, dataset(name), split, method, seed, {**options, **chosen}, quiet)
-                _write_json(cell_path(out, name, method, seed), record)
+                    record = _train_cell(out, name, split, method, seed, {**options, **chosen}, quiet)
+                write_json(cell_path(out, name, method, seed), record)
                 log(f"{time.strftime('%H:%M:%S')} {name:12s} {method:22s} seed {seed}: Macro-F1 {record['test']['macro_f1']:.3f} "
                     f"(tuned {record['test']['macro_f1_tuned']:.3f}), mAP {record['test']['map']:.3f}, "
                     f"{record['wall_s']:.1f}s")
@@ -105,7 +102,7 @@ def _choices_markdown(out: Path, datasets: Sequence[str], methods: Sequence[str]
     return "\n\n## Options chosen on validation\n\n" + table
 
 
-def _tune(out: Path, datasets, methods, split_for, dataset, quiet: bool, log, options: dict) -> dict:
+def _tune(out: Path, datasets, methods, split_for, quiet: bool, log, options: dict) -> dict:
     choices = tuning.read_choices(out)
     for name in datasets:
         todo = [m for m in methods if m not in choices.get(name, {})]
@@ -116,16 +113,16 @@ def _tune(out: Path, datasets, methods, split_for, dataset, quiet: bool, log, op
             loss, protocol = parse_method(method)
 
             def train_candidate(opts, method=method):
-                return _train_cell(out, name, dataset(name), split, method, 0, {**options, **opts}, quiet)
+                return _train_cell(out, name, split, method, 0, {**options, **opts}, quiet)
 
-            chosen = tuning.tune_method(tuning.method_folder(out, name, method), loss, protocol, train_candidate)
+            chosen = tuning.tune_method(out, name, method, loss, protocol, train_candidate)
             choices.setdefault(name, {})[method] = chosen
             tuning.write_choices(out, choices)
             log(f"{time.strftime('%H:%M:%S')} {name:12s} {method:22s} tuned: {tuning.candidate_key(chosen)}")
     return choices
 
 
-def _train_cell(out: Path, name: str, ds, split, method: str, seed: int, options: dict, quiet: bool) -> dict:
+def _train_cell(out: Path, name: str, split, method: str, seed: int, options: dict, quiet: bool) -> dict:
     loss, protocol = parse_method(method)
     cfg = config_from(loss=loss, protocol=protocol, seed=seed, **options)
     t0 = time.perf_counter()
@@ -138,16 +135,9 @@ def _train_cell(out: Path, name: str, ds, split, method: str, seed: int, options
         if bar is not None:
             bar.close()
     record = result.to_json()
-    record.update(dataset=name, num_labels=ds.num_labels, seed=seed, wall_s=time.perf_counter() - t0,
+    record.update(dataset=name, num_labels=split.num_labels, seed=seed, wall_s=time.perf_counter() - t0,
                   n_train=split.Y_train.shape[0], n_val=split.Y_val.shape[0], n_test=split.Y_test.shape[0])
     return record
-
-
-def _write_json(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)  # a file exists only once complete
 
 
 # Options that change a contrastive pre-training; the cache keys on those that differ from the

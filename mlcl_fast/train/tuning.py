@@ -15,25 +15,25 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .api import write_json
 from .protocols import BASELINES
 
 # What each protocol family searches. Every stage trained with BCE gets the same learning rates
 # as the BCE baseline (lr, or finetune_lr after pre-training), so no method is compared at a
 # fixed rate against a tuned one. Fine-tuning shares its pre-trainings (lr 1e-3, each temperature)
-# with the probe's candidates through the pre-training cache.
+# with the probe's candidates through the pre-training cache. bce and zlpr, end to end or probed,
+# search the learning rate of their end-to-end stage.
+LEARNING_RATES = (3e-4, 1e-3, 3e-3)
 GRIDS: dict[str, dict[str, tuple]] = {
-    "end2end": {"lr": (3e-4, 1e-3, 3e-3)},
-    "baseline_probe": {"lr": (3e-4, 1e-3, 3e-3)},
-    "probe": {"lr": (3e-4, 1e-3, 3e-3), "temperature": (0.05, 0.1, 0.3)},
-    "finetune": {"finetune_lr": (3e-4, 1e-3, 3e-3), "temperature": (0.05, 0.1, 0.3)},
-    "joint": {"lr": (3e-4, 1e-3, 3e-3), "joint_lambda": (0.03, 0.1, 0.3)},
+    "end2end": {"lr": LEARNING_RATES},
+    "probe": {"lr": LEARNING_RATES, "temperature": (0.05, 0.1, 0.3)},
+    "finetune": {"finetune_lr": LEARNING_RATES, "temperature": (0.05, 0.1, 0.3)},
+    "joint": {"lr": LEARNING_RATES, "joint_lambda": (0.03, 0.1, 0.3)},
 }
 
 
 def grid_for(loss: str, protocol: str) -> dict[str, tuple]:
-    if loss in BASELINES:
-        return GRIDS["end2end" if protocol == "end2end" else "baseline_probe"]
-    return GRIDS[protocol]
+    return GRIDS["end2end" if loss in BASELINES else protocol]
 
 
 def candidates(loss: str, protocol: str) -> list[dict]:
@@ -51,28 +51,22 @@ def score(record: dict) -> tuple:
     return record["val"]["macro_f1_tuned"], record["val"]["map"]
 
 
-def method_folder(out: Path, dataset: str, method: str) -> Path:
-    return Path(out) / "tuning" / dataset / method.replace("/", "__")
-
-
 def candidate_path(out: Path, dataset: str, method: str, options: dict) -> Path:
-    return method_folder(out, dataset, method) / f"{candidate_key(options)}.json"
+    return Path(out) / "tuning" / dataset / method.replace("/", "__") / f"{candidate_key(options)}.json"
 
 
-def tune_method(folder: Path, loss: str, protocol: str, train_candidate: Callable[[dict], dict]) -> dict:
+def tune_method(out: Path, dataset: str, method: str, loss: str, protocol: str,
+                train_candidate: Callable[[dict], dict]) -> dict:
     """Train (or read back) every candidate of one (dataset, method) and return the chosen options.
     `train_candidate(options)` trains seed 0 with those options and returns its record."""
     best, best_score = None, None
     for options in candidates(loss, protocol):
-        path = folder / f"{candidate_key(options)}.json"
+        path = candidate_path(out, dataset, method, options)
         if path.exists():
             record = json.loads(path.read_text())
         else:
             record = train_candidate(options)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=1))
-            tmp.replace(path)
+            write_json(path, record)
         s = score(record)
         if best_score is None or s > best_score:
             best, best_score = options, s
@@ -85,9 +79,7 @@ def read_choices(out: Path) -> dict:
 
 
 def write_choices(out: Path, choices: dict) -> None:
-    path = out / "tuning" / "choices.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(choices, indent=1, sort_keys=True))
+    write_json(out / "tuning" / "choices.json", choices)
 
 
 def choices_table(choices: dict, datasets: Sequence[str], methods: Sequence[str]) -> str:
