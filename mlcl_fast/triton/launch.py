@@ -93,8 +93,7 @@ def _kernel(fn, name: str, dim: int):
     return _tuned[key]
 
 
-def _launch(fn, name: str, g: Geometry, grid_fn, wrap, args: tuple, meta: dict, owner: str = "anchors"):
-    cfg = _tile(g, owner)
+def _launch(fn, name: str, g: Geometry, cfg: TileConfig, grid_fn, wrap, args: tuple, meta: dict):
     kernel = _kernel(fn, name, g.dim)
     if kernel is fn:
         meta = dict(meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
@@ -119,7 +118,7 @@ def stats(q, k, labels: tuple, g: Geometry, wrap):
             M, g.num_columns, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
             q.stride(0), k.stride(0), g.inv_tau, g.log_beta, g.alpha)
     meta = dict(_common(g), SLOTS=g.slots, BLOCK_K=block_k, Q_RESIDENT=g.dim <= block_k)
-    _launch(forward.stats_kernel, "stats", g, lambda m: (triton.cdiv(M, m["BLOCK_M"]),), wrap, args, meta)
+    _launch(forward.stats_kernel, "stats", g, cfg, lambda m: (triton.cdiv(M, m["BLOCK_M"]),), wrap, args, meta)
     return lse, acc_z, acc_s
 
 
@@ -139,7 +138,7 @@ def rows(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap,
             q.stride(0), k.stride(0), g.dim, g.inv_tau, g.log_beta, g.alpha)
     meta = dict(_common(g), REG=g.reg, REG_VALUE=reg_value, GRAD=grad, BLOCK_K=cfg.block_k, BLOCK_D=block_d,
                 Q_RESIDENT=g.dim <= cfg.block_k)
-    _launch(backward.rows_kernel, "rows", g, lambda m: (triton.cdiv(M, m["BLOCK_M"]), d_chunks), wrap, args, meta)
+    _launch(backward.rows_kernel, "rows", g, cfg, lambda m: (triton.cdiv(M, m["BLOCK_M"]), d_chunks), wrap, args, meta)
     return (dq if grad else None), (reg if reg_value else None)
 
 
@@ -156,6 +155,6 @@ def cols(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap)
             q.stride(0), k.stride(0), g.dim, g.inv_tau, g.log_beta, g.alpha)
     meta = dict(_common(g), REG=g.reg, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, K_RESIDENT=g.dim <= cfg.block_k)
     d_chunks = triton.cdiv(g.dim, cfg.block_d)
-    _launch(backward.cols_kernel, "cols", g, lambda m: (triton.cdiv(width, m["BLOCK_N"]), d_chunks), wrap, args, meta,
-            owner="columns")
+    _launch(backward.cols_kernel, "cols", g, cfg, lambda m: (triton.cdiv(width, m["BLOCK_N"]), d_chunks), wrap, args,
+            meta)
     return dk
