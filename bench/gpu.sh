@@ -113,9 +113,14 @@ export MLCL_FAST_REQUIRE_CUDA=1
 
 # Not in the default stages: a host backtrace of the op-error tests that crashed on an H100
 # (README "Known issues"); cuda-gdb also debugs the host side of a Python process.
-if want debug && (( DRY )); then log "== debug: not run (dry run)"; fi
-want debug && (( ! DRY )) && stage debug 150 bash -c "cuda-gdb -q -batch -ex 'set pagination off' -ex run -ex bt \
-  --args $PY -X faulthandler -m pytest -q -p no:cacheprovider tests/test_cuda.py -k 'op_errors and (col_labels or self_col)'"
+if want debug; then
+  if (( DRY )); then
+    log "== debug: not run (dry run)"
+  else
+    stage debug 150 bash -c "cuda-gdb -q -batch -ex 'set pagination off' -ex run -ex bt \
+      --args $PY -X faulthandler -m pytest -q -p no:cacheprovider tests/test_cuda.py -k 'op_errors and (col_labels or self_col)'"
+  fi
+fi
 
 # MLCL_GPU_SWEEP_ARGS narrows the sweep, e.g. "--presets reg,msc"
 # shellcheck disable=SC2206

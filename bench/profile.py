@@ -56,7 +56,7 @@ def _triton_kernels() -> list[str]:
                 continue
             for entry in caches.values():
                 kernels = entry[0] if isinstance(entry, tuple) else entry
-                for key, kernel in getattr(kernels, "items", lambda: [])():
+                for kernel in (kernels.values() if isinstance(kernels, dict) else ()):
                     try:
                         kernel._init_handles()
                         out.append(f"  {name}: regs {kernel.n_regs} spills {kernel.n_spills} "
