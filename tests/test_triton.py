@@ -94,6 +94,77 @@ def test_dense_label_sets(monkeypatch, regime, preset, overrides):
     assert_backend_matches("triton", case, check_none=False, **FP32)
 
 
+# ------------------------------------------------------------------------ closed-form regime
+# Label-centric weights with f = 1 on positives and no regulariser: every prototype mode, beta,
+# anchor weight; L up to 300 over sparse labels (the compact label space is smaller than L).
+CLOSED_CONFIGS = [("mulsupcon", {}, 70), ("mulsupcon", {"prototype_mode": "rows"}, 20), ("proto", {}, 20),
+                  ("reg_noreg", {}, 20), ("reg_noreg", {"beta": 0.0}, 20),
+                  ("reg_noreg", {"beta": 0.1, "anchor_weight": "labels"}, 20), ("msc", {"f": "one"}, 20),
+                  ("mulsupcon", {"f": "overlap", "alpha": 0.0}, 300)]
+
+
+@cpu_only
+@pytest.mark.parametrize("V", [1, 2])
+@pytest.mark.parametrize("preset,overrides,L", CLOSED_CONFIGS, ids=[cases.preset_id(p, o) for p, o, _ in CLOSED_CONFIGS])
+def test_closed_form_regime(monkeypatch, preset, overrides, L, V):
+    """The default regime of these configurations (no forcing): checked against the reference
+    and the fp64 brute force, and seen to run through closed.py."""
+    from mlcl_fast.triton import closed
+
+    calls = []
+    original = closed.label_index
+    monkeypatch.setattr(closed, "label_index", lambda *a: calls.append(1) or original(*a))
+    B = (13 if L > 32 else 9) if V == 1 else 7
+    case = _case("closed", preset, overrides, B=B, V=V, d=10, L=L, density=0.05 if L > 32 else 0.3, empty_rows=1)
+    assert_backend_matches("triton", case, **FP32)
+    assert calls, "the closed-form regime was not chosen"
+
+
+@cpu_only
+@pytest.mark.parametrize("preset,overrides", [("reg", {}), ("mulsupcon", {"f": "union"}),
+                                              ("reg_noreg", {"alpha": 0.5}), ("reg_noreg", {"alpha": -1.0}),
+                                              ("supcon_any", {})])
+def test_closed_regime_refuses_other_weights(monkeypatch, preset, overrides):
+    monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", "closed")
+    case = _case("closed_bad", preset, overrides, B=6, d=4, L=5)
+    with pytest.raises(ValueError, match="regime: 'closed' needs"):
+        cases.run_loss("triton", case)
+
+
+@cpu_only
+def test_closed_form_driver_path_is_sync_free_with_few_launches():
+    """Forward and backward of the closed form under FakeTensorMode, with the kernels recorded
+    instead of run: any read of a tensor's values on the host (.item(), nonzero, unique, a
+    data-dependent size) raises there. The launches per forward+backward are counted."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mlcl_fast.triton import closed, recording
+
+    gen = torch.Generator().manual_seed(fresh_seed("closed_fake"))
+    M, C, d, L = 10, 14, 8, 30
+    a_index = torch.randint(-1, L, (M, 3), generator=gen)
+    c_index = torch.randint(-1, L, (C, 3), generator=gen)
+    self_col = torch.arange(M, dtype=torch.int32)
+    counts = [(x >= 0).sum(1).to(torch.int32) for x in (a_index, c_index)]
+    launched = []
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        q = mode.from_tensor(torch.randn(M, d)).requires_grad_(True)
+        k = mode.from_tensor(torch.randn(C, d)).requires_grad_(True)
+        with recording.recording(lambda kernel, grid, args, meta: launched.append(kernel.__name__)):
+            out = closed.closed_forward(q, k, self_col, a_index, counts[0], c_index, counts[1], C, 0, L, 10.0, 0.0,
+                                        False)
+            out[0].sum().backward()
+        assert q.grad.shape == (M, d) and k.grad.shape == (C, d)
+        from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+        with pytest.raises(DynamicOutputShapeException):
+            torch.nonzero(out[0])  # the mode does catch synchronising calls
+        with pytest.raises(DataDependentOutputException):
+            float(out[0].sum())
+    assert launched[0] == "stats_kernel" and "rows_kernel" in launched and "cols_free_kernel" in launched
+    assert len(launched) <= 8, launched
+
+
 # ----------------------------------------------------------------------------- shapes and edges
 @cpu_only
 @pytest.mark.parametrize("B,V,d,L", [(1, 1, 3, 1), (5, 3, 20, 1), (16, 1, 16, 4), (9, 2, 33, 5), (7, 1, 5, 8)],
@@ -340,6 +411,17 @@ def test_gpu_regimes_large_label_space(monkeypatch, regime, dtype, preset, overr
     assert_backend_matches("triton", case, check_none=False, **GPU_DTYPES[dtype])
 
 
+@pytest.mark.parametrize("dtype", list(GPU_DTYPES), ids=str)
+@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("preset,overrides,_", CLOSED_CONFIGS, ids=[cases.preset_id(p, o) for p, o, _ in CLOSED_CONFIGS])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_closed_form_large_label_space(dtype, d, preset, overrides, _):
+    """The closed form on the wgmma tiles (d = 128: 128-row tiles; d = 256 resident), L = 1500."""
+    case = _case("gpu_closed", preset, overrides, B=300, V=2, d=d, L=1500, density=0.004, dtype=dtype, device="cuda")
+    assert_backend_matches("triton", case, **GPU_DTYPES[dtype])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("grad_mode", ["forward", "recompute"])
@@ -376,10 +458,11 @@ def test_gpu_torch_compile_fullgraph(monkeypatch, preset, grad_mode):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("regime", REGIMES + ("closed",))
 def test_gpu_deterministic(monkeypatch, regime):
     monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", regime)
-    case = _case("determinism", "reg", None, B=512, d=128, L=100, density=0.03, device="cuda")
+    preset = "reg_noreg" if regime == "closed" else "reg"
+    case = _case("determinism", preset, None, B=512, d=128, L=100, density=0.03, device="cuda")
     runs = [cases.run_loss("triton", case) for _ in range(2)]
     for a, b in zip(runs[0], runs[1]):
         assert a is None and b is None or torch.equal(a, b)

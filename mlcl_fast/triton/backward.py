@@ -7,13 +7,16 @@ For anchor i and softmax column j (SPEC):
 rows_kernel owns anchor blocks: dq_i = sum_j g_ij k_j (and the regulariser's sum_j r_ij s_ij).
 cols_kernel owns column blocks: dk_j = sum_i g_ij q_i.
 Each program writes only its own output block, in a fixed order: deterministic, no atomics.
-With MODE_NONE (the sparse regime) the tile has no positives and g_ij = G_i W_i p_ij / tau;
-the positive pairs' part is added by pairs.py.
+With MODE_NONE (the closed-form and pair-list regimes) the tile has no positives and
+g_ij = G_i W_i p_ij / tau; the positives' part is added outside (closed.py, pairs.py), and the
+column gradient runs transposed (cols_free_kernel): the column block is the resident operand and
+both products of a tile have the owned columns as their M dimension, as wgmma needs.
+Probabilities come from exp2 of logits scaled by log2(e)/tau (`scale2`), as in the forward.
 """
 import triton
 import triton.language as tl
 
-from .tiles import dot_tile, load_rows, positive_weights, softmax_mask
+from .tiles import LN2, LOG2E, dot_tile, load_rows, positive_weights, softmax_mask
 
 
 @triton.jit
@@ -30,15 +33,15 @@ def anchor_state(rows, rmask, self_col, a_count, lse, w_tot, scale, g_up):
 
 
 @triton.jit
-def tile_grad(s, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_tot, scale_i, g_i, a_i,
-              inv_z, a_index, a_bits, KA, KAP, table, c_count, width, log_beta, alpha,
+def tile_grad(s2, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_tot, scale_i, g_i, a_i,
+              inv_z, a_index, a_bits, KA, KAP, table, c_count, width, log2_beta, alpha,
               LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr, WEIGHTING: tl.constexpr,
               FACTOR: tl.constexpr, HARD: tl.constexpr, REG: tl.constexpr, NATIVE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(dl/ds scaled by G_i, r) of one tile; both 0 outside the softmax."""
+    """(dl/ds scaled by G_i, r) of one tile; both 0 outside the softmax. `s2` = logits * log2(e)."""
     soft = softmax_mask(rmask, cols, cmask, self_c, C)
-    shifted = s + tl.where(cols < N, log_beta, 0.0)[None, :] - lse_i[:, None]
-    p = tl.where(soft, tl.exp(tl.where(soft, shifted, 0.0)), 0.0)
+    shifted = s2 + tl.where(cols < N, log2_beta, 0.0)[None, :] - (lse_i * LOG2E)[:, None]
+    p = tl.where(soft, tl.exp2(tl.where(soft, shifted, 0.0)), 0.0)
     grad = w_tot[:, None] * p
     r = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if LABELS:
@@ -56,14 +59,16 @@ def tile_grad(s, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_tot, scale_i, 
 def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count,
                 lse, w_tot, scale, inv_z, g_up, dq_out, reg_out,
                 M, C, N, col_lo, d, KA, KAP, width, stride_q, stride_k, stride_dq,
-                inv_tau, log_beta, alpha,
+                scale2, log2_beta, alpha,
                 LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
                 WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr, REG: tl.constexpr,
                 NATIVE: tl.constexpr, REG_VALUE: tl.constexpr, GRAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                 Q_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (anchor blocks, feature chunks). REG_VALUE: reg_out[i] = sum_j r_ij s_ij (written by
-    the first feature chunk). GRAD: dq_out[i, chunk] = sum_j g_ij k_j."""
+    the first feature chunk). GRAD: dq_out[i, chunk] = sum_j g_ij k_j. With Q_RESIDENT and one
+    chunk covering d (BLOCK_D == BLOCK_K) the column tile loaded for the logits is reused for
+    the gradient product."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -78,26 +83,33 @@ def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     reg_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
 
+    reuse_k: tl.constexpr = Q_RESIDENT and BLOCK_D == BLOCK_K
     for start in range(col_lo, C, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < C
-        s = dot_tile(q_ptr, k_ptr, rows, rmask, cols, cmask, d, stride_q, stride_k, q_res,
-                     BLOCK_M, BLOCK_N, BLOCK_K, Q_RESIDENT, PRECISION) * inv_tau
-        grad, r = tile_grad(s, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_i, scale_i, g_i, a_i,
-                            inv_z, a_index, a_bits, KA, KAP, table, c_count, width, log_beta, alpha,
-                            LABELS, MODE, WORDS, WEIGHTING, FACTOR, HARD, REG, NATIVE, BLOCK_M, BLOCK_N)
-        if REG_VALUE:
-            reg_sum += tl.sum(r * s, axis=1)
-        if GRAD:
+        if reuse_k:
             k = tl.load(k_ptr + cols[:, None] * stride_k + offs_d[None, :],
                         mask=cmask[:, None] & dmask[None, :], other=0.0)
+            s2 = tl.dot(q_res, tl.trans(k), input_precision=PRECISION) * scale2
+        else:
+            s2 = dot_tile(q_ptr, k_ptr, rows, rmask, cols, cmask, d, stride_q, stride_k, q_res,
+                          BLOCK_M, BLOCK_N, BLOCK_K, Q_RESIDENT, PRECISION) * scale2
+        grad, r = tile_grad(s2, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_i, scale_i, g_i, a_i,
+                            inv_z, a_index, a_bits, KA, KAP, table, c_count, width, log2_beta, alpha,
+                            LABELS, MODE, WORDS, WEIGHTING, FACTOR, HARD, REG, NATIVE, BLOCK_M, BLOCK_N)
+        if REG_VALUE:
+            reg_sum += tl.sum(r * s2, axis=1)
+        if GRAD:
+            if not reuse_k:
+                k = tl.load(k_ptr + cols[:, None] * stride_k + offs_d[None, :],
+                            mask=cmask[:, None] & dmask[None, :], other=0.0)
             dq += tl.dot(grad.to(k.dtype), k, input_precision=PRECISION)
 
     if REG_VALUE:
         if pid_d == 0:
-            tl.store(reg_out + rows, reg_sum, mask=rmask)
+            tl.store(reg_out + rows, reg_sum * LN2, mask=rmask)
     if GRAD:
-        tl.store(dq_out + rows[:, None] * stride_dq + offs_d[None, :], dq * inv_tau,
+        tl.store(dq_out + rows[:, None] * stride_dq + offs_d[None, :], dq * (scale2 * LN2),
                  mask=rmask[:, None] & dmask[None, :])
 
 
@@ -105,7 +117,7 @@ def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
 def cols_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count,
                 lse, w_tot, scale, inv_z, g_up, dk_out,
                 M, C, N, col_lo, d, KA, KAP, width, stride_q, stride_k, stride_dk,
-                inv_tau, log_beta, alpha,
+                scale2, log2_beta, alpha,
                 LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
                 WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr, REG: tl.constexpr,
                 NATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -133,13 +145,46 @@ def cols_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
         else:
             s = dot_tile(q_ptr, k_ptr, rows, rmask, cols, cmask, d, stride_q, stride_k, rows,
                          BLOCK_M, BLOCK_N, BLOCK_K, False, PRECISION)
-        s = s * inv_tau
-        grad, r = tile_grad(s, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_i, scale_i, g_i, a_i,
-                            inv_z, a_index, a_bits, KA, KAP, table, c_count, width, log_beta, alpha,
+        s2 = s * scale2
+        grad, r = tile_grad(s2, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_i, scale_i, g_i, a_i,
+                            inv_z, a_index, a_bits, KA, KAP, table, c_count, width, log2_beta, alpha,
                             LABELS, MODE, WORDS, WEIGHTING, FACTOR, HARD, REG, NATIVE, BLOCK_M, BLOCK_N)
         qd = tl.load(q_ptr + rows[:, None] * stride_q + offs_d[None, :],
                      mask=rmask[:, None] & dmask[None, :], other=0.0)
         dk += tl.dot(tl.trans(grad.to(qd.dtype)), qd, input_precision=PRECISION)
 
-    tl.store(dk_out + cols[:, None] * stride_dk + offs_d[None, :], dk * inv_tau,
+    tl.store(dk_out + cols[:, None] * stride_dk + offs_d[None, :], dk * (scale2 * LN2),
              mask=cmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def cols_free_kernel(q_ptr, k_ptr, self_col, lse, w_tot, g_up, dk_out,
+                     M, C, N, col_lo, d, stride_q, stride_k, stride_dk, scale2, log2_beta,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """Label-free column gradient (MODE_NONE), transposed: grid (column blocks of [col_lo, C),).
+    The owned column block k_j ([BLOCK_N, d], d <= BLOCK_K) stays resident; each anchor tile
+    gives sT = k_j q_i^T [BLOCK_N, BLOCK_M] and dk_j += gT q_i, g_ij = G_i W_i p_ij."""
+    pid = tl.program_id(0)
+    cols = col_lo + pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < C
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < d
+    k_res = tl.load(k_ptr + cols[:, None] * stride_k + offs_k[None, :], mask=cmask[:, None] & kmask[None, :],
+                    other=0.0)
+    col_shift = tl.where(cols < N, log2_beta, 0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for start in range(0, M, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        self_c = tl.load(self_col + rows, mask=rmask, other=-1)
+        lse2_i = tl.load(lse + rows, mask=rmask, other=0.0) * LOG2E
+        coef_i = tl.load(w_tot + rows, mask=rmask, other=0.0) * tl.load(g_up + rows, mask=rmask, other=0.0)
+        q = tl.load(q_ptr + rows[:, None] * stride_q + offs_k[None, :], mask=rmask[:, None] & kmask[None, :],
+                    other=0.0)
+        s2 = tl.dot(k_res, tl.trans(q), input_precision=PRECISION) * scale2
+        soft = cmask[:, None] & rmask[None, :] & (cols[:, None] != self_c[None, :])
+        p = tl.exp2(tl.where(soft, s2 + col_shift[:, None] - lse2_i[None, :], float("-inf")))
+        dk += tl.dot((p * coef_i[None, :]).to(q.dtype), q, input_precision=PRECISION)
+    tl.store(dk_out + cols[:, None] * stride_dk + offs_k[None, :], dk * (scale2 * LN2),
+             mask=cmask[:, None] & kmask[None, :])

@@ -16,7 +16,7 @@ MODE_BITS = 1    # column label bitsets of at most BITS_MAX_WORDS int32 words, s
 MODE_GATHER = 2  # column label bitsets of any width, one gathered word per (anchor, column, slot)
 MODE_LIST = 3    # sorted padded column label lists, compared entry by entry
 
-REGIMES = {"bits": MODE_BITS, "gather": MODE_GATHER, "list": MODE_LIST, "pairs": MODE_NONE}
+REGIMES = {"bits": MODE_BITS, "gather": MODE_GATHER, "list": MODE_LIST, "pairs": MODE_NONE, "closed": MODE_NONE}
 
 # Weighting and pair-factor codes shared by the kernels.
 WEIGHTING_CODES = {"any": 0, "all": 1, "jaccard": 2, "label": 3}
@@ -54,33 +54,50 @@ def _pow2(n: int) -> int:
 OWNERS = ("anchors", "columns")
 
 
-def tile_config(dim: int, interpret: bool, owner: str = "anchors") -> TileConfig:
+# The widest feature dimension held resident (one chunk) by the label-free kernels: an anchor or
+# column block of up to 256 features stays in registers/shared memory for a whole sweep, so
+# d = 256 costs one logit GEMM per tile instead of one per 128-wide chunk.
+FREE_MAX_CHUNK = 256
+# The in-tile label modes keep their 128-wide chunks: their label work already fills the registers.
+LABEL_MAX_CHUNK = 128
+
+
+def tile_config(dim: int, interpret: bool, owner: str = "anchors", labels: bool = True) -> TileConfig:
     """The fixed configuration for feature dimension `dim` and a kernel whose programs own anchor
-    blocks (stats, rows) or column blocks (cols). MLCL_FAST_TRITON_TILE overrides it."""
+    blocks (stats, rows) or column blocks (cols), with or without in-tile label work (`labels`:
+    the bits/gather/list modes; without: MODE_NONE). MLCL_FAST_TRITON_TILE overrides the tile."""
     if owner not in OWNERS:
         raise ValueError(f"owner: expected one of {list(OWNERS)}, got {owner!r}")
-    forced = forced_tile(dim)
-    if forced is not None:
-        return forced
     if interpret:
         # Small tiles so that the CPU tests cross tile, chunk and padding boundaries.
         return TileConfig(block_m=16, block_n=16, block_k=16, block_d=16, num_warps=1, num_stages=1)
-    # The logit chunk covers d up to 128 in one step (the anchor tile then stays in registers);
-    # gradient outputs are split into 128-wide chunks, each program recomputing its logits.
-    block_k = max(16, min(_pow2(dim), 128))
-    block_d = max(16, min(_pow2(dim), 128))
-    # One program per owned block and nothing else to spread over the GPU: small owned blocks give
-    # enough programs, and 64 x 64 tiles spill registers. Measured per kernel on an H100 for reg,
-    # N=4096, d=128 (bench/RESULTS.md): anchor-owned kernels fastest at 16 x 64, the column-owned
-    # kernel at 32 x 32.
+    chunk = max(16, min(_pow2(dim), LABEL_MAX_CHUNK if labels else FREE_MAX_CHUNK))
+    forced = forced_tile(chunk)
+    if forced is not None:
+        return forced
+    if not labels:
+        # Label-free sweeps (a logit GEMM, one exp2 per pair, a gradient GEMM): wgmma needs 64 rows
+        # per warpgroup in the M dimension of both products. Anchor-owned kernels put the anchor
+        # block there, the transposed column kernel the column block. The static report
+        # (python -m bench.kernels) shows these compile to wgmma without spills at d = 128 and 256.
+        # d > 128: 64 x 64 over 8 warps (the 256-wide gradient accumulator spills at 4 warps or
+        # with a 128-wide owned block).
+        if chunk > 128:
+            return TileConfig(block_m=64, block_n=64, block_k=chunk, block_d=chunk, num_warps=8, num_stages=2)
+        if owner == "columns":
+            return TileConfig(block_m=64, block_n=128, block_k=chunk, block_d=chunk, num_warps=8, num_stages=2)
+        return TileConfig(block_m=128, block_n=64, block_k=chunk, block_d=chunk, num_warps=8, num_stages=2)
+    # In-tile label work: small owned blocks (64 x 64 tiles spill registers with the label loops).
+    # Measured per kernel on an H100 for reg, N=4096, d=128 (bench/RESULTS.md): anchor-owned
+    # kernels fastest at 16 x 64, the column-owned kernel at 32 x 32.
     if owner == "columns":
-        return TileConfig(block_m=32, block_n=32, block_k=block_k, block_d=block_d, num_warps=4, num_stages=2)
-    return TileConfig(block_m=16, block_n=64, block_k=block_k, block_d=block_d, num_warps=4, num_stages=2)
+        return TileConfig(block_m=32, block_n=32, block_k=chunk, block_d=chunk, num_warps=4, num_stages=2)
+    return TileConfig(block_m=16, block_n=64, block_k=chunk, block_d=chunk, num_warps=4, num_stages=2)
 
 
-def forced_tile(dim: int) -> TileConfig | None:
+def forced_tile(chunk: int) -> TileConfig | None:
     """MLCL_FAST_TRITON_TILE="BLOCK_M,BLOCK_N,num_warps,num_stages" fixes the anchor and column
-    tile (for measurements: bench/profile.py); the feature chunks stay as for `dim`."""
+    tile (for measurements: bench/profile.py); the feature chunk stays `chunk`."""
     text = os.environ.get("MLCL_FAST_TRITON_TILE")
     if not text:
         return None
@@ -91,7 +108,6 @@ def forced_tile(dim: int) -> TileConfig | None:
     for name, v in (("BLOCK_M", bm), ("BLOCK_N", bn), ("num_warps", warps)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"MLCL_FAST_TRITON_TILE: {name} must be a power of two, got {v}")
-    chunk = max(16, min(_pow2(dim), 128))
     return TileConfig(block_m=max(bm, 16), block_n=max(bn, 16), block_k=chunk, block_d=chunk,
                       num_warps=warps, num_stages=max(stages, 1))
 
@@ -100,14 +116,13 @@ def autotune_enabled() -> bool:
     return os.environ.get("MLCL_FAST_AUTOTUNE", "0") == "1"
 
 
-def autotune_candidates(dim: int) -> list[TileConfig]:
+def autotune_candidates(dim: int, labels: bool = True) -> list[TileConfig]:
     """Candidates tried per (|A|, |C|, d) when MLCL_FAST_AUTOTUNE=1."""
-    out = []
-    for bm, bn, warps in ((32, 64, 4), (64, 64, 4), (16, 64, 4), (32, 32, 4), (64, 32, 4)):
-        for stages in (2, 3):
-            base = tile_config(dim, interpret=False)
-            out.append(TileConfig(bm, bn, base.block_k, base.block_d, warps, stages))
-    return out
+    base = tile_config(dim, interpret=False, labels=labels)
+    shapes = ((32, 64, 4), (64, 64, 4), (16, 64, 4), (32, 32, 4), (64, 32, 4)) if labels else \
+        ((64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 128, 8), (64, 32, 4))
+    return [TileConfig(bm, bn, base.block_k, base.block_d, warps, stages)
+            for bm, bn, warps in shapes for stages in (2, 3)]
 
 
 def grad_mode() -> str:
@@ -129,10 +144,22 @@ def forced_regime() -> str | None:
     return regime
 
 
+def closed_form(weighting: int, factor: int, alpha: float, reg: bool) -> bool:
+    """Whether the closed-form regime (closed.py) computes this configuration: label-centric
+    weights whose pair factor is 1 on every positive (f=one, or f=overlap with alpha=0), no
+    regulariser."""
+    one = factor == FACTOR_CODES["one"] or (factor == FACTOR_CODES["overlap"] and alpha == 0)
+    return weighting == WEIGHTING_CODES["label"] and one and not reg
+
+
 def choose_regime(num_labels: int, anchor_width: int, column_width: int, num_anchors: int, num_columns: int,
-                  dim: int, triples: int | None) -> str:
+                  dim: int, triples: int | None, closed: bool = False) -> str:
     """The label regime for one call. `triples` (positive (anchor, label, column) triples) is
-    None when it is unknown, e.g. while torch.compile traces: then only the static rules apply."""
+    None when it is unknown, e.g. while torch.compile traces: then only the static rules apply.
+    `closed`: the configuration has a closed form (closed_form), which needs no label work in
+    the sweeps, no host synchronisation and O(nnz d) label sums: always taken."""
+    if closed:
+        return "closed"
     words = -(-num_labels // 32)
     if words <= BITS_MAX_WORDS:
         return "bits"

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import reference
 from ..problem import Problem
-from . import configs, labels, ops, pairs
+from . import closed, configs, labels, ops, pairs
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -56,18 +56,29 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
     weighting = configs.WEIGHTING_CODES[cfg.weighting]
     factor = configs.FACTOR_CODES[cfg.f]
 
+    closed_ok = configs.closed_form(weighting, factor, float(cfg.alpha), cfg.reg)
     regime = regime or configs.forced_regime()
     if regime is None:
         triples = None
-        if not torch.compiler.is_compiling() and -(-anchor_sets.num_labels // 32) > configs.BITS_MAX_WORDS:
+        if not closed_ok and not torch.compiler.is_compiling() and \
+                -(-anchor_sets.num_labels // 32) > configs.BITS_MAX_WORDS:
             triples = labels.positive_triples(anchor_sets, column_sets, col_lo)
         regime = configs.choose_regime(anchor_sets.num_labels, anchor_sets.width, column_sets.width,
-                                       q.shape[0], k.shape[0], q.shape[1], triples)
+                                       q.shape[0], k.shape[0], q.shape[1], triples, closed_ok)
     if regime not in configs.REGIMES:
         raise ValueError(f"regime: expected one of {list(configs.REGIMES)}, got {regime!r}")
+    if regime == "closed" and not closed_ok:
+        raise ValueError("regime: 'closed' needs label-centric weights with f=1 on positives (f='one', or "
+                         "f='overlap' with alpha=0) and reg=False")
     if regime == "bits" and anchor_sets.num_labels > 32 * configs.BITS_MAX_WORDS:
         raise ValueError(f"regime: 'bits' holds at most {32 * configs.BITS_MAX_WORDS} labels, "
                          f"got {anchor_sets.num_labels}; use 'gather', 'list' or 'pairs'")
+
+    if regime == "closed":
+        loss, w_tot, *_ = closed.closed_forward(q, k, self_col, a_index.long(), a_count, column_sets.index, c_count,
+                                                n, col_lo, anchor_sets.num_labels, 1.0 / problem.temperature,
+                                                log_beta, tf32)
+        return loss, w_tot > 0
 
     if regime == "pairs":
         loss, w_tot, *_ = pairs.pairs_forward(q, k, self_col, a_index.long(), a_count, column_sets.index, c_count, n,

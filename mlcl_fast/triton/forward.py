@@ -7,18 +7,23 @@ sums that give the loss once the sweep is over:
 so that l_i = W_i lse_i - T_i / Omega_i, or W_i lse_i - (1/a_i) sum_t S_it / Z_it.
 The regulariser needs final lse and weights, so its value comes from a second sweep
 (backward.rows_kernel with REG_VALUE).
+
+The log-sum-exp runs in base 2: the logit tile is scaled once by log2(e)/tau (`scale2`) and
+exp2 is the only transcendental per pair; lse is turned back into natural units at the end.
+Without labels (MODE_NONE: the closed-form and pair-list regimes) the sweep is the logit GEMM
+and one exp2 per pair, nothing else.
 """
 import triton
 import triton.language as tl
 
-from .tiles import dot_tile, load_rows, member, overlap, pair_factor, pair_omega, softmax_mask
+from .tiles import LN2, dot_tile, load_rows, member, overlap, pair_factor, pair_omega, softmax_mask
 
 
 @triton.jit
 def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count,
                  lse_out, acc_z, acc_s,
                  M, C, N, col_lo, d, KA, KAP, width, stride_q, stride_k,
-                 inv_tau, log_beta, alpha,
+                 scale2, log2_beta, alpha,
                  LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
                  WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr, NATIVE: tl.constexpr,
                  SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -43,16 +48,17 @@ def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_coun
     for start in range(col_lo, C, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < C
-        s = dot_tile(q_ptr, k_ptr, rows, rmask, cols, cmask, d, stride_q, stride_k, q_res,
-                     BLOCK_M, BLOCK_N, BLOCK_K, Q_RESIDENT, PRECISION) * inv_tau
+        s2 = dot_tile(q_ptr, k_ptr, rows, rmask, cols, cmask, d, stride_q, stride_k, q_res,
+                      BLOCK_M, BLOCK_N, BLOCK_K, Q_RESIDENT, PRECISION) * scale2
         soft = softmax_mask(rmask, cols, cmask, self_c, C)
-        shifted = s + tl.where(cols < N, log_beta, 0.0)[None, :]
+        shifted = s2 + tl.where(cols < N, log2_beta, 0.0)[None, :]
         shifted = tl.where(soft, shifted, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(shifted, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(shifted - m_new[:, None]), axis=1)
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(shifted - m_new[:, None]), axis=1)
         m_i = m_new
 
         if LABELS:
+            s = s2 * LN2  # natural-unit logits for the weighted sums
             a_j = tl.load(c_count + cols, mask=cmask, other=0).to(tl.float32)
             if WEIGHTING == 3:
                 if FACTOR == 0:
@@ -77,7 +83,7 @@ def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_coun
                 s_acc += tl.where(at_0, tl.sum(om * s, axis=1)[:, None], 0.0)
 
     # An anchor without any column (a batch of one) keeps lse = 0; it has no positive either.
-    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+    lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * LN2, 0.0)
     tl.store(lse_out + rows, lse, mask=rmask)
     if LABELS:
         out = rows[:, None] * SLOTS + slots[None, :]

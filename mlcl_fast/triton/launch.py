@@ -15,8 +15,10 @@ import triton
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-from . import backward, configs, forward
+from . import backward, configs, forward, recording
 from .configs import MODE_BITS, TileConfig
+
+LOG2E = 1.4426950408889634
 
 INTERPRETED = not isinstance(forward.stats_kernel, JITFunction)
 if INTERPRETED == isinstance(triton.language.zeros, JITFunction):
@@ -50,8 +52,28 @@ class Geometry:
         return self.mode != configs.MODE_NONE
 
     @property
+    def scale2(self) -> float:
+        """log2(e) / tau: the kernels' logits are in base-2 units (exp2 per pair)."""
+        return self.inv_tau * LOG2E
+
+    @property
+    def log2_beta(self) -> float:
+        return self.log_beta * LOG2E
+
+    @property
     def words(self) -> int:
         return self.table_width if self.mode == MODE_BITS else 1
+
+
+def label_free(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, num_samples: int,
+               col_lo: int, inv_tau: float, log_beta: float, allow_tf32: bool) -> tuple[tuple, Geometry]:
+    """(label tuple, geometry) of the dense kernels without positives (configs.MODE_NONE), for the
+    regimes that add the positives' part outside the sweeps (closed.py, pairs.py)."""
+    none_a = torch.full((q.shape[0], 1), -1, dtype=torch.int32, device=q.device)
+    none_c = torch.full((k.shape[0], 1), -1, dtype=torch.int32, device=q.device)
+    labels = (self_col, none_a, none_a, a_count, none_c, c_count)
+    return labels, geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, 0.0, configs.MODE_NONE, 0, 0,
+                            False, allow_tf32)
 
 
 def _pow2(n: int) -> int:
@@ -69,7 +91,7 @@ def geometry(q: Tensor, k: Tensor, labels: tuple, num_samples: int, col_lo: int,
 
 
 def _tile(g: Geometry, owner: str = "anchors") -> TileConfig:
-    return configs.tile_config(g.dim, INTERPRETED, owner)
+    return configs.tile_config(g.dim, INTERPRETED, owner, labels=g.labels)
 
 
 def _common(g: Geometry) -> dict:
@@ -80,28 +102,29 @@ def _common(g: Geometry) -> dict:
 _tuned: dict = {}
 
 
-def _kernel(fn, name: str, dim: int):
+def _kernel(fn, name: str, dim: int, labels: bool):
     """`fn`, or its autotuned form (over BLOCK_M, BLOCK_N, warps, stages) when MLCL_FAST_AUTOTUNE=1."""
     if INTERPRETED or not configs.autotune_enabled():
         return fn
-    key = (name, configs.tile_config(dim, False).block_k)
+    key = (name, dim, labels)
     if key not in _tuned:
         cands = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
-                               num_stages=c.num_stages) for c in configs.autotune_candidates(dim)]
+                               num_stages=c.num_stages) for c in configs.autotune_candidates(dim, labels)]
         # Label work differs by mode and weighting, so each gets its own tuned configuration.
-        _tuned[key] = triton.autotune(configs=cands, key=["M", "C", "d", "MODE", "WEIGHTING", "FACTOR"])(fn)
+        keys = [a for a in ("M", "C", "d", "MODE", "WEIGHTING", "FACTOR") if a in fn.arg_names]
+        _tuned[key] = triton.autotune(configs=cands, key=keys)(fn)
     return _tuned[key]
 
 
 def _launch(fn, name: str, g: Geometry, cfg: TileConfig, grid_fn, wrap, args: tuple, meta: dict):
-    kernel = _kernel(fn, name, g.dim)
+    kernel = _kernel(fn, name, g.dim, g.labels)
     if kernel is fn:
         meta = dict(meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages)
         grid = grid_fn({"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n})
     else:
         grid = grid_fn
-    wrap(kernel)[grid](*args, **meta)
+    recording.launch(kernel, grid, args, meta, wrap)
 
 
 def stats(q, k, labels: tuple, g: Geometry, wrap):
@@ -116,7 +139,7 @@ def stats(q, k, labels: tuple, g: Geometry, wrap):
     block_k = cfg.block_k
     args = (q, k, *labels, lse, acc_z, acc_s,
             M, g.num_columns, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
-            q.stride(0), k.stride(0), g.inv_tau, g.log_beta, g.alpha)
+            q.stride(0), k.stride(0), g.scale2, g.log2_beta, g.alpha)
     meta = dict(_common(g), SLOTS=g.slots, BLOCK_K=block_k, Q_RESIDENT=g.dim <= block_k)
     _launch(forward.stats_kernel, "stats", g, cfg, lambda m: (triton.cdiv(M, m["BLOCK_M"]),), wrap, args, meta)
     return lse, acc_z, acc_s
@@ -135,7 +158,7 @@ def rows(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap,
     d_chunks = triton.cdiv(g.dim, block_d) if grad else 1
     args = (q, k, *labels, lse, w_tot, scale, inv_z, g_up, dq if grad else lse, reg if reg_value else lse,
             M, g.num_columns, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
-            q.stride(0), k.stride(0), g.dim, g.inv_tau, g.log_beta, g.alpha)
+            q.stride(0), k.stride(0), g.dim, g.scale2, g.log2_beta, g.alpha)
     meta = dict(_common(g), REG=g.reg, REG_VALUE=reg_value, GRAD=grad, BLOCK_K=cfg.block_k, BLOCK_D=block_d,
                 Q_RESIDENT=g.dim <= cfg.block_k)
     _launch(backward.rows_kernel, "rows", g, cfg, lambda m: (triton.cdiv(M, m["BLOCK_M"]), d_chunks), wrap, args, meta)
@@ -150,9 +173,17 @@ def cols(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap)
     if g.num_anchors == 0 or width <= 0:
         return dk
     cfg = _tile(g, "columns")
+    if not g.labels and g.dim <= cfg.block_k:
+        # Label-free and the column block fits: the transposed kernel, one program per column block.
+        args = (q, k, labels[0], lse, w_tot, g_up, dk, g.num_anchors, C, g.num_samples, g.col_lo, g.dim,
+                q.stride(0), k.stride(0), g.dim, g.scale2, g.log2_beta)
+        meta = dict(BLOCK_K=cfg.block_k, PRECISION=g.precision)
+        _launch(backward.cols_free_kernel, "cols_free", g, cfg, lambda m: (triton.cdiv(width, m["BLOCK_N"]),), wrap,
+                args, meta)
+        return dk
     args = (q, k, *labels, lse, w_tot, scale, inv_z, g_up, dk,
             g.num_anchors, C, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
-            q.stride(0), k.stride(0), g.dim, g.inv_tau, g.log_beta, g.alpha)
+            q.stride(0), k.stride(0), g.dim, g.scale2, g.log2_beta, g.alpha)
     meta = dict(_common(g), REG=g.reg, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, K_RESIDENT=g.dim <= cfg.block_k)
     d_chunks = triton.cdiv(g.dim, cfg.block_d)
     _launch(backward.cols_kernel, "cols", g, cfg, lambda m: (triton.cdiv(width, m["BLOCK_N"]), d_chunks), wrap, args,

@@ -18,7 +18,6 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import launch, sparse
-from .configs import MODE_NONE
 
 _identity = lambda kernel: kernel  # noqa: E731
 
@@ -94,15 +93,6 @@ def pair_weights(pi, pj, count, tri_seg, tri_pair, a_count, c_count, num_anchors
     return f * shared * inv_a[pi], w_tot
 
 
-def _label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta, allow_tf32):
-    """(label tuple, geometry) of the dense kernels without positives (configs.MODE_NONE)."""
-    none_a = torch.full((q.shape[0], 1), -1, dtype=torch.int32, device=q.device)
-    none_c = torch.full((k.shape[0], 1), -1, dtype=torch.int32, device=q.device)
-    labels = (self_col, none_a, none_a, a_count, none_c, c_count)
-    return labels, launch.geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, 0.0, MODE_NONE, 0, 0,
-                                   False, allow_tf32)
-
-
 @custom_op("mlcl_fast::triton_pairs_forward", mutates_args=())
 def pairs_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_count: Tensor, c_index: Tensor,
                   c_count: Tensor, num_samples: int, col_lo: int, num_labels: int, inv_tau: float,
@@ -111,7 +101,7 @@ def pairs_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_cou
     """(loss [M], W [M], lse [M], pi [P], pj [P], w + r [P])."""
     interpret = launch.INTERPRETED
     M = q.shape[0]
-    labels, g = _label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta, allow_tf32)
+    labels, g = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta, allow_tf32)
     lse, _, _ = launch.stats(q, k, labels, g, _identity)
 
     slots = a_index.shape[1]
@@ -149,7 +139,7 @@ def pairs_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_co
                    col_lo: int, inv_tau: float, log_beta: float, allow_tf32: bool) -> tuple[Tensor, Tensor]:
     interpret = launch.INTERPRETED
     M, C = q.shape[0], k.shape[0]
-    labels, g = _label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta, allow_tf32)
+    labels, g = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta, allow_tf32)
     no_z = torch.zeros(M, 1, dtype=torch.float32, device=q.device)
     dq, _ = launch.rows(q, k, labels, lse, w_tot, w_tot, no_z, g_up, g, _identity, reg_value=False, grad=True)
     dk = launch.cols(q, k, labels, lse, w_tot, w_tot, no_z, g_up, g, _identity)

@@ -8,6 +8,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .recording import launch
+
 
 @triton.jit
 def pair_dots_kernel(q_ptr, k_ptr, pi, pj, out, P, d, stride_q, stride_k,
@@ -41,7 +43,8 @@ def segment_sum_kernel(values, ptr, out, BLOCK: tl.constexpr):
 @triton.jit
 def csr_rows_kernel(ptr, idx, coef, x_ptr, out, d, stride_x, stride_o,
                     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[s, chunk] = sum_{p in [ptr[s], ptr[s+1])} coef[p] * x[idx[p], chunk]."""
+    """out[s, chunk] = sum_{p in [ptr[s], ptr[s+1])} coef[p] * x[idx[p], chunk]; entries with
+    idx[p] < 0 are skipped (no load), so padded slot lists cost no memory traffic."""
     seg = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < d
@@ -51,7 +54,8 @@ def csr_rows_kernel(ptr, idx, coef, x_ptr, out, d, stride_x, stride_o,
     for start in range(lo, hi, BLOCK_P):
         offs = start + tl.arange(0, BLOCK_P)
         pmask = offs < hi
-        j = tl.load(idx + offs, mask=pmask, other=0)
+        j = tl.load(idx + offs, mask=pmask, other=-1)
+        pmask = pmask & (j >= 0)
         c = tl.load(coef + offs, mask=pmask, other=0.0)
         x = tl.load(x_ptr + j[:, None] * stride_x + offs_d[None, :], mask=pmask[:, None] & dmask[None, :],
                     other=0.0).to(tl.float32)
@@ -69,8 +73,8 @@ def pair_dots(q: Tensor, k: Tensor, pi: Tensor, pj: Tensor, interpret: bool) -> 
     out = torch.empty(P, dtype=torch.float32, device=q.device)
     if P:
         bp, bk = (16, 16) if interpret else (128, _block(False, d, 64))
-        pair_dots_kernel[(triton.cdiv(P, bp),)](q, k, pi, pj, out, P, d, q.stride(0), k.stride(0),
-                                                BLOCK_P=bp, BLOCK_K=bk)
+        launch(pair_dots_kernel, (triton.cdiv(P, bp),), (q, k, pi, pj, out, P, d, q.stride(0), k.stride(0)),
+               dict(BLOCK_P=bp, BLOCK_K=bk))
     return out
 
 
@@ -80,18 +84,20 @@ def segment_sum(values: Tensor, ptr: Tensor, interpret: bool) -> Tensor:
     out = torch.empty(segs, dtype=torch.float32, device=values.device)
     if segs:
         values = values.to(torch.float32).contiguous()
-        segment_sum_kernel[(segs,)](values, ptr, out, BLOCK=16 if interpret else 256)
+        launch(segment_sum_kernel, (segs,), (values, ptr, out), dict(BLOCK=16 if interpret else 256))
     return out
 
 
-def csr_rows(ptr: Tensor, idx: Tensor, coef: Tensor, x: Tensor, interpret: bool) -> Tensor:
-    """[S, d] fp32: row s = sum over its entries p of coef[p] * x[idx[p]]."""
+def csr_rows(ptr: Tensor, idx: Tensor, coef: Tensor, x: Tensor, interpret: bool, wrap=None) -> Tensor:
+    """[S, d] fp32: row s = sum over its entries p of coef[p] * x[idx[p]] (idx < 0: skipped).
+    `wrap`: torch.library.wrap_triton inside triton_op bodies."""
     segs, d = ptr.numel() - 1, x.shape[1]
     out = torch.zeros(segs, d, dtype=torch.float32, device=x.device)
     if segs and idx.numel():
         bp, bd = (16, 16) if interpret else (32, _block(False, d, 128))
-        csr_rows_kernel[(segs, triton.cdiv(d, bd))](ptr, idx, coef.to(torch.float32).contiguous(), x, out, d,
-                                                    x.stride(0), out.stride(0), BLOCK_P=bp, BLOCK_D=bd)
+        launch(csr_rows_kernel, (segs, triton.cdiv(d, bd)),
+               (ptr, idx, coef.to(torch.float32).contiguous(), x, out, d, x.stride(0), out.stride(0)),
+               dict(BLOCK_P=bp, BLOCK_D=bd), wrap)
     return out
 
 

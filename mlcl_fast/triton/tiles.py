@@ -11,6 +11,8 @@ from triton.language.extra import libdevice
 
 from .configs import MODE_BITS, MODE_LIST
 
+LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(1.4426950408889634)
 _MODE_BITS = tl.constexpr(MODE_BITS)
 _MODE_LIST = tl.constexpr(MODE_LIST)
 
