@@ -13,11 +13,12 @@ without TRITON_INTERPRET. tests/test_kernel_report.py asserts wgmma and no spill
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -35,6 +36,11 @@ class KernelReport:
     warps: int
     dots: int           # tl.dot calls in the kernel source (0: a kernel that needs no tensor cores)
     counts: dict        # SASS instruction name -> count
+
+    def passes(self) -> bool:
+        """No spilled registers, and every kernel with a tl.dot on wgmma only (no mma.sync)."""
+        return self.stack == 0 and (self.dots == 0 or (self.counts.get("HGMMA", 0) > 0
+                                                       and self.counts.get("HMMA", 0) == 0))
 
     def row(self) -> str:
         ops = " ".join(f"{op} {self.counts.get(op, 0)}" for op in SASS_OPS)
@@ -182,17 +188,20 @@ def main(argv=None) -> int:
     ap.add_argument("--labels", type=int, default=16384, help="L (default 16384)")
     ap.add_argument("--samples", type=int, default=4096, help="N (default 4096)")
     ap.add_argument("--regime", default=None, help="force a label regime (MLCL_FAST_TRITON_LABELS)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per kernel instead of the table")
     args = ap.parse_args(argv)
     ok = True
     for preset in args.preset or ["reg"]:
         for dtype in args.dtype or ["bfloat16"]:
             for dim in args.dim or [128, 256]:
-                print(f"# {preset} {dtype} d={dim} L={args.labels} N={args.samples} sm_{ARCH}"
-                      + (f" regime={args.regime}" if args.regime else ""))
+                point = dict(preset=preset, dtype=dtype, dim=dim, labels=args.labels, samples=args.samples)
+                if not args.json:
+                    print(f"# {preset} {dtype} d={dim} L={args.labels} N={args.samples} sm_{ARCH}"
+                          + (f" regime={args.regime}" if args.regime else ""))
                 launches = record_point(preset, DTYPES[dtype], dim, args.labels, args.samples, args.regime)
                 for r in report(launches):
-                    print(r.row())
-                    ok &= r.stack == 0 and (r.dots == 0 or r.counts.get("HMMA", 0) == 0)
+                    print(json.dumps(dict(point, **asdict(r), passes=r.passes())) if args.json else r.row())
+                    ok &= r.passes()
     return 0 if ok else 1
 
 

@@ -95,21 +95,28 @@ def test_dense_label_sets(monkeypatch, regime, preset, overrides):
 
 
 # ------------------------------------------------------------------------ closed-form regime
-# Label-centric weights with f = 1 on positives and no regulariser: every prototype mode, beta,
-# anchor weight; L up to 300 over sparse labels (the compact label space is smaller than L).
+# Label-centric weights with f = 1 on positives, with and without the regulariser: every
+# prototype mode, beta, anchor weight; L up to 300 over sparse labels (the compact label space is
+# smaller than L, and the head tile of the regulariser holds at most HEAD_LABELS of them).
 CLOSED_CONFIGS = [("mulsupcon", {}, 70), ("mulsupcon", {"prototype_mode": "rows"}, 20), ("proto", {}, 20),
                   ("reg_noreg", {}, 20), ("reg_noreg", {"beta": 0.0}, 20),
                   ("reg_noreg", {"beta": 0.1, "anchor_weight": "labels"}, 20), ("msc", {"f": "one"}, 20),
-                  ("mulsupcon", {"f": "overlap", "alpha": 0.0}, 300)]
+                  ("mulsupcon", {"f": "overlap", "alpha": 0.0}, 300), ("reg", {}, 20), ("reg", {"beta": 0.1}, 20),
+                  ("reg", {"beta": 0.0}, 20), ("mulsupcon", {"reg": True}, 70), ("proto", {"reg": True}, 20),
+                  ("reg", {"prototype_mode": "none"}, 300)]
 
 
 @cpu_only
 @pytest.mark.parametrize("V", [1, 2])
 @pytest.mark.parametrize("preset,overrides,L", CLOSED_CONFIGS, ids=[cases.preset_id(p, o) for p, o, _ in CLOSED_CONFIGS])
-def test_closed_form_regime(monkeypatch, preset, overrides, L, V):
+@pytest.mark.parametrize("head", [64, 16], ids=["head64", "head16"])
+def test_closed_form_regime(monkeypatch, preset, overrides, L, V, head):
     """The default regime of these configurations (no forcing): checked against the reference
-    and the fp64 brute force, and seen to run through closed.py."""
-    from mlcl_fast.triton import closed
+    and the fp64 brute force, and seen to run through closed.py. With a 16-label head tile the
+    regularised cases with L > 16 also take the tail-pair correction."""
+    from mlcl_fast.triton import closed, configs
+
+    monkeypatch.setattr(configs, "HEAD_LABELS", head)
 
     calls = []
     original = closed.label_index
@@ -121,9 +128,8 @@ def test_closed_form_regime(monkeypatch, preset, overrides, L, V):
 
 
 @cpu_only
-@pytest.mark.parametrize("preset,overrides", [("reg", {}), ("mulsupcon", {"f": "union"}),
-                                              ("reg_noreg", {"alpha": 0.5}), ("reg_noreg", {"alpha": -1.0}),
-                                              ("supcon_any", {})])
+@pytest.mark.parametrize("preset,overrides", [("mulsupcon", {"f": "union"}), ("reg", {"alpha": 0.5}),
+                                              ("reg_noreg", {"alpha": -1.0}), ("supcon_any", {})])
 def test_closed_regime_refuses_other_weights(monkeypatch, preset, overrides):
     monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", "closed")
     case = _case("closed_bad", preset, overrides, B=6, d=4, L=5)
@@ -132,10 +138,12 @@ def test_closed_regime_refuses_other_weights(monkeypatch, preset, overrides):
 
 
 @cpu_only
-def test_closed_form_driver_path_is_sync_free_with_few_launches():
+@pytest.mark.parametrize("reg,grad_in_forward", [(False, False), (True, True), (True, False)])
+def test_closed_form_driver_path_is_sync_free_with_few_launches(reg, grad_in_forward):
     """Forward and backward of the closed form under FakeTensorMode, with the kernels recorded
     instead of run: any read of a tensor's values on the host (.item(), nonzero, unique, a
-    data-dependent size) raises there. The launches per forward+backward are counted."""
+    data-dependent size) raises there. The launches per forward+backward are counted. (The
+    columns carry at most 30 labels: the regulariser's head tile holds them all, no tail.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from mlcl_fast.triton import closed, recording
@@ -151,8 +159,9 @@ def test_closed_form_driver_path_is_sync_free_with_few_launches():
         q = mode.from_tensor(torch.randn(M, d)).requires_grad_(True)
         k = mode.from_tensor(torch.randn(C, d)).requires_grad_(True)
         with recording.recording(lambda kernel, grid, args, meta: launched.append(kernel.__name__)):
+            assert not closed.has_tail(c_index, L)
             out = closed.closed_forward(q, k, self_col, a_index, counts[0], c_index, counts[1], C, 0, L, 10.0, 0.0,
-                                        False)
+                                        reg, False, grad_in_forward)
             out[0].sum().backward()
         assert q.grad.shape == (M, d) and k.grad.shape == (C, d)
         from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException

@@ -1,5 +1,5 @@
 """Second sweeps: the regulariser's value and the gradient, recomputing logits from the
-forward statistics (lse_i, W_i, the weight normalisers).
+forward statistics (lse_i, W_i, the weight normalisers; lse in base 2, see forward.py).
 
 For anchor i and softmax column j (SPEC):
     p_ij = beta_j exp(s_ij - lse_i),  r_ij = max(p_ij - w_ij, 0) on positives (reg only),
@@ -16,7 +16,7 @@ Probabilities come from exp2 of logits scaled by log2(e)/tau (`scale2`), as in t
 import triton
 import triton.language as tl
 
-from .tiles import LN2, LOG2E, dot_tile, load_rows, positive_weights, softmax_mask
+from .tiles import _MODE_HEAD, LN2, dot_tile, head_weights, load_rows, positive_weights, softmax_mask
 
 
 @triton.jit
@@ -40,11 +40,19 @@ def tile_grad(s2, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_tot, scale_i,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(dl/ds scaled by G_i, r) of one tile; both 0 outside the softmax. `s2` = logits * log2(e)."""
     soft = softmax_mask(rmask, cols, cmask, self_c, C)
-    shifted = s2 + tl.where(cols < N, log2_beta, 0.0)[None, :] - (lse_i * LOG2E)[:, None]
+    shifted = s2 + tl.where(cols < N, log2_beta, 0.0)[None, :] - lse_i[:, None]
     p = tl.where(soft, tl.exp2(tl.where(soft, shifted, 0.0)), 0.0)
     grad = w_tot[:, None] * p
     r = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if LABELS:
+    if MODE == _MODE_HEAD:
+        # Closed form: the head labels' weights w^H (and, with REG, their regulariser) per pair;
+        # the tail labels' part is added outside. a_bits / table / scale carry the head tiles.
+        w = head_weights(rows, rmask, cols, cmask, a_bits, table, scale_i, WORDS)
+        w = tl.where(soft, w, 0.0)
+        if REG:
+            r = tl.where(w > 0, tl.maximum(p - w, 0.0), 0.0)
+        grad = grad - w - r
+    elif LABELS:
         a_j = tl.load(c_count + cols, mask=cmask, other=0).to(tl.float32)
         w = positive_weights(rows, rmask, cols, cmask, soft, a_i, a_j, scale_i, inv_z, N,
                              a_index, a_bits, KA, KAP, table, width, alpha,
@@ -158,13 +166,15 @@ def cols_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
 
 
 @triton.jit
-def cols_free_kernel(q_ptr, k_ptr, self_col, lse, w_tot, g_up, dk_out,
+def cols_free_kernel(q_ptr, k_ptr, self_col, lse, w_tot, g_up, head_u, head_y, head_scale, dk_out,
                      M, C, N, col_lo, d, stride_q, stride_k, stride_dk, scale2, log2_beta,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """Label-free column gradient (MODE_NONE), transposed: grid (column blocks of [col_lo, C),).
-    The owned column block k_j ([BLOCK_N, d], d <= BLOCK_K) stays resident; each anchor tile
-    gives sT = k_j q_i^T [BLOCK_N, BLOCK_M] and dk_j += gT q_i, g_ij = G_i W_i p_ij."""
+                     HEAD: tl.constexpr, REG: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Label-free column gradient (MODE_NONE, or MODE_HEAD with HEAD), transposed: grid (column
+    blocks of [col_lo, C),). The owned column block k_j ([BLOCK_N, d], d <= BLOCK_K) stays
+    resident; each anchor tile gives sT = k_j q_i^T [BLOCK_N, BLOCK_M] and dk_j += gT q_i with
+    g_ij = G_i (W_i p_ij - w^H_ij - r_ij) with the head labels' weights and regulariser (HEAD;
+    r only with REG), or g_ij = G_i W_i p_ij."""
     pid = tl.program_id(0)
     cols = col_lo + pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < C
@@ -172,19 +182,33 @@ def cols_free_kernel(q_ptr, k_ptr, self_col, lse, w_tot, g_up, dk_out,
     kmask = offs_k < d
     k_res = tl.load(k_ptr + cols[:, None] * stride_k + offs_k[None, :], mask=cmask[:, None] & kmask[None, :],
                     other=0.0)
+    if HEAD:
+        offs_h = tl.arange(0, HB)
+        y_res = tl.load(head_y + cols[:, None] * HB + offs_h[None, :], mask=cmask[:, None], other=0.0)
     col_shift = tl.where(cols < N, log2_beta, 0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for start in range(0, M, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         rmask = rows < M
         self_c = tl.load(self_col + rows, mask=rmask, other=-1)
-        lse2_i = tl.load(lse + rows, mask=rmask, other=0.0) * LOG2E
-        coef_i = tl.load(w_tot + rows, mask=rmask, other=0.0) * tl.load(g_up + rows, mask=rmask, other=0.0)
+        lse2_i = tl.load(lse + rows, mask=rmask, other=0.0)
+        w_i = tl.load(w_tot + rows, mask=rmask, other=0.0)
+        g_i = tl.load(g_up + rows, mask=rmask, other=0.0)
         q = tl.load(q_ptr + rows[:, None] * stride_q + offs_k[None, :], mask=rmask[:, None] & kmask[None, :],
                     other=0.0)
         s2 = tl.dot(k_res, tl.trans(q), input_precision=PRECISION) * scale2
         soft = cmask[:, None] & rmask[None, :] & (cols[:, None] != self_c[None, :])
         p = tl.exp2(tl.where(soft, s2 + col_shift[:, None] - lse2_i[None, :], float("-inf")))
-        dk += tl.dot((p * coef_i[None, :]).to(q.dtype), q, input_precision=PRECISION)
+        grad = p * w_i[None, :]
+        if HEAD:
+            hi = tl.load(head_u + rows[:, None] * (2 * HB) + offs_h[None, :], mask=rmask[:, None], other=0.0)
+            lo = tl.load(head_u + rows[:, None] * (2 * HB) + HB + offs_h[None, :], mask=rmask[:, None], other=0.0)
+            w = (tl.dot(y_res, tl.trans(hi)) + tl.dot(y_res, tl.trans(lo))) * \
+                tl.load(head_scale + rows, mask=rmask, other=0.0)[None, :]
+            w = tl.where(soft, w, 0.0)
+            grad -= w
+            if REG:
+                grad -= tl.where(w > 0, tl.maximum(p - w, 0.0), 0.0)
+        dk += tl.dot((grad * g_i[None, :]).to(q.dtype), q, input_precision=PRECISION)
     tl.store(dk_out + cols[:, None] * stride_dk + offs_k[None, :], dk * (scale2 * LN2),
              mask=cmask[:, None] & kmask[None, :])

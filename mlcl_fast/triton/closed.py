@@ -15,7 +15,15 @@ per-label sums of embeddings, O(nnz * d) work:
   dk_j  -= (sum_{k in y_j} F_k - [j is anchor i's own column] G_i ubar_i q_i) / tau
 
 The dense kernels run label-free (configs.MODE_NONE): lse in the forward, G_i W_i p_ij in the
-backward. The label-sum structures have static shapes (nothing depends on label values but
+backward.
+
+With the regulariser (preset reg), r_ij = max(p_ij - w_ij, 0) on positives needs w_ij per pair.
+The HEAD_LABELS most frequent labels of the columns become a dense [C, HB] 0/1 tile and the
+anchors' u_ik over them an [M, HB] tile (configs.MODE_HEAD), so the second sweeps get the head
+part w^H_ij from two small fp16 `tl.dot`s per tile and subtract r(w^H). Pairs that share a label
+outside the head ("tail" labels, rare by construction) are listed (tail_forward, one host
+synchronisation for the list size; none at all when the columns carry at most HB labels, known
+from the shapes) and corrected by r(w^H + w^T) - r(w^H): exact. The label-sum structures have static shapes (nothing depends on label values but
 their contents), are built on the device without a host synchronisation, and every sum is a
 CSR segment sum in a fixed order (deterministic). Per-label sums live in a compact label space
 of at most min(L, C * K_c) rows: the labels the softmax columns carry.
@@ -24,9 +32,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op, triton_op, wrap_triton
 
-from . import launch, sparse
+from . import configs, launch, pairs, sparse
 
 
 def label_index(a_index: Tensor, c_index: Tensor, self_col: Tensor, col_lo: int, num_labels: int):
@@ -78,6 +86,47 @@ def _slot_ptr(rows: int, width: int, device) -> Tensor:
     return torch.arange(rows + 1, device=device) * width
 
 
+def head_width(c_index: Tensor, num_labels: int) -> int:
+    """HB: the head tile's width (a power of two >= 16 for tl.dot, at most configs.HEAD_LABELS)."""
+    labels = max(1, min(num_labels, c_index.numel()))
+    return max(16, min(configs.HEAD_LABELS, triton_pow2(labels)))
+
+
+def has_tail(c_index: Tensor, num_labels: int) -> bool:
+    """Whether labels outside the head can exist (from shapes alone: no synchronisation)."""
+    return min(num_labels, c_index.numel()) > head_width(c_index, num_labels)
+
+
+def triton_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def head_tiles(cnt: Tensor, col_cid: Tensor, a_cid: Tensor, u: Tensor, hb: int):
+    """(head_u [M, 2*HB] fp16, head_y [C, HB] fp16, row_scale [M] fp32, a_rank [M, Ka],
+    c_rank [C, Kc]): the head labels are the HB compact labels carried by most columns; ranks
+    are positions in the head (-1: not a head label)."""
+    dev = cnt.device
+    U = cnt.shape[0]
+    top = torch.topk(cnt, min(hb, U)).indices
+    rank = torch.full((U + 1,), -1, dtype=torch.int64, device=dev)
+    rank[top] = torch.arange(top.numel(), device=dev)
+    c_rank = rank[torch.where(col_cid >= 0, col_cid, U)]
+    a_rank = rank[torch.where(a_cid >= 0, a_cid, U)]
+    C, M = col_cid.shape[0], a_cid.shape[0]
+    head_y = torch.zeros(C, hb + 1, dtype=torch.float16, device=dev)
+    head_y.scatter_(1, torch.where(c_rank >= 0, c_rank, hb), 1.0)
+    uh = torch.zeros(M, hb + 1, dtype=torch.float32, device=dev)
+    uh.scatter_add_(1, torch.where(a_rank >= 0, a_rank, hb), torch.where(a_rank >= 0, u, 0.0))
+    uh = uh[:, :hb]
+    # Per-row scaling keeps the fp16 parts normal; hi + lo hold 22 significant bits.
+    top_u = uh.max(dim=1).values
+    row_scale = torch.where(top_u > 0, top_u, 1.0)
+    unit = uh / row_scale[:, None]
+    hi = unit.to(torch.float16)
+    lo = (unit - hi.to(torch.float32)).to(torch.float16)
+    return torch.cat([hi, lo], dim=1).contiguous(), head_y[:, :hb].contiguous(), row_scale, a_rank, c_rank
+
+
 def _slot_order(a_cid: Tensor, num_labels_compact: int):
     """Anchor slots grouped by compact label, in a fixed order (padding last): (ptr [U+1],
     anchor row of each sorted slot or -1 [M*Ka], slot of each sorted position [M*Ka])."""
@@ -91,69 +140,117 @@ def _slot_order(a_cid: Tensor, num_labels_compact: int):
     return ptr, torch.where(sorted_keys < U * M, sorted_keys % M, -1), order
 
 
+def _sweep_labels(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau, log_beta,
+                  reg: bool, allow_tf32):
+    return launch.head_tiles(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
+                             log_beta, reg, allow_tf32)
+
+
 @triton_op("mlcl_fast::triton_closed_forward", mutates_args=())
 def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_count: Tensor, c_index: Tensor,
                    c_count: Tensor, num_samples: int, col_lo: int, num_labels: int, inv_tau: float,
-                   log_beta: float, allow_tf32: bool
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss [M], W [M], lse [M], V [M, d] fp32, then what the backward reuses: u [M, Ka],
-    ubar [M], col_cid [C, Kc], slot_ptr [U+1], slot_rows [M*Ka], slot_order [M*Ka])."""
+                   log_beta: float, reg: bool, allow_tf32: bool, grad_in_forward: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                              Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss [M] (with the head labels' regulariser; tail_forward adds the rest), W [M],
+    lse2 [M] (base 2), V^T [M, d] fp32 (the tail labels' V), then what the backward and
+    tail_forward reuse: u [M, Ka], ubar^T [M], col_cid [C, Kc], slot_ptr [U+1], slot_rows [M*Ka],
+    slot_order [M*Ka], head_u [M, 2*HB], head_y [C, HB], row_scale [M], a_rank [M, Ka],
+    c_rank [C, Kc], dq_unit [M or 0, d]).
+
+    The loss value takes every label from the closed form. The gradient takes the head labels'
+    weights per pair inside the sweeps (g_ij = G_i (W_i p_ij - w^H_ij - r_ij), formed before the
+    gradient GEMM, so near convergence, where p_ij ~ w_ij, nothing large cancels) and only the
+    tail labels from the closed form."""
     interpret = launch.INTERPRETED
     M = q.shape[0]
-    labels, g = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta,
-                                  allow_tf32)
-    lse, _, _ = launch.stats(q, k, labels, g, wrap_triton)
     col_ptr, col_s, col_cid, a_cid, cnt = label_index(a_index, c_index, self_col, col_lo, num_labels)
-    u, w_tot, ubar, own = anchor_weights(a_cid, a_count, cnt, self_col, col_lo)
+    u, w_tot, _, own = anchor_weights(a_cid, a_count, cnt, self_col, col_lo)
+    hb = head_width(c_index, num_labels)
+    head_u, head_y, row_scale, a_rank, c_rank = head_tiles(cnt, col_cid, a_cid, u, hb)
+    # The statistics sweep needs no labels at all; the second sweeps carry the head tiles.
+    free, g_free = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta,
+                                     allow_tf32)
+    lse2, _, _ = launch.stats(q, k, free, g_free, wrap_triton)
+    labels, g = _sweep_labels(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
+                              log_beta, reg, allow_tf32)
     e = sparse.csr_rows(col_ptr, col_s, torch.ones(col_s.shape, device=q.device), k, interpret, wrap_triton)
     ka = a_index.shape[1]
-    v = sparse.csr_rows(_slot_ptr(M, ka, q.device), a_cid.flatten(), u.flatten(), e, interpret, wrap_triton)
-    ubar = torch.where(own, ubar, 0.0)
-    v = v - ubar[:, None] * k[self_col.long().clamp(min=0)].to(torch.float32)
+    slots = _slot_ptr(M, ka, q.device)
+    own_rows = k[self_col.long().clamp(min=0)].to(torch.float32)
+    v = sparse.csr_rows(slots, a_cid.flatten(), u.flatten(), e, interpret, wrap_triton)
+    v = v - torch.where(own, u.sum(dim=1), 0.0)[:, None] * own_rows
     weighted = (q.to(torch.float32) * v).sum(dim=1) * inv_tau
-    loss = torch.where(w_tot > 0, w_tot * lse - weighted, 0.0)
+    loss = w_tot * (lse2 * launch.LN2) - weighted
+    u_tail = torch.where(a_rank < 0, u, 0.0)
+    ubar_tail = torch.where(own, u_tail.sum(dim=1), 0.0)
+    if has_tail(c_index, num_labels):
+        v_tail = sparse.csr_rows(slots, a_cid.flatten(), u_tail.flatten(), e, interpret, wrap_triton)
+        v_tail = v_tail - ubar_tail[:, None] * own_rows
+    else:
+        v_tail = torch.zeros_like(v)
+    dq_unit = q.new_empty(0, q.shape[1], dtype=torch.float32)
+    if reg or grad_in_forward:
+        # The second sweep: the head regulariser's value and/or the anchor-row gradient for G = 1.
+        dq_unit, reg_sum = launch.rows(q, k, labels, lse2, w_tot, row_scale, u[:, :1], torch.ones_like(lse2), g,
+                                       wrap_triton, reg_value=reg, grad=grad_in_forward)
+        if reg:
+            loss = loss - reg_sum
+        if dq_unit is None:
+            dq_unit = q.new_empty(0, q.shape[1], dtype=torch.float32)
+    loss = torch.where(w_tot > 0, loss, 0.0)
     slot_ptr, slot_rows, slot_order = _slot_order(a_cid, cnt.shape[0])
-    return loss, w_tot, lse, v, u, ubar, col_cid, slot_ptr, slot_rows, slot_order
+    return (loss, w_tot, lse2, v_tail, u_tail, ubar_tail, col_cid, slot_ptr, slot_rows, slot_order, head_u, head_y,
+            row_scale, a_rank, c_rank, dq_unit)
 
 
 @triton_op("mlcl_fast::triton_closed_backward", mutates_args=())
-def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, lse: Tensor,
-                    w_tot: Tensor, v: Tensor, u: Tensor, ubar: Tensor, col_cid: Tensor, slot_ptr: Tensor,
-                    slot_rows: Tensor, slot_order: Tensor, g_up: Tensor, num_samples: int, col_lo: int,
-                    inv_tau: float, log_beta: float, allow_tf32: bool) -> tuple[Tensor, Tensor]:
+def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, lse2: Tensor,
+                    w_tot: Tensor, v_tail: Tensor, u_tail: Tensor, ubar_tail: Tensor, col_cid: Tensor,
+                    slot_ptr: Tensor, slot_rows: Tensor, slot_order: Tensor, head_u: Tensor, head_y: Tensor,
+                    row_scale: Tensor, dq_unit: Tensor, g_up: Tensor, num_samples: int, col_lo: int,
+                    inv_tau: float, log_beta: float, reg: bool, tail: bool,
+                    allow_tf32: bool) -> tuple[Tensor, Tensor]:
     interpret = launch.INTERPRETED
-    M, C = q.shape[0], k.shape[0]
-    labels, g = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta,
-                                  allow_tf32)
-    no_z = torch.zeros(M, 1, dtype=torch.float32, device=q.device)
-    dq, _ = launch.rows(q, k, labels, lse, w_tot, w_tot, no_z, g_up, g, wrap_triton, reg_value=False, grad=True)
-    dk = launch.cols(q, k, labels, lse, w_tot, w_tot, no_z, g_up, g, wrap_triton)
-    dq = dq - (g_up * inv_tau)[:, None] * v
-    # F_u = sum over the anchor slots of compact label u of G_i u_ik q_i; then each column sums
-    # the F of its labels.
-    f = sparse.csr_rows(slot_ptr, slot_rows, (g_up[:, None] * u).flatten()[slot_order], q, interpret, wrap_triton)
-    kc = col_cid.shape[1]
-    label_part = sparse.csr_rows(_slot_ptr(C, kc, q.device), col_cid.flatten(), torch.ones(C * kc, device=q.device),
-                                 f, interpret, wrap_triton)
-    # Each column is the own column of at most one anchor (ubar = 0 for the others): one
-    # non-zero add per row, so the result does not depend on the order of the adds.
-    own_term = (g_up * ubar)[:, None] * q.to(torch.float32)
-    label_part = label_part.index_add(0, self_col.long().clamp(min=0), -own_term)
-    dk = dk - inv_tau * label_part
+    C = k.shape[0]
+    labels, g = _sweep_labels(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
+                              log_beta, reg, allow_tf32)
+    if dq_unit.shape[0] == q.shape[0]:
+        dq = dq_unit * g_up[:, None]  # the anchor-row gradient is linear in G_i
+    else:
+        dq, _ = launch.rows(q, k, labels, lse2, w_tot, row_scale, u_tail[:, :1], g_up, g, wrap_triton,
+                            reg_value=False, grad=True)
+    dk = launch.cols(q, k, labels, lse2, w_tot, row_scale, u_tail[:, :1], g_up, g, wrap_triton)
+    if tail:
+        # The tail labels' -w part: dq_i -= G_i V^T_i / tau; F_u = sum over the anchor slots of
+        # compact label u of G_i u_ik q_i, and each column subtracts the F of its labels.
+        dq = dq - (g_up * inv_tau)[:, None] * v_tail
+        f = sparse.csr_rows(slot_ptr, slot_rows, (g_up[:, None] * u_tail).flatten()[slot_order], q, interpret,
+                            wrap_triton)
+        kc = col_cid.shape[1]
+        label_part = sparse.csr_rows(_slot_ptr(C, kc, q.device), col_cid.flatten(),
+                                     torch.ones(C * kc, device=q.device), f, interpret, wrap_triton)
+        # Each column is the own column of at most one anchor (ubar = 0 for the others): one
+        # non-zero add per row, so the result does not depend on the order of the adds.
+        own_term = (g_up * ubar_tail)[:, None] * q.to(torch.float32)
+        label_part = label_part.index_add(0, self_col.long().clamp(min=0), -own_term)
+        dk = dk - inv_tau * label_part
     return dq.to(q.dtype), dk.to(k.dtype)
 
 
 _INPUTS = ("q", "k", "self_col", "a_index", "a_count", "c_index", "c_count")
-_SCALARS = ("num_samples", "col_lo", "num_labels", "inv_tau", "log_beta", "allow_tf32")
+_SCALARS = ("num_samples", "col_lo", "num_labels", "inv_tau", "log_beta", "reg", "allow_tf32", "grad_in_forward")
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, self_col, _, a_count, _, c_count = inputs[:len(_INPUTS)]
+    q, k, self_col, _, a_count, c_index, c_count = inputs[:len(_INPUTS)]
     s = dict(zip(_SCALARS, inputs[len(_INPUTS):]))
-    _, w_tot, lse, v, u, ubar, col_cid, slot_ptr, slot_rows, slot_order = output
-    ctx.scalars = {name: s[name] for name in ("num_samples", "col_lo", "inv_tau", "log_beta", "allow_tf32")}
-    ctx.save_for_backward(q, k, self_col, a_count, c_count, lse, w_tot, v, u, ubar, col_cid, slot_ptr, slot_rows,
-                          slot_order)
+    (_, w_tot, lse2, v_tail, u_tail, ubar_tail, col_cid, slot_ptr, slot_rows, slot_order, head_u, head_y, row_scale,
+     _, _, dq_unit) = output
+    ctx.scalars = {name: s[name] for name in ("num_samples", "col_lo", "inv_tau", "log_beta", "reg", "allow_tf32")}
+    ctx.scalars["tail"] = has_tail(c_index, s["num_labels"])
+    ctx.save_for_backward(q, k, self_col, a_count, c_count, lse2, w_tot, v_tail, u_tail, ubar_tail, col_cid,
+                          slot_ptr, slot_rows, slot_order, head_u, head_y, row_scale, dq_unit)
 
 
 def _backward(ctx, g_loss, *_unused):
@@ -162,3 +259,74 @@ def _backward(ctx, g_loss, *_unused):
 
 
 closed_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- the tail labels
+@custom_op("mlcl_fast::triton_closed_tail_forward", mutates_args=())
+def tail_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, c_index: Tensor, lse2: Tensor,
+                 u: Tensor, a_rank: Tensor, c_rank: Tensor, col_cid: Tensor, head_u: Tensor, head_y: Tensor,
+                 row_scale: Tensor, num_samples: int, col_lo: int, num_labels: int, inv_tau: float,
+                 log_beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The regulariser of the pairs that share a tail label: (-sum_j delta_ij s_ij [M], pi [P],
+    pj [P], delta [P]) with delta = r(w^H + w^T) - r(w^H), w^H as the head tiles give it."""
+    interpret = launch.INTERPRETED
+    M = q.shape[0]
+    a_tail = torch.where(u > 0, a_index, -1)  # u: the tail labels' u_ik (0 on head labels)
+    c_tail = torch.where((c_rank < 0) & (col_cid >= 0), c_index, -1)
+    tri_seg, tri_pair, pi, pj, _ = pairs.positive_pairs(a_tail, c_tail, self_col, col_lo, num_labels)
+    by_pair = torch.argsort(tri_pair, stable=True)
+    w_tail = sparse.segment_sum(u.flatten()[tri_seg[by_pair]], sparse.offsets(tri_pair[by_pair], pi.numel()),
+                                interpret)
+    hb = head_y.shape[1]
+    unit = head_u[:, :hb].to(torch.float32) + head_u[:, hb:].to(torch.float32)
+    w_head = sparse.pair_dots(unit.contiguous(), head_y.to(torch.float32).contiguous(), pi, pj, interpret) * \
+        row_scale[pi]
+    s = sparse.pair_dots(q, k, pi, pj, interpret) * inv_tau
+    p = torch.exp(s + torch.where(pj < num_samples, log_beta, 0.0) - lse2[pi] * launch.LN2)
+    w_full = w_head + w_tail
+    delta = torch.where(w_full > 0, (p - w_full).clamp(min=0), 0.0) - torch.where(w_head > 0, (p - w_head).clamp(min=0),
+                                                                                   0.0)
+    value = -sparse.segment_sum(delta * s, sparse.offsets(pi, M), interpret)
+    return value, pi, pj, delta
+
+
+@tail_forward.register_fake
+def _(q, k, self_col, a_index, c_index, lse2, u, a_rank, c_rank, col_cid, head_u, head_y, row_scale, num_samples,
+      col_lo, num_labels, inv_tau, log_beta):
+    P = torch.library.get_ctx().new_dynamic_size()
+    return (q.new_empty(q.shape[0], dtype=torch.float32), q.new_empty(P, dtype=torch.int64),
+            q.new_empty(P, dtype=torch.int64), q.new_empty(P, dtype=torch.float32))
+
+
+@custom_op("mlcl_fast::triton_closed_tail_backward", mutates_args=())
+def tail_backward(q: Tensor, k: Tensor, pi: Tensor, pj: Tensor, delta: Tensor, g_up: Tensor,
+                  inv_tau: float) -> tuple[Tensor, Tensor]:
+    """d(-delta_ij s_ij)/ds_ij = -delta_ij (delta is a constant, like r): per anchor and per column."""
+    interpret = launch.INTERPRETED
+    M, C = q.shape[0], k.shape[0]
+    corr = -delta * g_up[pi] * inv_tau
+    dq = sparse.csr_rows(sparse.offsets(pi, M), pj, corr, k, interpret)
+    by_col = torch.argsort(pj, stable=True)
+    dk = sparse.csr_rows(sparse.offsets(pj[by_col], C), pi[by_col], corr[by_col], q, interpret)
+    return dq.to(q.dtype), dk.to(k.dtype)
+
+
+@tail_backward.register_fake
+def _(q, k, pi, pj, delta, g_up, inv_tau):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _tail_setup(ctx, inputs, output):
+    q, k = inputs[:2]
+    _, pi, pj, delta = output
+    ctx.inv_tau = inputs[16]
+    ctx.save_for_backward(q, k, pi, pj, delta)
+
+
+def _tail_backward(ctx, g_value, *_unused):
+    q, k, pi, pj, delta = ctx.saved_tensors
+    dq, dk = tail_backward(q, k, pi, pj, delta, g_value.to(torch.float32).contiguous(), ctx.inv_tau)
+    return (dq, dk) + (None,) * 16
+
+
+tail_forward.register_autograd(_tail_backward, setup_context=_tail_setup)

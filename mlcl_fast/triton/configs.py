@@ -15,6 +15,9 @@ MODE_NONE = 0    # no labels in the dense kernels: positive pairs are handled ou
 MODE_BITS = 1    # column label bitsets of at most BITS_MAX_WORDS int32 words, selected in registers
 MODE_GATHER = 2  # column label bitsets of any width, one gathered word per (anchor, column, slot)
 MODE_LIST = 3    # sorted padded column label lists, compared entry by entry
+MODE_HEAD = 4    # label-free sweeps plus one dense tile of the most frequent ("head") labels, for the
+                 # regulariser of the closed form (closed.py): w_ij of the head labels is a small tl.dot
+IN_TILE_MODES = (MODE_BITS, MODE_GATHER, MODE_LIST)
 
 REGIMES = {"bits": MODE_BITS, "gather": MODE_GATHER, "list": MODE_LIST, "pairs": MODE_NONE, "closed": MODE_NONE}
 
@@ -33,6 +36,10 @@ GATHER_MIN_LIST_WIDTH = 4   # ... when columns carry enough labels that a list s
 # the O((|A|+|C|)(d+K)) working set, and a small part of the |A| x |C| tile work.
 PAIRS_MAX_PER_ROW = 4
 PAIRS_MAX_DENSITY = 0.25
+
+# Head labels of the regularised closed form: the columns' most frequent labels, as a dense
+# [columns, HEAD_LABELS] 0/1 tile; pairs sharing any other label are corrected from pair lists.
+HEAD_LABELS = 64
 
 GRAD_MODES = ("forward", "recompute")
 
@@ -62,31 +69,43 @@ FREE_MAX_CHUNK = 256
 LABEL_MAX_CHUNK = 128
 
 
-def tile_config(dim: int, interpret: bool, owner: str = "anchors", labels: bool = True) -> TileConfig:
-    """The fixed configuration for feature dimension `dim` and a kernel whose programs own anchor
-    blocks (stats, rows) or column blocks (cols), with or without in-tile label work (`labels`:
-    the bits/gather/list modes; without: MODE_NONE). MLCL_FAST_TRITON_TILE overrides the tile."""
+TILE_KINDS = ("in_tile", "free", "head")
+
+
+def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "in_tile") -> TileConfig:
+    """The fixed configuration for feature dimension `dim`, a kernel whose programs own anchor
+    blocks (stats, rows) or column blocks (cols), and its label work (`kind`): "in_tile" (the
+    bits / gather / list modes), "free" (MODE_NONE: none) or "head" (MODE_HEAD: the head-label
+    tiles of the regularised closed form). MLCL_FAST_TRITON_TILE overrides the tile."""
     if owner not in OWNERS:
         raise ValueError(f"owner: expected one of {list(OWNERS)}, got {owner!r}")
+    if kind not in TILE_KINDS:
+        raise ValueError(f"kind: expected one of {list(TILE_KINDS)}, got {kind!r}")
     if interpret:
         # Small tiles so that the CPU tests cross tile, chunk and padding boundaries.
         return TileConfig(block_m=16, block_n=16, block_k=16, block_d=16, num_warps=1, num_stages=1)
-    chunk = max(16, min(_pow2(dim), LABEL_MAX_CHUNK if labels else FREE_MAX_CHUNK))
+    chunk = max(16, min(_pow2(dim), LABEL_MAX_CHUNK if kind == "in_tile" else FREE_MAX_CHUNK))
     forced = forced_tile(chunk)
     if forced is not None:
         return forced
-    if not labels:
-        # Label-free sweeps (a logit GEMM, one exp2 per pair, a gradient GEMM): wgmma needs 64 rows
-        # per warpgroup in the M dimension of both products. Anchor-owned kernels put the anchor
-        # block there, the transposed column kernel the column block. The static report
-        # (python -m bench.kernels) shows these compile to wgmma without spills at d = 128 and 256.
-        # d > 128: 64 x 64 over 8 warps (the 256-wide gradient accumulator spills at 4 warps or
-        # with a 128-wide owned block).
-        if chunk > 128:
-            return TileConfig(block_m=64, block_n=64, block_k=chunk, block_d=chunk, num_warps=8, num_stages=2)
+    if kind != "in_tile":
+        # Label-free sweeps (a logit GEMM, one exp2 per pair, a gradient GEMM; "head" adds two
+        # fp16 dots of HEAD_LABELS): wgmma needs 64 rows per warpgroup in the M dimension of
+        # both products. Anchor-owned kernels put the anchor block there, the transposed column
+        # kernel the column block. Chosen from the static report (python -m bench.kernels) as the
+        # largest tiles that compile to wgmma without spills at d = 128 and 256; the 256-wide
+        # gradient accumulator takes half the registers of 8 warps, so d > 128 (and the head
+        # tiles) halve the swept side.
+        wide = chunk > 128
         if owner == "columns":
-            return TileConfig(block_m=64, block_n=128, block_k=chunk, block_d=chunk, num_warps=8, num_stages=2)
-        return TileConfig(block_m=128, block_n=64, block_k=chunk, block_d=chunk, num_warps=8, num_stages=2)
+            block_m = 32 if wide and kind == "head" else 64
+            return TileConfig(block_m=block_m, block_n=64 if wide else 128, block_k=chunk, block_d=chunk,
+                              num_warps=8, num_stages=2)
+        if wide:
+            block_n = 32 if kind == "head" else 64
+            return TileConfig(block_m=64, block_n=block_n, block_k=chunk, block_d=chunk, num_warps=8, num_stages=2)
+        return TileConfig(block_m=64 if kind == "head" else 128, block_n=64, block_k=chunk, block_d=chunk,
+                          num_warps=8, num_stages=2)
     # In-tile label work: small owned blocks (64 x 64 tiles spill registers with the label loops).
     # Measured per kernel on an H100 for reg, N=4096, d=128 (bench/RESULTS.md): anchor-owned
     # kernels fastest at 16 x 64, the column-owned kernel at 32 x 32.
@@ -116,11 +135,11 @@ def autotune_enabled() -> bool:
     return os.environ.get("MLCL_FAST_AUTOTUNE", "0") == "1"
 
 
-def autotune_candidates(dim: int, labels: bool = True) -> list[TileConfig]:
+def autotune_candidates(dim: int, kind: str = "in_tile") -> list[TileConfig]:
     """Candidates tried per (|A|, |C|, d) when MLCL_FAST_AUTOTUNE=1."""
-    base = tile_config(dim, interpret=False, labels=labels)
-    shapes = ((32, 64, 4), (64, 64, 4), (16, 64, 4), (32, 32, 4), (64, 32, 4)) if labels else \
-        ((64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 128, 8), (64, 32, 4))
+    base = tile_config(dim, interpret=False, kind=kind)
+    shapes = ((32, 64, 4), (64, 64, 4), (16, 64, 4), (32, 32, 4), (64, 32, 4)) if kind == "in_tile" else \
+        ((64, 64, 8), (128, 64, 8), (64, 128, 8), (64, 32, 8), (32, 64, 8))
     return [TileConfig(bm, bn, base.block_k, base.block_d, warps, stages)
             for bm, bn, warps in shapes for stages in (2, 3)]
 
@@ -144,12 +163,12 @@ def forced_regime() -> str | None:
     return regime
 
 
-def closed_form(weighting: int, factor: int, alpha: float, reg: bool) -> bool:
+def closed_form(weighting: int, factor: int, alpha: float) -> bool:
     """Whether the closed-form regime (closed.py) computes this configuration: label-centric
-    weights whose pair factor is 1 on every positive (f=one, or f=overlap with alpha=0), no
-    regulariser."""
+    weights whose pair factor is 1 on every positive (f=one, or f=overlap with alpha=0), with or
+    without the regulariser."""
     one = factor == FACTOR_CODES["one"] or (factor == FACTOR_CODES["overlap"] and alpha == 0)
-    return weighting == WEIGHTING_CODES["label"] and one and not reg
+    return weighting == WEIGHTING_CODES["label"] and one
 
 
 def choose_regime(num_labels: int, anchor_width: int, column_width: int, num_anchors: int, num_columns: int,

@@ -56,7 +56,7 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
     weighting = configs.WEIGHTING_CODES[cfg.weighting]
     factor = configs.FACTOR_CODES[cfg.f]
 
-    closed_ok = configs.closed_form(weighting, factor, float(cfg.alpha), cfg.reg)
+    closed_ok = configs.closed_form(weighting, factor, float(cfg.alpha))
     regime = regime or configs.forced_regime()
     if regime is None:
         triples = None
@@ -69,15 +69,27 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
         raise ValueError(f"regime: expected one of {list(configs.REGIMES)}, got {regime!r}")
     if regime == "closed" and not closed_ok:
         raise ValueError("regime: 'closed' needs label-centric weights with f=1 on positives (f='one', or "
-                         "f='overlap' with alpha=0) and reg=False")
+                         "f='overlap' with alpha=0)")
     if regime == "bits" and anchor_sets.num_labels > 32 * configs.BITS_MAX_WORDS:
         raise ValueError(f"regime: 'bits' holds at most {32 * configs.BITS_MAX_WORDS} labels, "
                          f"got {anchor_sets.num_labels}; use 'gather', 'list' or 'pairs'")
 
+    need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    grad_mode = grad_mode or configs.grad_mode()
+    if grad_mode not in configs.GRAD_MODES:
+        raise ValueError(f"grad_mode: expected one of {list(configs.GRAD_MODES)}, got {grad_mode!r}")
     if regime == "closed":
-        loss, w_tot, *_ = closed.closed_forward(q, k, self_col, a_index.long(), a_count, column_sets.index, c_count,
-                                                n, col_lo, anchor_sets.num_labels, 1.0 / problem.temperature,
-                                                log_beta, tf32)
+        a_long, c_index, num_labels = a_index.long(), column_sets.index, anchor_sets.num_labels
+        inv_tau = 1.0 / problem.temperature
+        out = closed.closed_forward(q, k, self_col, a_long, a_count, c_index, c_count, n, col_lo, num_labels,
+                                    inv_tau, log_beta, cfg.reg, tf32, grad_mode == "forward" and need_grad)
+        loss, w_tot, lse2, u_tail = out[0], out[1], out[2], out[4]
+        if cfg.reg and closed.has_tail(c_index, num_labels):
+            col_cid, head_u, head_y, row_scale, a_rank, c_rank = out[6], *out[10:15]
+            tail, *_ = closed.tail_forward(q, k, self_col, a_long, c_index, lse2.detach(), u_tail.detach(), a_rank,
+                                           c_rank, col_cid, head_u, head_y, row_scale, n, col_lo, num_labels,
+                                           inv_tau, log_beta)
+            loss = loss + tail
         return loss, w_tot > 0
 
     if regime == "pairs":
@@ -90,10 +102,6 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
     table = labels.column_table(column_sets, mode)
     # Anchor bitsets serve the popcount overlaps of MODE_BITS only.
     a_bits = labels.bitsets(anchor_sets) if mode == configs.MODE_BITS else torch.zeros_like(a_index[:, :1])
-    grad_mode = grad_mode or configs.grad_mode()
-    if grad_mode not in configs.GRAD_MODES:
-        raise ValueError(f"grad_mode: expected one of {list(configs.GRAD_MODES)}, got {grad_mode!r}")
-    need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     loss, w_tot, *_ = ops.dense_forward(q, k, self_col, a_index, a_bits, a_count, table, c_count, n, col_lo,
                                         1.0 / problem.temperature, log_beta, float(cfg.alpha), mode, weighting,
                                         factor, cfg.reg, tf32, grad_mode == "forward" and need_grad)

@@ -9,7 +9,9 @@ The regulariser needs final lse and weights, so its value comes from a second sw
 (backward.rows_kernel with REG_VALUE).
 
 The log-sum-exp runs in base 2: the logit tile is scaled once by log2(e)/tau (`scale2`) and
-exp2 is the only transcendental per pair; lse is turned back into natural units at the end.
+exp2 is the only transcendental per pair. The saved statistic is the base-2 log-sum-exp
+lse2_i = lse_i * log2(e), which the second sweeps subtract from base-2 logits as it is (a lone
+softmax column then has p = exp2(0) = 1 exactly); callers take lse_i = lse2_i * ln(2).
 Without labels (MODE_NONE: the closed-form and pair-list regimes) the sweep is the logit GEMM
 and one exp2 per pair, nothing else.
 """
@@ -83,7 +85,7 @@ def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_coun
                 s_acc += tl.where(at_0, tl.sum(om * s, axis=1)[:, None], 0.0)
 
     # An anchor without any column (a batch of one) keeps lse = 0; it has no positive either.
-    lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * LN2, 0.0)
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
     tl.store(lse_out + rows, lse, mask=rmask)
     if LABELS:
         out = rows[:, None] * SLOTS + slots[None, :]

@@ -19,6 +19,7 @@ from . import backward, configs, forward, recording
 from .configs import MODE_BITS, TileConfig
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 INTERPRETED = not isinstance(forward.stats_kernel, JITFunction)
 if INTERPRETED == isinstance(triton.language.zeros, JITFunction):
@@ -49,7 +50,17 @@ class Geometry:
 
     @property
     def labels(self) -> bool:
-        return self.mode != configs.MODE_NONE
+        """Label work inside the tiles (bits / gather / list): the kernels' LABELS switch."""
+        return self.mode in configs.IN_TILE_MODES
+
+    @property
+    def head(self) -> bool:
+        return self.mode == configs.MODE_HEAD
+
+    @property
+    def tile_kind(self) -> str:
+        """configs.tile_config's `kind`: the label work of the sweeps."""
+        return "in_tile" if self.labels else ("head" if self.head else "free")
 
     @property
     def scale2(self) -> float:
@@ -62,7 +73,7 @@ class Geometry:
 
     @property
     def words(self) -> int:
-        return self.table_width if self.mode == MODE_BITS else 1
+        return self.table_width if self.mode in (MODE_BITS, configs.MODE_HEAD) else 1
 
 
 def label_free(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, num_samples: int,
@@ -74,6 +85,18 @@ def label_free(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count:
     labels = (self_col, none_a, none_a, a_count, none_c, c_count)
     return labels, geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, 0.0, configs.MODE_NONE, 0, 0,
                             False, allow_tf32)
+
+
+def head_tiles(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, head_u: Tensor,
+               head_y: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float, reg: bool,
+               allow_tf32: bool) -> tuple[tuple, Geometry]:
+    """(label tuple, geometry) of the label-free sweeps with the head-label tiles of the
+    regularised closed form (configs.MODE_HEAD): head_u [M, 2*HB] fp16 rides in the anchor
+    bitset slot, head_y [C, HB] fp16 in the column table slot."""
+    none_a = torch.full((q.shape[0], 1), -1, dtype=torch.int32, device=q.device)
+    labels = (self_col, none_a, head_u, a_count, head_y, c_count)
+    return labels, geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, 0.0, configs.MODE_HEAD, 0, 0,
+                            reg, allow_tf32)
 
 
 def _pow2(n: int) -> int:
@@ -91,7 +114,7 @@ def geometry(q: Tensor, k: Tensor, labels: tuple, num_samples: int, col_lo: int,
 
 
 def _tile(g: Geometry, owner: str = "anchors") -> TileConfig:
-    return configs.tile_config(g.dim, INTERPRETED, owner, labels=g.labels)
+    return configs.tile_config(g.dim, INTERPRETED, owner, g.tile_kind)
 
 
 def _common(g: Geometry) -> dict:
@@ -102,14 +125,14 @@ def _common(g: Geometry) -> dict:
 _tuned: dict = {}
 
 
-def _kernel(fn, name: str, dim: int, labels: bool):
+def _kernel(fn, name: str, dim: int, kind: str):
     """`fn`, or its autotuned form (over BLOCK_M, BLOCK_N, warps, stages) when MLCL_FAST_AUTOTUNE=1."""
     if INTERPRETED or not configs.autotune_enabled():
         return fn
-    key = (name, dim, labels)
+    key = (name, dim, kind)
     if key not in _tuned:
         cands = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
-                               num_stages=c.num_stages) for c in configs.autotune_candidates(dim, labels)]
+                               num_stages=c.num_stages) for c in configs.autotune_candidates(dim, kind)]
         # Label work differs by mode and weighting, so each gets its own tuned configuration.
         keys = [a for a in ("M", "C", "d", "MODE", "WEIGHTING", "FACTOR") if a in fn.arg_names]
         _tuned[key] = triton.autotune(configs=cands, key=keys)(fn)
@@ -117,7 +140,7 @@ def _kernel(fn, name: str, dim: int, labels: bool):
 
 
 def _launch(fn, name: str, g: Geometry, cfg: TileConfig, grid_fn, wrap, args: tuple, meta: dict):
-    kernel = _kernel(fn, name, g.dim, g.labels)
+    kernel = _kernel(fn, name, g.dim, g.tile_kind)
     if kernel is fn:
         meta = dict(meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages)
@@ -128,7 +151,7 @@ def _launch(fn, name: str, g: Geometry, cfg: TileConfig, grid_fn, wrap, args: tu
 
 
 def stats(q, k, labels: tuple, g: Geometry, wrap):
-    """Forward sweep: (lse [M], Z-or-Omega [M, slots], S-or-T [M, slots]), fp32."""
+    """Forward sweep: (lse2 [M] = lse * log2(e), Z-or-Omega [M, slots], S-or-T [M, slots]), fp32."""
     M, dev = g.num_anchors, q.device
     lse = torch.empty(M, dtype=torch.float32, device=dev)
     acc_z = torch.empty(M, g.slots, dtype=torch.float32, device=dev)
@@ -175,9 +198,11 @@ def cols(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap)
     cfg = _tile(g, "columns")
     if not g.labels and g.dim <= cfg.block_k:
         # Label-free and the column block fits: the transposed kernel, one program per column block.
-        args = (q, k, labels[0], lse, w_tot, g_up, dk, g.num_anchors, C, g.num_samples, g.col_lo, g.dim,
-                q.stride(0), k.stride(0), g.dim, g.scale2, g.log2_beta)
-        meta = dict(BLOCK_K=cfg.block_k, PRECISION=g.precision)
+        # MODE_HEAD: labels[2] / labels[4] / scale are the head tiles (head_u, head_y, row scales).
+        head = g.head
+        args = (q, k, labels[0], lse, w_tot, g_up, labels[2], labels[4], scale, dk, g.num_anchors, C,
+                g.num_samples, g.col_lo, g.dim, q.stride(0), k.stride(0), g.dim, g.scale2, g.log2_beta)
+        meta = dict(HEAD=head, REG=g.reg, HB=g.words if head else 16, BLOCK_K=cfg.block_k, PRECISION=g.precision)
         _launch(backward.cols_free_kernel, "cols_free", g, cfg, lambda m: (triton.cdiv(width, m["BLOCK_N"]),), wrap,
                 args, meta)
         return dk

@@ -1,7 +1,7 @@
 """Custom operators with autograd: the dense-label regimes as torch.library.triton_op (their
 kernels are visible to torch.compile through wrap_triton), the sparse regime in pairs.py.
 
-dense_forward(q [M, d], k [C, d], labels...) -> (loss [M] fp32, W [M], lse [M], scale [M],
+dense_forward(q [M, d], k [C, d], labels...) -> (loss [M] fp32, W [M], lse2 [M] (base 2), scale [M],
 inv_z [M, slots], dq_unit [M or 0, d]); only `loss` is differentiable. The backward recomputes
 logits from (lse, W, scale, inv_z) unless the forward already produced the anchor-row gradient
 (`grad_in_forward`, MLCL_FAST_TRITON_GRAD=forward), in which case only the column kernel runs.
@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import launch
+from .launch import LN2
 
 
 def epilogue(lse: Tensor, acc_z: Tensor, acc_s: Tensor, a_count: Tensor, label_centric: bool):
@@ -41,8 +42,8 @@ def dense_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_bit
     labels = (self_col, a_index, a_bits, a_count, table, c_count)
     g = launch.geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, alpha, mode, weighting, factor, reg,
                         allow_tf32)
-    lse, acc_z, acc_s = launch.stats(q, k, labels, g, wrap_triton)
-    loss, w_tot, scale, inv_z = epilogue(lse, acc_z, acc_s, a_count, weighting == 3)
+    lse, acc_z, acc_s = launch.stats(q, k, labels, g, wrap_triton)  # base 2, as the sweeps read it
+    loss, w_tot, scale, inv_z = epilogue(lse * LN2, acc_z, acc_s, a_count, weighting == 3)
     dq_unit = None
     if reg or grad_in_forward:
         ones = torch.ones_like(lse)

@@ -98,11 +98,12 @@ def pairs_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_cou
                   c_count: Tensor, num_samples: int, col_lo: int, num_labels: int, inv_tau: float,
                   log_beta: float, alpha: float, weighting: int, factor: int, reg: bool,
                   allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss [M], W [M], lse [M], pi [P], pj [P], w + r [P])."""
+    """(loss [M], W [M], lse2 [M] (base 2, for the sweeps), pi [P], pj [P], w + r [P])."""
     interpret = launch.INTERPRETED
     M = q.shape[0]
     labels, g = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta, allow_tf32)
-    lse, _, _ = launch.stats(q, k, labels, g, _identity)
+    lse2, _, _ = launch.stats(q, k, labels, g, _identity)
+    lse = lse2 * launch.LN2
 
     slots = a_index.shape[1]
     tri_seg, tri_pair, pi, pj, count = positive_pairs(a_index, c_index, self_col, col_lo, num_labels)
@@ -120,7 +121,7 @@ def pairs_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_cou
     row_ptr = sparse.offsets(pi, M)
     loss = w_tot * lse - sparse.segment_sum(term, row_ptr, interpret)
     loss = torch.where(w_tot > 0, loss, 0.0)
-    return loss, w_tot, lse, pi, pj, coef
+    return loss, w_tot, lse2, pi, pj, coef
 
 
 @pairs_forward.register_fake

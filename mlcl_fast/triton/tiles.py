@@ -9,11 +9,12 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .configs import MODE_BITS, MODE_LIST
+from .configs import MODE_BITS, MODE_HEAD, MODE_LIST
 
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
 _MODE_BITS = tl.constexpr(MODE_BITS)
+_MODE_HEAD = tl.constexpr(MODE_HEAD)
 _MODE_LIST = tl.constexpr(MODE_LIST)
 
 
@@ -172,3 +173,18 @@ def positive_weights(rows, rmask, cols, cmask, soft, a_i, a_j, scale_i, inv_z, N
                         NATIVE)
         w = pair_omega(c, a_i, a_j, WEIGHTING) * scale_i[:, None]
     return tl.where(soft, w, 0.0)
+
+
+@triton.jit
+def head_weights(rows, rmask, cols, cmask, head_u, head_y, scale_i, HB: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] w_ij over the head labels (MODE_HEAD): sum_h u_ih y_jh as two fp16 dots.
+    head_u [M, 2*HB] holds each anchor's head weights divided by its row scale, split into an
+    fp16 high part and the fp16 rest (22 significant bits together); head_y [C, HB] the columns'
+    0/1 head labels (exact in fp16); scale_i the row scales. The fp32 accumulation of exact
+    products then loses nothing that matters."""
+    offs_h = tl.arange(0, HB)
+    y = tl.load(head_y + cols[:, None] * HB + offs_h[None, :], mask=cmask[:, None], other=0.0)
+    hi = tl.load(head_u + rows[:, None] * (2 * HB) + offs_h[None, :], mask=rmask[:, None], other=0.0)
+    lo = tl.load(head_u + rows[:, None] * (2 * HB) + HB + offs_h[None, :], mask=rmask[:, None], other=0.0)
+    w = tl.dot(hi, tl.trans(y)) + tl.dot(lo, tl.trans(y))
+    return w * scale_i[:, None]

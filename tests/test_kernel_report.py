@@ -1,0 +1,62 @@
+"""The static kernel report (bench/kernels.py): the Triton kernels of the default preset,
+compiled ahead of time for sm_90 (Hopper) on this CPU, use wgmma tensor-core instructions in
+every matrix product and spill no registers, for bf16 and fp16 features at d = 128 and d = 256.
+
+The report compiles for a GPU, so it runs in its own process without TRITON_INTERPRET (the
+interpreter tests of this suite set it for theirs)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _report(*args: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MLCL_FAST_TRITON_TILE",
+                                                              "MLCL_FAST_TRITON_LABELS", "MLCL_FAST_AUTOTUNE")}
+    out = subprocess.run([sys.executable, "-m", "bench.kernels", "--json", *args], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert rows, f"no report rows (exit {out.returncode}): {out.stderr[-2000:]}"
+    return rows
+
+
+@pytest.fixture(scope="module")
+def reg_report():
+    return _report("--preset", "reg", "--dtype", "bfloat16", "--dtype", "float16", "--dim", "128", "--dim", "256")
+
+
+def test_every_matrix_kernel_uses_wgmma_and_none_spills(reg_report):
+    points = {(r["dtype"], r["dim"]) for r in reg_report}
+    assert points == {(dt, d) for dt in ("bfloat16", "float16") for d in (128, 256)}
+    for r in reg_report:
+        where = f"{r['kernel']} [{r['meta']}] {r['dtype']} d={r['dim']}"
+        assert r["stack"] == 0, f"{where}: {r['stack']} bytes of spilled registers"
+        if r["dots"]:
+            assert r["counts"]["HMMA"] == 0 and r["counts"]["HGMMA"] > 0, f"{where}: {r['counts']}"
+    # The three sweeps of the loss are there, each with its products on tensor cores.
+    for dt in ("bfloat16", "float16"):
+        for d in (128, 256):
+            names = {r["kernel"] for r in reg_report if r["dtype"] == dt and r["dim"] == d and r["dots"]}
+            assert {"stats_kernel", "rows_kernel", "cols_free_kernel"} <= names, names
+
+
+def test_report_tells_mma_sync_and_spills_apart():
+    """The same checks fail where they should: the in-tile label modes still compile to the
+    older mma.sync (HMMA) on their small tiles, and a 64 x 64 tile with label loops spills."""
+    in_tile = _report("--preset", "supcon_any", "--dim", "128", "--regime", "list")
+    assert any(r["dots"] and r["counts"]["HMMA"] > 0 and not r["passes"] for r in in_tile)
+    env_tile = dict(os.environ, MLCL_FAST_TRITON_TILE="64,64,4,2")
+    env_tile.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-m", "bench.kernels", "--json", "--preset", "supcon_any", "--dim", "128",
+                          "--regime", "list"], cwd=REPO, env=env_tile, capture_output=True, text=True, timeout=1200)
+    spilled = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert out.returncode == 1 and any(r["stack"] > 0 for r in spilled)
