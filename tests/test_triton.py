@@ -103,7 +103,7 @@ CLOSED_CONFIGS = [("mulsupcon", {}, 70), ("mulsupcon", {"prototype_mode": "rows"
                   ("reg_noreg", {"beta": 0.1, "anchor_weight": "labels"}, 20), ("msc", {"f": "one"}, 20),
                   ("mulsupcon", {"f": "overlap", "alpha": 0.0}, 300), ("reg", {}, 20), ("reg", {"beta": 0.1}, 20),
                   ("reg", {"beta": 0.0}, 20), ("mulsupcon", {"reg": True}, 70), ("proto", {"reg": True}, 20),
-                  ("reg", {"prototype_mode": "none"}, 300)]
+                  ("reg", {"prototype_mode": "none"}, 300), ("reg", {}, 300)]
 
 
 @cpu_only

@@ -16,7 +16,7 @@ Probabilities come from exp2 of logits scaled by log2(e)/tau (`scale2`), as in t
 import triton
 import triton.language as tl
 
-from .tiles import _MODE_HEAD, LN2, dot_tile, head_weights, load_rows, positive_weights, softmax_mask
+from .tiles import _MODE_HEAD, LN2, anchor_rows, dot_tile, head_weights, load_rows, positive_weights, softmax_mask
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def tile_grad(s2, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_tot, scale_i,
 
 
 @triton.jit
-def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count,
+def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count, order, live,
                 lse, w_tot, scale, inv_z, g_up, dq_out, reg_out,
                 M, C, N, col_lo, d, KA, KAP, width, stride_q, stride_k, stride_dq,
                 scale2, log2_beta, alpha,
@@ -79,8 +79,9 @@ def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
     the gradient product."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
+    live_n = tl.load(live)
+    rows, rmask = anchor_rows(order, live_n, pid * BLOCK_M, BLOCK_M)
+    c_end = tl.where(pid * BLOCK_M < live_n, C, col_lo)
     self_c, a_i, lse_i, w_i, scale_i, g_i = anchor_state(rows, rmask, self_col, a_count, lse, w_tot, scale, g_up)
     if Q_RESIDENT:
         q_res = load_rows(q_ptr, rows, rmask, d, stride_q, BLOCK_K)
@@ -92,7 +93,7 @@ def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
     reg_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     reuse_k: tl.constexpr = Q_RESIDENT and BLOCK_D == BLOCK_K
-    for start in range(col_lo, C, BLOCK_N):
+    for start in range(col_lo, c_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < C
         if reuse_k:
@@ -122,7 +123,7 @@ def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
 
 
 @triton.jit
-def cols_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count,
+def cols_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count, order, live,
                 lse, w_tot, scale, inv_z, g_up, dk_out,
                 M, C, N, col_lo, d, KA, KAP, width, stride_q, stride_k, stride_dk,
                 scale2, log2_beta, alpha,
@@ -143,9 +144,9 @@ def cols_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
                         mask=cmask[:, None] & (offs_k[None, :] < d), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    for start in range(0, M, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        rmask = rows < M
+    live_n = tl.load(live)
+    for start in range(0, live_n, BLOCK_M):
+        rows, rmask = anchor_rows(order, live_n, start, BLOCK_M)
         self_c, a_i, lse_i, w_i, scale_i, g_i = anchor_state(rows, rmask, self_col, a_count, lse, w_tot, scale, g_up)
         if K_RESIDENT:
             q = load_rows(q_ptr, rows, rmask, d, stride_q, BLOCK_K)
@@ -166,7 +167,7 @@ def cols_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
 
 
 @triton.jit
-def cols_free_kernel(q_ptr, k_ptr, self_col, lse, w_tot, g_up, head_u, head_y, head_scale, dk_out,
+def cols_free_kernel(q_ptr, k_ptr, self_col, order, live, lse, w_tot, g_up, head_u, head_y, head_scale, dk_out,
                      M, C, N, col_lo, d, stride_q, stride_k, stride_dk, scale2, log2_beta,
                      HEAD: tl.constexpr, REG: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
@@ -187,9 +188,9 @@ def cols_free_kernel(q_ptr, k_ptr, self_col, lse, w_tot, g_up, head_u, head_y, h
         y_res = tl.load(head_y + cols[:, None] * HB + offs_h[None, :], mask=cmask[:, None], other=0.0)
     col_shift = tl.where(cols < N, log2_beta, 0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for start in range(0, M, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        rmask = rows < M
+    live_n = tl.load(live)
+    for start in range(0, live_n, BLOCK_M):
+        rows, rmask = anchor_rows(order, live_n, start, BLOCK_M)
         self_c = tl.load(self_col + rows, mask=rmask, other=-1)
         lse2_i = tl.load(lse + rows, mask=rmask, other=0.0)
         w_i = tl.load(w_tot + rows, mask=rmask, other=0.0)

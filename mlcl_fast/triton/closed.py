@@ -140,6 +140,16 @@ def _slot_order(a_cid: Tensor, num_labels_compact: int):
     return ptr, torch.where(sorted_keys < U * M, sorted_keys % M, -1), order
 
 
+def valid_first(w_tot: Tensor) -> tuple[Tensor, Tensor]:
+    """The sweeps' visiting order: anchors with a positive (W_i > 0) first, in their own order,
+    and their count on the device (launch.visiting). Anchors without a positive contribute
+    nothing to any output, so their sweeps are skipped: e.g. the prototypes of labels absent from
+    the batch, most anchors of a large label space."""
+    valid = w_tot > 0
+    order = torch.sort((~valid).to(torch.int8), stable=True).indices.to(torch.int32)
+    return order, valid.sum().to(torch.int32).reshape(1)
+
+
 def _sweep_labels(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau, log_beta,
                   reg: bool, allow_tf32):
     return launch.head_tiles(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
@@ -171,7 +181,8 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     # The statistics sweep needs no labels at all; the second sweeps carry the head tiles.
     free, g_free = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta,
                                      allow_tf32)
-    lse2, _, _ = launch.stats(q, k, free, g_free, wrap_triton)
+    visit = valid_first(w_tot)
+    lse2, _, _ = launch.stats(q, k, free, g_free, wrap_triton, visit)
     labels, g = _sweep_labels(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
                               log_beta, reg, allow_tf32)
     e = sparse.csr_rows(col_ptr, col_s, torch.ones(col_s.shape, device=q.device), k, interpret, wrap_triton)
@@ -193,7 +204,7 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     if reg or grad_in_forward:
         # The second sweep: the head regulariser's value and/or the anchor-row gradient for G = 1.
         dq_unit, reg_sum = launch.rows(q, k, labels, lse2, w_tot, row_scale, u[:, :1], torch.ones_like(lse2), g,
-                                       wrap_triton, reg_value=reg, grad=grad_in_forward)
+                                       wrap_triton, reg_value=reg, grad=grad_in_forward, visit=visit)
         if reg:
             loss = loss - reg_sum
         if dq_unit is None:
@@ -215,12 +226,13 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
     C = k.shape[0]
     labels, g = _sweep_labels(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
                               log_beta, reg, allow_tf32)
+    visit = valid_first(w_tot)
     if dq_unit.shape[0] == q.shape[0]:
         dq = dq_unit * g_up[:, None]  # the anchor-row gradient is linear in G_i
     else:
         dq, _ = launch.rows(q, k, labels, lse2, w_tot, row_scale, u_tail[:, :1], g_up, g, wrap_triton,
-                            reg_value=False, grad=True)
-    dk = launch.cols(q, k, labels, lse2, w_tot, row_scale, u_tail[:, :1], g_up, g, wrap_triton)
+                            reg_value=False, grad=True, visit=visit)
+    dk = launch.cols(q, k, labels, lse2, w_tot, row_scale, u_tail[:, :1], g_up, g, wrap_triton, visit)
     if tail:
         # The tail labels' -w part: dq_i -= G_i V^T_i / tau; F_u = sum over the anchor slots of
         # compact label u of G_i u_ik q_i, and each column subtracts the F of its labels.

@@ -18,11 +18,11 @@ and one exp2 per pair, nothing else.
 import triton
 import triton.language as tl
 
-from .tiles import LN2, dot_tile, load_rows, member, overlap, pair_factor, pair_omega, softmax_mask
+from .tiles import LN2, anchor_rows, dot_tile, load_rows, member, overlap, pair_factor, pair_omega, softmax_mask
 
 
 @triton.jit
-def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count,
+def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count, order, live,
                  lse_out, acc_z, acc_s,
                  M, C, N, col_lo, d, KA, KAP, width, stride_q, stride_k,
                  scale2, log2_beta, alpha,
@@ -31,8 +31,9 @@ def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_coun
                  SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  Q_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
+    live_n = tl.load(live)
+    rows, rmask = anchor_rows(order, live_n, pid * BLOCK_M, BLOCK_M)
+    c_end = tl.where(pid * BLOCK_M < live_n, C, col_lo)  # a block of skipped anchors sweeps nothing
     self_c = tl.load(self_col + rows, mask=rmask, other=-1)
     a_i = tl.load(a_count + rows, mask=rmask, other=0).to(tl.float32)
     if Q_RESIDENT:
@@ -47,7 +48,7 @@ def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_coun
     s_acc = tl.zeros([BLOCK_M, SLOTS], dtype=tl.float32)
     slots = tl.arange(0, SLOTS)
 
-    for start in range(col_lo, C, BLOCK_N):
+    for start in range(col_lo, c_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < C
         s2 = dot_tile(q_ptr, k_ptr, rows, rmask, cols, cmask, d, stride_q, stride_k, q_res,

@@ -150,17 +150,27 @@ def _launch(fn, name: str, g: Geometry, cfg: TileConfig, grid_fn, wrap, args: tu
     recording.launch(kernel, grid, args, meta, wrap)
 
 
-def stats(q, k, labels: tuple, g: Geometry, wrap):
-    """Forward sweep: (lse2 [M] = lse * log2(e), Z-or-Omega [M, slots], S-or-T [M, slots]), fp32."""
+def visiting(num_anchors: int, device, visit: tuple | None = None) -> tuple[Tensor, Tensor]:
+    """(order [M] int32, live [1] int32): the kernels visit anchors order[0..live) and skip the
+    rest (whose outputs stay 0). Default: every anchor in its own order."""
+    if visit is not None:
+        return visit
+    return (torch.arange(num_anchors, dtype=torch.int32, device=device),
+            torch.full((1,), num_anchors, dtype=torch.int32, device=device))
+
+
+def stats(q, k, labels: tuple, g: Geometry, wrap, visit: tuple | None = None):
+    """Forward sweep: (lse2 [M] = lse * log2(e), Z-or-Omega [M, slots], S-or-T [M, slots]), fp32
+    (0 for anchors that `visit` skips)."""
     M, dev = g.num_anchors, q.device
-    lse = torch.empty(M, dtype=torch.float32, device=dev)
-    acc_z = torch.empty(M, g.slots, dtype=torch.float32, device=dev)
-    acc_s = torch.empty(M, g.slots, dtype=torch.float32, device=dev)
+    lse = torch.zeros(M, dtype=torch.float32, device=dev)
+    acc_z = torch.zeros(M, g.slots, dtype=torch.float32, device=dev)
+    acc_s = torch.zeros(M, g.slots, dtype=torch.float32, device=dev)
     if M == 0:
         return lse, acc_z, acc_s
     cfg = _tile(g)
     block_k = cfg.block_k
-    args = (q, k, *labels, lse, acc_z, acc_s,
+    args = (q, k, *labels, *visiting(M, dev, visit), lse, acc_z, acc_s,
             M, g.num_columns, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
             q.stride(0), k.stride(0), g.scale2, g.log2_beta, g.alpha)
     meta = dict(_common(g), SLOTS=g.slots, BLOCK_K=block_k, Q_RESIDENT=g.dim <= block_k)
@@ -168,18 +178,20 @@ def stats(q, k, labels: tuple, g: Geometry, wrap):
     return lse, acc_z, acc_s
 
 
-def rows(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap, reg_value: bool, grad: bool):
+def rows(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap, reg_value: bool, grad: bool,
+         visit: tuple | None = None):
     """Anchor-owned second sweep: (dq [M, d] fp32 or None, sum_j r_ij s_ij [M] or None)."""
     M, dev = g.num_anchors, q.device
-    dq = torch.empty(M if grad else 0, g.dim, dtype=torch.float32, device=dev)
-    reg = torch.empty(M if reg_value else 0, dtype=torch.float32, device=dev)
+    dq = torch.zeros(M if grad else 0, g.dim, dtype=torch.float32, device=dev)
+    reg = torch.zeros(M if reg_value else 0, dtype=torch.float32, device=dev)
     if M == 0 or not (grad or reg_value):
         return (dq if grad else None), (reg if reg_value else None)
     cfg = _tile(g)
     # Without a gradient to produce, one program per anchor block covers the whole of d.
     block_d = cfg.block_d if grad else 16
     d_chunks = triton.cdiv(g.dim, block_d) if grad else 1
-    args = (q, k, *labels, lse, w_tot, scale, inv_z, g_up, dq if grad else lse, reg if reg_value else lse,
+    args = (q, k, *labels, *visiting(M, dev, visit), lse, w_tot, scale, inv_z, g_up, dq if grad else lse,
+            reg if reg_value else lse,
             M, g.num_columns, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
             q.stride(0), k.stride(0), g.dim, g.scale2, g.log2_beta, g.alpha)
     meta = dict(_common(g), REG=g.reg, REG_VALUE=reg_value, GRAD=grad, BLOCK_K=cfg.block_k, BLOCK_D=block_d,
@@ -188,7 +200,7 @@ def rows(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap,
     return (dq if grad else None), (reg if reg_value else None)
 
 
-def cols(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap):
+def cols(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap, visit: tuple | None = None):
     """Column-owned gradient: dk [C, d] fp32 (zero for columns outside the softmax range)."""
     C, dev = g.num_columns, q.device
     dk = torch.zeros(C, g.dim, dtype=torch.float32, device=dev)
@@ -200,13 +212,14 @@ def cols(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap)
         # Label-free and the column block fits: the transposed kernel, one program per column block.
         # MODE_HEAD: labels[2] / labels[4] / scale are the head tiles (head_u, head_y, row scales).
         head = g.head
-        args = (q, k, labels[0], lse, w_tot, g_up, labels[2], labels[4], scale, dk, g.num_anchors, C,
+        args = (q, k, labels[0], *visiting(g.num_anchors, dev, visit), lse, w_tot, g_up, labels[2], labels[4],
+                scale, dk, g.num_anchors, C,
                 g.num_samples, g.col_lo, g.dim, q.stride(0), k.stride(0), g.dim, g.scale2, g.log2_beta)
         meta = dict(HEAD=head, REG=g.reg, HB=g.words if head else 16, BLOCK_K=cfg.block_k, PRECISION=g.precision)
         _launch(backward.cols_free_kernel, "cols_free", g, cfg, lambda m: (triton.cdiv(width, m["BLOCK_N"]),), wrap,
                 args, meta)
         return dk
-    args = (q, k, *labels, lse, w_tot, scale, inv_z, g_up, dk,
+    args = (q, k, *labels, *visiting(g.num_anchors, dev, visit), lse, w_tot, scale, inv_z, g_up, dk,
             g.num_anchors, C, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
             q.stride(0), k.stride(0), g.dim, g.scale2, g.log2_beta, g.alpha)
     meta = dict(_common(g), REG=g.reg, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, K_RESIDENT=g.dim <= cfg.block_k)

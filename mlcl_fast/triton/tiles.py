@@ -42,6 +42,16 @@ def dot_tile(q_ptr, k_ptr, rows, rmask, cols, cmask, d, stride_q, stride_k, q_re
 
 
 @triton.jit
+def anchor_rows(order, live, first, BLOCK_M: tl.constexpr):
+    """The anchors of one block: positions [first, first + BLOCK_M) of the visiting order `order`;
+    only the first `live` positions are visited (the closed form puts the anchors that have a
+    positive first, so those without one cost no sweep). Returns (anchor ids, mask)."""
+    slot = first + tl.arange(0, BLOCK_M)
+    rmask = slot < live
+    return tl.load(order + slot, mask=rmask, other=0), rmask
+
+
+@triton.jit
 def load_rows(q_ptr, rows, rmask, d, stride_q, BLOCK_K: tl.constexpr):
     offs_k = tl.arange(0, BLOCK_K)
     return tl.load(q_ptr + rows[:, None] * stride_q + offs_k[None, :],
