@@ -107,9 +107,8 @@ CLOSED_CONFIGS = [("mulsupcon", {}, 70), ("mulsupcon", {"prototype_mode": "rows"
 
 
 @cpu_only
-@pytest.mark.parametrize("V", [1, 2])
+@pytest.mark.parametrize("V,head", [(1, 64), (2, 16)], ids=["head64", "views_head16"])
 @pytest.mark.parametrize("preset,overrides,L", CLOSED_CONFIGS, ids=[cases.preset_id(p, o) for p, o, _ in CLOSED_CONFIGS])
-@pytest.mark.parametrize("head", [64, 16], ids=["head64", "head16"])
 def test_closed_form_regime(monkeypatch, preset, overrides, L, V, head):
     """The default regime of these configurations (no forcing): checked against the reference
     and the fp64 brute force, and seen to run through closed.py. With a 16-label head tile the
@@ -117,6 +116,7 @@ def test_closed_form_regime(monkeypatch, preset, overrides, L, V, head):
     from mlcl_fast.triton import closed, configs
 
     monkeypatch.setattr(configs, "HEAD_LABELS", head)
+    monkeypatch.setattr(configs, "HEAD_LABELS_WIDE", min(head, configs.HEAD_LABELS_WIDE))
 
     calls = []
     original = closed.label_index
@@ -159,7 +159,7 @@ def test_closed_form_driver_path_is_sync_free_with_few_launches(reg, grad_in_for
         q = mode.from_tensor(torch.randn(M, d)).requires_grad_(True)
         k = mode.from_tensor(torch.randn(C, d)).requires_grad_(True)
         with recording.recording(lambda kernel, grid, args, meta: launched.append(kernel.__name__)):
-            assert not closed.has_tail(c_index, L)
+            assert not closed.has_tail(c_index, L, d)
             out = closed.closed_forward(q, k, self_col, a_index, counts[0], c_index, counts[1], C, 0, L, 10.0, 0.0,
                                         reg, False, grad_in_forward)
             out[0].sum().backward()

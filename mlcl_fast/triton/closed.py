@@ -86,15 +86,17 @@ def _slot_ptr(rows: int, width: int, device) -> Tensor:
     return torch.arange(rows + 1, device=device) * width
 
 
-def head_width(c_index: Tensor, num_labels: int) -> int:
-    """HB: the head tile's width (a power of two >= 16 for tl.dot, at most configs.HEAD_LABELS)."""
+def head_width(c_index: Tensor, num_labels: int, dim: int) -> int:
+    """HB: the head tile's width (a power of two >= 16 for tl.dot, at most configs.HEAD_LABELS,
+    or HEAD_LABELS_WIDE when d > 128)."""
     labels = max(1, min(num_labels, c_index.numel()))
-    return max(16, min(configs.HEAD_LABELS, triton_pow2(labels)))
+    cap = configs.HEAD_LABELS_WIDE if dim > 128 else configs.HEAD_LABELS
+    return max(16, min(cap, triton_pow2(labels)))
 
 
-def has_tail(c_index: Tensor, num_labels: int) -> bool:
+def has_tail(c_index: Tensor, num_labels: int, dim: int) -> bool:
     """Whether labels outside the head can exist (from shapes alone: no synchronisation)."""
-    return min(num_labels, c_index.numel()) > head_width(c_index, num_labels)
+    return min(num_labels, c_index.numel()) > head_width(c_index, num_labels, dim)
 
 
 def triton_pow2(n: int) -> int:
@@ -176,7 +178,7 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     M = q.shape[0]
     col_ptr, col_s, col_cid, a_cid, cnt = label_index(a_index, c_index, self_col, col_lo, num_labels)
     u, w_tot, _, own = anchor_weights(a_cid, a_count, cnt, self_col, col_lo)
-    hb = head_width(c_index, num_labels)
+    hb = head_width(c_index, num_labels, q.shape[1])
     head_u, head_y, row_scale, a_rank, c_rank = head_tiles(cnt, col_cid, a_cid, u, hb)
     # The statistics sweep needs no labels at all; the second sweeps carry the head tiles.
     free, g_free = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta,
@@ -195,7 +197,7 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     loss = w_tot * (lse2 * launch.LN2) - weighted
     u_tail = torch.where(a_rank < 0, u, 0.0)
     ubar_tail = torch.where(own, u_tail.sum(dim=1), 0.0)
-    if has_tail(c_index, num_labels):
+    if has_tail(c_index, num_labels, q.shape[1]):
         v_tail = sparse.csr_rows(slots, a_cid.flatten(), u_tail.flatten(), e, interpret, wrap_triton)
         v_tail = v_tail - ubar_tail[:, None] * own_rows
     else:
@@ -260,7 +262,7 @@ def _setup_context(ctx, inputs, output):
     (_, w_tot, lse2, v_tail, u_tail, ubar_tail, col_cid, slot_ptr, slot_rows, slot_order, head_u, head_y, row_scale,
      _, _, dq_unit) = output
     ctx.scalars = {name: s[name] for name in ("num_samples", "col_lo", "inv_tau", "log_beta", "reg", "allow_tf32")}
-    ctx.scalars["tail"] = has_tail(c_index, s["num_labels"])
+    ctx.scalars["tail"] = has_tail(c_index, s["num_labels"], q.shape[1])
     ctx.save_for_backward(q, k, self_col, a_count, c_count, lse2, w_tot, v_tail, u_tail, ubar_tail, col_cid,
                           slot_ptr, slot_rows, slot_order, head_u, head_y, row_scale, dq_unit)
 

@@ -37,9 +37,12 @@ GATHER_MIN_LIST_WIDTH = 4   # ... when columns carry enough labels that a list s
 PAIRS_MAX_PER_ROW = 4
 PAIRS_MAX_DENSITY = 0.25
 
-# Head labels of the regularised closed form: the columns' most frequent labels, as a dense
-# [columns, HEAD_LABELS] 0/1 tile; pairs sharing any other label are corrected from pair lists.
+# Head labels of the closed form: the columns' most frequent labels, as a dense [columns, HB]
+# 0/1 tile (HB <= HEAD_LABELS, or HEAD_LABELS_WIDE for d > 128, where the 256-wide gradient
+# accumulator leaves no registers for a 64-wide head: the static report shows spills); the other
+# labels go through the closed form and, for the regulariser, pair lists.
 HEAD_LABELS = 64
+HEAD_LABELS_WIDE = 32
 
 GRAD_MODES = ("forward", "recompute")
 

@@ -84,7 +84,7 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
         out = closed.closed_forward(q, k, self_col, a_long, a_count, c_index, c_count, n, col_lo, num_labels,
                                     inv_tau, log_beta, cfg.reg, tf32, grad_mode == "forward" and need_grad)
         loss, w_tot, lse2, u_tail = out[0], out[1], out[2], out[4]
-        if cfg.reg and closed.has_tail(c_index, num_labels):
+        if cfg.reg and closed.has_tail(c_index, num_labels, q.shape[1]):
             col_cid, head_u, head_y, row_scale, a_rank, c_rank = out[6], *out[10:15]
             tail, *_ = closed.tail_forward(q, k, self_col, a_long, c_index, lse2.detach(), u_tail.detach(), a_rank,
                                            c_rank, col_cid, head_u, head_y, row_scale, n, col_lo, num_labels,
