@@ -120,7 +120,7 @@ def _meta_text(meta: dict) -> str:
 
 
 def record_point(preset: str, dtype: torch.dtype, dim: int, num_labels: int, samples: int,
-                 regime: str | None = None, seed: int = 0) -> list[tuple]:
+                 regime: str | None = None, seed: int = 0, tf32: bool = False) -> list[tuple]:
     """(kernel, args, meta) of every launch of one forward+backward on CPU tensors, with power-law
     label sets (bench.labels: Zipf 1.1, 2 to 20 labels per sample)."""
     from mlcl_fast.inputs import prepare
@@ -139,6 +139,9 @@ def record_point(preset: str, dtype: torch.dtype, dim: int, num_labels: int, sam
     protos = torch.randn(num_labels, dim, generator=gen).to(dtype).requires_grad_(True) if cfg.uses_prototypes \
         else None
     launches = []
+    allow_before = driver._allow_tf32
+    if tf32:  # what torch.backends.cuda.matmul.allow_tf32 = True would select on a GPU
+        driver._allow_tf32 = lambda device: True
     env_before = os.environ.get("MLCL_FAST_TRITON_LABELS")
     if regime is not None:
         os.environ["MLCL_FAST_TRITON_LABELS"] = regime
@@ -150,6 +153,7 @@ def record_point(preset: str, dtype: torch.dtype, dim: int, num_labels: int, sam
             losses, valid = driver.anchor_losses(problem)
             mean_loss(problem, losses, valid).backward()
     finally:
+        driver._allow_tf32 = allow_before
         if regime is not None:
             if env_before is None:
                 os.environ.pop("MLCL_FAST_TRITON_LABELS", None)
@@ -189,16 +193,19 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=4096, help="N (default 4096)")
     ap.add_argument("--regime", default=None, help="force a label regime (MLCL_FAST_TRITON_LABELS)")
     ap.add_argument("--json", action="store_true", help="one JSON object per kernel instead of the table")
+    ap.add_argument("--tf32", action="store_true", help="fp32 dots as tf32 (torch's allow_tf32 on a GPU)")
     args = ap.parse_args(argv)
     ok = True
     for preset in args.preset or ["reg"]:
         for dtype in args.dtype or ["bfloat16"]:
             for dim in args.dim or [128, 256]:
-                point = dict(preset=preset, dtype=dtype, dim=dim, labels=args.labels, samples=args.samples)
+                point = dict(preset=preset, dtype=dtype, dim=dim, labels=args.labels, samples=args.samples,
+                             tf32=args.tf32)
                 if not args.json:
                     print(f"# {preset} {dtype} d={dim} L={args.labels} N={args.samples} sm_{ARCH}"
-                          + (f" regime={args.regime}" if args.regime else ""))
-                launches = record_point(preset, DTYPES[dtype], dim, args.labels, args.samples, args.regime)
+                          + (f" regime={args.regime}" if args.regime else "") + (" tf32" if args.tf32 else ""))
+                launches = record_point(preset, DTYPES[dtype], dim, args.labels, args.samples, args.regime,
+                                        tf32=args.tf32)
                 for r in report(launches):
                     print(json.dumps(dict(point, **asdict(r), passes=r.passes())) if args.json else r.row())
                     ok &= r.passes()

@@ -366,6 +366,19 @@ def test_tile_configs_per_kernel_family(monkeypatch):
     assert configs.tile_config(128, True, "columns").block_m == 16
     with pytest.raises(ValueError, match="owner"):
         configs.tile_config(128, False, "rows")
+    with pytest.raises(ValueError, match="kind"):
+        configs.tile_config(128, False, kind="dense")
+    # Label-free and head sweeps: >= 64 rows in each product's M dimension (wgmma), d <= 256
+    # resident; the column kernel's M dimension is its owned column block.
+    free, free_c = configs.tile_config(128, False, kind="free"), configs.tile_config(128, False, "columns", "free")
+    assert (free.block_m, free.block_n, free.num_warps, free.block_k) == (128, 64, 8, 128)
+    assert (free_c.block_m, free_c.block_n) == (64, 128)
+    wide, wide_c = configs.tile_config(256, False, kind="head"), configs.tile_config(256, False, "columns", "head")
+    assert (wide.block_m, wide.block_n, wide.block_k, wide.block_d) == (64, 32, 256, 256)
+    assert (wide_c.block_m, wide_c.block_n) == (32, 64)
+    ieee = configs.tile_config(256, False, kind="free", ieee=True, fp32=True)
+    assert (ieee.block_m, ieee.block_n, ieee.block_k) == (32, 32, configs.IEEE_CHUNK)
+    assert configs.tile_config(256, False, kind="free", fp32=True).block_k == 128
     monkeypatch.setenv("MLCL_FAST_TRITON_TILE", "32,128,8,3")
     forced = configs.tile_config(64, False, "columns")
     assert (forced.block_m, forced.block_n, forced.num_warps, forced.num_stages, forced.block_k) == (32, 128, 8, 3, 64)

@@ -75,11 +75,20 @@ LABEL_MAX_CHUNK = 128
 TILE_KINDS = ("in_tile", "free", "head")
 
 
-def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "in_tile") -> TileConfig:
+# IEEE fp32 dots (fp32 features while torch disallows tf32) run on FFMA with both operand tiles
+# in registers: chunks of IEEE_CHUNK features and small tiles keep them there.
+IEEE_CHUNK = 32
+IEEE_TILE = (32, 32, 4)
+
+
+def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "in_tile",
+                ieee: bool = False, fp32: bool = False) -> TileConfig:
     """The fixed configuration for feature dimension `dim`, a kernel whose programs own anchor
     blocks (stats, rows) or column blocks (cols), and its label work (`kind`): "in_tile" (the
     bits / gather / list modes), "free" (MODE_NONE: none) or "head" (MODE_HEAD: the head-label
-    tiles of the regularised closed form). MLCL_FAST_TRITON_TILE overrides the tile."""
+    tiles of the regularised closed form). `ieee`: fp32 operands without tf32 (no tensor cores);
+    `fp32`: fp32 operands (as tf32 when not `ieee`: twice the bytes of a half tile).
+    MLCL_FAST_TRITON_TILE overrides the tile."""
     if owner not in OWNERS:
         raise ValueError(f"owner: expected one of {list(OWNERS)}, got {owner!r}")
     if kind not in TILE_KINDS:
@@ -88,9 +97,16 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
         # Small tiles so that the CPU tests cross tile, chunk and padding boundaries.
         return TileConfig(block_m=16, block_n=16, block_k=16, block_d=16, num_warps=1, num_stages=1)
     chunk = max(16, min(_pow2(dim), LABEL_MAX_CHUNK if kind == "in_tile" else FREE_MAX_CHUNK))
+    if ieee:
+        chunk = min(chunk, IEEE_CHUNK)
+    elif fp32:
+        chunk = min(chunk, LABEL_MAX_CHUNK)  # 256 fp32 features resident spill (static report)
     forced = forced_tile(chunk)
     if forced is not None:
         return forced
+    if ieee:
+        bm, bn, warps = IEEE_TILE
+        return TileConfig(block_m=bm, block_n=bn, block_k=chunk, block_d=chunk, num_warps=warps, num_stages=2)
     if kind != "in_tile":
         # Label-free sweeps (a logit GEMM, one exp2 per pair, a gradient GEMM; "head" adds two
         # fp16 dots of HEAD_LABELS): wgmma needs 64 rows per warpgroup in the M dimension of
@@ -99,7 +115,7 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
         # largest tiles that compile to wgmma without spills at d = 128 and 256; the 256-wide
         # gradient accumulator takes half the registers of 8 warps, so d > 128 (and the head
         # tiles) halve the swept side.
-        wide = chunk > 128
+        wide = chunk > 128 or fp32
         if owner == "columns":
             block_m = 32 if wide and kind == "head" else 64
             return TileConfig(block_m=block_m, block_n=64 if wide else 128, block_k=chunk, block_d=chunk,

@@ -47,6 +47,7 @@ class Geometry:
     hard: bool
     reg: bool
     precision: str         # tl.dot input_precision: "ieee" for fp32 unless tf32 is allowed (moot for halves)
+    half: bool             # fp16/bf16 operands
 
     @property
     def labels(self) -> bool:
@@ -110,11 +111,12 @@ def geometry(q: Tensor, k: Tensor, labels: tuple, num_samples: int, col_lo: int,
     half = q.dtype in (torch.float16, torch.bfloat16)
     return Geometry(q.shape[0], k.shape[0], num_samples, col_lo, q.shape[1], a_index.shape[1],
                     _pow2(a_index.shape[1]), table.shape[1], inv_tau, log_beta, alpha, mode, weighting, factor,
-                    alpha < 0, reg, "ieee" if (not allow_tf32 and not half) else "tf32")
+                    alpha < 0, reg, "ieee" if (not allow_tf32 and not half) else "tf32", half)
 
 
 def _tile(g: Geometry, owner: str = "anchors") -> TileConfig:
-    return configs.tile_config(g.dim, INTERPRETED, owner, g.tile_kind)
+    return configs.tile_config(g.dim, INTERPRETED, owner, g.tile_kind, ieee=g.precision == "ieee" and not g.half,
+                               fp32=not g.half)
 
 
 def _common(g: Geometry) -> dict:
