@@ -8,6 +8,11 @@ WEIGHTINGS = ("any", "all", "jaccard", "label")
 PAIR_FACTORS = ("one", "union", "overlap")
 PROTOTYPE_MODES = ("none", "columns", "rows")
 ANCHOR_WEIGHTS = ("uniform", "labels")
+# The integer codes the kernels use for these choices: the position in the tuples above. The
+# C++/CUDA sources declare the same order (csrc/cpu/options.h, csrc/cuda/kernels.h); a test
+# reads both and checks that they agree.
+WEIGHTING_CODES = {name: code for code, name in enumerate(WEIGHTINGS)}
+FACTOR_CODES = {name: code for code, name in enumerate(PAIR_FACTORS)}
 
 
 @dataclass(frozen=True)

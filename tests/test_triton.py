@@ -502,3 +502,34 @@ def test_gpu_memory_has_no_anchor_by_column_term():
     loss.backward()
     peak = torch.cuda.max_memory_allocated() - base
     assert peak < 256 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_option_codes_have_one_definition_that_every_source_follows():
+    """presets.WEIGHTING_CODES / FACTOR_CODES (positions in WEIGHTINGS / PAIR_FACTORS) are what
+    the Triton launchers pass, what the kernels compare against (named constexprs, no bare
+    numbers), and the order of the C++ enums and the CUDA kernels' integer codes."""
+    import re
+    from pathlib import Path
+
+    from mlcl_fast import presets
+    from mlcl_fast.triton import configs, tiles
+
+    assert configs.WEIGHTING_CODES is presets.WEIGHTING_CODES and configs.FACTOR_CODES is presets.FACTOR_CODES
+    assert [presets.WEIGHTING_CODES[w] for w in presets.WEIGHTINGS] == list(range(len(presets.WEIGHTINGS)))
+    assert (tiles.W_ANY.value, tiles.W_ALL.value, tiles.W_LABEL.value) == \
+        tuple(presets.WEIGHTING_CODES[w] for w in ("any", "all", "label"))
+    assert (tiles.F_ONE.value, tiles.F_UNION.value) == tuple(presets.FACTOR_CODES[f] for f in ("one", "union"))
+    root = Path(__file__).resolve().parents[1]
+    options = (root / "csrc/cpu/options.h").read_text()
+    weighting_enum = re.search(r"enum class Weighting \{([^}]*)\}", options).group(1)
+    factor_enum = re.search(r"enum class PairFactor \{([^}]*)\}", options).group(1)
+    assert [n.strip().lower() for n in weighting_enum.split(",")] == list(presets.WEIGHTINGS)
+    assert [n.strip().lower() for n in factor_enum.split(",")] == list(presets.PAIR_FACTORS)
+    cuda = (root / "csrc/cuda/kernels.h").read_text()
+    for prefix, codes in (("kWeight", presets.WEIGHTING_CODES), ("kFactor", presets.FACTOR_CODES)):
+        found = {m.group(1).lower(): int(m.group(2)) for m in re.finditer(prefix + r"(\w+) = (\d+)", cuda)}
+        assert found == codes, (prefix, found)
+    # The kernels compare option constexprs only with named codes.
+    for module in ("tiles.py", "forward.py", "backward.py"):
+        text = (root / "mlcl_fast/triton" / module).read_text()
+        assert not re.search(r"\b(WEIGHTING|FACTOR) [!=]= \d", text), module

@@ -21,9 +21,8 @@ IN_TILE_MODES = (MODE_BITS, MODE_GATHER, MODE_LIST)
 
 REGIMES = {"bits": MODE_BITS, "gather": MODE_GATHER, "list": MODE_LIST, "pairs": MODE_NONE, "closed": MODE_NONE}
 
-# Weighting and pair-factor codes shared by the kernels.
-WEIGHTING_CODES = {"any": 0, "all": 1, "jaccard": 2, "label": 3}
-FACTOR_CODES = {"one": 0, "union": 1, "overlap": 2}
+# Weighting and pair-factor codes shared by the kernels (one definition, in presets.py).
+from ..presets import FACTOR_CODES, WEIGHTING_CODES  # noqa: E402
 
 # Regime thresholds (to be measured on a GPU). A bitset word select costs about one ALU op per
 # (anchor, column, slot, word); a list costs one compare per (anchor, column, slot, column label);

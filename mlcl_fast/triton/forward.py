@@ -18,7 +18,7 @@ and one exp2 per pair, nothing else.
 import triton
 import triton.language as tl
 
-from .tiles import LN2, anchor_rows, dot_tile, load_rows, member, overlap, pair_factor, pair_omega, softmax_mask
+from .tiles import F_ONE, LN2, W_LABEL, anchor_rows, dot_tile, load_rows, member, overlap, pair_factor, pair_omega, softmax_mask
 
 
 @triton.jit
@@ -63,8 +63,8 @@ def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_coun
         if LABELS:
             s = s2 * LN2  # natural-unit logits for the weighted sums
             a_j = tl.load(c_count + cols, mask=cmask, other=0).to(tl.float32)
-            if WEIGHTING == 3:
-                if FACTOR == 0:
+            if WEIGHTING == W_LABEL:
+                if FACTOR == F_ONE:
                     f = tl.where(soft, 1.0, 0.0)
                 else:
                     c = overlap(rows, rmask, cols, cmask, a_index, a_bits, KA, table, width,

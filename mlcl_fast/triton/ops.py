@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import launch
+from . import configs, launch
 from .launch import LN2
 
 
@@ -43,7 +43,8 @@ def dense_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_bit
     g = launch.geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, alpha, mode, weighting, factor, reg,
                         allow_tf32)
     lse, acc_z, acc_s = launch.stats(q, k, labels, g, wrap_triton)  # base 2, as the sweeps read it
-    loss, w_tot, scale, inv_z = epilogue(lse * LN2, acc_z, acc_s, a_count, weighting == 3)
+    loss, w_tot, scale, inv_z = epilogue(lse * LN2, acc_z, acc_s, a_count,
+                                         weighting == configs.WEIGHTING_CODES["label"])
     dq_unit = None
     if reg or grad_in_forward:
         ones = torch.ones_like(lse)

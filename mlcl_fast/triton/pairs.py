@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import launch, sparse
+from .configs import FACTOR_CODES, WEIGHTING_CODES
 
 _identity = lambda kernel: kernel  # noqa: E731
 
@@ -60,10 +61,10 @@ def pair_weights(pi, pj, count, tri_seg, tri_pair, a_count, c_count, num_anchors
     a_j = c_count[pj].to(torch.float32)
     union = (a_i + a_j - c).clamp(min=1)
     row_ptr = sparse.offsets(pi, num_anchors)
-    if weighting != 3:
-        if weighting == 0:
+    if weighting != WEIGHTING_CODES["label"]:
+        if weighting == WEIGHTING_CODES["any"]:
             omega = torch.ones_like(c)
-        elif weighting == 1:
+        elif weighting == WEIGHTING_CODES["all"]:
             omega = ((c == a_i) & (c == a_j)).to(torch.float32)
         else:
             omega = c / union
@@ -72,9 +73,9 @@ def pair_weights(pi, pj, count, tri_seg, tri_pair, a_count, c_count, num_anchors
         scale = torch.where(positive, 1.0 / torch.where(positive, total, 1.0), 0.0)
         return omega * scale[pi], positive.to(torch.float32)
 
-    if factor == 0:
+    if factor == FACTOR_CODES["one"]:
         f = torch.ones_like(c)
-    elif factor == 1:
+    elif factor == FACTOR_CODES["union"]:
         f = torch.where(pj >= num_samples, 1.0, 1.0 / union)
     elif alpha < 0:
         f = (c == a_j).to(torch.float32)

@@ -9,10 +9,16 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .configs import MODE_BITS, MODE_HEAD, MODE_LIST
+from .configs import FACTOR_CODES, MODE_BITS, MODE_HEAD, MODE_LIST, WEIGHTING_CODES
 
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
+# Option codes as named constexprs (configs / presets hold the one definition).
+W_ANY = tl.constexpr(WEIGHTING_CODES["any"])
+W_ALL = tl.constexpr(WEIGHTING_CODES["all"])
+W_LABEL = tl.constexpr(WEIGHTING_CODES["label"])
+F_ONE = tl.constexpr(FACTOR_CODES["one"])
+F_UNION = tl.constexpr(FACTOR_CODES["union"])
 _MODE_BITS = tl.constexpr(MODE_BITS)
 _MODE_HEAD = tl.constexpr(MODE_HEAD)
 _MODE_LIST = tl.constexpr(MODE_LIST)
@@ -126,11 +132,11 @@ def overlap(rows, rmask, cols, cmask, a_index, a_bits, KA, table, width,
 
 @triton.jit
 def pair_omega(c, a_i, a_j, WEIGHTING: tl.constexpr):
-    """Unnormalised pair-centric weight: any (0), all (1), jaccard (2)."""
+    """Unnormalised pair-centric weight: any, all, jaccard."""
     pos = c > 0
-    if WEIGHTING == 0:
+    if WEIGHTING == W_ANY:
         om = pos.to(tl.float32)
-    elif WEIGHTING == 1:
+    elif WEIGHTING == W_ALL:
         om = (pos & (c == a_i[:, None]) & (c == a_j[None, :])).to(tl.float32)
     else:
         union = tl.maximum(a_i[:, None] + a_j[None, :] - c, 1.0)
@@ -140,10 +146,10 @@ def pair_omega(c, a_i, a_j, WEIGHTING: tl.constexpr):
 
 @triton.jit
 def pair_factor(c, a_i, a_j, proto_col, alpha, FACTOR: tl.constexpr, HARD: tl.constexpr):
-    """f_ij of the label-centric weighting: one (0), union (1), overlap (2); HARD: alpha < 0."""
-    if FACTOR == 0:
+    """f_ij of the label-centric weighting: one, union, overlap; HARD: alpha < 0."""
+    if FACTOR == F_ONE:
         f = tl.full(c.shape, 1.0, tl.float32)
-    elif FACTOR == 1:
+    elif FACTOR == F_UNION:
         union = tl.maximum(a_i[:, None] + a_j[None, :] - c, 1.0)
         f = tl.where(proto_col[None, :], 1.0, 1.0 / union)
     else:
@@ -164,8 +170,8 @@ def positive_weights(rows, rmask, cols, cmask, soft, a_i, a_j, scale_i, inv_z, N
     """w_ij from the per-anchor normalisers of the forward statistics:
     pair-centric w = scale_i * omega_ij (scale = 1 / sum omega);
     label-centric w = scale_i * f_ij * sum_{t: k_it in y_j} inv_z[i, t] (scale = 1 / a_i)."""
-    if WEIGHTING == 3:
-        if FACTOR == 0:
+    if WEIGHTING == W_LABEL:
+        if FACTOR == F_ONE:
             f = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
         else:
             c = overlap(rows, rmask, cols, cmask, a_index, a_bits, KA, table, width, BLOCK_M, BLOCK_N, MODE, WORDS,
