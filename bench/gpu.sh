@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: build the extension, run the GPU tests, run the GPU sweep.
+# One command for a GPU machine: build the extension, run the GPU tests, measure the Triton
+# targets T1-T4 (bench/gpu_targets.py), run the GPU sweep.
 #
 #   bash bench/gpu.sh [quick|full] [--dry-run]
 #
@@ -28,7 +29,7 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu.log"
 CSV="$OUT/sweep_cuda_${VARIANT}.csv"
 BUDGET=${MLCL_GPU_BUDGET_S:-520}
-STAGES=" ${MLCL_GPU_STAGES:-env build tests sweep} "   # e.g. "build tests-cuda sweep"
+STAGES=" ${MLCL_GPU_STAGES:-env build tests targets sweep} "   # e.g. "build tests-triton targets"
 START=$(date +%s)
 SUMMARY=""
 export PYTHONUNBUFFERED=1
@@ -119,6 +120,16 @@ if want debug; then
   else
     stage debug 150 bash -c "cuda-gdb -q -batch -ex 'set pagination off' -ex run -ex bt \
       --args $PY -X faulthandler -m pytest -q -p no:cacheprovider tests/test_cuda.py -k 'op_errors and (col_labels or self_col)'"
+  fi
+fi
+
+# The Triton targets T1-T4 (bench/gpu_targets.py): matmul rate, then each point as it is measured.
+if want targets; then
+  if (( DRY )); then
+    log "== targets: not run (dry run)"
+  else
+    stage targets "${MLCL_GPU_TARGETS_S:-200}" $PY -m bench.gpu_targets --out "$OUT" \
+      --budget-s $(( ${MLCL_GPU_TARGETS_S:-200} - 20 )) ${MLCL_GPU_TARGETS_ARGS:-}
   fi
 fi
 

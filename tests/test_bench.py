@@ -453,3 +453,23 @@ def test_gpu_script_dry_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.log"]
     done = subprocess.run(["bash", str(script), "sideways"], env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "usage" in done.stderr
+
+
+def test_gpu_targets_points_and_valid_anchor_count():
+    """bench.gpu_targets: the T1-T4 points, and the valid-anchor count its 4-GEMM limit uses
+    agrees with the reference's validity on a small point of each label regime."""
+    from bench import gpu_targets
+    from mlcl_fast import reference
+    from mlcl_fast.inputs import prepare
+
+    full = gpu_targets.points(["T1", "T2", "T3", "T4"], smoke=False)
+    assert {(p.target, p.N, p.L, p.d) for p in full if p.target == "T1"} == \
+        {("T1", 16384, 16384, 256), ("T1", 16384, 262144, 256)}
+    assert [p.L for p in full if p.target == "T2"] == [1_000_000]
+    assert {p.dtype for p in full if p.target == "T3"} == {"float32", "bfloat16"}
+    for regime in gpu_targets.REGIMES:
+        point = gpu_targets.Point("T1", regime, 64, 300, 8, "float32")
+        inputs = gpu_targets.build(point, "cpu")
+        problem = prepare(inputs.features, inputs.labels, inputs.prototypes, inputs.config, 0.1)
+        _, valid = reference.anchor_losses(problem)
+        assert gpu_targets.valid_anchors(inputs) == int(valid.sum())
