@@ -40,7 +40,7 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
-def check_features(features) -> Tensor:
+def check_features(features, check_values: bool = True) -> Tensor:
     if not isinstance(features, Tensor):
         raise TypeError(f"features: expected a tensor, got {type(features).__name__}")
     if features.dtype not in FLOAT_DTYPES:
@@ -49,12 +49,13 @@ def check_features(features) -> Tensor:
         raise ValueError(f"features: expected shape [B, d] or [B, V, d], got shape {tuple(features.shape)}")
     if features.shape[0] < 1 or features.shape[-1] < 1 or (features.dim() == 3 and features.shape[1] < 1):
         raise ValueError(f"features: every dimension must be at least 1, got shape {tuple(features.shape)}")
-    if _check_values() and not bool(torch.isfinite(features).all()):
+    if check_values and _check_values() and not bool(torch.isfinite(features).all()):
         raise ValueError("features: contains NaN or Inf")
     return features
 
 
-def check_prototypes(prototypes, cfg: LossConfig, dim: int, num_labels: Optional[int], device) -> Optional[Tensor]:
+def check_prototypes(prototypes, cfg: LossConfig, dim: int, num_labels: Optional[int], device,
+                     check_values: bool = True) -> Optional[Tensor]:
     if not cfg.uses_prototypes:
         if prototypes is not None:
             raise ValueError("prototypes: given, but prototype_mode='none' does not use prototypes "
@@ -72,7 +73,7 @@ def check_prototypes(prototypes, cfg: LossConfig, dim: int, num_labels: Optional
         raise ValueError(f"prototypes: {prototypes.shape[0]} prototypes for num_labels={num_labels}")
     if prototypes.device != device:
         raise ValueError(f"prototypes: on device {prototypes.device}, but features are on {device}")
-    if _check_values() and not bool(torch.isfinite(prototypes).all()):
+    if check_values and _check_values() and not bool(torch.isfinite(prototypes).all()):
         raise ValueError("prototypes: contains NaN or Inf")
     return prototypes
 
@@ -88,16 +89,20 @@ def l2_normalize(x: Tensor, keep_half: bool) -> Tensor:
 
 
 def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labels: Optional[int] = None,
-            label_format: str = "auto", native_half: bool = False) -> Problem:
-    """Validate everything and build the backend's Problem (normalised rows, canonical labels)."""
+            label_format: str = "auto", native_half: bool = False, check_values: bool = True) -> Problem:
+    """Validate everything and build the backend's Problem (normalised rows, canonical labels).
+    `check_values=False`: no check reads tensor values on the host (labels.as_label_sets)."""
     temperature = check_temperature(temperature)
-    features = check_features(features)
+    if not isinstance(check_values, bool):
+        raise TypeError(f"check_values: expected True or False, got {check_values!r}")
+    features = check_features(features, check_values)
     batch, dim = features.shape[0], features.shape[-1]
     views = features.shape[1] if features.dim() == 3 else 1
     if prototypes is not None and num_labels is None and isinstance(prototypes, Tensor) and prototypes.dim() == 2:
         num_labels = prototypes.shape[0]
-    label_sets = as_label_sets(labels, batch, num_labels, label_format, device=features.device)
-    prototypes = check_prototypes(prototypes, cfg, dim, label_sets.num_labels, features.device)
+    label_sets = as_label_sets(labels, batch, num_labels, label_format, device=features.device,
+                               check_values=check_values)
+    prototypes = check_prototypes(prototypes, cfg, dim, label_sets.num_labels, features.device, check_values)
     if cfg.uses_prototypes and label_sets.num_labels != prototypes.shape[0]:
         raise ValueError(f"labels: label space of size {label_sets.num_labels} but {prototypes.shape[0]} prototypes")
     keep_half = native_half and features.dtype in (torch.float16, torch.bfloat16)

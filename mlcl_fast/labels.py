@@ -76,11 +76,14 @@ class LabelSets:
 
 
 def as_label_sets(labels, batch_size: int, num_labels: Optional[int] = None, label_format: str = "auto",
-                  device=None) -> LabelSets:
+                  device=None, check_values: bool = True) -> LabelSets:
     """Validate `labels` (any accepted form) and return its canonical LabelSets.
 
     `num_labels` is L when known from elsewhere (prototypes, the module); it must then agree with
-    the width of dense and sparse labels.
+    the width of dense and sparse labels. `check_values=False` (padded indices with a known
+    num_labels, or LabelSets): no host synchronisation; the label values are then checked on the
+    device (torch._assert_async: a bad value fails the device's stream, not with a ValueError),
+    and the canonical width stays K instead of the largest label count.
     """
     if label_format not in LABEL_FORMATS:
         raise ValueError(f"label_format: expected one of {list(LABEL_FORMATS)}, got {label_format!r}")
@@ -99,7 +102,12 @@ def as_label_sets(labels, batch_size: int, num_labels: Optional[int] = None, lab
         fmt = _detect_format(labels, num_labels) if label_format == "auto" else label_format
         if (fmt == "sparse") != (labels.layout in (torch.sparse_csr, torch.sparse_coo)):
             raise TypeError(f"labels: label_format={fmt!r} does not fit a tensor of layout {labels.layout}")
-        if fmt == "sparse":
+        if not check_values:
+            if label_format != "indices" or num_labels is None:
+                raise ValueError("check_values: False needs labels as padded indices with label_format='indices' "
+                                 "and a known num_labels (or a LabelSets): other forms read label values on the host")
+            out = _from_indices_on_device(labels, num_labels)
+        elif fmt == "sparse":
             out = _from_sparse(labels, num_labels)
         elif fmt == "dense":
             out = _from_dense(labels, num_labels)
@@ -174,6 +182,26 @@ def _from_indices(labels: Tensor, num_labels: Optional[int]) -> LabelSets:
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
     keep = labels >= 0
     return _from_pairs(rows[keep], labels[keep], labels.shape[0], num_labels)
+
+
+def _from_indices_on_device(labels: Tensor, num_labels: int) -> LabelSets:
+    """Padded indices -> canonical form with static shapes and no host synchronisation: each row
+    sorted, repeats replaced by padding, padding moved to the end; width K. Values outside
+    [-1, num_labels) fail a device-side assertion."""
+    _check_2d(labels, "padded label indices")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels: padded label indices must be an integer tensor, got {labels.dtype}")
+    labels = labels.long()
+    if labels.numel():
+        torch._assert_async(((labels >= -1) & (labels < num_labels)).all(),
+                            "labels: padded label indices must be in [0, num_labels), or -1 for padding")
+    pad = num_labels  # sorts after every label
+    keyed = torch.where(labels >= 0, labels, pad).sort(dim=1).values
+    repeat = torch.zeros_like(keyed, dtype=torch.bool)
+    repeat[:, 1:] = keyed[:, 1:] == keyed[:, :-1]
+    keyed = torch.where(repeat, pad, keyed).sort(dim=1).values
+    index = torch.where(keyed < pad, keyed, -1)
+    return LabelSets(index, (index >= 0).sum(dim=1), num_labels)
 
 
 def _from_pairs(rows: Tensor, cols: Tensor, batch_size: int, num_labels: int) -> LabelSets:

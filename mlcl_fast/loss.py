@@ -17,7 +17,8 @@ def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[T
                                 preset: str = DEFAULT_PRESET, temperature: float = 0.1,
                                 reduction: str = "mean", backend: str = "auto",
                                 num_labels: Optional[int] = None, label_format: str = "auto",
-                                gather: Optional[str] = None, group=None, **overrides) -> Tensor:
+                                gather: Optional[str] = None, group=None, check_values: bool = True,
+                                **overrides) -> Tensor:
     """Multi-label supervised contrastive loss of SPEC.
 
     features   [B, d] or [B, V, d] (V views of each sample), fp16/bf16/fp32/fp64
@@ -29,6 +30,12 @@ def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[T
     gather     None, or "all": the loss over the batches of every rank of `group` (default: the
                world), each rank anchoring its own rows; see docs/DISTRIBUTED.md for the value and
                gradient convention under DDP. reduction="none" then gives this rank's anchors.
+    check_values  False: no check reads a tensor's values on the host (no NaN/Inf check of the
+               features and prototypes; label values checked on the device, see
+               labels.as_label_sets), for labels as padded indices (label_format="indices",
+               num_labels given) or a LabelSets; with the closed-form Triton regime the call then
+               makes no host synchronisation (except the regulariser's list of rare-label pairs:
+               mlcl_fast/triton/README.md)
     overrides  any LossConfig field: weighting, f, alpha, prototype_mode, beta, reg, anchor_weight
 
     Half-precision features are computed in fp32 and the loss is returned in fp32; gradients
@@ -43,7 +50,7 @@ def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[T
         return gathered_loss(features, labels, prototypes, cfg, temperature, reduction, impl, num_labels,
                              label_format, group)
     problem = prepare(features, labels, prototypes, cfg, temperature, num_labels, label_format,
-                      native_half=getattr(impl, "NATIVE_HALF", False))
+                      native_half=getattr(impl, "NATIVE_HALF", False), check_values=check_values)
     losses, valid = impl.anchor_losses(problem)
     if reduction == "none":
         return losses
@@ -56,8 +63,9 @@ class MultiLabelContrastiveLoss(nn.Module):
 
     def __init__(self, preset: str = DEFAULT_PRESET, num_labels: Optional[int] = None, dim: Optional[int] = None,
                  temperature: float = 0.1, backend: str = "auto", reduction: str = "mean",
-                 gather: Optional[str] = None, group=None, **overrides):
+                 gather: Optional[str] = None, group=None, check_values: bool = True, **overrides):
         super().__init__()
+        self.check_values = check_values
         self.gather = check_gather(gather, group)
         self.group = group
         self.config = resolve_config(preset, **overrides)
@@ -77,7 +85,7 @@ class MultiLabelContrastiveLoss(nn.Module):
     def forward(self, features: Tensor, labels) -> Tensor:
         return multilabel_contrastive_loss(features, labels, self.prototypes, preset=self.config, temperature=self.temperature,
                                            reduction=self.reduction, backend=self.backend, num_labels=self.num_labels,
-                                           gather=self.gather, group=self.group)
+                                           gather=self.gather, group=self.group, check_values=self.check_values)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -533,3 +533,51 @@ def test_option_codes_have_one_definition_that_every_source_follows():
     for module in ("tiles.py", "forward.py", "backward.py"):
         text = (root / "mlcl_fast/triton" / module).read_text()
         assert not re.search(r"\b(WEIGHTING|FACTOR) [!=]= \d", text), module
+
+
+@cpu_only
+@pytest.mark.parametrize("preset,L", [("reg_noreg", 300), ("reg", 20), ("mulsupcon", 50)])
+def test_public_call_without_value_checks_makes_no_host_sync(preset, L):
+    """multilabel_contrastive_loss(..., check_values=False) with padded indices: the whole call,
+    from canonicalising the labels to the backward, under FakeTensorMode (kernels recorded, not
+    run). With the value checks on, the same call does read values on the host."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    from mlcl_fast.triton import recording
+
+    gen = torch.Generator().manual_seed(fresh_seed("api_fake", preset))
+    B, V, d = 12, 2, 16
+    index = torch.randint(-1, L, (B, 5), generator=gen)
+    protos = torch.randn(L, d, generator=gen) if cases.uses_prototypes(preset) else None
+    launched = []
+    kwargs = dict(preset=preset, num_labels=L, label_format="indices", backend="triton")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        feats = mode.from_tensor(torch.randn(B, V, d, generator=gen)).requires_grad_(True)
+        p = None if protos is None else mode.from_tensor(protos).requires_grad_(True)
+        with recording.recording(lambda kernel, grid, args, meta: launched.append(kernel.__name__)):
+            loss = multilabel_contrastive_loss(feats, index, p, check_values=False, **kwargs)
+            loss.backward()
+            assert feats.grad.shape == feats.shape
+            with pytest.raises(DataDependentOutputException):
+                multilabel_contrastive_loss(feats, index, p, **kwargs)
+    assert "stats_kernel" in launched and "cols_free_kernel" in launched
+
+
+def test_padded_indices_canonicalised_on_the_device_match_the_host_path():
+    from mlcl_fast.labels import as_label_sets
+
+    gen = torch.Generator().manual_seed(fresh_seed("device_labels"))
+    for _ in range(5):
+        raw = torch.randint(-1, 9, (7, 6), generator=gen)
+        raw[2] = -1                  # an empty row
+        raw[3, :3] = raw[3, 0]       # repeats
+        host = as_label_sets(raw, 7, 9, "indices")
+        dev = as_label_sets(raw, 7, 9, "indices", check_values=False)
+        assert torch.equal(dev.count, host.count) and dev.num_labels == 9 and dev.width == 6
+        assert torch.equal(dev.index[:, :host.width], host.index) and bool((dev.index[:, host.width:] == -1).all())
+    with pytest.raises(RuntimeError, match="num_labels"):
+        as_label_sets(torch.tensor([[0, 9]]), 1, 9, "indices", check_values=False)  # the device assertion
+    with pytest.raises(ValueError, match="check_values"):
+        as_label_sets(torch.ones(2, 9, dtype=torch.bool), 2, 9, "dense", check_values=False)
+    with pytest.raises(ValueError, match="check_values"):
+        as_label_sets(torch.tensor([[0, 1]]), 1, None, "indices", check_values=False)
