@@ -1,6 +1,7 @@
-"""The static kernel report (bench/kernels.py): the Triton kernels of the default preset,
-compiled ahead of time for sm_90 (Hopper) on this CPU, use wgmma tensor-core instructions in
-every matrix product and spill no registers, for bf16 and fp16 features at d = 128 and d = 256.
+"""The static kernel report (bench/kernels.py): the Triton kernels of the default preset (and of
+the dense label regime), compiled ahead of time for sm_90 (Hopper) on this CPU, use wgmma
+tensor-core instructions in every matrix product and spill no registers, for bf16 and fp16
+features at d = 128 and d = 256.
 
 The report compiles for a GPU, so it runs in its own process without TRITON_INTERPRET (the
 interpreter tests of this suite set it for theirs)."""
@@ -12,9 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import importlib.util
+
 import pytest
 
-pytest.importorskip("triton")
+# Not imported here: test_triton.py must be the first to import triton in this process (it
+# sets TRITON_INTERPRET first); the report itself runs in a subprocess.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +52,16 @@ def test_every_matrix_kernel_uses_wgmma_and_none_spills(reg_report):
         for d in (128, 256):
             names = {r["kernel"] for r in reg_report if r["dtype"] == dt and r["dim"] == d and r["dots"]}
             assert {"stats_kernel", "rows_kernel", "cols_free_kernel"} <= names, names
+
+
+def test_dense_label_regime_uses_wgmma_and_none_spills():
+    """Pair-centric weights over at most 64 labels (the dense regime): overlaps from one fp16
+    dot per tile, so these kernels are on wgmma too."""
+    rows = _report("--preset", "supcon_any", "--preset", "jaccard", "--labels", "50", "--dim", "128", "--dim", "256")
+    assert {r["preset"] for r in rows} == {"supcon_any", "jaccard"}
+    assert all("MODE=5" in r["meta"] for r in rows if r["kernel"] in ("stats_kernel", "rows_kernel", "cols_kernel"))
+    bad = [f"{r['kernel']} [{r['meta']}] d={r['dim']}: {r['stack']} B, {r['counts']}" for r in rows if not r["passes"]]
+    assert not bad, bad
 
 
 def test_report_tells_mma_sync_and_spills_apart():

@@ -82,8 +82,26 @@ def test_label_regimes(monkeypatch, regime, preset, overrides, L):
     assert_backend_matches("triton", case, check_none=regime == "pairs", **FP32)
 
 
+DENSE_CONFIGS = [(p, o, L) for p, o, L in REGIME_CONFIGS if L <= 64] + \
+    [("supcon_any", {}, 64), ("jaccard", {}, 64), ("supcon_all", {"reg": True}, 40), ("msc", {"alpha": 0.5, "f": "overlap"}, 64)]
+
+
 @cpu_only
-@pytest.mark.parametrize("regime", ["bits", "gather"])
+@pytest.mark.parametrize("preset,overrides,L", DENSE_CONFIGS, ids=[cases.preset_id(p, o) + f"-L{L}" for p, o, L in DENSE_CONFIGS])
+def test_dense_label_regime(monkeypatch, preset, overrides, L):
+    """L <= 64: 0/1 fp16 label rows, overlaps as one tl.dot per tile (the default for L <= 64
+    outside the closed form): forced here, with label 31 and 63 in many rows."""
+    monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", "dense")
+    B = 13
+    case = _case("dense_regime", preset, overrides, B=B, d=10, L=L, density=0.08, empty_rows=1)
+    for label in (31, 63):
+        if label < L:
+            case.labels[:, label] |= torch.arange(B) % 3 == 0
+    assert_backend_matches("triton", case, check_none=False, **FP32)
+
+
+@cpu_only
+@pytest.mark.parametrize("regime", ["bits", "gather", "dense"])
 @pytest.mark.parametrize("preset,overrides", [("jaccard", {}), ("supcon_all", {}), ("mulsupcon", {"f": "union"}),
                                               ("reg", {"prototype_mode": "none", "alpha": 0.5})])
 def test_dense_label_sets(monkeypatch, regime, preset, overrides):
@@ -224,7 +242,7 @@ def test_gradient_strategies(monkeypatch, grad_mode, preset, overrides):
 
 
 @cpu_only
-@pytest.mark.parametrize("regime", ["bits", "pairs"])
+@pytest.mark.parametrize("regime", ["bits", "pairs", "dense"])
 @pytest.mark.parametrize("preset", ["reg", "supcon_any", "msc"])
 def test_fp16_features(monkeypatch, regime, preset):
     """Half features are read as they are (NATIVE_HALF). The interpreter's fp16 dots work; its
@@ -350,6 +368,8 @@ def test_regime_choice_thresholds():
     from mlcl_fast.triton import configs
 
     assert configs.choose_regime(128, 8, 8, 256, 384, 128, None) == "bits"
+    assert configs.choose_regime(64, 8, 8, 256, 384, 128, None) == "dense"
+    assert configs.choose_regime(64, 8, 8, 256, 384, 128, None, closed=True) == "closed"
     assert configs.choose_regime(1000, 8, 8, 256, 256, 128, 5000) == "pairs"
     assert configs.choose_regime(1000, 8, 8, 256, 256, 128, None) == "gather"
     assert configs.choose_regime(1000, 8, 2, 256, 256, 128, None) == "list"
@@ -367,7 +387,7 @@ def test_tile_configs_per_kernel_family(monkeypatch):
     with pytest.raises(ValueError, match="owner"):
         configs.tile_config(128, False, "rows")
     with pytest.raises(ValueError, match="kind"):
-        configs.tile_config(128, False, kind="dense")
+        configs.tile_config(128, False, kind="sparse")
     # Label-free and head sweeps: >= 64 rows in each product's M dimension (wgmma), d <= 256
     # resident; the column kernel's M dimension is its owned column block.
     free, free_c = configs.tile_config(128, False, kind="free"), configs.tile_config(128, False, "columns", "free")
@@ -379,6 +399,8 @@ def test_tile_configs_per_kernel_family(monkeypatch):
     ieee = configs.tile_config(256, False, kind="free", ieee=True, fp32=True)
     assert (ieee.block_m, ieee.block_n, ieee.block_k) == (32, 32, configs.IEEE_CHUNK)
     assert configs.tile_config(256, False, kind="free", fp32=True).block_k == 128
+    dense = configs.tile_config(256, False, "columns", "dense")
+    assert (dense.block_m, dense.block_n, dense.num_warps, dense.block_k) == (64, 64, 8, 128)
     monkeypatch.setenv("MLCL_FAST_TRITON_TILE", "32,128,8,3")
     forced = configs.tile_config(64, False, "columns")
     assert (forced.block_m, forced.block_n, forced.num_warps, forced.num_stages, forced.block_k) == (32, 128, 8, 3, 64)
@@ -389,6 +411,13 @@ def test_tile_configs_per_kernel_family(monkeypatch):
             configs.tile_config(64, False)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="with CUDA the kernels are compiled, not interpreted")
+def test_interpreter_tests_are_not_skipped_without_cuda():
+    """Without CUDA every cpu_only test must run: something that imports triton before this
+    module (at collection) would silently skip them all."""
+    assert backend.kernels_interpreted(), "triton was imported without TRITON_INTERPRET before tests/test_triton.py"
+
+
 def test_supports_only_cuda_or_interpreter():
     assert backend.supports("cpu") == backend.kernels_interpreted()
     assert backend.supports("cuda") == (HAS_CUDA and not backend.kernels_interpreted())
@@ -397,13 +426,16 @@ def test_supports_only_cuda_or_interpreter():
 
 @cpu_only
 def test_forced_regime_is_checked(monkeypatch):
-    monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", "dense")
+    monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", "bitset")
     case = _case("bad", "reg", None, B=4, d=4, L=3)
     with pytest.raises(ValueError, match="MLCL_FAST_TRITON_LABELS"):
         cases.run_loss("triton", case)
     monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", "bits")
     case = _case("bad", "supcon_any", None, B=4, d=4, L=129)
     with pytest.raises(ValueError, match="at most 128 labels"):
+        cases.run_loss("triton", case)
+    monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", "dense")
+    with pytest.raises(ValueError, match="at most 64 labels"):
         cases.run_loss("triton", case)
 
 

@@ -17,9 +17,12 @@ MODE_GATHER = 2  # column label bitsets of any width, one gathered word per (anc
 MODE_LIST = 3    # sorted padded column label lists, compared entry by entry
 MODE_HEAD = 4    # label-free sweeps plus one dense tile of the most frequent ("head") labels, for the
                  # regulariser of the closed form (closed.py): w_ij of the head labels is a small tl.dot
-IN_TILE_MODES = (MODE_BITS, MODE_GATHER, MODE_LIST)
+MODE_DENSE = 5   # L <= DENSE_MAX_LABELS: 0/1 fp16 label rows, overlaps c_ij as one tl.dot per tile
+IN_TILE_MODES = (MODE_BITS, MODE_GATHER, MODE_LIST, MODE_DENSE)
+DENSE_MAX_LABELS = 64
 
-REGIMES = {"bits": MODE_BITS, "gather": MODE_GATHER, "list": MODE_LIST, "pairs": MODE_NONE, "closed": MODE_NONE}
+REGIMES = {"bits": MODE_BITS, "gather": MODE_GATHER, "list": MODE_LIST, "pairs": MODE_NONE, "closed": MODE_NONE,
+           "dense": MODE_DENSE}
 
 # Weighting and pair-factor codes shared by the kernels (one definition, in presets.py).
 from ..presets import FACTOR_CODES, WEIGHTING_CODES  # noqa: E402
@@ -71,7 +74,7 @@ FREE_MAX_CHUNK = 256
 LABEL_MAX_CHUNK = 128
 
 
-TILE_KINDS = ("in_tile", "free", "head")
+TILE_KINDS = ("in_tile", "free", "head", "dense")
 
 
 # IEEE fp32 dots (fp32 features while torch disallows tf32) run on FFMA with both operand tiles
@@ -84,8 +87,9 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
                 ieee: bool = False, fp32: bool = False) -> TileConfig:
     """The fixed configuration for feature dimension `dim`, a kernel whose programs own anchor
     blocks (stats, rows) or column blocks (cols), and its label work (`kind`): "in_tile" (the
-    bits / gather / list modes), "free" (MODE_NONE: none) or "head" (MODE_HEAD: the head-label
-    tiles of the regularised closed form). `ieee`: fp32 operands without tf32 (no tensor cores);
+    bits / gather / list modes, and dense with label-centric weights), "free" (MODE_NONE: none),
+    "head" (MODE_HEAD: the head-label tiles of the closed form) or "dense" (MODE_DENSE with
+    pair-centric weights: one overlap dot per tile). `ieee`: fp32 operands without tf32 (no tensor cores);
     `fp32`: fp32 operands (as tf32 when not `ieee`: twice the bytes of a half tile).
     MLCL_FAST_TRITON_TILE overrides the tile."""
     if owner not in OWNERS:
@@ -95,7 +99,7 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
     if interpret:
         # Small tiles so that the CPU tests cross tile, chunk and padding boundaries.
         return TileConfig(block_m=16, block_n=16, block_k=16, block_d=16, num_warps=1, num_stages=1)
-    chunk = max(16, min(_pow2(dim), LABEL_MAX_CHUNK if kind == "in_tile" else FREE_MAX_CHUNK))
+    chunk = max(16, min(_pow2(dim), LABEL_MAX_CHUNK if kind in ("in_tile", "dense") else FREE_MAX_CHUNK))
     if ieee:
         chunk = min(chunk, IEEE_CHUNK)
     elif fp32:
@@ -106,6 +110,10 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
     if ieee:
         bm, bn, warps = IEEE_TILE
         return TileConfig(block_m=bm, block_n=bn, block_k=chunk, block_d=chunk, num_warps=warps, num_stages=2)
+    if kind == "dense":
+        # Overlap dot + pair weights per tile: 64 x 64 over 8 warps for both kernel families, the
+        # in-tile column kernel's 128-wide chunks (its 256-wide variant spills: static report).
+        return TileConfig(block_m=64, block_n=64, block_k=chunk, block_d=chunk, num_warps=8, num_stages=2)
     if kind != "in_tile":
         # Label-free sweeps (a logit GEMM, one exp2 per pair, a gradient GEMM; "head" adds two
         # fp16 dots of HEAD_LABELS): wgmma needs 64 rows per warpgroup in the M dimension of
@@ -197,6 +205,8 @@ def choose_regime(num_labels: int, anchor_width: int, column_width: int, num_anc
     the sweeps, no host synchronisation and O(nnz d) label sums: always taken."""
     if closed:
         return "closed"
+    if num_labels <= DENSE_MAX_LABELS:
+        return "dense"
     words = -(-num_labels // 32)
     if words <= BITS_MAX_WORDS:
         return "bits"

@@ -70,6 +70,9 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
     if regime == "closed" and not closed_ok:
         raise ValueError("regime: 'closed' needs label-centric weights with f=1 on positives (f='one', or "
                          "f='overlap' with alpha=0)")
+    if regime == "dense" and anchor_sets.num_labels > configs.DENSE_MAX_LABELS:
+        raise ValueError(f"regime: 'dense' holds at most {configs.DENSE_MAX_LABELS} labels, got "
+                         f"{anchor_sets.num_labels}; use 'bits', 'gather', 'list' or 'pairs'")
     if regime == "bits" and anchor_sets.num_labels > 32 * configs.BITS_MAX_WORDS:
         raise ValueError(f"regime: 'bits' holds at most {32 * configs.BITS_MAX_WORDS} labels, "
                          f"got {anchor_sets.num_labels}; use 'gather', 'list' or 'pairs'")
@@ -100,8 +103,13 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
 
     mode = configs.REGIMES[regime]
     table = labels.column_table(column_sets, mode)
-    # Anchor bitsets serve the popcount overlaps of MODE_BITS only.
-    a_bits = labels.bitsets(anchor_sets) if mode == configs.MODE_BITS else torch.zeros_like(a_index[:, :1])
+    # Anchor bitsets serve the popcount overlaps of MODE_BITS, 0/1 rows the dot overlaps of MODE_DENSE.
+    if mode == configs.MODE_BITS:
+        a_bits = labels.bitsets(anchor_sets)
+    elif mode == configs.MODE_DENSE:
+        a_bits = labels.dense_rows(anchor_sets)
+    else:
+        a_bits = torch.zeros_like(a_index[:, :1])
     loss, w_tot, *_ = ops.dense_forward(q, k, self_col, a_index, a_bits, a_count, table, c_count, n, col_lo,
                                         1.0 / problem.temperature, log_beta, float(cfg.alpha), mode, weighting,
                                         factor, cfg.reg, tf32, grad_mode == "forward" and need_grad)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..labels import LabelSets
-from .configs import MODE_BITS, MODE_GATHER, MODE_LIST, MODE_NONE
+from .configs import DENSE_MAX_LABELS, MODE_BITS, MODE_DENSE, MODE_GATHER, MODE_LIST, MODE_NONE
 
 
 def padded_index(sets: LabelSets) -> Tensor:
@@ -34,8 +34,25 @@ def bitsets(sets: LabelSets) -> Tensor:
     return out.to(torch.int32).contiguous()
 
 
+def dense_width(num_labels: int) -> int:
+    """Columns of the MODE_DENSE label rows: a power of two >= 16 (a tl.dot's K)."""
+    return max(16, 1 << max(0, (int(num_labels) - 1).bit_length()))
+
+
+def dense_rows(sets: LabelSets) -> Tensor:
+    """[B, dense_width(L)] fp16 0/1 label rows (MODE_DENSE; exact, and so are their dot products)."""
+    if sets.num_labels > DENSE_MAX_LABELS:
+        raise ValueError(f"labels: the dense label mode holds at most {DENSE_MAX_LABELS} labels, got {sets.num_labels}")
+    width = dense_width(sets.num_labels)
+    out = torch.zeros(sets.batch_size, width + 1, dtype=torch.float16, device=sets.device)
+    out.scatter_(1, torch.where(sets.index >= 0, sets.index, width), 1.0)
+    return out[:, :width].contiguous()
+
+
 def column_table(sets: LabelSets, mode: int) -> Tensor:
     """What the kernels read for the column labels in `mode`."""
+    if mode == MODE_DENSE:
+        return dense_rows(sets)
     if mode in (MODE_BITS, MODE_GATHER):
         return bitsets(sets)
     if mode == MODE_LIST:

@@ -61,6 +61,8 @@ class Geometry:
     @property
     def tile_kind(self) -> str:
         """configs.tile_config's `kind`: the label work of the sweeps."""
+        if self.mode == configs.MODE_DENSE and self.weighting != configs.WEIGHTING_CODES["label"]:
+            return "dense"  # pair-centric weights from one overlap dot per tile: no per-slot label loops
         return "in_tile" if self.labels else ("head" if self.head else "free")
 
     @property
@@ -74,7 +76,7 @@ class Geometry:
 
     @property
     def words(self) -> int:
-        return self.table_width if self.mode in (MODE_BITS, configs.MODE_HEAD) else 1
+        return self.table_width if self.mode in (MODE_BITS, configs.MODE_HEAD, configs.MODE_DENSE) else 1
 
 
 def label_free(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, num_samples: int,

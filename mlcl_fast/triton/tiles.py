@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .configs import FACTOR_CODES, MODE_BITS, MODE_HEAD, MODE_LIST, WEIGHTING_CODES
+from .configs import FACTOR_CODES, MODE_BITS, MODE_DENSE, MODE_HEAD, MODE_LIST, WEIGHTING_CODES
 
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -21,6 +21,7 @@ F_ONE = tl.constexpr(FACTOR_CODES["one"])
 F_UNION = tl.constexpr(FACTOR_CODES["union"])
 _MODE_BITS = tl.constexpr(MODE_BITS)
 _MODE_HEAD = tl.constexpr(MODE_HEAD)
+_MODE_DENSE = tl.constexpr(MODE_DENSE)
 _MODE_LIST = tl.constexpr(MODE_LIST)
 
 
@@ -88,6 +89,9 @@ def member(lab, cols, cmask, table, width,
             bits = tl.load(table + cols * WORDS + w, mask=cmask, other=0)
             sel = tl.where(word[:, None] == w, bits[None, :], sel)
         hit = ((sel >> (lab & 31)[:, None]) & 1) != 0
+    elif MODE == _MODE_DENSE:
+        ok = has[:, None] & cmask[None, :]
+        hit = tl.load(table + cols[None, :] * WORDS + lab[:, None], mask=ok, other=0.0) != 0
     else:  # MODE_GATHER
         ok = has[:, None] & cmask[None, :]
         bits = tl.load(table + cols[None, :] * width + (lab >> 5)[:, None], mask=ok, other=0)
@@ -113,9 +117,15 @@ def popcount(x, NATIVE: tl.constexpr):
 def overlap(rows, rmask, cols, cmask, a_index, a_bits, KA, table, width,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
             NATIVE: tl.constexpr):
-    """c_ij = |y_i ∩ y_j| as fp32: popcounts of bitset ANDs in MODE_BITS (WORDS ops per pair
-    instead of KA membership tests), else one membership test per anchor label."""
-    if MODE == _MODE_BITS:
+    """c_ij = |y_i ∩ y_j| as fp32: one tl.dot of 0/1 fp16 label rows in MODE_DENSE (exact: at most
+    64 ones), popcounts of bitset ANDs in MODE_BITS (WORDS ops per pair instead of KA
+    membership tests), else one membership test per anchor label."""
+    if MODE == _MODE_DENSE:
+        offs = tl.arange(0, WORDS)
+        a = tl.load(a_bits + rows[:, None] * WORDS + offs[None, :], mask=rmask[:, None], other=0.0)
+        b = tl.load(table + cols[:, None] * WORDS + offs[None, :], mask=cmask[:, None], other=0.0)
+        c = tl.dot(a, tl.trans(b))
+    elif MODE == _MODE_BITS:
         n = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         for w in tl.static_range(WORDS):
             a = tl.load(a_bits + rows * WORDS + w, mask=rmask, other=0)
