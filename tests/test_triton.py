@@ -465,9 +465,15 @@ def test_gpu_regimes_large_label_space(monkeypatch, regime, dtype, preset, overr
     assert_backend_matches("triton", case, check_none=False, **GPU_DTYPES[dtype])
 
 
-@pytest.mark.parametrize("dtype", list(GPU_DTYPES), ids=str)
+GPU_CLOSED_CONFIGS = [c for c in CLOSED_CONFIGS if c[:2] in (("mulsupcon", {}), ("proto", {}), ("reg_noreg", {}),
+                                                               ("reg", {}), ("reg", {"beta": 0.1}),
+                                                               ("reg", {"prototype_mode": "none"}))]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("d", [128, 256])
-@pytest.mark.parametrize("preset,overrides,_", CLOSED_CONFIGS, ids=[cases.preset_id(p, o) for p, o, _ in CLOSED_CONFIGS])
+@pytest.mark.parametrize("preset,overrides,_", GPU_CLOSED_CONFIGS,
+                         ids=[cases.preset_id(p, o) for p, o, _ in GPU_CLOSED_CONFIGS])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_closed_form_large_label_space(dtype, d, preset, overrides, _):
@@ -508,6 +514,87 @@ def test_gpu_torch_compile_fullgraph(monkeypatch, preset, grad_mode):
     assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-6)
     for a, b in zip(ge, gc):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _closed_gpu_case(preset):
+    """A GPU case of the closed form whose columns carry few labels (no tail list)."""
+    case = _case("closed_gpu", preset, None, B=128, V=2, d=128, L=12, dtype=torch.bfloat16, device="cuda")
+    index = cases.to_padded(case.labels, seed=case.seed).cuda()
+    return case, index
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("preset", ["reg", "reg_noreg", "mulsupcon"])
+def test_gpu_closed_form_has_no_host_sync_and_replays_in_a_cuda_graph(preset):
+    """check_values=False with padded indices: no synchronising call (sync debug mode 'error'),
+    and forward + backward captured in a CUDA graph replay to the eager values."""
+    case, index = _closed_gpu_case(preset)
+    feats = case.features.detach().clone().requires_grad_(True)
+    protos = None if case.prototypes is None else case.prototypes.detach().clone().requires_grad_(True)
+    kwargs = dict(preset=preset, num_labels=case.num_labels, label_format="indices", backend="triton",
+                  check_values=False)
+
+    def step():
+        feats.grad = None
+        if protos is not None:
+            protos.grad = None
+        loss = multilabel_contrastive_loss(feats, index, protos, **kwargs)
+        loss.backward()
+        return loss
+
+    eager = step().detach().clone()
+    eager_grad = feats.grad.detach().clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    feats.grad = None
+    with torch.cuda.graph(graph):
+        captured = multilabel_contrastive_loss(feats, index, protos, **kwargs)
+        captured.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(captured, eager, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(feats.grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("preset", ["reg", "reg_noreg", "mulsupcon"])
+def test_gpu_closed_form_torch_compile_fullgraph(preset):
+    """The closed form's triton_ops under torch.compile(fullgraph=True), labels prepared outside."""
+    import torch.nn.functional as F
+
+    from mlcl_fast import as_label_sets
+    from mlcl_fast.triton import driver
+
+    case, index = _closed_gpu_case(preset)
+    cfg = resolve_config(case.preset, **case.overrides)
+    label_sets = as_label_sets(index, 128, case.num_labels, "indices").repeat_views(2)
+
+    def loss_fn(feats, protos):
+        rows = F.normalize(feats.flatten(0, 1).float(), dim=-1).to(feats.dtype)
+        protos = None if protos is None else F.normalize(protos.float(), dim=-1).to(feats.dtype)
+        losses, valid = driver.anchor_losses(Problem(rows, protos, label_sets, cfg, case.temperature))
+        return losses.sum() / valid.sum().clamp(min=1)
+
+    inputs = [t.detach().requires_grad_(True) for t in (case.features, case.prototypes) if t is not None]
+    args = inputs + [None] * (2 - len(inputs))
+    eager = loss_fn(*args)
+    compiled = torch.compile(loss_fn, fullgraph=True)(*args)
+    for a, b in zip(torch.autograd.grad(eager, inputs), torch.autograd.grad(compiled, inputs)):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-5)
+    assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.gpu
