@@ -1,5 +1,5 @@
-"""The closed-form regime: label-centric weights with pair factor 1 and no regulariser
-(presets mulsupcon, proto, reg_noreg), with no label work in any dense sweep.
+"""The closed-form regime: label-centric weights whose pair factor is 1 on every positive
+(presets reg, reg_noreg, mulsupcon, proto), with no label loop in any sweep.
 
 With f = 1 the weights are w_ij = sum_{k in y_i ∩ y_j} u_ik, u_ik = 1 / (a_i Z_ik), and Z_ik is
 a label count: the softmax columns carrying k, less anchor i's own column (which carries every
@@ -14,19 +14,23 @@ per-label sums of embeddings, O(nnz * d) work:
   F_k   = sum_{anchors i carrying k} G_i u_ik q_i                      (backward)
   dk_j  -= (sum_{k in y_j} F_k - [j is anchor i's own column] G_i ubar_i q_i) / tau
 
-The dense kernels run label-free (configs.MODE_NONE): lse in the forward, G_i W_i p_ij in the
-backward.
+The statistics sweep runs label-free (configs.MODE_NONE). The loss value takes every label from
+the closed form. The gradient takes the HB most frequent labels of the columns ("head") inside
+the second sweeps (configs.MODE_HEAD): a dense [C, HB] 0/1 tile and the anchors' u_ik over them
+give w^H_ij from two small fp16 `tl.dot`s per tile, and g_ij = G_i (W_i p_ij - w^H_ij - r^H_ij)
+is formed before the gradient product (so nothing large cancels where p_ij ~ w_ij); only the
+other ("tail") labels' -w part comes from the sums above.
 
-With the regulariser (preset reg), r_ij = max(p_ij - w_ij, 0) on positives needs w_ij per pair.
-The HEAD_LABELS most frequent labels of the columns become a dense [C, HB] 0/1 tile and the
-anchors' u_ik over them an [M, HB] tile (configs.MODE_HEAD), so the second sweeps get the head
-part w^H_ij from two small fp16 `tl.dot`s per tile and subtract r(w^H). Pairs that share a label
-outside the head ("tail" labels, rare by construction) are listed (tail_forward, one host
-synchronisation for the list size; none at all when the columns carry at most HB labels, known
-from the shapes) and corrected by r(w^H + w^T) - r(w^H): exact. The label-sum structures have static shapes (nothing depends on label values but
-their contents), are built on the device without a host synchronisation, and every sum is a
-CSR segment sum in a fixed order (deterministic). Per-label sums live in a compact label space
-of at most min(L, C * K_c) rows: the labels the softmax columns carry.
+The regulariser r_ij = max(p_ij - w_ij, 0) needs all of w_ij on a pair: the sweeps use w^H, and
+pairs that share a tail label are listed (tail_forward, one host synchronisation for the list
+size; none at all when the columns carry at most HB labels, known from the shapes) and corrected
+by r(w^H + w^T) - r(w^H): exact.
+
+The label-sum structures have static shapes (nothing depends on label values but their
+contents), are built on the device without a host synchronisation, and every sum is a CSR
+segment sum in a fixed order (deterministic). Per-label sums live in a compact label space of at
+most min(L, C * K_c) rows: the labels the softmax columns carry. The sweeps visit the anchors
+with a positive first and skip the others (valid_first).
 """
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ class Geometry:
 
     @property
     def labels(self) -> bool:
-        """Label work inside the tiles (bits / gather / list): the kernels' LABELS switch."""
+        """Label work inside the tiles (bits / gather / list / dense): the kernels' LABELS switch."""
         return self.mode in configs.IN_TILE_MODES
 
     @property
@@ -93,9 +93,9 @@ def label_free(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count:
 def head_tiles(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, head_u: Tensor,
                head_y: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float, reg: bool,
                allow_tf32: bool) -> tuple[tuple, Geometry]:
-    """(label tuple, geometry) of the label-free sweeps with the head-label tiles of the
-    regularised closed form (configs.MODE_HEAD): head_u [M, 2*HB] fp16 rides in the anchor
-    bitset slot, head_y [C, HB] fp16 in the column table slot."""
+    """(label tuple, geometry) of the closed form's second sweeps with its head-label tiles
+    (configs.MODE_HEAD): head_u [M, 2*HB] fp16 rides in the anchor bitset slot, head_y [C, HB]
+    fp16 in the column table slot."""
     none_a = torch.full((q.shape[0], 1), -1, dtype=torch.int32, device=q.device)
     labels = (self_col, none_a, head_u, a_count, head_y, c_count)
     return labels, geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, 0.0, configs.MODE_HEAD, 0, 0,
