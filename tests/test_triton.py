@@ -83,7 +83,8 @@ def test_label_regimes(monkeypatch, regime, preset, overrides, L):
 
 
 DENSE_CONFIGS = [(p, o, L) for p, o, L in REGIME_CONFIGS if L <= 64] + \
-    [("supcon_any", {}, 64), ("jaccard", {}, 64), ("supcon_all", {"reg": True}, 40), ("msc", {"alpha": 0.5, "f": "overlap"}, 64)]
+    [("supcon_any", {}, 64), ("jaccard", {}, 64), ("supcon_all", {"reg": True}, 40), ("msc", {"alpha": 0.5, "f": "overlap"}, 64),
+     ("reg", {"prototype_mode": "none", "alpha": -1.0}, 40), ("mulsupcon", {"f": "union", "reg": True}, 40)]
 
 
 @cpu_only

@@ -74,7 +74,7 @@ FREE_MAX_CHUNK = 256
 LABEL_MAX_CHUNK = 128
 
 
-TILE_KINDS = ("in_tile", "free", "head", "dense")
+TILE_KINDS = ("in_tile", "free", "head", "dense", "dense_label")
 
 
 # IEEE fp32 dots (fp32 features while torch disallows tf32) run on FFMA with both operand tiles
@@ -88,8 +88,9 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
     """The fixed configuration for feature dimension `dim`, a kernel whose programs own anchor
     blocks (stats, rows) or column blocks (cols), and its label work (`kind`): "in_tile" (the
     bits / gather / list modes, and dense with label-centric weights), "free" (MODE_NONE: none),
-    "head" (MODE_HEAD: the head-label tiles of the closed form) or "dense" (MODE_DENSE with
-    pair-centric weights: one overlap dot per tile). `ieee`: fp32 operands without tf32 (no tensor cores);
+    "head" (MODE_HEAD: the head-label tiles of the closed form), "dense" (MODE_DENSE with
+    pair-centric weights: one overlap dot per tile) or "dense_label" (MODE_DENSE, label-centric:
+    also label-indexed sums as split dots). `ieee`: fp32 operands without tf32 (no tensor cores);
     `fp32`: fp32 operands (as tf32 when not `ieee`: twice the bytes of a half tile).
     MLCL_FAST_TRITON_TILE overrides the tile."""
     if owner not in OWNERS:
@@ -99,7 +100,7 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
     if interpret:
         # Small tiles so that the CPU tests cross tile, chunk and padding boundaries.
         return TileConfig(block_m=16, block_n=16, block_k=16, block_d=16, num_warps=1, num_stages=1)
-    chunk = max(16, min(_pow2(dim), LABEL_MAX_CHUNK if kind in ("in_tile", "dense") else FREE_MAX_CHUNK))
+    chunk = max(16, min(_pow2(dim), LABEL_MAX_CHUNK if kind in ("in_tile", "dense", "dense_label") else FREE_MAX_CHUNK))
     if ieee:
         chunk = min(chunk, IEEE_CHUNK)
     elif fp32:
@@ -114,6 +115,13 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
         # Overlap dot + pair weights per tile: 64 x 64 over 8 warps for both kernel families, the
         # in-tile column kernel's 128-wide chunks (its 256-wide variant spills: static report).
         return TileConfig(block_m=64, block_n=64, block_k=chunk, block_d=chunk, num_warps=8, num_stages=2)
+    if kind == "dense_label":
+        # Two [BLOCK_M, 64] label-sum accumulators besides the tile: the swept side halves.
+        # The column kernel's 64-row variants spill (static report), so its products run on
+        # mma.sync at 32 swept rows.
+        if owner == "columns":
+            return TileConfig(block_m=32, block_n=64, block_k=chunk, block_d=chunk, num_warps=8, num_stages=2)
+        return TileConfig(block_m=64, block_n=32, block_k=chunk, block_d=chunk, num_warps=8, num_stages=2)
     if kind != "in_tile":
         # Label-free sweeps (a logit GEMM, one exp2 per pair, a gradient GEMM; "head" adds two
         # fp16 dots of HEAD_LABELS): wgmma needs 64 rows per warpgroup in the M dimension of

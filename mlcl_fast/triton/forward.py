@@ -18,7 +18,8 @@ and one exp2 per pair, nothing else.
 import triton
 import triton.language as tl
 
-from .tiles import F_ONE, LN2, W_LABEL, anchor_rows, dot_tile, load_rows, member, overlap, pair_factor, pair_omega, softmax_mask
+from .tiles import (_MODE_DENSE, F_ONE, LN2, W_LABEL, anchor_rows, dense_labels, dot_tile, load_rows, member, overlap,
+                    pair_factor, pair_omega, softmax_mask, split_dot)
 
 
 @triton.jit
@@ -70,13 +71,20 @@ def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_coun
                     c = overlap(rows, rmask, cols, cmask, a_index, a_bits, KA, table, width,
                                 BLOCK_M, BLOCK_N, MODE, WORDS, NATIVE)
                     f = tl.where(soft, pair_factor(c, a_i, a_j, cols >= N, alpha, FACTOR, HARD), 0.0)
-                for t in range(KA):
-                    lab = tl.load(a_index + rows * KA + t, mask=rmask, other=-1)
-                    hit = member(lab, cols, cmask, table, width, BLOCK_M, BLOCK_N, MODE, WORDS)
-                    fm = tl.where(hit, f, 0.0)
-                    at_t = (slots == t)[None, :]
-                    z_acc += tl.where(at_t, tl.sum(fm, axis=1)[:, None], 0.0)
-                    s_acc += tl.where(at_t, tl.sum(fm * s, axis=1)[:, None], 0.0)
+                if MODE == _MODE_DENSE:
+                    # Label-indexed sums (SLOTS == WORDS): Z_ik = sum_j f_ij y_jk, S_ik likewise
+                    # with f_ij s_ij, as split dots; labels off the anchor's set are masked below.
+                    y = dense_labels(table, cols, cmask, WORDS)
+                    z_acc += split_dot(f, y)
+                    s_acc += split_dot(f * s, y)
+                else:
+                    for t in range(KA):
+                        lab = tl.load(a_index + rows * KA + t, mask=rmask, other=-1)
+                        hit = member(lab, cols, cmask, table, width, BLOCK_M, BLOCK_N, MODE, WORDS)
+                        fm = tl.where(hit, f, 0.0)
+                        at_t = (slots == t)[None, :]
+                        z_acc += tl.where(at_t, tl.sum(fm, axis=1)[:, None], 0.0)
+                        s_acc += tl.where(at_t, tl.sum(fm * s, axis=1)[:, None], 0.0)
             else:
                 c = overlap(rows, rmask, cols, cmask, a_index, a_bits, KA, table, width,
                             BLOCK_M, BLOCK_N, MODE, WORDS, NATIVE)
@@ -89,6 +97,11 @@ def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_coun
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
     tl.store(lse_out + rows, lse, mask=rmask)
     if LABELS:
+        if MODE == _MODE_DENSE:
+            if WEIGHTING == W_LABEL:
+                own = tl.load(a_bits + rows[:, None] * WORDS + slots[None, :], mask=rmask[:, None], other=0.0)
+                z_acc = tl.where(own != 0, z_acc, 0.0)
+                s_acc = tl.where(own != 0, s_acc, 0.0)
         out = rows[:, None] * SLOTS + slots[None, :]
         tl.store(acc_z + out, z_acc, mask=rmask[:, None])
         tl.store(acc_s + out, s_acc, mask=rmask[:, None])

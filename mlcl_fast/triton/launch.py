@@ -61,8 +61,8 @@ class Geometry:
     @property
     def tile_kind(self) -> str:
         """configs.tile_config's `kind`: the label work of the sweeps."""
-        if self.mode == configs.MODE_DENSE and self.weighting != configs.WEIGHTING_CODES["label"]:
-            return "dense"  # pair-centric weights from one overlap dot per tile: no per-slot label loops
+        if self.mode == configs.MODE_DENSE:  # overlaps (and label sums) as dots: no per-slot label loops
+            return "dense_label" if self.weighting == configs.WEIGHTING_CODES["label"] else "dense"
         return "in_tile" if self.labels else ("head" if self.head else "free")
 
     @property
@@ -111,8 +111,11 @@ def geometry(q: Tensor, k: Tensor, labels: tuple, num_samples: int, col_lo: int,
              reg: bool, allow_tf32: bool) -> Geometry:
     a_index, table = labels[1], labels[4]
     half = q.dtype in (torch.float16, torch.bfloat16)
+    # The dense mode's label-centric sums are label-indexed: one slot per column of its label rows.
+    dense_label = mode == configs.MODE_DENSE and weighting == configs.WEIGHTING_CODES["label"]
+    slots = table.shape[1] if dense_label else _pow2(a_index.shape[1])
     return Geometry(q.shape[0], k.shape[0], num_samples, col_lo, q.shape[1], a_index.shape[1],
-                    _pow2(a_index.shape[1]), table.shape[1], inv_tau, log_beta, alpha, mode, weighting, factor,
+                    slots, table.shape[1], inv_tau, log_beta, alpha, mode, weighting, factor,
                     alpha < 0, reg, "ieee" if (not allow_tf32 and not half) else "tf32", half)
 
 

@@ -187,18 +187,44 @@ def positive_weights(rows, rmask, cols, cmask, soft, a_i, a_j, scale_i, inv_z, N
             c = overlap(rows, rmask, cols, cmask, a_index, a_bits, KA, table, width, BLOCK_M, BLOCK_N, MODE, WORDS,
                         NATIVE)
             f = pair_factor(c, a_i, a_j, cols >= N, alpha, FACTOR, HARD)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for t in range(KA):
-            lab = tl.load(a_index + rows * KA + t, mask=rmask, other=-1)
-            iz = tl.load(inv_z + rows * KAP + t, mask=rmask, other=0.0)
-            hit = member(lab, cols, cmask, table, width, BLOCK_M, BLOCK_N, MODE, WORDS)
-            acc += tl.where(hit, iz[:, None], 0.0)
+        if MODE == _MODE_DENSE:
+            # inv_z is label-indexed here ([M, WORDS], 0 off the anchor's labels): one split dot.
+            offs = tl.arange(0, WORDS)
+            iz = tl.load(inv_z + rows[:, None] * KAP + offs[None, :], mask=rmask[:, None], other=0.0)
+            acc = split_dot(iz, tl.trans(dense_labels(table, cols, cmask, WORDS)))
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for t in range(KA):
+                lab = tl.load(a_index + rows * KA + t, mask=rmask, other=-1)
+                iz = tl.load(inv_z + rows * KAP + t, mask=rmask, other=0.0)
+                hit = member(lab, cols, cmask, table, width, BLOCK_M, BLOCK_N, MODE, WORDS)
+                acc += tl.where(hit, iz[:, None], 0.0)
         w = f * acc * scale_i[:, None]
     else:
         c = overlap(rows, rmask, cols, cmask, a_index, a_bits, KA, table, width, BLOCK_M, BLOCK_N, MODE, WORDS,
                         NATIVE)
         w = pair_omega(c, a_i, a_j, WEIGHTING) * scale_i[:, None]
     return tl.where(soft, w, 0.0)
+
+
+@triton.jit
+def split_dot(v, y):
+    """v @ y for an fp32 tile v and a 0/1 fp16 tile y, on fp16 tensor cores to ~22 significant
+    bits: each row of v is scaled by its largest magnitude and split into an fp16 high part and
+    the fp16 rest (0/1 products are exact; the accumulation is fp32)."""
+    m = tl.max(tl.abs(v), axis=1)
+    m = tl.where(m > 0, m, 1.0)
+    unit = v / m[:, None]
+    hi = unit.to(tl.float16)
+    lo = (unit - hi.to(tl.float32)).to(tl.float16)
+    return (tl.dot(hi, y) + tl.dot(lo, y)) * m[:, None]
+
+
+@triton.jit
+def dense_labels(table, cols, cmask, WORDS: tl.constexpr):
+    """[BLOCK_N, WORDS] fp16 0/1 label rows of the columns (MODE_DENSE)."""
+    offs = tl.arange(0, WORDS)
+    return tl.load(table + cols[:, None] * WORDS + offs[None, :], mask=cmask[:, None], other=0.0)
 
 
 @triton.jit
