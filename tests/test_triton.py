@@ -691,3 +691,40 @@ def test_padded_indices_canonicalised_on_the_device_match_the_host_path():
         as_label_sets(torch.ones(2, 9, dtype=torch.bool), 2, 9, "dense", check_values=False)
     with pytest.raises(ValueError, match="check_values"):
         as_label_sets(torch.tensor([[0, 1]]), 1, None, "indices", check_values=False)
+
+
+@cpu_only
+def test_closed_form_tail_budget_falls_back_to_an_in_tile_regime(monkeypatch):
+    """reg with labels outside the head: the tail list's size is counted first; above the budget
+    the call takes an in-tile regime instead (same values), below it the closed form."""
+    from mlcl_fast.triton import closed, configs
+
+    monkeypatch.setattr(configs, "HEAD_LABELS", 16)
+    monkeypatch.setattr(configs, "HEAD_LABELS_WIDE", 16)
+    case = _case("tail_budget", "reg", None, B=13, d=10, L=70, density=0.08, empty_rows=1)
+    calls = []
+    original = closed.label_index
+    monkeypatch.setattr(closed, "label_index", lambda *a: calls.append(1) or original(*a))
+    assert_backend_matches("triton", case, **FP32)
+    assert calls, "under the budget: the closed form"
+    calls.clear()
+    monkeypatch.setattr(configs, "TAIL_MAX_PER_ROW", 0)
+    assert_backend_matches("triton", case, **FP32)
+    assert not calls, "over the budget: an in-tile regime"
+
+
+def test_tail_triples_counts_the_tail_list():
+    """tail_triples equals the number of triples tail_forward would list (self included)."""
+    from mlcl_fast.triton import closed, pairs
+
+    gen = torch.Generator().manual_seed(fresh_seed("tail_count"))
+    a_index = torch.randint(-1, 40, (30, 4), generator=gen)
+    c_index = torch.randint(-1, 40, (50, 3), generator=gen)
+    count = closed.tail_triples(a_index, c_index, 5, 40, 16)
+    freq = torch.bincount(c_index[5:][c_index[5:] >= 0], minlength=40)
+    head = set(torch.topk(freq, 16).indices.tolist())
+    a_tail = torch.where(torch.isin(a_index, torch.tensor(sorted(head))) | (a_index < 0), -1, a_index)
+    c_tail = torch.where(torch.isin(c_index, torch.tensor(sorted(head))) | (c_index < 0), -1, c_index)
+    no_self = torch.full((30,), -1, dtype=torch.int32)
+    tri_seg, *_ = pairs.positive_pairs(a_tail, c_tail, no_self, 5, 40)
+    assert count == tri_seg.numel() and count > 0

@@ -103,6 +103,21 @@ def has_tail(c_index: Tensor, num_labels: int, dim: int) -> bool:
     return min(num_labels, c_index.numel()) > head_width(c_index, num_labels, dim)
 
 
+def tail_triples(a_index: Tensor, c_index: Tensor, col_lo: int, num_labels: int, hb: int) -> int:
+    """The size of tail_forward's triple list, (anchor label, column) pairs over the labels outside
+    the head (the hb labels carried by most softmax columns), without building it (an estimate
+    where the head's last labels tie in frequency: head_tiles may break the tie otherwise). Reads
+    one number back to the host (a synchronisation: the tail path has one anyway)."""
+    cols = c_index[col_lo:]
+    freq = torch.zeros(num_labels + 1, dtype=torch.int64, device=c_index.device)
+    freq.scatter_add_(0, torch.where(cols >= 0, cols, num_labels).flatten(), torch.ones_like(cols).flatten())
+    freq = freq[:num_labels]
+    tail = freq.clone()
+    tail[torch.topk(freq, min(hb, num_labels)).indices] = 0
+    per_slot = torch.where(a_index >= 0, tail[a_index.clamp(min=0)], 0)
+    return int(per_slot.sum())
+
+
 def triton_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

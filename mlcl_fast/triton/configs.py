@@ -45,6 +45,9 @@ PAIRS_MAX_DENSITY = 0.25
 # labels go through the closed form and, for the regulariser, pair lists.
 HEAD_LABELS = 64
 HEAD_LABELS_WIDE = 32
+# The closed form's tail list (reg with labels outside the head) holds O(T_tail) integers; above
+# this many entries per row of the O((|A|+|C|)(d+K)) working set the call takes an in-tile regime.
+TAIL_MAX_PER_ROW = 16
 
 GRAD_MODES = ("forward", "recompute")
 

@@ -58,6 +58,13 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
 
     closed_ok = configs.closed_form(weighting, factor, float(cfg.alpha))
     regime = regime or configs.forced_regime()
+    if regime is None and closed_ok and cfg.reg and not torch.compiler.is_compiling() and \
+            closed.has_tail(column_sets.index, anchor_sets.num_labels, q.shape[1]):
+        # The regulariser's tail list must fit the working-set budget, else an in-tile regime.
+        hb = closed.head_width(column_sets.index, anchor_sets.num_labels, q.shape[1])
+        tail = closed.tail_triples(anchor_sets.index, column_sets.index, col_lo, anchor_sets.num_labels, hb)
+        budget = configs.TAIL_MAX_PER_ROW * (q.shape[0] + k.shape[0]) * (q.shape[1] + anchor_sets.width)
+        closed_ok = tail <= budget
     if regime is None:
         triples = None
         if not closed_ok and not torch.compiler.is_compiling() and \
