@@ -95,7 +95,7 @@ def head_width(c_index: Tensor, num_labels: int, dim: int) -> int:
     or HEAD_LABELS_WIDE when d > 128)."""
     labels = max(1, min(num_labels, c_index.numel()))
     cap = configs.HEAD_LABELS_WIDE if dim > 128 else configs.HEAD_LABELS
-    return max(16, min(cap, triton_pow2(labels)))
+    return max(16, min(cap, configs.pow2(labels)))
 
 
 def has_tail(c_index: Tensor, num_labels: int, dim: int) -> bool:
@@ -116,10 +116,6 @@ def tail_triples(a_index: Tensor, c_index: Tensor, col_lo: int, num_labels: int,
     tail[torch.topk(freq, min(hb, num_labels)).indices] = 0
     per_slot = torch.where(a_index >= 0, tail[a_index.clamp(min=0)], 0)
     return int(per_slot.sum())
-
-
-def triton_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def head_tiles(cnt: Tensor, col_cid: Tensor, a_cid: Tensor, u: Tensor, hb: int):
@@ -213,7 +209,7 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     v = sparse.csr_rows(slots, a_cid.flatten(), u.flatten(), e, interpret, wrap_triton)
     v = v - torch.where(own, u.sum(dim=1), 0.0)[:, None] * own_rows
     weighted = (q.to(torch.float32) * v).sum(dim=1) * inv_tau
-    loss = w_tot * (lse2 * launch.LN2) - weighted
+    loss = w_tot * (lse2 * configs.LN2) - weighted
     u_tail = torch.where(a_rank < 0, u, 0.0)
     ubar_tail = torch.where(own, u_tail.sum(dim=1), 0.0)
     if has_tail(c_index, num_labels, q.shape[1]):
@@ -315,7 +311,7 @@ def tail_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, c_inde
     w_head = sparse.pair_dots(unit.contiguous(), head_y.to(torch.float32).contiguous(), pi, pj, interpret) * \
         row_scale[pi]
     s = sparse.pair_dots(q, k, pi, pj, interpret) * inv_tau
-    p = torch.exp(s + torch.where(pj < num_samples, log_beta, 0.0) - lse2[pi] * launch.LN2)
+    p = torch.exp(s + torch.where(pj < num_samples, log_beta, 0.0) - lse2[pi] * configs.LN2)
     w_full = w_head + w_tail
     delta = torch.where(w_full > 0, (p - w_full).clamp(min=0), 0.0) - torch.where(w_head > 0, (p - w_head).clamp(min=0),
                                                                                    0.0)

@@ -6,7 +6,6 @@ below that concerns speed is a starting point still to be measured on a GPU (see
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -49,6 +48,10 @@ HEAD_LABELS_WIDE = 32
 # this many entries per row of the O((|A|+|C|)(d+K)) working set the call takes an in-tile regime.
 TAIL_MAX_PER_ROW = 16
 
+# The kernels' logits are in base 2 (exp2 per pair): one definition of the conversions.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
 GRAD_MODES = ("forward", "recompute")
 
 
@@ -62,8 +65,9 @@ class TileConfig:
     num_stages: int = 2
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): tile widths and tl.arange sizes."""
+    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 OWNERS = ("anchors", "columns")
@@ -103,7 +107,7 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
     if interpret:
         # Small tiles so that the CPU tests cross tile, chunk and padding boundaries.
         return TileConfig(block_m=16, block_n=16, block_k=16, block_d=16, num_warps=1, num_stages=1)
-    chunk = max(16, min(_pow2(dim), LABEL_MAX_CHUNK if kind in ("in_tile", "dense", "dense_label") else FREE_MAX_CHUNK))
+    chunk = max(16, min(pow2(dim), LABEL_MAX_CHUNK if kind in ("in_tile", "dense", "dense_label") else FREE_MAX_CHUNK))
     if ieee:
         chunk = min(chunk, IEEE_CHUNK)
     elif fp32:

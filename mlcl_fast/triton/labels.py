@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..labels import LabelSets
-from .configs import DENSE_MAX_LABELS, MODE_BITS, MODE_DENSE, MODE_GATHER, MODE_LIST, MODE_NONE
+from .configs import DENSE_MAX_LABELS, pow2, MODE_BITS, MODE_DENSE, MODE_GATHER, MODE_LIST, MODE_NONE
 
 
 def padded_index(sets: LabelSets) -> Tensor:
@@ -36,7 +36,7 @@ def bitsets(sets: LabelSets) -> Tensor:
 
 def dense_width(num_labels: int) -> int:
     """Columns of the MODE_DENSE label rows: a power of two >= 16 (a tl.dot's K)."""
-    return max(16, 1 << max(0, (int(num_labels) - 1).bit_length()))
+    return max(16, pow2(num_labels))
 
 
 def dense_rows(sets: LabelSets) -> Tensor:

@@ -18,9 +18,6 @@ from triton.runtime.jit import JITFunction
 from . import backward, configs, forward, recording
 from .configs import MODE_BITS, TileConfig
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
 INTERPRETED = not isinstance(forward.stats_kernel, JITFunction)
 if INTERPRETED == isinstance(triton.language.zeros, JITFunction):
     raise ImportError("mlcl_fast.triton: TRITON_INTERPRET changed after triton was imported; set it (or not) "
@@ -68,11 +65,11 @@ class Geometry:
     @property
     def scale2(self) -> float:
         """log2(e) / tau: the kernels' logits are in base-2 units (exp2 per pair)."""
-        return self.inv_tau * LOG2E
+        return self.inv_tau * configs.LOG2E
 
     @property
     def log2_beta(self) -> float:
-        return self.log_beta * LOG2E
+        return self.log_beta * configs.LOG2E
 
     @property
     def words(self) -> int:
@@ -102,10 +99,6 @@ def head_tiles(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count:
                             reg, allow_tf32)
 
 
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
 def geometry(q: Tensor, k: Tensor, labels: tuple, num_samples: int, col_lo: int,
              inv_tau: float, log_beta: float, alpha: float, mode: int, weighting: int, factor: int,
              reg: bool, allow_tf32: bool) -> Geometry:
@@ -113,7 +106,7 @@ def geometry(q: Tensor, k: Tensor, labels: tuple, num_samples: int, col_lo: int,
     half = q.dtype in (torch.float16, torch.bfloat16)
     # The dense mode's label-centric sums are label-indexed: one slot per column of its label rows.
     dense_label = mode == configs.MODE_DENSE and weighting == configs.WEIGHTING_CODES["label"]
-    slots = table.shape[1] if dense_label else _pow2(a_index.shape[1])
+    slots = table.shape[1] if dense_label else configs.pow2(a_index.shape[1])
     return Geometry(q.shape[0], k.shape[0], num_samples, col_lo, q.shape[1], a_index.shape[1],
                     slots, table.shape[1], inv_tau, log_beta, alpha, mode, weighting, factor,
                     alpha < 0, reg, "ieee" if (not allow_tf32 and not half) else "tf32", half)

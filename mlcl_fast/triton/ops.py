@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import configs, launch
-from .launch import LN2
+from .configs import LN2
 
 
 def epilogue(lse: Tensor, acc_z: Tensor, acc_s: Tensor, a_count: Tensor, label_centric: bool):

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import launch, sparse
+from . import configs
 from .configs import FACTOR_CODES, WEIGHTING_CODES
 
 _identity = lambda kernel: kernel  # noqa: E731
@@ -104,7 +105,7 @@ def pairs_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_cou
     M = q.shape[0]
     labels, g = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta, allow_tf32)
     lse2, _, _ = launch.stats(q, k, labels, g, _identity)
-    lse = lse2 * launch.LN2
+    lse = lse2 * configs.LN2
 
     slots = a_index.shape[1]
     tri_seg, tri_pair, pi, pj, count = positive_pairs(a_index, c_index, self_col, col_lo, num_labels)

@@ -9,10 +9,10 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from . import configs
 from .configs import FACTOR_CODES, MODE_BITS, MODE_DENSE, MODE_HEAD, MODE_LIST, WEIGHTING_CODES
 
-LN2 = tl.constexpr(0.6931471805599453)
-LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(configs.LN2)
 # Option codes as named constexprs (configs / presets hold the one definition).
 W_ANY = tl.constexpr(WEIGHTING_CODES["any"])
 W_ALL = tl.constexpr(WEIGHTING_CODES["all"])
