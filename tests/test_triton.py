@@ -714,13 +714,15 @@ def test_closed_form_tail_budget_falls_back_to_an_in_tile_regime(monkeypatch):
 
 
 def test_tail_triples_counts_the_tail_list():
-    """tail_triples equals the number of triples tail_forward would list (self included)."""
-    from mlcl_fast.triton import closed, pairs
+    """positive_triples(..., skip_most_frequent) equals the number of triples tail_forward would
+    list (self included)."""
+    from mlcl_fast.triton import labels as tl_labels, pairs
 
     gen = torch.Generator().manual_seed(fresh_seed("tail_count"))
     a_index = torch.randint(-1, 40, (30, 4), generator=gen)
     c_index = torch.randint(-1, 40, (50, 3), generator=gen)
-    count = closed.tail_triples(a_index, c_index, 5, 40, 16)
+    sets = [LabelSets(x, (x >= 0).sum(1), 40) for x in (a_index, c_index)]
+    count = tl_labels.positive_triples(sets[0], sets[1], 5, skip_most_frequent=16)
     freq = torch.bincount(c_index[5:][c_index[5:] >= 0], minlength=40)
     head = set(torch.topk(freq, 16).indices.tolist())
     a_tail = torch.where(torch.isin(a_index, torch.tensor(sorted(head))) | (a_index < 0), -1, a_index)

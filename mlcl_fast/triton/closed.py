@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
 from . import configs, launch, pairs, sparse
+from .labels import one_hot_rows
 
 
 def label_index(a_index: Tensor, c_index: Tensor, self_col: Tensor, col_lo: int, num_labels: int):
@@ -103,21 +104,6 @@ def has_tail(c_index: Tensor, num_labels: int, dim: int) -> bool:
     return min(num_labels, c_index.numel()) > head_width(c_index, num_labels, dim)
 
 
-def tail_triples(a_index: Tensor, c_index: Tensor, col_lo: int, num_labels: int, hb: int) -> int:
-    """The size of tail_forward's triple list, (anchor label, column) pairs over the labels outside
-    the head (the hb labels carried by most softmax columns), without building it (an estimate
-    where the head's last labels tie in frequency: head_tiles may break the tie otherwise). Reads
-    one number back to the host (a synchronisation: the tail path has one anyway)."""
-    cols = c_index[col_lo:]
-    freq = torch.zeros(num_labels + 1, dtype=torch.int64, device=c_index.device)
-    freq.scatter_add_(0, torch.where(cols >= 0, cols, num_labels).flatten(), torch.ones_like(cols).flatten())
-    freq = freq[:num_labels]
-    tail = freq.clone()
-    tail[torch.topk(freq, min(hb, num_labels)).indices] = 0
-    per_slot = torch.where(a_index >= 0, tail[a_index.clamp(min=0)], 0)
-    return int(per_slot.sum())
-
-
 def head_tiles(cnt: Tensor, col_cid: Tensor, a_cid: Tensor, u: Tensor, hb: int):
     """(head_u [M, 2*HB] fp16, head_y [C, HB] fp16, row_scale [M] fp32, a_rank [M, Ka],
     c_rank [C, Kc]): the head labels are the HB compact labels carried by most columns; ranks
@@ -129,9 +115,8 @@ def head_tiles(cnt: Tensor, col_cid: Tensor, a_cid: Tensor, u: Tensor, hb: int):
     rank[top] = torch.arange(top.numel(), device=dev)
     c_rank = rank[torch.where(col_cid >= 0, col_cid, U)]
     a_rank = rank[torch.where(a_cid >= 0, a_cid, U)]
-    C, M = col_cid.shape[0], a_cid.shape[0]
-    head_y = torch.zeros(C, hb + 1, dtype=torch.float16, device=dev)
-    head_y.scatter_(1, torch.where(c_rank >= 0, c_rank, hb), 1.0)
+    M = a_cid.shape[0]
+    head_y = one_hot_rows(c_rank, hb)
     uh = torch.zeros(M, hb + 1, dtype=torch.float32, device=dev)
     uh.scatter_add_(1, torch.where(a_rank >= 0, a_rank, hb), torch.where(a_rank >= 0, u, 0.0))
     uh = uh[:, :hb]
@@ -141,7 +126,7 @@ def head_tiles(cnt: Tensor, col_cid: Tensor, a_cid: Tensor, u: Tensor, hb: int):
     unit = uh / row_scale[:, None]
     hi = unit.to(torch.float16)
     lo = (unit - hi.to(torch.float32)).to(torch.float16)
-    return torch.cat([hi, lo], dim=1).contiguous(), head_y[:, :hb].contiguous(), row_scale, a_rank, c_rank
+    return torch.cat([hi, lo], dim=1).contiguous(), head_y, row_scale, a_rank, c_rank
 
 
 def _slot_order(a_cid: Tensor, num_labels_compact: int):
@@ -167,23 +152,17 @@ def valid_first(w_tot: Tensor) -> tuple[Tensor, Tensor]:
     return order, valid.sum().to(torch.int32).reshape(1)
 
 
-def _sweep_labels(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau, log_beta,
-                  reg: bool, allow_tf32):
-    return launch.head_tiles(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
-                             log_beta, reg, allow_tf32)
-
-
 @triton_op("mlcl_fast::triton_closed_forward", mutates_args=())
 def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_count: Tensor, c_index: Tensor,
                    c_count: Tensor, num_samples: int, col_lo: int, num_labels: int, inv_tau: float,
                    log_beta: float, reg: bool, allow_tf32: bool, grad_in_forward: bool
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                              Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                              Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss [M] (with the head labels' regulariser; tail_forward adds the rest), W [M],
     lse2 [M] (base 2), V^T [M, d] fp32 (the tail labels' V), then what the backward and
     tail_forward reuse: u [M, Ka], ubar^T [M], col_cid [C, Kc], slot_ptr [U+1], slot_rows [M*Ka],
     slot_order [M*Ka], head_u [M, 2*HB], head_y [C, HB], row_scale [M], a_rank [M, Ka],
-    c_rank [C, Kc], dq_unit [M or 0, d]).
+    c_rank [C, Kc], dq_unit [M or 0, d], visit order [M], visit live [1]).
 
     The loss value takes every label from the closed form. The gradient takes the head labels'
     weights per pair inside the sweeps (g_ij = G_i (W_i p_ij - w^H_ij - r_ij), formed before the
@@ -200,21 +179,22 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
                                      allow_tf32)
     visit = valid_first(w_tot)
     lse2, _, _ = launch.stats(q, k, free, g_free, wrap_triton, visit)
-    labels, g = _sweep_labels(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
-                              log_beta, reg, allow_tf32)
+    labels, g = launch.head_tiles(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
+                                  log_beta, reg, allow_tf32)
     e = sparse.csr_rows(col_ptr, col_s, torch.ones(col_s.shape, device=q.device), k, interpret, wrap_triton)
     ka = a_index.shape[1]
     slots = _slot_ptr(M, ka, q.device)
-    own_rows = k[self_col.long().clamp(min=0)].to(torch.float32)
+    # Anchor i's own column holds the same embedding as its row: q_i itself, no gather from k.
+    q32 = q.to(torch.float32)
     v = sparse.csr_rows(slots, a_cid.flatten(), u.flatten(), e, interpret, wrap_triton)
-    v = v - torch.where(own, u.sum(dim=1), 0.0)[:, None] * own_rows
-    weighted = (q.to(torch.float32) * v).sum(dim=1) * inv_tau
+    v = v - torch.where(own, u.sum(dim=1), 0.0)[:, None] * q32
+    weighted = (q32 * v).sum(dim=1) * inv_tau
     loss = w_tot * (lse2 * configs.LN2) - weighted
     u_tail = torch.where(a_rank < 0, u, 0.0)
     ubar_tail = torch.where(own, u_tail.sum(dim=1), 0.0)
     if has_tail(c_index, num_labels, q.shape[1]):
         v_tail = sparse.csr_rows(slots, a_cid.flatten(), u_tail.flatten(), e, interpret, wrap_triton)
-        v_tail = v_tail - ubar_tail[:, None] * own_rows
+        v_tail = v_tail - ubar_tail[:, None] * q32
     else:
         v_tail = torch.zeros_like(v)
     dq_unit = q.new_empty(0, q.shape[1], dtype=torch.float32)
@@ -229,21 +209,22 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     loss = torch.where(w_tot > 0, loss, 0.0)
     slot_ptr, slot_rows, slot_order = _slot_order(a_cid, cnt.shape[0])
     return (loss, w_tot, lse2, v_tail, u_tail, ubar_tail, col_cid, slot_ptr, slot_rows, slot_order, head_u, head_y,
-            row_scale, a_rank, c_rank, dq_unit)
+            row_scale, a_rank, c_rank, dq_unit, *visit)
 
 
 @triton_op("mlcl_fast::triton_closed_backward", mutates_args=())
 def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, lse2: Tensor,
                     w_tot: Tensor, v_tail: Tensor, u_tail: Tensor, ubar_tail: Tensor, col_cid: Tensor,
                     slot_ptr: Tensor, slot_rows: Tensor, slot_order: Tensor, head_u: Tensor, head_y: Tensor,
-                    row_scale: Tensor, dq_unit: Tensor, g_up: Tensor, num_samples: int, col_lo: int,
+                    row_scale: Tensor, dq_unit: Tensor, order: Tensor, live: Tensor, g_up: Tensor,
+                    num_samples: int, col_lo: int,
                     inv_tau: float, log_beta: float, reg: bool, tail: bool,
                     allow_tf32: bool) -> tuple[Tensor, Tensor]:
     interpret = launch.INTERPRETED
     C = k.shape[0]
-    labels, g = _sweep_labels(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
-                              log_beta, reg, allow_tf32)
-    visit = valid_first(w_tot)
+    labels, g = launch.head_tiles(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
+                                  log_beta, reg, allow_tf32)
+    visit = (order, live)
     if dq_unit.shape[0] == q.shape[0]:
         dq = dq_unit * g_up[:, None]  # the anchor-row gradient is linear in G_i
     else:
@@ -275,11 +256,11 @@ def _setup_context(ctx, inputs, output):
     q, k, self_col, _, a_count, c_index, c_count = inputs[:len(_INPUTS)]
     s = dict(zip(_SCALARS, inputs[len(_INPUTS):]))
     (_, w_tot, lse2, v_tail, u_tail, ubar_tail, col_cid, slot_ptr, slot_rows, slot_order, head_u, head_y, row_scale,
-     _, _, dq_unit) = output
+     _, _, dq_unit, order, live) = output
     ctx.scalars = {name: s[name] for name in ("num_samples", "col_lo", "inv_tau", "log_beta", "reg", "allow_tf32")}
     ctx.scalars["tail"] = has_tail(c_index, s["num_labels"], q.shape[1])
     ctx.save_for_backward(q, k, self_col, a_count, c_count, lse2, w_tot, v_tail, u_tail, ubar_tail, col_cid,
-                          slot_ptr, slot_rows, slot_order, head_u, head_y, row_scale, dq_unit)
+                          slot_ptr, slot_rows, slot_order, head_u, head_y, row_scale, dq_unit, order, live)
 
 
 def _backward(ctx, g_loss, *_unused):
@@ -293,18 +274,18 @@ closed_forward.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- the tail labels
 @custom_op("mlcl_fast::triton_closed_tail_forward", mutates_args=())
 def tail_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, c_index: Tensor, lse2: Tensor,
-                 u: Tensor, a_rank: Tensor, c_rank: Tensor, col_cid: Tensor, head_u: Tensor, head_y: Tensor,
+                 u_tail: Tensor, a_rank: Tensor, c_rank: Tensor, col_cid: Tensor, head_u: Tensor, head_y: Tensor,
                  row_scale: Tensor, num_samples: int, col_lo: int, num_labels: int, inv_tau: float,
                  log_beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The regulariser of the pairs that share a tail label: (-sum_j delta_ij s_ij [M], pi [P],
     pj [P], delta [P]) with delta = r(w^H + w^T) - r(w^H), w^H as the head tiles give it."""
     interpret = launch.INTERPRETED
     M = q.shape[0]
-    a_tail = torch.where(u > 0, a_index, -1)  # u: the tail labels' u_ik (0 on head labels)
+    a_tail = torch.where(u_tail > 0, a_index, -1)  # the tail labels' u_ik (0 on head labels)
     c_tail = torch.where((c_rank < 0) & (col_cid >= 0), c_index, -1)
     tri_seg, tri_pair, pi, pj, _ = pairs.positive_pairs(a_tail, c_tail, self_col, col_lo, num_labels)
     by_pair = torch.argsort(tri_pair, stable=True)
-    w_tail = sparse.segment_sum(u.flatten()[tri_seg[by_pair]], sparse.offsets(tri_pair[by_pair], pi.numel()),
+    w_tail = sparse.segment_sum(u_tail.flatten()[tri_seg[by_pair]], sparse.offsets(tri_pair[by_pair], pi.numel()),
                                 interpret)
     hb = head_y.shape[1]
     unit = head_u[:, :hb].to(torch.float32) + head_u[:, hb:].to(torch.float32)
@@ -320,7 +301,7 @@ def tail_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, c_inde
 
 
 @tail_forward.register_fake
-def _(q, k, self_col, a_index, c_index, lse2, u, a_rank, c_rank, col_cid, head_u, head_y, row_scale, num_samples,
+def _(q, k, self_col, a_index, c_index, lse2, u_tail, a_rank, c_rank, col_cid, head_u, head_y, row_scale, num_samples,
       col_lo, num_labels, inv_tau, log_beta):
     P = torch.library.get_ctx().new_dynamic_size()
     return (q.new_empty(q.shape[0], dtype=torch.float32), q.new_empty(P, dtype=torch.int64),

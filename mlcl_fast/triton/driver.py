@@ -62,7 +62,7 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
             closed.has_tail(column_sets.index, anchor_sets.num_labels, q.shape[1]):
         # The regulariser's tail list must fit the working-set budget, else an in-tile regime.
         hb = closed.head_width(column_sets.index, anchor_sets.num_labels, q.shape[1])
-        tail = closed.tail_triples(anchor_sets.index, column_sets.index, col_lo, anchor_sets.num_labels, hb)
+        tail = labels.positive_triples(anchor_sets, column_sets, col_lo, skip_most_frequent=hb)
         budget = configs.TAIL_MAX_PER_ROW * (q.shape[0] + k.shape[0]) * (q.shape[1] + anchor_sets.width)
         closed_ok = tail <= budget
     if regime is None:

@@ -39,14 +39,18 @@ def dense_width(num_labels: int) -> int:
     return max(16, pow2(num_labels))
 
 
+def one_hot_rows(index: Tensor, width: int) -> Tensor:
+    """[B, width] fp16 0/1 rows from padded ids [B, K] (ids < 0 or >= width are left out)."""
+    out = torch.zeros(index.shape[0], width + 1, dtype=torch.float16, device=index.device)
+    out.scatter_(1, torch.where((index >= 0) & (index < width), index, width), 1.0)
+    return out[:, :width].contiguous()
+
+
 def dense_rows(sets: LabelSets) -> Tensor:
     """[B, dense_width(L)] fp16 0/1 label rows (MODE_DENSE; exact, and so are their dot products)."""
     if sets.num_labels > DENSE_MAX_LABELS:
         raise ValueError(f"labels: the dense label mode holds at most {DENSE_MAX_LABELS} labels, got {sets.num_labels}")
-    width = dense_width(sets.num_labels)
-    out = torch.zeros(sets.batch_size, width + 1, dtype=torch.float16, device=sets.device)
-    out.scatter_(1, torch.where(sets.index >= 0, sets.index, width), 1.0)
-    return out[:, :width].contiguous()
+    return one_hot_rows(sets.index, dense_width(sets.num_labels))
 
 
 def column_table(sets: LabelSets, mode: int) -> Tensor:
@@ -62,11 +66,16 @@ def column_table(sets: LabelSets, mode: int) -> Tensor:
     raise ValueError(f"unknown label mode {mode}")
 
 
-def positive_triples(anchor_sets: LabelSets, column_sets: LabelSets, col_lo: int) -> int:
+def positive_triples(anchor_sets: LabelSets, column_sets: LabelSets, col_lo: int, skip_most_frequent: int = 0
+                     ) -> int:
     """Number of (anchor, label, column) triples with the column in [col_lo, |C|) carrying the
     anchor's label (the anchor's own column included): the size of the sparse regime's lists.
+    `skip_most_frequent` leaves out the labels carried by most of those columns (the closed
+    form's head: its tail list; ties among the last head labels may be broken otherwise there).
     Reads label data back to the host (one synchronisation)."""
     idx = column_sets.index[col_lo:]
     freq = torch.bincount(idx[idx >= 0], minlength=column_sets.num_labels)
+    if skip_most_frequent:
+        freq[torch.topk(freq, min(skip_most_frequent, freq.numel())).indices] = 0
     a = anchor_sets.index
     return int(freq[a.clamp(min=0)].masked_fill(a < 0, 0).sum())

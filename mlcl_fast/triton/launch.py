@@ -163,9 +163,10 @@ def stats(q, k, labels: tuple, g: Geometry, wrap, visit: tuple | None = None):
     """Forward sweep: (lse2 [M] = lse * log2(e), Z-or-Omega [M, slots], S-or-T [M, slots]), fp32
     (0 for anchors that `visit` skips)."""
     M, dev = g.num_anchors, q.device
-    lse = torch.zeros(M, dtype=torch.float32, device=dev)
-    acc_z = torch.zeros(M, g.slots, dtype=torch.float32, device=dev)
-    acc_s = torch.zeros(M, g.slots, dtype=torch.float32, device=dev)
+    alloc = torch.empty if visit is None else torch.zeros  # skipped anchors' outputs are never written
+    lse = alloc(M, dtype=torch.float32, device=dev)
+    acc_z = alloc(M, g.slots, dtype=torch.float32, device=dev)
+    acc_s = alloc(M, g.slots, dtype=torch.float32, device=dev)
     if M == 0:
         return lse, acc_z, acc_s
     cfg = _tile(g)
@@ -182,8 +183,9 @@ def rows(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap,
          visit: tuple | None = None):
     """Anchor-owned second sweep: (dq [M, d] fp32 or None, sum_j r_ij s_ij [M] or None)."""
     M, dev = g.num_anchors, q.device
-    dq = torch.zeros(M if grad else 0, g.dim, dtype=torch.float32, device=dev)
-    reg = torch.zeros(M if reg_value else 0, dtype=torch.float32, device=dev)
+    alloc = torch.empty if visit is None else torch.zeros
+    dq = alloc(M if grad else 0, g.dim, dtype=torch.float32, device=dev)
+    reg = alloc(M if reg_value else 0, dtype=torch.float32, device=dev)
     if M == 0 or not (grad or reg_value):
         return (dq if grad else None), (reg if reg_value else None)
     cfg = _tile(g)
