@@ -110,7 +110,7 @@ def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labe
     protos = None
     if prototypes is not None:  # normalised at the rows' precision (fp32 prototypes stay fp32 for half rows)
         protos = F.normalize(prototypes.to(compute_dtype(features.dtype)), dim=-1, eps=NORM_EPS).to(rows.dtype)
-    return Problem(rows, protos, label_sets.repeat_views(views), cfg, temperature)
+    return Problem(rows, protos, label_sets.repeat_views(views), cfg, temperature, check_values=check_values)
 
 
 def anchor_label_counts(problem: Problem) -> Tensor:

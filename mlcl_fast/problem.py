@@ -32,6 +32,9 @@ class Problem:
     temperature: float
     sample_anchors: Optional[tuple[int, int]] = None
     prototype_anchors: Optional[tuple[int, int]] = None
+    # False: backends must not read tensor values on the host either (fixed-capacity buffers,
+    # device-side checks), as the caller's check_values=False asked.
+    check_values: bool = True
 
     def __post_init__(self):
         n = self.samples.shape[0]

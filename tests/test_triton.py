@@ -646,7 +646,7 @@ def test_option_codes_have_one_definition_that_every_source_follows():
 
 
 @cpu_only
-@pytest.mark.parametrize("preset,L", [("reg_noreg", 300), ("reg", 20), ("mulsupcon", 50)])
+@pytest.mark.parametrize("preset,L", [("reg_noreg", 300), ("reg", 20), ("reg", 300), ("mulsupcon", 50)])
 def test_public_call_without_value_checks_makes_no_host_sync(preset, L):
     """multilabel_contrastive_loss(..., check_values=False) with padded indices: the whole call,
     from canonicalising the labels to the backward, under FakeTensorMode (kernels recorded, not
@@ -713,20 +713,83 @@ def test_closed_form_tail_budget_falls_back_to_an_in_tile_regime(monkeypatch):
     assert not calls, "over the budget: an in-tile regime"
 
 
-def test_tail_triples_counts_the_tail_list():
-    """positive_triples(..., skip_most_frequent) equals the number of triples tail_forward would
-    list (self included)."""
-    from mlcl_fast.triton import labels as tl_labels, pairs
+def test_tail_count_bounds_the_tail_list():
+    """positive_triples(..., skip_most_frequent) counts the triples of anchor labels outside the
+    head (ties to the smaller label, as the closed form chooses its head): the exact capacity of
+    the tail list."""
+    from mlcl_fast.triton import labels as tl_labels
 
     gen = torch.Generator().manual_seed(fresh_seed("tail_count"))
     a_index = torch.randint(-1, 40, (30, 4), generator=gen)
     c_index = torch.randint(-1, 40, (50, 3), generator=gen)
     sets = [LabelSets(x, (x >= 0).sum(1), 40) for x in (a_index, c_index)]
     count = tl_labels.positive_triples(sets[0], sets[1], 5, skip_most_frequent=16)
-    freq = torch.bincount(c_index[5:][c_index[5:] >= 0], minlength=40)
-    head = set(torch.topk(freq, 16).indices.tolist())
-    a_tail = torch.where(torch.isin(a_index, torch.tensor(sorted(head))) | (a_index < 0), -1, a_index)
-    c_tail = torch.where(torch.isin(c_index, torch.tensor(sorted(head))) | (c_index < 0), -1, c_index)
-    no_self = torch.full((30,), -1, dtype=torch.int32)
-    tri_seg, *_ = pairs.positive_pairs(a_tail, c_tail, no_self, 5, 40)
-    assert count == tri_seg.numel() and count > 0
+    freq = torch.bincount(c_index[5:][c_index[5:] >= 0], minlength=40).tolist()
+    head = sorted(range(40), key=lambda lab: (-freq[lab], lab))[:16]
+    expected = sum(freq[lab] for lab in a_index.flatten().tolist() if lab >= 0 and lab not in head)
+    assert count == expected and count > 0
+    ties = torch.tensor([3, 5, 5, 1, 5])
+    assert tl_labels.most_frequent(ties, 2).tolist() == [1, 2]
+
+
+def _shared_tail_case(B=12, L=28):
+    """Rows whose pairs share several labels outside a 16-label head (labels 0..15 in most rows,
+    16..21 in many): a pair is listed once per tail label it shares."""
+    case = _case("shared_tail", "reg", None, B=B, d=10, L=L, density=0.1)
+    gen = torch.Generator().manual_seed(case.seed)
+    case.labels[:, :16] = torch.rand(B, 16, generator=gen) < 0.85
+    case.labels[:, 16:22] = torch.rand(B, 6, generator=gen) < 0.5
+    return case
+
+
+@cpu_only
+@pytest.mark.parametrize("preset,overrides", [("reg", {}), ("mulsupcon", {"reg": True})])
+def test_closed_form_tail_pairs_sharing_several_tail_labels(monkeypatch, preset, overrides):
+    """The regulariser's tail list against the reference and the fp64 brute force, the list sized
+    exactly (host count) and, with check_values=False, from shapes: the same values."""
+    from mlcl_fast.triton import closed, configs
+
+    monkeypatch.setattr(configs, "HEAD_LABELS", 16)
+    monkeypatch.setattr(configs, "HEAD_LABELS_WIDE", 16)
+    case = _shared_tail_case()
+    case = cases.replace(case, preset=preset, overrides=overrides,
+                         prototypes=case.prototypes if cases.uses_prototypes(preset, overrides) else None)
+    assert_backend_matches("triton", case, **FP32)
+    index = cases.to_padded(case.labels, seed=case.seed)
+    assert closed.has_tail(index, case.num_labels, 10)
+    runs = []
+    for check in (True, False):
+        feats = case.features.detach().clone().requires_grad_(True)
+        protos = None if case.prototypes is None else case.prototypes.detach().clone().requires_grad_(True)
+        loss = multilabel_contrastive_loss(feats, index, protos, preset=preset, num_labels=case.num_labels,
+                                           label_format="indices", backend="triton", check_values=check,
+                                           temperature=case.temperature, **overrides)
+        loss.backward()
+        runs.append((loss.detach(), feats.grad, None if protos is None else protos.grad))
+    for a, b in zip(*runs):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@cpu_only
+def test_closed_form_tail_overflow_is_an_error_not_a_wrong_value(monkeypatch):
+    """Sized from shapes (check_values=False), a tail list longer than its capacity fails with an
+    error naming the setting that raises the capacity; a bad setting is refused by name."""
+    from mlcl_fast.triton import configs
+
+    monkeypatch.setattr(configs, "HEAD_LABELS", 16)
+    monkeypatch.setattr(configs, "HEAD_LABELS_WIDE", 16)
+    case = _shared_tail_case()
+    index = cases.to_padded(case.labels, seed=case.seed)
+    kwargs = dict(preset="reg", num_labels=case.num_labels, label_format="indices", backend="triton",
+                  check_values=False)
+    with monkeypatch.context() as m:
+        m.setattr(configs, "tail_capacity", lambda anchors, columns: 3)
+        with pytest.raises(RuntimeError, match=configs.TAIL_CAPACITY_ENV):
+            multilabel_contrastive_loss(case.features, index, case.prototypes, **kwargs)
+    for bad in ("0", "many"):
+        monkeypatch.setenv(configs.TAIL_CAPACITY_ENV, bad)
+        with pytest.raises(ValueError, match=configs.TAIL_CAPACITY_ENV):
+            configs.tail_capacity(4, 5)
+    monkeypatch.setenv(configs.TAIL_CAPACITY_ENV, "3")
+    assert configs.tail_capacity(4, 5) == 27

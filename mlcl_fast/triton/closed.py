@@ -22,9 +22,9 @@ is formed before the gradient product (so nothing large cancels where p_ij ~ w_i
 other ("tail") labels' -w part comes from the sums above.
 
 The regulariser r_ij = max(p_ij - w_ij, 0) needs all of w_ij on a pair: the sweeps use w^H, and
-pairs that share a tail label are listed (tail_forward, one host synchronisation for the list
-size; none at all when the columns carry at most HB labels, known from the shapes) and corrected
-by r(w^H + w^T) - r(w^H): exact.
+pairs that share a tail label are listed (tail.py: a fixed-capacity list, none at all when the
+columns carry at most HB labels, known from the shapes) and corrected by r(w^H + w^T) - r(w^H):
+exact.
 
 The label-sum structures have static shapes (nothing depends on label values but their
 contents), are built on the device without a host synchronisation, and every sum is a CSR
@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
-from . import configs, launch, pairs, sparse
-from .labels import one_hot_rows
+from . import configs, launch, sparse
+from .labels import most_frequent, one_hot_rows
 
 
 def label_index(a_index: Tensor, c_index: Tensor, self_col: Tensor, col_lo: int, num_labels: int):
@@ -110,7 +110,7 @@ def head_tiles(cnt: Tensor, col_cid: Tensor, a_cid: Tensor, u: Tensor, hb: int):
     are positions in the head (-1: not a head label)."""
     dev = cnt.device
     U = cnt.shape[0]
-    top = torch.topk(cnt, min(hb, U)).indices
+    top = most_frequent(cnt, hb)
     rank = torch.full((U + 1,), -1, dtype=torch.int64, device=dev)
     rank[top] = torch.arange(top.numel(), device=dev)
     c_rank = rank[torch.where(col_cid >= 0, col_cid, U)]
@@ -157,12 +157,13 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
                    c_count: Tensor, num_samples: int, col_lo: int, num_labels: int, inv_tau: float,
                    log_beta: float, reg: bool, allow_tf32: bool, grad_in_forward: bool
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                              Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss [M] (with the head labels' regulariser; tail_forward adds the rest), W [M],
+                              Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss [M] (with the head labels' regulariser; tail.tail_forward adds the rest), W [M],
     lse2 [M] (base 2), V^T [M, d] fp32 (the tail labels' V), then what the backward and
-    tail_forward reuse: u [M, Ka], ubar^T [M], col_cid [C, Kc], slot_ptr [U+1], slot_rows [M*Ka],
-    slot_order [M*Ka], head_u [M, 2*HB], head_y [C, HB], row_scale [M], a_rank [M, Ka],
-    c_rank [C, Kc], dq_unit [M or 0, d], visit order [M], visit live [1]).
+    tail_forward reuse: u^T [M, Ka] (the tail labels' u_ik), ubar^T [M], col_cid [C, Kc],
+    slot_ptr [U+1], slot_rows [M*Ka], slot_order [M*Ka], head_u [M, 2*HB], head_y [C, HB],
+    row_scale [M], a_cid [M, Ka], col_ptr [U+1], col_sorted [C*Kc], dq_unit [M or 0, d],
+    visit order [M], visit live [1]).
 
     The loss value takes every label from the closed form. The gradient takes the head labels'
     weights per pair inside the sweeps (g_ij = G_i (W_i p_ij - w^H_ij - r_ij), formed before the
@@ -209,7 +210,7 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     loss = torch.where(w_tot > 0, loss, 0.0)
     slot_ptr, slot_rows, slot_order = _slot_order(a_cid, cnt.shape[0])
     return (loss, w_tot, lse2, v_tail, u_tail, ubar_tail, col_cid, slot_ptr, slot_rows, slot_order, head_u, head_y,
-            row_scale, a_rank, c_rank, dq_unit, *visit)
+            row_scale, a_cid, col_ptr, col_s, dq_unit, *visit)
 
 
 @triton_op("mlcl_fast::triton_closed_backward", mutates_args=())
@@ -256,7 +257,7 @@ def _setup_context(ctx, inputs, output):
     q, k, self_col, _, a_count, c_index, c_count = inputs[:len(_INPUTS)]
     s = dict(zip(_SCALARS, inputs[len(_INPUTS):]))
     (_, w_tot, lse2, v_tail, u_tail, ubar_tail, col_cid, slot_ptr, slot_rows, slot_order, head_u, head_y, row_scale,
-     _, _, dq_unit, order, live) = output
+     _, _, _, dq_unit, order, live) = output
     ctx.scalars = {name: s[name] for name in ("num_samples", "col_lo", "inv_tau", "log_beta", "reg", "allow_tf32")}
     ctx.scalars["tail"] = has_tail(c_index, s["num_labels"], q.shape[1])
     ctx.save_for_backward(q, k, self_col, a_count, c_count, lse2, w_tot, v_tail, u_tail, ubar_tail, col_cid,
@@ -269,74 +270,3 @@ def _backward(ctx, g_loss, *_unused):
 
 
 closed_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ----------------------------------------------------------------------------- the tail labels
-@custom_op("mlcl_fast::triton_closed_tail_forward", mutates_args=())
-def tail_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, c_index: Tensor, lse2: Tensor,
-                 u_tail: Tensor, a_rank: Tensor, c_rank: Tensor, col_cid: Tensor, head_u: Tensor, head_y: Tensor,
-                 row_scale: Tensor, num_samples: int, col_lo: int, num_labels: int, inv_tau: float,
-                 log_beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The regulariser of the pairs that share a tail label: (-sum_j delta_ij s_ij [M], pi [P],
-    pj [P], delta [P]) with delta = r(w^H + w^T) - r(w^H), w^H as the head tiles give it."""
-    interpret = launch.INTERPRETED
-    M = q.shape[0]
-    a_tail = torch.where(u_tail > 0, a_index, -1)  # the tail labels' u_ik (0 on head labels)
-    c_tail = torch.where((c_rank < 0) & (col_cid >= 0), c_index, -1)
-    tri_seg, tri_pair, pi, pj, _ = pairs.positive_pairs(a_tail, c_tail, self_col, col_lo, num_labels)
-    by_pair = torch.argsort(tri_pair, stable=True)
-    w_tail = sparse.segment_sum(u_tail.flatten()[tri_seg[by_pair]], sparse.offsets(tri_pair[by_pair], pi.numel()),
-                                interpret)
-    hb = head_y.shape[1]
-    unit = head_u[:, :hb].to(torch.float32) + head_u[:, hb:].to(torch.float32)
-    w_head = sparse.pair_dots(unit.contiguous(), head_y.to(torch.float32).contiguous(), pi, pj, interpret) * \
-        row_scale[pi]
-    s = sparse.pair_dots(q, k, pi, pj, interpret) * inv_tau
-    p = torch.exp(s + torch.where(pj < num_samples, log_beta, 0.0) - lse2[pi] * configs.LN2)
-    w_full = w_head + w_tail
-    delta = torch.where(w_full > 0, (p - w_full).clamp(min=0), 0.0) - torch.where(w_head > 0, (p - w_head).clamp(min=0),
-                                                                                   0.0)
-    value = -sparse.segment_sum(delta * s, sparse.offsets(pi, M), interpret)
-    return value, pi, pj, delta
-
-
-@tail_forward.register_fake
-def _(q, k, self_col, a_index, c_index, lse2, u_tail, a_rank, c_rank, col_cid, head_u, head_y, row_scale, num_samples,
-      col_lo, num_labels, inv_tau, log_beta):
-    P = torch.library.get_ctx().new_dynamic_size()
-    return (q.new_empty(q.shape[0], dtype=torch.float32), q.new_empty(P, dtype=torch.int64),
-            q.new_empty(P, dtype=torch.int64), q.new_empty(P, dtype=torch.float32))
-
-
-@custom_op("mlcl_fast::triton_closed_tail_backward", mutates_args=())
-def tail_backward(q: Tensor, k: Tensor, pi: Tensor, pj: Tensor, delta: Tensor, g_up: Tensor,
-                  inv_tau: float) -> tuple[Tensor, Tensor]:
-    """d(-delta_ij s_ij)/ds_ij = -delta_ij (delta is a constant, like r): per anchor and per column."""
-    interpret = launch.INTERPRETED
-    M, C = q.shape[0], k.shape[0]
-    corr = -delta * g_up[pi] * inv_tau
-    dq = sparse.csr_rows(sparse.offsets(pi, M), pj, corr, k, interpret)
-    by_col = torch.argsort(pj, stable=True)
-    dk = sparse.csr_rows(sparse.offsets(pj[by_col], C), pi[by_col], corr[by_col], q, interpret)
-    return dq.to(q.dtype), dk.to(k.dtype)
-
-
-@tail_backward.register_fake
-def _(q, k, pi, pj, delta, g_up, inv_tau):
-    return torch.empty_like(q), torch.empty_like(k)
-
-
-def _tail_setup(ctx, inputs, output):
-    q, k = inputs[:2]
-    _, pi, pj, delta = output
-    ctx.inv_tau = inputs[16]
-    ctx.save_for_backward(q, k, pi, pj, delta)
-
-
-def _tail_backward(ctx, g_value, *_unused):
-    q, k, pi, pj, delta = ctx.saved_tensors
-    dq, dk = tail_backward(q, k, pi, pj, delta, g_value.to(torch.float32).contiguous(), ctx.inv_tau)
-    return (dq, dk) + (None,) * 16
-
-
-tail_forward.register_autograd(_tail_backward, setup_context=_tail_setup)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import reference
 from ..problem import Problem
-from . import closed, configs, labels, ops, pairs
+from . import closed, configs, labels, ops, pairs, tail
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -58,16 +58,19 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
 
     closed_ok = configs.closed_form(weighting, factor, float(cfg.alpha))
     regime = regime or configs.forced_regime()
-    if regime is None and closed_ok and cfg.reg and not torch.compiler.is_compiling() and \
+    # Values may be read on the host (one synchronisation) only when the caller allows it.
+    may_read = problem.check_values and not torch.compiler.is_compiling()
+    tail_capacity = configs.tail_capacity(q.shape[0], k.shape[0])
+    if closed_ok and cfg.reg and may_read and regime in (None, "closed") and \
             closed.has_tail(column_sets.index, anchor_sets.num_labels, q.shape[1]):
-        # The regulariser's tail list must fit the working-set budget, else an in-tile regime.
+        # The regulariser's tail list: sized exactly; beyond the working-set budget an in-tile regime.
         hb = closed.head_width(column_sets.index, anchor_sets.num_labels, q.shape[1])
-        tail = labels.positive_triples(anchor_sets, column_sets, col_lo, skip_most_frequent=hb)
+        tail_capacity = labels.positive_triples(anchor_sets, column_sets, col_lo, skip_most_frequent=hb)
         budget = configs.TAIL_MAX_PER_ROW * (q.shape[0] + k.shape[0]) * (q.shape[1] + anchor_sets.width)
-        closed_ok = tail <= budget
+        closed_ok = regime == "closed" or tail_capacity <= budget
     if regime is None:
         triples = None
-        if not closed_ok and not torch.compiler.is_compiling() and \
+        if not closed_ok and may_read and \
                 -(-anchor_sets.num_labels // 32) > configs.BITS_MAX_WORDS:
             triples = labels.positive_triples(anchor_sets, column_sets, col_lo)
         regime = configs.choose_regime(anchor_sets.num_labels, anchor_sets.width, column_sets.width,
@@ -95,11 +98,11 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
                                     inv_tau, log_beta, cfg.reg, tf32, grad_mode == "forward" and need_grad)
         loss, w_tot, lse2, u_tail = out[0], out[1], out[2], out[4]
         if cfg.reg and closed.has_tail(c_index, num_labels, q.shape[1]):
-            col_cid, head_u, head_y, row_scale, a_rank, c_rank = out[6], *out[10:15]
-            tail, *_ = closed.tail_forward(q, k, self_col, a_long, c_index, lse2.detach(), u_tail.detach(), a_rank,
-                                           c_rank, col_cid, head_u, head_y, row_scale, n, col_lo, num_labels,
-                                           inv_tau, log_beta)
-            loss = loss + tail
+            head_u, head_y, row_scale, a_cid, col_ptr, col_sorted = out[10:16]
+            value, *_ = tail.tail_forward(q, k, self_col, a_long, c_index, a_cid, col_ptr, col_sorted, lse2.detach(),
+                                          u_tail.detach(), head_u, head_y, row_scale, n, log_beta, inv_tau,
+                                          tail_capacity)
+            loss = loss + value
         return loss, w_tot > 0
 
     if regime == "pairs":

@@ -34,6 +34,14 @@ def bitsets(sets: LabelSets) -> Tensor:
     return out.to(torch.int32).contiguous()
 
 
+def most_frequent(counts: Tensor, k: int) -> Tensor:
+    """Indices of the k largest integer counts, ties to the smaller index: one deterministic
+    choice, shared by the closed form's head and the count of its tail list."""
+    n = counts.numel()
+    key = counts.to(torch.int64) * n + (n - 1 - torch.arange(n, device=counts.device))
+    return torch.topk(key, min(k, n)).indices
+
+
 def dense_width(num_labels: int) -> int:
     """Columns of the MODE_DENSE label rows: a power of two >= 16 (a tl.dot's K)."""
     return max(16, pow2(num_labels))
@@ -71,11 +79,12 @@ def positive_triples(anchor_sets: LabelSets, column_sets: LabelSets, col_lo: int
     """Number of (anchor, label, column) triples with the column in [col_lo, |C|) carrying the
     anchor's label (the anchor's own column included): the size of the sparse regime's lists.
     `skip_most_frequent` leaves out the labels carried by most of those columns (the closed
-    form's head: its tail list; ties among the last head labels may be broken otherwise there).
-    Reads label data back to the host (one synchronisation)."""
+    form's head, ties to the smaller label as there: the count bounds its tail list's length,
+    which leaves out labels whose only column is the anchor's own). Reads label data back to the
+    host (one synchronisation)."""
     idx = column_sets.index[col_lo:]
     freq = torch.bincount(idx[idx >= 0], minlength=column_sets.num_labels)
     if skip_most_frequent:
-        freq[torch.topk(freq, min(skip_most_frequent, freq.numel())).indices] = 0
+        freq[most_frequent(freq, skip_most_frequent)] = 0
     a = anchor_sets.index
     return int(freq[a.clamp(min=0)].masked_fill(a < 0, 0).sum())
