@@ -48,7 +48,7 @@ class LabelSets:
     def concat(self, other: "LabelSets") -> "LabelSets":
         """Rows of self, then rows of other (same label space)."""
         width = max(self.width, other.width)
-        pad = lambda s: torch.nn.functional.pad(s.index, (0, width - s.width), value=-1)
+        pad = lambda s: s.index if s.width == width else torch.nn.functional.pad(s.index, (0, width - s.width), value=-1)
         return LabelSets(torch.cat([pad(self), pad(other)]), torch.cat([self.count, other.count]), self.num_labels)
 
     def dense(self, dtype=torch.bool) -> Tensor:
@@ -196,12 +196,11 @@ def _from_indices_on_device(labels: Tensor, num_labels: int) -> LabelSets:
         torch._assert_async(((labels >= -1) & (labels < num_labels)).all(),
                             "labels: padded label indices must be in [0, num_labels), or -1 for padding")
     pad = num_labels  # sorts after every label
-    keyed = torch.where(labels >= 0, labels, pad).sort(dim=1).values
-    repeat = torch.zeros_like(keyed, dtype=torch.bool)
-    repeat[:, 1:] = keyed[:, 1:] == keyed[:, :-1]
-    keyed = torch.where(repeat, pad, keyed).sort(dim=1).values
-    index = torch.where(keyed < pad, keyed, -1)
-    return LabelSets(index, (index >= 0).sum(dim=1), num_labels)
+    keyed = labels.masked_fill(labels < 0, pad).sort(dim=1).values
+    repeat = torch.nn.functional.pad(keyed[:, 1:] == keyed[:, :-1], (1, 0), value=False)
+    keyed = keyed.masked_fill(repeat, pad).sort(dim=1).values
+    present = keyed < pad
+    return LabelSets(keyed.masked_fill(~present, -1), present.sum(dim=1), num_labels)
 
 
 def _from_pairs(rows: Tensor, cols: Tensor, batch_size: int, num_labels: int) -> LabelSets:

@@ -1,6 +1,7 @@
 """What the public API hands to a backend: normalised embeddings, canonical labels, config."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -75,8 +76,10 @@ class Problem:
         """[|A|] int64: the column index of each anchor itself (excluded from its softmax)."""
         dev = self.samples.device
         n = self.num_samples
-        return torch.cat([torch.arange(*self.sample_anchors, device=dev),
-                          n + torch.arange(*self.prototype_anchors, device=dev)])
+        (lo, hi), (plo, phi) = self.sample_anchors, self.prototype_anchors
+        if plo == phi or (hi == n and plo == 0):  # one range of columns
+            return torch.arange(lo, hi if plo == phi else n + phi, device=dev)
+        return torch.cat([torch.arange(lo, hi, device=dev), torch.arange(n + plo, n + phi, device=dev)])
 
     def anchor_labels(self) -> LabelSets:
         """Label sets of the anchors: the anchored rows' sets, then {k} for prototype anchors."""
@@ -85,7 +88,7 @@ class Problem:
         plo, phi = self.prototype_anchors
         if phi == plo:
             return rows
-        protos = LabelSets.singletons(self.labels.num_labels, self.samples.device)
+        protos = self._prototype_sets
         protos = LabelSets(protos.index[plo:phi], protos.count[plo:phi], protos.num_labels)
         return rows.concat(protos)
 
@@ -93,7 +96,12 @@ class Problem:
         """Label sets of the columns: every row's set, then {k} for each prototype column."""
         if not self.config.uses_prototypes:
             return self.labels
-        return self.labels.concat(LabelSets.singletons(self.prototypes.shape[0], self.samples.device))
+        return self.labels.concat(self._prototype_sets)
+
+    @functools.cached_property
+    def _prototype_sets(self) -> LabelSets:
+        """{k} for every prototype (built once: anchors and columns share it)."""
+        return LabelSets.singletons(self.labels.num_labels, self.samples.device)
 
     @property
     def num_columns(self) -> int:

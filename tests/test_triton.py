@@ -132,14 +132,14 @@ def test_closed_form_regime(monkeypatch, preset, overrides, L, V, head):
     """The default regime of these configurations (no forcing): checked against the reference
     and the fp64 brute force, and seen to run through closed.py. With a 16-label head tile the
     regularised cases with L > 16 also take the tail-pair correction."""
-    from mlcl_fast.triton import closed, configs
+    from mlcl_fast.triton import configs, prep
 
     monkeypatch.setattr(configs, "HEAD_LABELS", head)
     monkeypatch.setattr(configs, "HEAD_LABELS_WIDE", min(head, configs.HEAD_LABELS_WIDE))
 
     calls = []
-    original = closed.label_index
-    monkeypatch.setattr(closed, "label_index", lambda *a: calls.append(1) or original(*a))
+    original = prep.prepare
+    monkeypatch.setattr(prep, "prepare", lambda *a: calls.append(1) or original(*a))
     B = (13 if L > 32 else 9) if V == 1 else 7
     case = _case("closed", preset, overrides, B=B, V=V, d=10, L=L, density=0.05 if L > 32 else 0.3, empty_rows=1)
     assert_backend_matches("triton", case, **FP32)
@@ -189,8 +189,64 @@ def test_closed_form_driver_path_is_sync_free_with_few_launches(reg, grad_in_for
             torch.nonzero(out[0])  # the mode does catch synchronising calls
         with pytest.raises(DataDependentOutputException):
             float(out[0].sum())
-    assert launched[0] == "stats_kernel" and "rows_kernel" in launched and "cols_free_kernel" in launched
-    assert len(launched) <= 8, launched
+    prep = ["label_keys_kernel", "label_runs_kernel", "label_ids_kernel", "head_keys_kernel", "anchor_prep_kernel",
+            "column_prep_kernel"]
+    assert launched[:len(prep)] == prep, launched
+    sweeps = [name for name in launched if name in ("stats_kernel", "rows_kernel", "cols_free_kernel")]
+    # The regulariser's value needs a second sweep in the forward; without the gradient in it the
+    # backward sweeps the rows again.
+    rows = ["rows_kernel"] * (2 if reg and not grad_in_forward else 1)
+    assert sweeps == ["stats_kernel", *rows, "cols_free_kernel"], launched
+    assert len(launched) == len(prep) + len(sweeps) + 2, launched  # + the label sums E_k and the anchors' V_i
+
+
+class _DeviceOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the torch operations that would launch device work (not views, not metadata),
+    inside the backend's custom operators too."""
+
+    VIEWS = {"view", "slice", "expand", "unsqueeze", "detach", "as_strided", "t", "permute", "select", "squeeze",
+             "alias", "reshape", "_unsafe_view", "unbind", "split", "transpose", "lift_fresh", "empty", "empty_strided",
+             "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "dim", "flatten", "to",
+             "new_empty", "empty_like", "contiguous"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._library.custom_ops import OPDEFS
+
+        kwargs = kwargs or {}
+        name = func.name().split(".")[0]
+        if name.startswith("mlcl_fast::"):
+            with self:
+                return OPDEFS[name]._init_fn(*args, **kwargs)
+        if func.overloadpacket.__name__ not in self.VIEWS:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **kwargs)
+
+
+@cpu_only
+@pytest.mark.parametrize("preset,L,limit", [("reg_noreg", 300, 92), ("reg", 20, 92), ("mulsupcon", 50, 68)])
+def test_public_call_device_operations_are_counted(preset, L, limit):
+    """The whole public call (check_values=False, padded indices), forward and backward, issues at
+    most `limit` torch operations that launch device work besides the Triton kernels: each one
+    is host time on a GPU. The limits are today's counts rounded up (README.md, host path)."""
+    from mlcl_fast.triton import recording
+
+    gen = torch.Generator().manual_seed(fresh_seed("device_ops", preset))
+    B, V, d = 16, 2, 16
+    index = torch.randint(-1, L, (B, 5), generator=gen)
+    feats = torch.randn(B, V, d, generator=gen).requires_grad_(True)
+    protos = torch.randn(L, d, generator=gen).requires_grad_(True) if cases.uses_prototypes(preset) else None
+    launched = []
+    counter = _DeviceOps()
+    with recording.recording(lambda kernel, grid, args, meta: launched.append(kernel.__name__)), counter:
+        loss = multilabel_contrastive_loss(feats, index, protos, preset=preset, num_labels=L, label_format="indices",
+                                           backend="triton", check_values=False)
+        loss.backward()
+    assert "stats_kernel" in launched and "sort" in counter.ops  # the counter sees inside the operators
+    assert len(counter.ops) <= limit, (len(counter.ops), sorted(counter.ops))
 
 
 # ----------------------------------------------------------------------------- shapes and edges
@@ -522,20 +578,22 @@ def test_gpu_torch_compile_fullgraph(monkeypatch, preset, grad_mode):
     _compare_compiled_fullgraph(case, cfg, label_sets, rtol_loss=1e-5, rtol_grad=1e-4)
 
 
-def _closed_gpu_case(preset):
-    """A GPU case of the closed form whose columns carry few labels (no tail list)."""
-    case = _case("closed_gpu", preset, None, B=128, V=2, d=128, L=12, dtype=torch.bfloat16, device="cuda")
+def _closed_gpu_case(preset, L=12):
+    """A GPU case of the closed form: L=12, the columns carry few labels (no tail list); L=300,
+    reg also lists the pairs that share labels outside the head."""
+    case = _case("closed_gpu", preset, None, B=128, V=2, d=128, L=L, density=0.3 if L < 50 else 0.02,
+                 dtype=torch.bfloat16, device="cuda")
     index = cases.to_padded(case.labels, seed=case.seed).cuda()
     return case, index
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("preset", ["reg", "reg_noreg", "mulsupcon"])
-def test_gpu_closed_form_has_no_host_sync_and_replays_in_a_cuda_graph(preset):
+@pytest.mark.parametrize("preset,L", [("reg", 12), ("reg", 300), ("reg_noreg", 12), ("mulsupcon", 12)])
+def test_gpu_closed_form_has_no_host_sync_and_replays_in_a_cuda_graph(preset, L):
     """check_values=False with padded indices: no synchronising call (sync debug mode 'error'),
     and forward + backward captured in a CUDA graph replay to the eager values."""
-    case, index = _closed_gpu_case(preset)
+    case, index = _closed_gpu_case(preset, L)
     feats = case.features.detach().clone().requires_grad_(True)
     protos = None if case.prototypes is None else case.prototypes.detach().clone().requires_grad_(True)
     kwargs = dict(preset=preset, num_labels=case.num_labels, label_format="indices", backend="triton",
@@ -576,12 +634,12 @@ def test_gpu_closed_form_has_no_host_sync_and_replays_in_a_cuda_graph(preset):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("preset", ["reg", "reg_noreg", "mulsupcon"])
-def test_gpu_closed_form_torch_compile_fullgraph(preset):
+@pytest.mark.parametrize("preset,L", [("reg", 12), ("reg", 300), ("reg_noreg", 12), ("mulsupcon", 12)])
+def test_gpu_closed_form_torch_compile_fullgraph(preset, L):
     """The closed form's triton_ops under torch.compile(fullgraph=True), labels prepared outside."""
     from mlcl_fast import as_label_sets
 
-    case, index = _closed_gpu_case(preset)
+    case, index = _closed_gpu_case(preset, L)
     cfg = resolve_config(case.preset, **case.overrides)
     label_sets = as_label_sets(index, 128, case.num_labels, "indices").repeat_views(2)
 
@@ -697,14 +755,14 @@ def test_padded_indices_canonicalised_on_the_device_match_the_host_path():
 def test_closed_form_tail_budget_falls_back_to_an_in_tile_regime(monkeypatch):
     """reg with labels outside the head: the tail list's size is counted first; above the budget
     the call takes an in-tile regime instead (same values), below it the closed form."""
-    from mlcl_fast.triton import closed, configs
+    from mlcl_fast.triton import configs, prep
 
     monkeypatch.setattr(configs, "HEAD_LABELS", 16)
     monkeypatch.setattr(configs, "HEAD_LABELS_WIDE", 16)
     case = _case("tail_budget", "reg", None, B=13, d=10, L=70, density=0.08, empty_rows=1)
     calls = []
-    original = closed.label_index
-    monkeypatch.setattr(closed, "label_index", lambda *a: calls.append(1) or original(*a))
+    original = prep.prepare
+    monkeypatch.setattr(prep, "prepare", lambda *a: calls.append(1) or original(*a))
     assert_backend_matches("triton", case, **FP32)
     assert calls, "under the budget: the closed form"
     calls.clear()
@@ -793,3 +851,77 @@ def test_closed_form_tail_overflow_is_an_error_not_a_wrong_value(monkeypatch):
             configs.tail_capacity(4, 5)
     monkeypatch.setenv(configs.TAIL_CAPACITY_ENV, "3")
     assert configs.tail_capacity(4, 5) == 27
+
+
+@cpu_only
+@pytest.mark.parametrize("col_lo,L,hb", [(0, 40, 16), (5, 40, 16), (0, 9, 16), (3, 200, 32)],
+                         ids=["all_columns", "beta0", "fewer_labels_than_head", "wide"])
+def test_closed_form_preparation_kernels_match_a_plain_definition(col_lo, L, hb):
+    """prep.prepare (six kernels, six library calls) against the definitions written out in
+    Python: compact label index, u, W, ubar, head tiles (ties to the smaller label), tail part,
+    visiting order and the slots grouped by label."""
+    from mlcl_fast.triton import prep
+
+    gen = torch.Generator().manual_seed(fresh_seed("prep", col_lo, L, hb))
+    M, C, ka, kc = 11, 17, 4, 3
+    a_index = torch.randint(-1, L, (M, ka), generator=gen)
+    c_index = torch.randint(-1, L, (C, kc), generator=gen)
+    c_index[::4, 0] = c_index[1, 1]            # ties and a frequent label
+    a_count = (a_index >= 0).sum(1).to(torch.int32)
+    self_col = torch.randperm(C, generator=gen)[:M].to(torch.int32)
+    pre = prep.prepare(a_index, a_count, c_index, self_col, col_lo, L, hb, True, None)
+
+    carried = {}
+    for j in range(col_lo, C):
+        for lab in c_index[j].tolist():
+            if lab >= 0:
+                carried.setdefault(lab, []).append(j)
+    labels = sorted(carried)
+    cid = {lab: n for n, lab in enumerate(labels)}
+    U = max(1, min(L, C * kc))
+    cnt = [len(carried[lab]) for lab in labels] + [0] * (U - len(labels))
+    ptr = [0]
+    for n in range(U):
+        ptr.append(ptr[-1] + cnt[n])
+    assert pre.col_ptr.tolist() == ptr
+    flat_cols = [j for lab in labels for j in sorted(carried[lab])]
+    assert pre.col_sorted.tolist() == flat_cols + [-1] * (C * kc - len(flat_cols))
+    expect_ccid = [[cid[lab] if lab >= 0 and j >= col_lo else -1 for lab in c_index[j].tolist()] for j in range(C)]
+    assert pre.col_cid.tolist() == expect_ccid
+    assert pre.a_cid.tolist() == [[cid.get(lab, -1) if lab >= 0 else -1 for lab in row] for row in a_index.tolist()]
+    head = sorted(range(U), key=lambda n: (-cnt[n], n))[:min(hb, U)]
+    for i in range(M):
+        own = int(self_col[i]) >= col_lo
+        a = max(int(a_count[i]), 1)
+        u, uh, positives = [], [0.0] * hb, 0
+        for lab in a_index[i].tolist():
+            n = cid.get(lab, -1) if lab >= 0 else -1
+            z = cnt[n] - own if n >= 0 else 0
+            u.append(1.0 / (a * z) if z > 0 else 0.0)
+            positives += z > 0
+            if n in head:
+                uh[head.index(n)] += u[-1]
+        tail = [w if (cid.get(lab, -1) if lab >= 0 else -1) not in head else 0.0
+                for w, lab in zip(u, a_index[i].tolist())]
+        torch.testing.assert_close(pre.u[i], torch.tensor(u), rtol=1e-6, atol=0)
+        torch.testing.assert_close(pre.u_tail[i], torch.tensor(tail), rtol=1e-6, atol=0)
+        assert pre.w_tot[i].item() == pytest.approx(positives / a, rel=1e-6)
+        assert pre.ubar[i].item() == pytest.approx(sum(u) if own else 0.0, rel=1e-6, abs=0)
+        assert pre.ubar_tail[i].item() == pytest.approx(sum(tail) if own else 0.0, rel=1e-6, abs=1e-12)
+        scale = max(uh) if max(uh) > 0 else 1.0
+        assert pre.row_scale[i].item() == pytest.approx(scale, rel=1e-6)
+        parts = pre.head_u[i].float()
+        torch.testing.assert_close(parts[:hb] + parts[hb:], torch.tensor(uh) / scale, rtol=1e-6, atol=1e-7)
+    expect_y = [[1.0 if h < len(head) and head[h] in expect_ccid[j] else 0.0 for h in range(hb)] for j in range(C)]
+    assert pre.head_y.float().tolist() == expect_y
+    valid = [i for i in range(M) if pre.w_tot[i] > 0]
+    assert pre.order.tolist() == valid + [i for i in range(M) if i not in valid] and pre.live.tolist() == [len(valid)]
+    slots = sorted((pre.a_cid.flatten()[s].item(), s // ka, s) for s in range(M * ka) if pre.a_cid.flatten()[s] >= 0)
+    S = M * ka
+    assert pre.slot_sorted.tolist()[:len(slots)] == [n * S + s for n, _, s in slots]
+    assert all(key >= U * S for key in pre.slot_sorted.tolist()[len(slots):])
+    owner = [-1] * C
+    for i, j in enumerate(self_col.tolist()):
+        owner[j] = i
+    assert pre.col_owner.tolist() == owner
+    assert pre.slot_ptr.tolist() == [sum(1 for n, _, _ in slots if n < b) for b in range(U + 1)]

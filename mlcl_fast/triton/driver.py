@@ -49,9 +49,6 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
     log_beta = math.log(cfg.beta) if cfg.beta > 0 else 0.0
     anchor_sets, column_sets = problem.anchor_labels(), problem.column_labels()
     self_col = problem.anchor_columns().to(torch.int32)
-    a_index = labels.padded_index(anchor_sets)
-    a_count = anchor_sets.count.to(torch.int32)
-    c_count = column_sets.count.to(torch.int32)
     tf32 = _allow_tf32(x.device)
     weighting = configs.WEIGHTING_CODES[cfg.weighting]
     factor = configs.FACTOR_CODES[cfg.f]
@@ -92,19 +89,25 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
     if grad_mode not in configs.GRAD_MODES:
         raise ValueError(f"grad_mode: expected one of {list(configs.GRAD_MODES)}, got {grad_mode!r}")
     if regime == "closed":
-        a_long, c_index, num_labels = a_index.long(), column_sets.index, anchor_sets.num_labels
+        # The closed form's kernels read the canonical int64 labels and counts as they are.
+        a_long, c_index = labels.padded_index(anchor_sets, torch.int64), labels.padded_index(column_sets, torch.int64)
+        num_labels = anchor_sets.num_labels
+        a_count, c_count = anchor_sets.count, column_sets.count
         inv_tau = 1.0 / problem.temperature
         out = closed.closed_forward(q, k, self_col, a_long, a_count, c_index, c_count, n, col_lo, num_labels,
                                     inv_tau, log_beta, cfg.reg, tf32, grad_mode == "forward" and need_grad)
         loss, w_tot, lse2, u_tail = out[0], out[1], out[2], out[4]
         if cfg.reg and closed.has_tail(c_index, num_labels, q.shape[1]):
-            head_u, head_y, row_scale, a_cid, col_ptr, col_sorted = out[10:16]
-            value, *_ = tail.tail_forward(q, k, self_col, a_long, c_index, a_cid, col_ptr, col_sorted, lse2.detach(),
-                                          u_tail.detach(), head_u, head_y, row_scale, n, log_beta, inv_tau,
-                                          tail_capacity)
+            head_u, head_y, row_scale, a_cid, col_ptr, col_sorted, tail_len = out[10:17]
+            value, *_ = tail.tail_forward(q, k, self_col, a_long, c_index, a_cid, col_ptr, col_sorted, tail_len,
+                                          lse2.detach(), u_tail.detach(), head_u, head_y, row_scale, n, log_beta,
+                                          inv_tau, tail_capacity)
             loss = loss + value
         return loss, w_tot > 0
 
+    a_index = labels.padded_index(anchor_sets)
+    a_count = anchor_sets.count.to(torch.int32)
+    c_count = column_sets.count.to(torch.int32)
     if regime == "pairs":
         loss, w_tot, *_ = pairs.pairs_forward(q, k, self_col, a_index.long(), a_count, column_sets.index, c_count, n,
                                               col_lo, anchor_sets.num_labels, 1.0 / problem.temperature, log_beta,

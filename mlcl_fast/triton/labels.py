@@ -12,12 +12,12 @@ from ..labels import LabelSets
 from .configs import DENSE_MAX_LABELS, pow2, MODE_BITS, MODE_DENSE, MODE_GATHER, MODE_LIST, MODE_NONE
 
 
-def padded_index(sets: LabelSets) -> Tensor:
-    """[B, max(K, 1)] int32 sorted labels, -1 padded (at least one slot, so pointers stay valid)."""
+def padded_index(sets: LabelSets, dtype=torch.int32) -> Tensor:
+    """[B, max(K, 1)] sorted labels, -1 padded (at least one slot, so pointers stay valid)."""
     index = sets.index
     if index.shape[1] == 0:
         index = torch.full((index.shape[0], 1), -1, dtype=index.dtype, device=index.device)
-    return index.to(torch.int32).contiguous()
+    return index.to(dtype).contiguous()
 
 
 def bitsets(sets: LabelSets) -> Tensor:

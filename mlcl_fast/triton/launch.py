@@ -80,8 +80,8 @@ def label_free(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count:
                col_lo: int, inv_tau: float, log_beta: float, allow_tf32: bool) -> tuple[tuple, Geometry]:
     """(label tuple, geometry) of the dense kernels without positives (configs.MODE_NONE), for the
     regimes that add the positives' part outside the sweeps (closed.py, pairs.py)."""
-    none_a = torch.full((q.shape[0], 1), -1, dtype=torch.int32, device=q.device)
-    none_c = torch.full((k.shape[0], 1), -1, dtype=torch.int32, device=q.device)
+    # MODE_NONE reads no anchor or column labels: [M, 1] and [C, 1] views stand in for them.
+    none_a, none_c = self_col.view(-1, 1), c_count.view(-1, 1)
     labels = (self_col, none_a, none_a, a_count, none_c, c_count)
     return labels, geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, 0.0, configs.MODE_NONE, 0, 0,
                             False, allow_tf32)
@@ -93,8 +93,8 @@ def head_tiles(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count:
     """(label tuple, geometry) of the closed form's second sweeps with its head-label tiles
     (configs.MODE_HEAD): head_u [M, 2*HB] fp16 rides in the anchor bitset slot, head_y [C, HB]
     fp16 in the column table slot."""
-    none_a = torch.full((q.shape[0], 1), -1, dtype=torch.int32, device=q.device)
-    labels = (self_col, none_a, head_u, a_count, head_y, c_count)
+    # MODE_HEAD reads no anchor label lists: an [M, 1] view stands in for them.
+    labels = (self_col, self_col.view(-1, 1), head_u, a_count, head_y, c_count)
     return labels, geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, 0.0, configs.MODE_HEAD, 0, 0,
                             reg, allow_tf32)
 

@@ -19,6 +19,11 @@ def launch(kernel, grid, args: tuple, meta: dict, wrap=None) -> None:
         (wrap(kernel) if wrap is not None else kernel)[grid](*args, **meta)
 
 
+def active() -> bool:
+    """Whether launches are being recorded (their outputs then hold no values)."""
+    return _recorder is not None
+
+
 @contextlib.contextmanager
 def recording(recorder):
     """Within the block, launches call recorder(kernel, grid, args, meta) and run nothing: the

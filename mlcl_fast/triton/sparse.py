@@ -42,9 +42,10 @@ def segment_sum_kernel(values, ptr, out, BLOCK: tl.constexpr):
 
 @triton.jit
 def csr_rows_kernel(ptr, idx, coef, x_ptr, out, d, stride_x, stride_o,
-                    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[s, chunk] = sum_{p in [ptr[s], ptr[s+1])} coef[p] * x[idx[p], chunk]; entries with
-    idx[p] < 0 are skipped (no load), so padded slot lists cost no memory traffic."""
+                    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, UNIT: tl.constexpr):
+    """out[s, chunk] = sum_{p in [ptr[s], ptr[s+1])} coef[p] * x[idx[p], chunk] (coef = 1 when
+    UNIT); entries with idx[p] < 0 are skipped (no load), so padded slot lists cost no memory
+    traffic. Every (s, chunk) is written, empty segments as 0."""
     seg = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < d
@@ -56,7 +57,10 @@ def csr_rows_kernel(ptr, idx, coef, x_ptr, out, d, stride_x, stride_o,
         pmask = offs < hi
         j = tl.load(idx + offs, mask=pmask, other=-1)
         pmask = pmask & (j >= 0)
-        c = tl.load(coef + offs, mask=pmask, other=0.0)
+        if UNIT:
+            c = pmask.to(tl.float32)
+        else:
+            c = tl.load(coef + offs, mask=pmask, other=0.0)
         x = tl.load(x_ptr + j[:, None] * stride_x + offs_d[None, :], mask=pmask[:, None] & dmask[None, :],
                     other=0.0).to(tl.float32)
         acc += c[:, None] * x
@@ -88,16 +92,18 @@ def segment_sum(values: Tensor, ptr: Tensor, interpret: bool) -> Tensor:
     return out
 
 
-def csr_rows(ptr: Tensor, idx: Tensor, coef: Tensor, x: Tensor, interpret: bool, wrap=None) -> Tensor:
-    """[S, d] fp32: row s = sum over its entries p of coef[p] * x[idx[p]] (idx < 0: skipped).
-    `wrap`: torch.library.wrap_triton inside triton_op bodies."""
+def csr_rows(ptr: Tensor, idx: Tensor, coef: Tensor | None, x: Tensor, interpret: bool, wrap=None) -> Tensor:
+    """[S, d] fp32: row s = sum over its entries p of coef[p] * x[idx[p]] (idx < 0: skipped;
+    coef None: all 1). `wrap`: torch.library.wrap_triton inside triton_op bodies."""
     segs, d = ptr.numel() - 1, x.shape[1]
-    out = torch.zeros(segs, d, dtype=torch.float32, device=x.device)
-    if segs and idx.numel():
-        bp, bd = (16, 16) if interpret else (32, _block(False, d, 128))
-        launch(csr_rows_kernel, (segs, triton.cdiv(d, bd)),
-               (ptr, idx, coef.to(torch.float32).contiguous(), x, out, d, x.stride(0), out.stride(0)),
-               dict(BLOCK_P=bp, BLOCK_D=bd), wrap)
+    if not (segs and d and idx.numel()):
+        return torch.zeros(segs, d, dtype=torch.float32, device=x.device)
+    out = torch.empty(segs, d, dtype=torch.float32, device=x.device)
+    bp, bd = (16, 16) if interpret else (32, _block(False, d, 128))
+    unit = coef is None
+    coef = idx if unit else coef.to(torch.float32).contiguous()
+    launch(csr_rows_kernel, (segs, triton.cdiv(d, bd)), (ptr, idx, coef, x, out, d, x.stride(0), out.stride(0)),
+           dict(BLOCK_P=bp, BLOCK_D=bd, UNIT=unit), wrap)
     return out
 
 

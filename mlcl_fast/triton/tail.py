@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import configs, launch, sparse
+from . import configs, launch, recording, sparse
 from .recording import launch as _launch
 
 
@@ -97,8 +97,8 @@ def tail_pairs_kernel(q_ptr, k_ptr, a_index, a_cid, u_tail, c_index, col_ptr, co
 
 @triton_op("mlcl_fast::triton_closed_tail_forward", mutates_args=())
 def tail_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, c_index: Tensor, a_cid: Tensor,
-                 col_ptr: Tensor, col_sorted: Tensor, lse2: Tensor, u_tail: Tensor, head_u: Tensor, head_y: Tensor,
-                 row_scale: Tensor, num_samples: int, log_beta: float, inv_tau: float, capacity: int
+                 col_ptr: Tensor, col_sorted: Tensor, tail_len: Tensor, lse2: Tensor, u_tail: Tensor, head_u: Tensor,
+                 head_y: Tensor, row_scale: Tensor, num_samples: int, log_beta: float, inv_tau: float, capacity: int
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(-sum_j delta_ij s_ij [M], pi [cap], pj [cap] (-1 past the list), delta [cap],
     row_ptr [M+1]): the tail pairs of every anchor, in the order of its label slots."""
@@ -106,11 +106,11 @@ def tail_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, c_inde
     C, kc = c_index.shape
     hb = head_y.shape[1]
     cap = max(1, capacity)
-    length = torch.where(u_tail > 0, (col_ptr[1:] - col_ptr[:-1])[a_cid.clamp(min=0)], 0).flatten()
-    end = torch.cumsum(length, 0)
-    start = end - length
-    torch._assert_async(end[-1] <= cap, f"closed-form tail list: more pairs than its capacity of {cap}; "
-                                        f"set {configs.TAIL_CAPACITY_ENV} higher (entries per anchor and column)")
+    end = torch.cumsum(tail_len, 0)
+    start = end - tail_len
+    if not recording.active():  # recorded launches leave the lengths uninitialised
+        torch._assert_async(end[-1] <= cap, f"closed-form tail list: more pairs than its capacity of {cap}; "
+                                            f"set {configs.TAIL_CAPACITY_ENV} higher (entries per anchor and column)")
     pi = torch.zeros(cap, dtype=torch.int32, device=q.device)
     pj = torch.full((cap,), -1, dtype=torch.int32, device=q.device)
     delta = torch.zeros(cap, dtype=torch.float32, device=q.device)
@@ -146,13 +146,16 @@ def tail_backward(q: Tensor, k: Tensor, pi: Tensor, pj: Tensor, delta: Tensor, r
 def _tail_setup(ctx, inputs, output):
     q, k = inputs[:2]
     _, pi, pj, delta, row_ptr = output
-    ctx.inv_tau = inputs[15]
+    ctx.inv_tau = inputs[16]
     ctx.save_for_backward(q, k, pi, pj, delta, row_ptr)
+    ctx.set_materialize_grads(False)  # only the value is differentiated
 
 
 def _tail_backward(ctx, g_value, *_unused):
+    if g_value is None:
+        return (None,) * 18
     dq, dk = tail_backward(*ctx.saved_tensors, g_value.to(torch.float32).contiguous(), ctx.inv_tau)
-    return (dq, dk) + (None,) * 15
+    return (dq, dk) + (None,) * 16
 
 
 tail_forward.register_autograd(_tail_backward, setup_context=_tail_setup)

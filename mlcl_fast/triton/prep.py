@@ -1,0 +1,237 @@
+"""The closed form's label preparation in a few kernels (static shapes, no host synchronisation).
+
+What closed.py needs from the labels, per call: the compact label index (labels the softmax
+columns carry, each with its columns in ascending order: a CSR), every anchor slot's compact id
+and weight u_ik = 1 / (a_i Z_ik), W_i, the head labels (the HB compact labels carried by most
+columns, ties to the smaller label) as dense fp16 tiles, the tail labels' weights, the anchors'
+visiting order and the anchor slots grouped by label for the backward. Written as torch
+operations this is ~150 small launches per call; here it is six kernels and six library calls
+(three sorts, a cumulative sum, a top-k and two searchsorted), each O(nnz) or O(U) work.
+
+Integer atomics (the live count) are exact, so every output is deterministic.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import configs
+from .recording import launch
+
+
+@triton.jit
+def label_keys_kernel(c_index, keys, n, KC, C, L, col_lo, BLOCK: tl.constexpr):
+    """Sort keys of the column label slots: label * C + column, padding and columns outside the
+    softmax last (L * C + column): distinct keys, so any sort gives one order."""
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = p < n
+    lab = tl.load(c_index + p, mask=m, other=-1).to(tl.int64)
+    col = (p // KC).to(tl.int64)
+    valid = (lab >= 0) & (col >= col_lo)
+    tl.store(keys + p, tl.where(valid, lab * C + col, L * C + col), mask=m)
+
+
+@triton.jit
+def label_runs_kernel(sorted_keys, first, col_sorted, n, C, L, BLOCK: tl.constexpr):
+    """first[p] = 1 where a label's run of sorted slots starts; col_sorted: the slot's column."""
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = p < n
+    key = tl.load(sorted_keys + p, mask=m, other=0)
+    prev = tl.load(sorted_keys + p - 1, mask=m & (p > 0), other=-1)
+    lab = key // C
+    valid = lab < L
+    prev_lab = tl.where(p > 0, prev // C, -1)
+    tl.store(first + p, (valid & (lab != prev_lab)).to(tl.int32), mask=m)
+    tl.store(col_sorted + p, tl.where(valid, key % C, -1), mask=m)
+
+
+@triton.jit
+def label_ids_kernel(sorted_keys, order, run, first, cid_sorted, col_cid, to_cid, n, C, L, U,
+                     BLOCK: tl.constexpr):
+    """Compact ids: run number - 1 of the sorted slot (U past the valid slots), scattered back to
+    the slots' places (col_cid) and, once per label, into the label -> compact id map."""
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = p < n
+    key = tl.load(sorted_keys + p, mask=m, other=0)
+    lab = key // C
+    valid = lab < L
+    cid = tl.where(valid, tl.load(run + p, mask=m, other=1) - 1, U)
+    tl.store(cid_sorted + p, cid, mask=m)
+    dest = tl.load(order + p, mask=m, other=0)
+    tl.store(col_cid + dest, tl.where(valid, cid, -1), mask=m)
+    starts = tl.load(first + p, mask=m, other=0) != 0
+    tl.store(to_cid + lab, cid, mask=m & starts)
+
+
+@triton.jit
+def head_keys_kernel(col_ptr, keys, U, BLOCK: tl.constexpr):
+    """count * U + (U - 1 - id): the top-k of these keys are the most frequent labels, ties to the
+    smaller id (compact ids follow the labels' order)."""
+    u = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = u < U
+    cnt = tl.load(col_ptr + u + 1, mask=m, other=0) - tl.load(col_ptr + u, mask=m, other=0)
+    tl.store(keys + u, cnt * U + (U - 1 - u), mask=m)
+
+
+@triton.jit
+def anchor_prep_kernel(a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u_out, u_tail_out, w_out, ubar_out,
+                       ubar_tail_out, head_u, row_scale, invalid, live, slot_keys, tail_len, col_owner,
+                       M, KA, L, U, col_lo, n_top, stride_hu,
+                       BLOCK_M: tl.constexpr, KA_P2: tl.constexpr, HB: tl.constexpr):
+    """Per anchor: compact ids of its labels, u_ik = 1 / (a_i Z_ik) (Z_ik: the columns of the
+    label, less the own column), W_i, ubar_i (own column in range, else 0), the head part of u
+    as a row-scaled fp16 hi/lo pair, the tail part (and each tail slot's column count: the
+    length of its part of the tail list), the visiting flag, the slots' sort keys, and the
+    anchor that owns each column (its own column)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    slots = tl.arange(0, KA_P2)
+    m2 = rmask[:, None] & (slots[None, :] < KA)
+    flat = rows[:, None] * KA + slots[None, :]
+    lab = tl.load(a_index + flat, mask=m2, other=-1)
+    cid = tl.load(to_cid + tl.where(lab >= 0, lab, L), mask=m2, other=-1)
+    has = cid >= 0
+    cnt = tl.load(col_ptr + cid + 1, mask=m2 & has, other=0) - tl.load(col_ptr + cid, mask=m2 & has, other=0)
+    own_col = tl.load(self_col + rows, mask=rmask, other=-1)
+    own = own_col >= col_lo
+    tl.store(col_owner + own_col, rows, mask=rmask & (own_col >= 0))
+    a = tl.load(a_count + rows, mask=rmask, other=1).to(tl.float32)
+    inv_a = 1.0 / tl.maximum(a, 1.0)
+    z = cnt.to(tl.float32) - own.to(tl.float32)[:, None]
+    positive = has & (z > 0)
+    u = tl.where(positive, 1.0 / tl.where(positive, z, 1.0), 0.0) * inv_a[:, None]
+    w = tl.sum(positive.to(tl.float32), axis=1) * inv_a
+    hcol = tl.arange(0, HB)
+    head_ids = tl.load(top + hcol, mask=hcol < n_top, other=-2)
+    hit = cid[:, :, None] == head_ids[None, None, :]                       # [BLOCK_M, KA_P2, HB]
+    uh = tl.sum(tl.where(hit, u[:, :, None], 0.0), axis=1)                  # [BLOCK_M, HB]
+    in_head = tl.max(hit.to(tl.int32), axis=2) > 0
+    u_tail = tl.where(in_head, 0.0, u)
+    ubar = tl.where(own, tl.sum(u, axis=1), 0.0)
+    ubar_tail = tl.where(own, tl.sum(u_tail, axis=1), 0.0)
+    # Per-row scaling keeps the fp16 parts normal; hi + lo hold 22 significant bits.
+    top_u = tl.max(uh, axis=1)
+    scale = tl.where(top_u > 0, top_u, 1.0)
+    unit = uh / scale[:, None]
+    hi = unit.to(tl.float16)
+    lo = (unit - hi.to(tl.float32)).to(tl.float16)
+    tl.store(a_cid + flat, cid.to(tl.int64), mask=m2)
+    tl.store(u_out + flat, u, mask=m2)
+    tl.store(u_tail_out + flat, u_tail, mask=m2)
+    tl.store(tail_len + flat, tl.where(u_tail > 0, cnt, 0), mask=m2)
+    # Sort keys of the slots by compact label: cid * M * KA + slot (distinct), padding last.
+    slot = flat.to(tl.int64)
+    key = tl.where(has, cid.to(tl.int64) * M * KA + slot, U.to(tl.int64) * M * KA + slot)
+    tl.store(slot_keys + flat, key, mask=m2)
+    tl.store(w_out + rows, w, mask=rmask)
+    tl.store(ubar_out + rows, ubar, mask=rmask)
+    tl.store(ubar_tail_out + rows, ubar_tail, mask=rmask)
+    tl.store(row_scale + rows, scale, mask=rmask)
+    hmask = rmask[:, None] & (hcol[None, :] < HB)
+    tl.store(head_u + rows[:, None] * stride_hu + hcol[None, :], hi, mask=hmask)
+    tl.store(head_u + rows[:, None] * stride_hu + HB + hcol[None, :], lo, mask=hmask)
+    valid = rmask & (w > 0)
+    tl.store(invalid + rows, (w <= 0).to(tl.int8), mask=rmask)
+    tl.atomic_add(live, tl.sum(valid.to(tl.int32), axis=0))
+
+
+@triton.jit
+def column_prep_kernel(col_cid, top, head_y, C, KC, n_top, BLOCK_C: tl.constexpr, KC_P2: tl.constexpr,
+                       HB: tl.constexpr):
+    """head_y[j, h] = 1 where column j carries the h-th head label (fp16, exact)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    slots = tl.arange(0, KC_P2)
+    cid = tl.load(col_cid + cols[:, None] * KC + slots[None, :], mask=cmask[:, None] & (slots[None, :] < KC),
+                  other=-1)
+    hcol = tl.arange(0, HB)
+    head_ids = tl.load(top + hcol, mask=hcol < n_top, other=-2)
+    y = tl.max((cid[:, :, None] == head_ids[None, None, :]).to(tl.float32), axis=1)
+    tl.store(head_y + cols[:, None] * HB + hcol[None, :], y.to(tl.float16), mask=cmask[:, None])
+
+
+class Prepared(NamedTuple):
+    col_ptr: Tensor      # [U+1] int64: CSR of the compact labels over col_sorted
+    col_sorted: Tensor   # [C*Kc] int64: softmax columns by compact label, ascending (-1 past them)
+    col_cid: Tensor      # [C, Kc] int64: compact id of each column slot (-1: none)
+    a_cid: Tensor        # [M, Ka] int64: compact id of each anchor slot (-1: none)
+    u: Tensor            # [M, Ka] fp32: u_ik = 1 / (a_i Z_ik), 0 where Z_ik = 0
+    u_tail: Tensor       # [M, Ka] fp32: u_ik of the labels outside the head
+    w_tot: Tensor        # [M] fp32: W_i
+    ubar: Tensor         # [M] fp32: sum_k u_ik where the own column is a softmax column, else 0
+    ubar_tail: Tensor    # [M] fp32: the same over the tail labels
+    head_u: Tensor       # [M, 2*HB] fp16: the head labels' u / row_scale, hi and lo parts
+    head_y: Tensor       # [C, HB] fp16: the columns' head labels, 0/1
+    row_scale: Tensor    # [M] fp32
+    order: Tensor        # [M] int32: anchors with a positive first (the sweeps' visiting order)
+    live: Tensor         # [1] int32: how many have one
+    slot_ptr: Tensor     # [U+1] int64: anchor slots grouped by compact label (backward), over ...
+    slot_sorted: Tensor  # [M*Ka] int64: ... their sort keys cid * M * Ka + slot, ascending
+    col_owner: Tensor    # [C] int32: the anchor whose own column it is, or -1
+    tail_len: Tensor     # [M*Ka] int64: columns of each tail slot's label (0 for other slots)
+
+
+def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor, col_lo: int, num_labels: int,
+            hb: int, interpret: bool, wrap) -> Prepared:
+    dev = c_index.device
+    C, kc = c_index.shape
+    M, ka = a_index.shape
+    L = num_labels
+    U = max(1, min(L, C * kc))
+    n = C * kc
+    block = 16 if interpret else 1024
+    grid = (triton.cdiv(max(n, 1), block),)
+    keys = torch.empty(n, dtype=torch.int64, device=dev)
+    launch(label_keys_kernel, grid, (c_index, keys, n, kc, C, L, col_lo), dict(BLOCK=block), wrap)
+    sorted_keys, order = torch.sort(keys)
+    first = torch.empty(n, dtype=torch.int32, device=dev)
+    col_sorted = torch.empty(n, dtype=torch.int64, device=dev)
+    launch(label_runs_kernel, grid, (sorted_keys, first, col_sorted, n, C, L), dict(BLOCK=block), wrap)
+    run = torch.cumsum(first, 0)
+    cid_sorted = torch.empty(n, dtype=torch.int64, device=dev)
+    col_cid = torch.empty(C, kc, dtype=torch.int64, device=dev)
+    to_cid = torch.full((L + 1,), -1, dtype=torch.int64, device=dev)  # entry L: padding
+    launch(label_ids_kernel, grid, (sorted_keys, order, run, first, cid_sorted, col_cid, to_cid, n, C, L, U),
+           dict(BLOCK=block), wrap)
+    col_ptr = torch.searchsorted(cid_sorted, torch.arange(U + 1, device=dev))
+
+    head_keys = torch.empty(U, dtype=torch.int64, device=dev)
+    launch(head_keys_kernel, (triton.cdiv(U, block),), (col_ptr, head_keys, U), dict(BLOCK=block), wrap)
+    n_top = min(hb, U)
+    top = torch.topk(head_keys, n_top).indices
+
+    a_cid = torch.empty(M, ka, dtype=torch.int64, device=dev)
+    u = torch.empty(M, ka, dtype=torch.float32, device=dev)
+    u_tail = torch.empty_like(u)
+    slot_keys = torch.empty(M, ka, dtype=torch.int64, device=dev)
+    tail_len = torch.empty(M * ka, dtype=torch.int64, device=dev)
+    col_owner = torch.full((C,), -1, dtype=torch.int32, device=dev)
+    w_tot, ubar, ubar_tail, row_scale = (torch.empty(M, dtype=torch.float32, device=dev) for _ in range(4))
+    head_u = torch.empty(M, 2 * hb, dtype=torch.float16, device=dev)
+    invalid = torch.empty(M, dtype=torch.int8, device=dev)
+    live = torch.zeros(1, dtype=torch.int32, device=dev)
+    ka_p2 = configs.pow2(ka)
+    # The [rows, slots, head] comparison cube stays within 8K elements per program.
+    bm = 16 if interpret else max(1, min(64, 8192 // (ka_p2 * hb)))
+    launch(anchor_prep_kernel, (triton.cdiv(M, bm),),
+           (a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u, u_tail, w_tot, ubar, ubar_tail, head_u,
+            row_scale, invalid, live, slot_keys, tail_len, col_owner, M, ka, L, U, col_lo, n_top, head_u.stride(0)),
+           dict(BLOCK_M=bm, KA_P2=ka_p2, HB=hb), wrap)
+    head_y = torch.empty(C, hb, dtype=torch.float16, device=dev)
+    kc_p2 = configs.pow2(kc)
+    bc = 16 if interpret else max(1, min(64, 8192 // (kc_p2 * hb)))
+    launch(column_prep_kernel, (triton.cdiv(C, bc),), (col_cid, top, head_y, C, kc, n_top),
+           dict(BLOCK_C=bc, KC_P2=kc_p2, HB=hb), wrap)
+
+    # Anchors with a positive first, in their own order (a stable sort of the 0/1 flags).
+    visit_order = torch.sort(invalid, stable=True).indices.to(torch.int32)
+    # Anchor slots by compact label (keys cid * M * Ka + slot are distinct; padding sorts last).
+    slots = max(1, M * ka)
+    slot_sorted = torch.sort(slot_keys.flatten()).values
+    slot_ptr = torch.searchsorted(slot_sorted, torch.arange(0, (U + 1) * slots, slots, device=dev))
+    return Prepared(col_ptr, col_sorted, col_cid, a_cid, u, u_tail, w_tot, ubar, ubar_tail, head_u, head_y,
+                    row_scale, visit_order, live, slot_ptr, slot_sorted, col_owner, tail_len)
