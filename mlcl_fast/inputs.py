@@ -6,6 +6,7 @@ from numbers import Real
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .labels import as_label_sets
@@ -82,39 +83,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-class _Normalize(torch.autograd.Function):
-    """y = x / max(||x||, eps) over the last dimension, as F.normalize, with a backward of a few
-    operations instead of the dozen that autograd records for F.normalize (each one a kernel
-    launch on a GPU): dx = g / max(||x||, eps) - y <g, y> [||x|| >= eps] / ||x||. The backward is
-    made of differentiable operations, so double backward works."""
-
-    @staticmethod
-    def forward(ctx, x):
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        clamped = norm.clamp_min(NORM_EPS)
-        y = x / clamped
-        ctx.save_for_backward(x, y, clamped, norm)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        x, y, clamped, norm = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph: the norm saved by the forward is a constant to autograd; recompute it.
-            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-            clamped = norm.clamp_min(NORM_EPS)
-        # The norm's path carries gradient only where the clamp passes it (torch: norm >= eps).
-        along = torch.where(norm >= NORM_EPS, (g * y).sum(dim=-1, keepdim=True) / clamped, 0.0)
-        return g / clamped - y * along
-
-
-def normalize(x: Tensor) -> Tensor:
-    """Rows of x scaled to unit L2 norm (F.normalize with eps NORM_EPS)."""
-    return _Normalize.apply(x)
-
-
 def l2_normalize(x: Tensor, keep_half: bool) -> Tensor:
-    out = normalize(x.to(compute_dtype(x.dtype)))
+    out = F.normalize(x.to(compute_dtype(x.dtype)), dim=-1, eps=NORM_EPS)
     return out.to(x.dtype) if keep_half else out
 
 
@@ -139,7 +109,7 @@ def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labe
     rows = l2_normalize(features.reshape(batch * views, dim), keep_half)
     protos = None
     if prototypes is not None:  # normalised at the rows' precision (fp32 prototypes stay fp32 for half rows)
-        protos = normalize(prototypes.to(compute_dtype(features.dtype))).to(rows.dtype)
+        protos = F.normalize(prototypes.to(compute_dtype(features.dtype)), dim=-1, eps=NORM_EPS).to(rows.dtype)
     return Problem(rows, protos, label_sets.repeat_views(views), cfg, temperature, check_values=check_values)
 
 

@@ -1,7 +1,6 @@
 """What the public API hands to a backend: normalised embeddings, canonical labels, config."""
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -88,7 +87,7 @@ class Problem:
         plo, phi = self.prototype_anchors
         if phi == plo:
             return rows
-        protos = self._prototype_sets
+        protos = LabelSets.singletons(self.labels.num_labels, self.samples.device)
         protos = LabelSets(protos.index[plo:phi], protos.count[plo:phi], protos.num_labels)
         return rows.concat(protos)
 
@@ -96,12 +95,7 @@ class Problem:
         """Label sets of the columns: every row's set, then {k} for each prototype column."""
         if not self.config.uses_prototypes:
             return self.labels
-        return self.labels.concat(self._prototype_sets)
-
-    @functools.cached_property
-    def _prototype_sets(self) -> LabelSets:
-        """{k} for every prototype (built once: anchors and columns share it)."""
-        return LabelSets.singletons(self.labels.num_labels, self.samples.device)
+        return self.labels.concat(LabelSets.singletons(self.prototypes.shape[0], self.samples.device))
 
     @property
     def num_columns(self) -> int:

@@ -198,31 +198,3 @@ def test_supcon_all_with_identical_sets_weights_every_other_row():
         total += float(-log_p.mean())
     value = run_loss("reference", case)[0]
     assert abs(float(value) - total / 4) <= 1e-12 * abs(total)
-
-
-def test_normalisation_matches_torch_normalize_with_its_gradients():
-    """inputs.normalize (a short hand-written backward) against F.normalize: values, gradients
-    (zero rows, rows below eps, ordinary rows) and second derivatives."""
-    import torch.nn.functional as F
-
-    from mlcl_fast.inputs import NORM_EPS, normalize
-
-    gen = torch.Generator().manual_seed(fresh_seed("normalize"))
-    x = torch.randn(6, 5, dtype=torch.float64, generator=gen)
-    x[1] = 0.0
-    x[2] *= 1e-14  # below eps: the norm's path carries no gradient
-    x[3] *= 1e3
-    g = torch.randn(6, 5, dtype=torch.float64, generator=gen)
-    a = x.clone().requires_grad_(True)
-    b = x.clone().requires_grad_(True)
-    ya, yb = normalize(a), F.normalize(b, dim=-1, eps=NORM_EPS)
-    torch.testing.assert_close(ya, yb, rtol=1e-15, atol=0)
-    (ga,) = torch.autograd.grad(ya, a, g, create_graph=True)
-    (gb,) = torch.autograd.grad(yb, b, g, create_graph=True)
-    torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-300)
-    keep = [0, 3, 4, 5]  # second derivatives where the norm is smooth
-    (hga,) = torch.autograd.grad(ga[keep].square().sum(), a)
-    (hgb,) = torch.autograd.grad(gb[keep].square().sum(), b)
-    torch.testing.assert_close(hga[keep], hgb[keep], rtol=1e-10, atol=1e-12)
-    assert bool(torch.isfinite(hga).all())  # F.normalize's second derivative is NaN at a zero row
-    assert torch.autograd.gradcheck(normalize, (x[[0, 3, 4]].clone().requires_grad_(True),))
