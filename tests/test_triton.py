@@ -189,8 +189,7 @@ def test_closed_form_driver_path_is_sync_free_with_few_launches(reg, grad_in_for
             torch.nonzero(out[0])  # the mode does catch synchronising calls
         with pytest.raises(DataDependentOutputException):
             float(out[0].sum())
-    prep = ["label_keys_kernel", "label_runs_kernel", "label_ids_kernel", "head_keys_kernel", "anchor_prep_kernel",
-            "column_prep_kernel"]
+    prep = ["label_keys_kernel", "label_runs_kernel", "label_ids_kernel", "anchor_prep_kernel", "column_prep_kernel"]
     assert launched[:len(prep)] == prep, launched
     sweeps = [name for name in launched if name in ("stats_kernel", "rows_kernel", "cols_free_kernel")]
     # The regulariser's value needs a second sweep in the forward; without the gradient in it the
@@ -227,7 +226,7 @@ class _DeviceOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @cpu_only
-@pytest.mark.parametrize("preset,L,limit", [("reg_noreg", 300, 104), ("reg", 20, 103), ("mulsupcon", 50, 72)])
+@pytest.mark.parametrize("preset,L,limit", [("reg_noreg", 300, 107), ("reg", 20, 106), ("mulsupcon", 50, 75)])
 def test_public_call_device_operations_are_counted(preset, L, limit):
     """The whole public call (check_values=False, padded indices), forward and backward, issues at
     most `limit` torch operations that launch device work besides the Triton kernels: each one
@@ -857,7 +856,7 @@ def test_closed_form_tail_overflow_is_an_error_not_a_wrong_value(monkeypatch):
 @pytest.mark.parametrize("col_lo,L,hb", [(0, 40, 16), (5, 40, 16), (0, 9, 16), (3, 200, 32)],
                          ids=["all_columns", "beta0", "fewer_labels_than_head", "wide"])
 def test_closed_form_preparation_kernels_match_a_plain_definition(col_lo, L, hb):
-    """prep.prepare (six kernels, six library calls) against the definitions written out in
+    """prep.prepare (five kernels, seven library calls) against the definitions written out in
     Python: compact label index, u, W, ubar, head tiles (ties to the smaller label), tail part,
     visiting order and the slots grouped by label."""
     from mlcl_fast.triton import prep

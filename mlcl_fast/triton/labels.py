@@ -36,9 +36,9 @@ def bitsets(sets: LabelSets) -> Tensor:
 
 def most_frequent(counts: Tensor, k: int) -> Tensor:
     """Indices of the k largest integer counts, ties to the smaller index: one deterministic
-    choice, shared by the closed form's head and the count of its tail list."""
+    choice, shared by the closed form's head (prep.py) and the count of its tail list."""
     n = counts.numel()
-    key = counts.to(torch.int64) * n + (n - 1 - torch.arange(n, device=counts.device))
+    key = counts.to(torch.int64) * n - torch.arange(n, device=counts.device)  # distinct keys
     return torch.topk(key, min(k, n)).indices
 
 

@@ -5,8 +5,8 @@ columns carry, each with its columns in ascending order: a CSR), every anchor sl
 and weight u_ik = 1 / (a_i Z_ik), W_i, the head labels (the HB compact labels carried by most
 columns, ties to the smaller label) as dense fp16 tiles, the tail labels' weights, the anchors'
 visiting order and the anchor slots grouped by label for the backward. Written as torch
-operations this is ~150 small launches per call; here it is six kernels and six library calls
-(three sorts, a cumulative sum, a top-k and two searchsorted), each O(nnz) or O(U) work.
+operations this is ~150 small launches per call; here it is five kernels and seven library
+calls (three sorts, a cumulative sum, a top-k and two searchsorted), each O(nnz) or O(U) work.
 
 Integer atomics (the live count) are exact, so every output is deterministic.
 """
@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import configs
+from .labels import most_frequent
 from .recording import launch
 
 
@@ -65,16 +66,6 @@ def label_ids_kernel(sorted_keys, order, run, first, cid_sorted, col_cid, to_cid
     tl.store(col_cid + dest, tl.where(valid, cid, -1), mask=m)
     starts = tl.load(first + p, mask=m, other=0) != 0
     tl.store(to_cid + lab, cid, mask=m & starts)
-
-
-@triton.jit
-def head_keys_kernel(col_ptr, keys, U, BLOCK: tl.constexpr):
-    """count * U + (U - 1 - id): the top-k of these keys are the most frequent labels, ties to the
-    smaller id (compact ids follow the labels' order)."""
-    u = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = u < U
-    cnt = tl.load(col_ptr + u + 1, mask=m, other=0) - tl.load(col_ptr + u, mask=m, other=0)
-    tl.store(keys + u, cnt * U + (U - 1 - u), mask=m)
 
 
 @triton.jit
@@ -199,10 +190,10 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
            dict(BLOCK=block), wrap)
     col_ptr = torch.searchsorted(cid_sorted, torch.arange(U + 1, device=dev))
 
-    head_keys = torch.empty(U, dtype=torch.int64, device=dev)
-    launch(head_keys_kernel, (triton.cdiv(U, block),), (col_ptr, head_keys, U), dict(BLOCK=block), wrap)
+    # The head: the compact labels carried by most columns, ties to the smaller label (compact
+    # ids follow the labels' order), as labels.positive_triples counts the tail list.
     n_top = min(hb, U)
-    top = torch.topk(head_keys, n_top).indices
+    top = most_frequent(col_ptr[1:] - col_ptr[:-1], hb)
 
     a_cid = torch.empty(M, ka, dtype=torch.int64, device=dev)
     u = torch.empty(M, ka, dtype=torch.float32, device=dev)
