@@ -692,7 +692,7 @@ def test_option_codes_have_one_definition_that_every_source_follows():
     factor_enum = re.search(r"enum class PairFactor \{([^}]*)\}", options).group(1)
     assert [n.strip().lower() for n in weighting_enum.split(",")] == list(presets.WEIGHTINGS)
     assert [n.strip().lower() for n in factor_enum.split(",")] == list(presets.PAIR_FACTORS)
-    cuda = (root / "csrc/cuda/kernels.h").read_text()
+    cuda = (root / "csrc/cpu/block_math.h").read_text()
     for prefix, codes in (("kWeight", presets.WEIGHTING_CODES), ("kFactor", presets.FACTOR_CODES)):
         found = {m.group(1).lower(): int(m.group(2)) for m in re.finditer(prefix + r"(\w+) = (\d+)", cuda)}
         assert found == codes, (prefix, found)

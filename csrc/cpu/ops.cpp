@@ -4,6 +4,7 @@
 
 #include <tuple>
 
+#include "blocked.h"
 #include "kernels.h"
 #include "options.h"
 #include "positives.h"
@@ -21,6 +22,11 @@ ForwardTuple anchor_loss_forward(const at::Tensor& rows, const at::Tensor& cols,
   const LossOptions opt = parse_options(num_sample_cols, num_labels, temperature, beta, std::string(weighting),
                                         std::string(pair_factor), alpha, reg);
   check_inputs(rows, cols, row_labels, col_labels, self_col, opt);
+  if (cpu_blocked_requested()) {  // the CUDA backend's algorithm, on the CPU (tests)
+    auto [loss, valid, lse, total_weight, normalizer] =
+        blocked_forward(rows, cols, row_labels, col_labels, self_col, opt, cpu_block_kernels());
+    return {loss, valid, lse.to(at::kDouble), total_weight.to(at::kDouble), normalizer.to(at::kDouble)};
+  }
   const auto r = rows.contiguous();
   const auto c = cols.contiguous();
   const auto self = self_col.contiguous();
@@ -37,21 +43,11 @@ std::tuple<at::Tensor, at::Tensor> anchor_loss_backward(
   const LossOptions opt = parse_options(num_sample_cols, num_labels, temperature, beta, std::string(weighting),
                                         std::string(pair_factor), alpha, reg);
   check_inputs(rows, cols, row_labels, col_labels, self_col, opt);
-  const int64_t anchors = rows.size(0);
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == anchors, "grad_loss: expected shape [", anchors, "], got ",
-              grad_loss.sizes());
-  TORCH_CHECK(grad_loss.is_floating_point() && grad_loss.device().is_cpu(),
-              "grad_loss: expected a floating-point CPU tensor");
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{lse, "lse"}, {total_weight, "total_weight"}}) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == anchors && t.scalar_type() == at::kDouble && t.device().is_cpu(), name,
-                ": expected a float64 CPU tensor of shape [", anchors, "] from anchor_loss_forward, got ",
-                t.scalar_type(), " ", t.sizes());
+  check_saved(grad_loss, lse, total_weight, normalizer, rows, row_labels, opt, at::kDouble);
+  if (cpu_blocked_requested()) {
+    return blocked_backward(grad_loss, rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer,
+                            opt, cpu_block_kernels());
   }
-  const int64_t width = normalizer_width(opt, row_labels);
-  TORCH_CHECK(normalizer.dim() == 2 && normalizer.size(0) == anchors && normalizer.size(1) == width &&
-                  normalizer.scalar_type() == at::kDouble && normalizer.device().is_cpu(),
-              "normalizer: expected a float64 CPU tensor of shape [", anchors, ", ", width,
-              "] from anchor_loss_forward, got ", normalizer.scalar_type(), " ", normalizer.sizes());
   const auto r = rows.contiguous();
   const auto c = cols.contiguous();
   const LabelContext labels = build_label_context(row_labels, col_labels, opt, c.size(0), positives_strategy_from_env());

@@ -33,9 +33,23 @@ struct LossOptions {
 LossOptions parse_options(int64_t num_sample_cols, int64_t num_labels, double temperature, double beta,
                           const std::string& weighting, const std::string& pair_factor, double alpha, bool reg);
 
-// Shape, dtype and range checks shared by the forward and backward ops; each names its argument.
+// Shape, dtype, device and value checks shared by every op on every device; each names its
+// argument. CPU tensors are scanned (the message names the bad row); on other devices the value
+// checks are counted there and read back with one copy. `half_ok`: fp16/bf16 rows are accepted.
 void check_inputs(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,
-                  const at::Tensor& col_labels, const at::Tensor& self_col, const LossOptions& opt);
+                  const at::Tensor& col_labels, const at::Tensor& self_col, const LossOptions& opt,
+                  bool half_ok = false);
+
+// The value checks of check_inputs for tensors off the CPU: counted with ATen ops on their
+// device, then one device-to-host copy. Works on CPU tensors too (tests).
+void check_values_by_count(const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& self_col,
+                           int64_t num_cols, const LossOptions& opt);
+
+// The backward's extra inputs: grad_loss [R] (floating point) and the forward's saved statistics
+// lse, total_weight [R] and normalizer [R, normalizer_width] in `stats_dtype`, all on rows' device.
+void check_saved(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& total_weight,
+                 const at::Tensor& normalizer, const at::Tensor& rows, const at::Tensor& row_labels,
+                 const LossOptions& opt, at::ScalarType stats_dtype);
 
 // Columns of the per-anchor normaliser: Z_ik per label slot (label-centric) or one sum of omega.
 inline int64_t normalizer_width(const LossOptions& opt, const at::Tensor& row_labels) {

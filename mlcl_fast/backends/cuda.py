@@ -1,5 +1,6 @@
-"""The C++/CUDA backend (csrc/cuda): CUDA kernels behind the same `mlcl_fast` ops as the CPU
-backend, so autograd and fake-tensor registrations (mlcl_fast/backends/cpp.py) are shared.
+"""The C++/CUDA backend (csrc/cuda): the blocked algorithm (cuBLAS products on bounded anchor
+blocks, fused per-block kernels) behind the same `mlcl_fast` ops as the CPU backend, so the op
+layer (mlcl_fast/backends/native_ops.py: arguments, autograd, fake tensors) is shared.
 
 Available when torch is a CUDA build, mlcl_fast._C was compiled with CUDA (it then holds CUDA
 kernels for the ops), and a CUDA device exists. fp16/bf16 embeddings go to the kernels as they are
@@ -11,21 +12,18 @@ import torch
 from torch import Tensor
 
 from ..problem import Problem
-from .op_args import op_inputs
+from .native_ops import FORWARD, op_inputs, ops_available
 
 NATIVE_HALF = True
-OP = "mlcl_fast::anchor_loss_forward"
 
 
 def _unavailable_reason() -> str:
     if torch.version.cuda is None:
         return "torch is a CPU-only build"
-    from . import cpp  # loads mlcl_fast._C and registers autograd for the shared ops
-
-    ok, reason = cpp.is_available()
+    ok, reason = ops_available()
     if not ok:
         return reason
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CUDA"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD, "CUDA"):
         return "mlcl_fast._C was built without CUDA (needs nvcc / CUDA_HOME at build time; rebuild with `make build`)"
     if not torch.cuda.is_available():
         return "no CUDA device is visible"

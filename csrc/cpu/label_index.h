@@ -1,5 +1,6 @@
-// Host-side preparation of the kernels' label inputs, with device-agnostic ATen ops only (no
-// CUDA headers), so tests can run it on CPU tensors. No host synchronisation in here.
+// The blocked algorithm's label inputs (int32 counts, the columns' inverted label index), with
+// device-agnostic ATen ops only: the same code prepares CPU and CUDA tensors. No host
+// synchronisation in here.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,18 +9,7 @@
 #include <tuple>
 
 namespace mlcl_fast {
-namespace cuda_prep {
-
-// Entries of a [rows, K] int64 label matrix that break the canonical form (-1 <= k < num_labels,
-// ascending without duplicates, -1 only as padding at the end); a 0-dim int64 tensor.
-inline at::Tensor label_violations(const at::Tensor& labels, int64_t num_labels) {
-  at::Tensor bad = ((labels < -1) | (labels >= num_labels)).sum();
-  if (labels.size(1) > 1) {
-    const at::Tensor a = labels.slice(1, 0, labels.size(1) - 1), b = labels.slice(1, 1);
-    bad = bad + (~((b == -1) | ((a != -1) & (b > a)))).sum();
-  }
-  return bad;
-}
+namespace label_index {
 
 // |y| per row as int32.
 inline at::Tensor label_counts(const at::Tensor& labels) {
@@ -48,5 +38,5 @@ inline LabelIndex column_label_index(const at::Tensor& col_labels, int64_t num_l
   return index;
 }
 
-}  // namespace cuda_prep
+}  // namespace label_index
 }  // namespace mlcl_fast

@@ -1,0 +1,87 @@
+"""The op layer shared by the cpp and cuda backends: loading mlcl_fast._C (which defines the
+`torch.ops.mlcl_fast` schemas, csrc/README.md), the ops' arguments for a Problem, and their one
+`register_fake` / `register_autograd` registration, so every device's kernels share them and the
+ops run under torch.compile(fullgraph=True).
+
+The CPU kernels save their statistics in float64 (they compute in fp32 or fp64), the CUDA ones in
+float32; the fake kernel follows the device.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..problem import Problem
+
+LOAD_ERROR = ""
+try:
+    from .. import _C  # noqa: F401  (loading it registers torch.ops.mlcl_fast.*)
+except ImportError as err:  # extension not built
+    LOAD_ERROR = f"the C++ extension mlcl_fast._C is not built ({err}); run `make build`"
+
+OPS_PRESENT = not LOAD_ERROR and hasattr(torch.ops.mlcl_fast, "anchor_loss_forward")
+FORWARD = "mlcl_fast::anchor_loss_forward"
+
+
+def ops_available() -> tuple[bool, str]:
+    if LOAD_ERROR:
+        return False, LOAD_ERROR
+    if not OPS_PRESENT:
+        return False, "mlcl_fast._C was built without the operators"
+    return True, ""
+
+
+def op_inputs(problem: Problem, dtype=None) -> tuple:
+    """Forward op arguments; embeddings in `dtype` (default: as prepared by mlcl_fast.inputs)."""
+    cfg = problem.config
+    rows, cols = problem.embeddings(dtype)
+    return (rows, cols, problem.anchor_labels().index, problem.column_labels().index, problem.anchor_columns(),
+            problem.num_samples, problem.labels.num_labels, problem.temperature, cfg.beta, cfg.weighting, cfg.f,
+            cfg.alpha, cfg.reg)
+
+
+def stats_dtype(device: torch.device) -> torch.dtype:
+    """dtype of the saved statistics (lse, total_weight, normalizer) on `device`."""
+    return torch.float32 if device.type == "cuda" else torch.float64
+
+
+# ------------------------------------------------------------------ autograd and fake tensors
+def _normalizer_width(row_labels: Tensor, weighting: str) -> int:
+    return row_labels.shape[1] if weighting == "label" else 1
+
+
+def _forward_fake(rows, cols, row_labels, col_labels, self_col, num_sample_cols, num_labels, temperature, beta,
+                  weighting, pair_factor, alpha, reg):
+    r = rows.shape[0]
+    stats = dict(dtype=stats_dtype(rows.device), device=rows.device)
+    loss_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32  # half rows: fp32 loss
+    return (rows.new_empty(r, dtype=loss_dtype), rows.new_empty(r, dtype=torch.bool), rows.new_empty(r, **stats),
+            rows.new_empty(r, **stats), rows.new_empty((r, _normalizer_width(row_labels, weighting)), **stats))
+
+
+def _backward_fake(grad_loss, rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer,
+                   num_sample_cols, num_labels, temperature, beta, weighting, pair_factor, alpha, reg):
+    return torch.empty_like(rows), torch.empty_like(cols)
+
+
+def _setup_context(ctx, inputs, output):
+    rows, cols, row_labels, col_labels, self_col = inputs[:5]
+    _, _, lse, total_weight, normalizer = output
+    ctx.save_for_backward(rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer)
+    ctx.options = inputs[5:]
+
+
+def _backward(ctx, grad_loss, *_other_outputs):
+    # Only the loss output is differentiable: validity and the saved statistics are constants.
+    rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = rows.new_zeros(rows.shape[0])
+    grad_rows, grad_cols = torch.ops.mlcl_fast.anchor_loss_backward(
+        grad_loss, rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer, *ctx.options)
+    return (grad_rows, grad_cols) + (None,) * (3 + len(ctx.options))
+
+
+if OPS_PRESENT:
+    torch.library.register_fake(FORWARD, _forward_fake)
+    torch.library.register_fake("mlcl_fast::anchor_loss_backward", _backward_fake)
+    torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
