@@ -2,6 +2,7 @@
 #include "blocked.h"
 
 #include <ATen/Parallel.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -83,8 +84,19 @@ at::Tensor compute_operand(const at::Tensor& t) {
 
 bool is_half(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
+// mm / addmm with an fp32 result for fp16/bf16 operands (cuBLAS, fp32 accumulation) since torch 2.8.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define MLCL_FAST_HAVE_MM_DTYPE 1
+#else
+#define MLCL_FAST_HAVE_MM_DTYPE 0
+#endif
+
 // out = a @ b (fp32), or out = out + a @ b with `accumulate`.
 void product(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (!MLCL_FAST_HAVE_MM_DTYPE && is_half(a)) {  // older torch: the same products in fp32
+    product(out, a.to(at::kFloat), b.to(at::kFloat), accumulate);
+    return;
+  }
   if (!is_half(a)) {
     if (accumulate) {
       out.addmm_(a, b);
@@ -93,11 +105,13 @@ void product(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool acc
     }
     return;
   }
+#if MLCL_FAST_HAVE_MM_DTYPE
   if (accumulate) {
     at::addmm_out(out, out, a, b, at::kFloat);
   } else {
     at::mm_out(out, a, b, at::kFloat);
   }
+#endif
 }
 
 struct Workspace {

@@ -17,9 +17,9 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
-# On GPUs `cuda` comes first: its tests pass on an H100 and it was measured across the benchmark grid,
-# while Triton's GPU tests and timings cover only part of it so far, and its kernels compile for
-# 10 to 40 s per loss configuration on first use (bench/RESULTS.md).
+# On GPUs `cuda` comes first: cuBLAS products and three small kernels, no compilation at first use,
+# where Triton's kernels compile for 10 to 40 s per loss configuration (bench/RESULTS.md); neither
+# backend's current kernels have been measured on a GPU yet.
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 _loaded: dict[str, ModuleType | str] = {}
 _warned_fallback = False
