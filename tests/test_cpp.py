@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cases import (ALL_PRESET_IDS, ALL_PRESETS, assert_backend_matches, assert_matches_brute_force, fresh_seed,
-                   label_forms, random_case, rel_err)
+                   label_forms, random_case, rel_err, uses_prototypes)
 from mlcl_fast import multilabel_contrastive_loss, resolve_config
 from mlcl_fast.backends import backend_status
 from mlcl_fast.inputs import prepare
@@ -324,6 +324,20 @@ def test_bad_arguments_are_named():
         trial[position] = value
         with pytest.raises(RuntimeError, match=name):
             torch.ops.mlcl_fast.anchor_loss_forward(*trial)
+        # check_values=False (what the public API passes): the value checks are the device-side
+        # assertions the CUDA ops make without a host synchronisation (on the CPU they raise at
+        # once); shape, dtype and option checks stay host-side
+        value_check = position in (2, 3, 4) and value.shape == args[position].shape
+        with pytest.raises(RuntimeError, match=f"{name}: some entries" if value_check else name):
+            torch.ops.mlcl_fast.anchor_loss_forward(*trial, check_values=False)
+
+
+def test_device_side_value_checks_give_the_same_results():
+    case = random_case(fresh_seed("cpp-check-values"), "reg", B=9, V=2, d=4, L=5, density=0.4)
+    args = _op_args(_problem(case))
+    for exact, asserted in zip(torch.ops.mlcl_fast.anchor_loss_forward(*args, check_values=True),
+                               torch.ops.mlcl_fast.anchor_loss_forward(*args, check_values=False)):
+        assert torch.equal(exact, asserted)
 
 
 # ----------------------------------------------------------------- torch.library integration
@@ -379,3 +393,27 @@ def test_torch_compile_inductor():
     assert torch.allclose(value, expected, rtol=1e-6)
     for g, e in zip(grads, torch.autograd.grad(expected, [x, p])):
         assert torch.allclose(g, e, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("preset", ["reg", "msc", "supcon_any", "jaccard", "mulsupcon"])
+def test_public_call_without_value_checks_makes_no_host_read(preset):
+    """The native ops' driver path (backends/native_ops.py, shared by cpp and cuda): the public call
+    with check_values=False and padded indices, forward and backward, under FakeTensorMode (the
+    ops' fake kernels stand in for the devices' kernels, whose value checks are then device-side
+    assertions): any read of a tensor's values on the host raises there."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    gen = torch.Generator().manual_seed(fresh_seed("cpp-api-fake", preset))
+    B, V, d, L = 10, 2, 8, 40
+    index = torch.randint(-1, L, (B, 4), generator=gen)
+    protos = torch.randn(L, d, generator=gen)
+    kwargs = dict(preset=preset, num_labels=L, label_format="indices", backend="cpp")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        feats = mode.from_tensor(torch.randn(B, V, d, generator=gen)).requires_grad_(True)
+        p = mode.from_tensor(protos).requires_grad_(True)
+        uses_p = uses_prototypes(preset)
+        loss = multilabel_contrastive_loss(feats, index, p if uses_p else None, check_values=False, **kwargs)
+        loss.backward()
+        assert feats.grad.shape == feats.shape
+        with pytest.raises(DataDependentOutputException):  # the host-side checks do read values
+            multilabel_contrastive_loss(feats, index, p if uses_p else None, **kwargs)

@@ -257,6 +257,8 @@ def _corrupt(args: list, which: str, num_labels: int) -> list:
 def test_op_errors_name_the_argument(which):
     case = _case("errors", "supcon_any", None, B=6, d=4, L=3)
     problem, _ = _problem(case, None, None, torch.float32, "cuda")
-    bad = _corrupt(list(backend.op_inputs(problem)), which, case.num_labels)
+    # check_values=True: the exact host-side checks (False makes them device-side assertions,
+    # which end the CUDA context; tests/test_cpp.py runs that path on the CPU)
+    bad = _corrupt(list(backend.op_inputs(problem, check_values=True)), which, case.num_labels)
     with pytest.raises(RuntimeError, match=which):
         torch.ops.mlcl_fast.anchor_loss_forward(*bad)

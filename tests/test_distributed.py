@@ -257,6 +257,10 @@ def _worker(rank, world, store, jobs, seed, out_dir):
                 results[job["name"]] = {"crash": traceback.format_exc()}
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # No rank tears its group down while a peer may still be sending to it: gloo's teardown
+        # with a peer's traffic in flight once aborted a worker (std::terminate) after every
+        # check had run.
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -18,10 +18,11 @@ using ForwardTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, 
 ForwardTuple anchor_loss_forward(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,
                                  const at::Tensor& col_labels, const at::Tensor& self_col, int64_t num_sample_cols,
                                  int64_t num_labels, double temperature, double beta, c10::string_view weighting,
-                                 c10::string_view pair_factor, double alpha, bool reg) {
+                                 c10::string_view pair_factor, double alpha, bool reg,
+                                 bool check_values) {
   const LossOptions opt = parse_options(num_sample_cols, num_labels, temperature, beta, std::string(weighting),
                                         std::string(pair_factor), alpha, reg);
-  check_inputs(rows, cols, row_labels, col_labels, self_col, opt);
+  check_inputs(rows, cols, row_labels, col_labels, self_col, opt, check_values);
   if (cpu_blocked_requested()) {  // the CUDA backend's algorithm, on the CPU (tests)
     auto [loss, valid, lse, total_weight, normalizer] =
         blocked_forward(rows, cols, row_labels, col_labels, self_col, opt, cpu_block_kernels());
@@ -39,10 +40,10 @@ std::tuple<at::Tensor, at::Tensor> anchor_loss_backward(
     const at::Tensor& grad_loss, const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,
     const at::Tensor& col_labels, const at::Tensor& self_col, const at::Tensor& lse, const at::Tensor& total_weight,
     const at::Tensor& normalizer, int64_t num_sample_cols, int64_t num_labels, double temperature, double beta,
-    c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg) {
+    c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg, bool check_values) {
   const LossOptions opt = parse_options(num_sample_cols, num_labels, temperature, beta, std::string(weighting),
                                         std::string(pair_factor), alpha, reg);
-  check_inputs(rows, cols, row_labels, col_labels, self_col, opt);
+  check_inputs(rows, cols, row_labels, col_labels, self_col, opt, check_values);
   check_saved(grad_loss, lse, total_weight, normalizer, rows, row_labels, opt, at::kDouble);
   if (cpu_blocked_requested()) {
     return blocked_backward(grad_loss, rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer,
@@ -62,12 +63,13 @@ TORCH_LIBRARY(mlcl_fast, m) {
   m.def(
       "anchor_loss_forward(Tensor rows, Tensor cols, Tensor row_labels, Tensor col_labels, Tensor self_col, "
       "int num_sample_cols, int num_labels, float temperature, float beta, str weighting, str pair_factor, "
-      "float alpha, bool reg) -> (Tensor loss, Tensor valid, Tensor lse, Tensor total_weight, Tensor normalizer)");
+      "float alpha, bool reg, bool check_values=True) "
+      "-> (Tensor loss, Tensor valid, Tensor lse, Tensor total_weight, Tensor normalizer)");
   m.def(
       "anchor_loss_backward(Tensor grad_loss, Tensor rows, Tensor cols, Tensor row_labels, Tensor col_labels, "
       "Tensor self_col, Tensor lse, Tensor total_weight, Tensor normalizer, int num_sample_cols, int num_labels, "
-      "float temperature, float beta, str weighting, str pair_factor, float alpha, bool reg) "
-      "-> (Tensor grad_rows, Tensor grad_cols)");
+      "float temperature, float beta, str weighting, str pair_factor, float alpha, bool reg, "
+      "bool check_values=True) -> (Tensor grad_rows, Tensor grad_cols)");
 }
 
 TORCH_LIBRARY_IMPL(mlcl_fast, CPU, m) {

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 #include <utility>
 
 namespace mlcl_fast {
@@ -94,7 +95,8 @@ static void check_label_values_cpu(const at::Tensor& labels, const char* name, i
 }
 
 void check_inputs(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,
-                  const at::Tensor& col_labels, const at::Tensor& self_col, const LossOptions& opt, bool half_ok) {
+                  const at::Tensor& col_labels, const at::Tensor& self_col, const LossOptions& opt, bool check_values,
+                  bool half_ok) {
   TORCH_CHECK(rows.dim() == 2, "rows: expected shape [R, d], got ", rows.sizes());
   TORCH_CHECK(cols.dim() == 2, "cols: expected shape [C, d], got ", cols.sizes());
   const at::Device device = rows.device();
@@ -117,6 +119,10 @@ void check_inputs(const at::Tensor& rows, const at::Tensor& cols, const at::Tens
   check_label_shape(col_labels, "col_labels", cols.size(0), device);
   TORCH_CHECK(col_labels.numel() < std::numeric_limits<int32_t>::max(), "col_labels: at most 2^31-2 entries, got ",
               col_labels.numel());
+  if (!check_values) {
+    assert_values_on_device(row_labels, col_labels, self_col, cols.size(0), opt);
+    return;
+  }
   if (device.is_cpu()) {
     const auto self = self_col.contiguous();
     const int64_t* s = self.data_ptr<int64_t>();
@@ -143,6 +149,17 @@ void check_values_by_count(const at::Tensor& row_labels, const at::Tensor& col_l
   TORCH_CHECK(c[1] == 0, "col_labels: ", c[1], " entries are not sorted ascending, unique label ids in [0, ",
               opt.num_labels, ") padded with -1 at the end");
   TORCH_CHECK(c[2] == 0, "self_col: ", c[2], " entries do not index the ", num_cols, " columns");
+}
+
+void assert_values_on_device(const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& self_col,
+                             int64_t num_cols, const LossOptions& opt) {
+  const std::string labels_expected =
+      " entries are not sorted ascending, unique label ids in [0, " + std::to_string(opt.num_labels) +
+      ") padded with -1 at the end";
+  at::_assert_async(label_violations(row_labels, opt.num_labels) == 0, "row_labels: some" + labels_expected);
+  at::_assert_async(label_violations(col_labels, opt.num_labels) == 0, "col_labels: some" + labels_expected);
+  at::_assert_async(((self_col < 0) | (self_col >= num_cols)).sum() == 0,
+                    "self_col: some entries do not index the " + std::to_string(num_cols) + " columns");
 }
 
 void check_saved(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& total_weight,

@@ -34,16 +34,25 @@ LossOptions parse_options(int64_t num_sample_cols, int64_t num_labels, double te
                           const std::string& weighting, const std::string& pair_factor, double alpha, bool reg);
 
 // Shape, dtype, device and value checks shared by every op on every device; each names its
-// argument. CPU tensors are scanned (the message names the bad row); on other devices the value
-// checks are counted there and read back with one copy. `half_ok`: fp16/bf16 rows are accepted.
+// argument. Value checks (label ids, their canonical order, self_col) with `check_values`: CPU
+// tensors are scanned (the message names the bad row); on other devices the violations are
+// counted there and read back with one copy (a host synchronisation). Without `check_values` the
+// same checks are device-side assertions (assert_values_on_device): no host synchronisation.
+// `half_ok`: fp16/bf16 rows are accepted.
 void check_inputs(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,
                   const at::Tensor& col_labels, const at::Tensor& self_col, const LossOptions& opt,
-                  bool half_ok = false);
+                  bool check_values, bool half_ok = false);
 
 // The value checks of check_inputs for tensors off the CPU: counted with ATen ops on their
 // device, then one device-to-host copy. Works on CPU tensors too (tests).
 void check_values_by_count(const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& self_col,
                            int64_t num_cols, const LossOptions& opt);
+
+// The value checks as assertions on the tensors' device (at::_assert_async), read by no host code:
+// on the CPU a violation raises at once; on CUDA it fails the stream with the message, which names
+// the argument. What the public API uses (its labels are validated or asserted when canonicalised).
+void assert_values_on_device(const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& self_col,
+                             int64_t num_cols, const LossOptions& opt);
 
 // The backward's extra inputs: grad_loss [R] (floating point) and the forward's saved statistics
 // lse, total_weight [R] and normalizer [R, normalizer_width] in `stats_dtype`, all on rows' device.

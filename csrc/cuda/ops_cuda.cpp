@@ -49,11 +49,11 @@ void check_cuda_device(const at::Tensor& rows) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> anchor_loss_forward_cuda(
     const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels, const at::Tensor& col_labels,
     const at::Tensor& self_col, int64_t num_sample_cols, int64_t num_labels, double temperature, double beta,
-    c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg) {
+    c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg, bool check_values) {
   const LossOptions opt = parse_options(num_sample_cols, num_labels, temperature, beta, std::string(weighting),
                                         std::string(pair_factor), alpha, reg);
   check_cuda_device(rows);
-  check_inputs(rows, cols, row_labels, col_labels, self_col, opt, /*half_ok=*/true);
+  check_inputs(rows, cols, row_labels, col_labels, self_col, opt, check_values, /*half_ok=*/true);
   const c10::cuda::CUDAGuard guard(rows.device());
   return blocked_forward(rows, cols, row_labels, col_labels, self_col, opt, kKernels);
 }
@@ -62,11 +62,11 @@ std::tuple<at::Tensor, at::Tensor> anchor_loss_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,
     const at::Tensor& col_labels, const at::Tensor& self_col, const at::Tensor& lse, const at::Tensor& total_weight,
     const at::Tensor& normalizer, int64_t num_sample_cols, int64_t num_labels, double temperature, double beta,
-    c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg) {
+    c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg, bool check_values) {
   const LossOptions opt = parse_options(num_sample_cols, num_labels, temperature, beta, std::string(weighting),
                                         std::string(pair_factor), alpha, reg);
   check_cuda_device(rows);
-  check_inputs(rows, cols, row_labels, col_labels, self_col, opt, /*half_ok=*/true);
+  check_inputs(rows, cols, row_labels, col_labels, self_col, opt, check_values, /*half_ok=*/true);
   check_saved(grad_loss, lse, total_weight, normalizer, rows, row_labels, opt, at::kFloat);
   const c10::cuda::CUDAGuard guard(rows.device());
   return blocked_backward(grad_loss, rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer, opt,

@@ -31,13 +31,18 @@ def ops_available() -> tuple[bool, str]:
     return True, ""
 
 
-def op_inputs(problem: Problem, dtype=None) -> tuple:
-    """Forward op arguments; embeddings in `dtype` (default: as prepared by mlcl_fast.inputs)."""
+def op_inputs(problem: Problem, dtype=None, check_values: bool = False) -> tuple:
+    """Forward op arguments; embeddings in `dtype` (default: as prepared by mlcl_fast.inputs).
+
+    The Problem's labels are canonical (mlcl_fast.labels validated them on the host, or asserted
+    them on their device with check_values=False), so by default the ops check label values with
+    device-side assertions only, and make no host synchronisation; `check_values=True` asks for
+    the ops' exact host-side checks (one device-to-host copy per op on a GPU)."""
     cfg = problem.config
     rows, cols = problem.embeddings(dtype)
     return (rows, cols, problem.anchor_labels().index, problem.column_labels().index, problem.anchor_columns(),
             problem.num_samples, problem.labels.num_labels, problem.temperature, cfg.beta, cfg.weighting, cfg.f,
-            cfg.alpha, cfg.reg)
+            cfg.alpha, cfg.reg, check_values)
 
 
 def stats_dtype(device: torch.device) -> torch.dtype:
@@ -51,7 +56,7 @@ def _normalizer_width(row_labels: Tensor, weighting: str) -> int:
 
 
 def _forward_fake(rows, cols, row_labels, col_labels, self_col, num_sample_cols, num_labels, temperature, beta,
-                  weighting, pair_factor, alpha, reg):
+                  weighting, pair_factor, alpha, reg, check_values=True):
     r = rows.shape[0]
     stats = dict(dtype=stats_dtype(rows.device), device=rows.device)
     loss_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32  # half rows: fp32 loss
@@ -60,7 +65,8 @@ def _forward_fake(rows, cols, row_labels, col_labels, self_col, num_sample_cols,
 
 
 def _backward_fake(grad_loss, rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer,
-                   num_sample_cols, num_labels, temperature, beta, weighting, pair_factor, alpha, reg):
+                   num_sample_cols, num_labels, temperature, beta, weighting, pair_factor, alpha, reg,
+                   check_values=True):
     return torch.empty_like(rows), torch.empty_like(cols)
 
 
