@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cases import (ALL_PRESET_IDS, ALL_PRESETS, assert_backend_matches, assert_matches_brute_force, fresh_seed,
-                   random_case, rel_err)
+                   random_case, rel_err, to_padded)
 from mlcl_fast import multilabel_contrastive_loss, resolve_config
 from mlcl_fast.backends import backend_status
 from mlcl_fast.inputs import prepare
@@ -180,3 +180,48 @@ def test_bad_settings_are_named(name, value, monkeypatch):
     with pytest.raises(RuntimeError, match=name):
         multilabel_contrastive_loss(case.features, case.labels, backend="cpp", num_labels=case.num_labels,
                                     **case.loss_kwargs())
+
+
+# ------------------------------------------------------------------- anchors left out of the ops
+@pytest.mark.parametrize("preset,overrides", ALL_PRESETS, ids=ALL_PRESET_IDS)
+def test_left_out_anchors_are_never_valid(preset, overrides):
+    """native_ops.candidate_anchors keeps every valid anchor (a sparse label space, so many anchors,
+    prototypes above all, share no label with any other column), and the losses with the others
+    left out of the op equal the op's over every anchor."""
+    from mlcl_fast.backends import native_ops
+
+    case = _case("candidates", preset, overrides, B=14, V=2, d=6, L=40, density=0.04, empty_rows=2)
+    problem = _problem(case)
+    every_loss, every_valid = torch.ops.mlcl_fast.anchor_loss_forward(*op_inputs(problem))[:2]
+    candidate = native_ops.candidate_anchors(problem)
+    assert not bool((every_valid & ~candidate).any()), "a valid anchor was left out"
+    assert bool((~candidate).any()), "nothing to leave out: the case does not test the compaction"
+    loss, valid = native_ops.anchor_losses(problem)
+    assert torch.equal(valid, every_valid)
+    torch.testing.assert_close(loss, every_loss, rtol=1e-6, atol=1e-7)
+
+
+def test_left_out_anchors_reach_no_op(monkeypatch):
+    """reg with most labels absent from the batch: the op sees only the candidate anchors (with
+    check_values=True), every anchor when the caller forbids host reads; same loss and gradients."""
+    from mlcl_fast.backends import native_ops
+
+    case = _case("compaction", "reg", None, B=6, V=2, d=8, L=50, density=0.05)
+    seen = []
+    forward = torch.ops.mlcl_fast.anchor_loss_forward
+
+    def counting(*args, **kwargs):
+        seen.append(args[0].shape[0])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(native_ops.torch.ops.mlcl_fast, "anchor_loss_forward", counting)
+    results = []
+    for check_values in (True, False):
+        x = case.features.detach().clone().requires_grad_(True)
+        p = case.prototypes.detach().clone().requires_grad_(True)
+        loss = multilabel_contrastive_loss(x, to_padded(case.labels, case.seed), p, preset="reg", backend="cpp",
+                                           check_values=check_values, label_format="indices", num_labels=50)
+        results.append((loss.detach(), *torch.autograd.grad(loss, [x, p])))
+    assert seen[0] < 12 + 50 and seen[-1] == 12 + 50, seen
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

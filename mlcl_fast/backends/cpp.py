@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from ..problem import Problem
-from .native_ops import op_inputs, ops_available
+from . import native_ops
+from .native_ops import ops_available
 
 # Half inputs arrive upcast to fp32 (the kernels compute in fp32 or fp64).
 NATIVE_HALF = False
@@ -28,5 +29,4 @@ def supports(device) -> bool:
 def anchor_losses(problem: Problem) -> tuple[Tensor, Tensor]:
     """Per-anchor loss ([|A|], 0 for invalid anchors) and validity ([|A|] bool)."""
     half = problem.samples.dtype in (torch.float16, torch.bfloat16)
-    loss, valid, *_ = torch.ops.mlcl_fast.anchor_loss_forward(*op_inputs(problem, torch.float32 if half else None))
-    return loss, valid
+    return native_ops.anchor_losses(problem, torch.float32 if half else None)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..problem import Problem
+from . import native_ops
 from .native_ops import FORWARD, op_inputs, ops_available
 
 NATIVE_HALF = True
@@ -41,5 +42,4 @@ def supports(device) -> bool:
 
 def anchor_losses(problem: Problem) -> tuple[Tensor, Tensor]:
     """Per-anchor loss ([|A|] fp32, or fp64 for fp64 embeddings; 0 for invalid anchors) and validity."""
-    loss, valid, *_ = torch.ops.mlcl_fast.anchor_loss_forward(*op_inputs(problem))
-    return loss, valid
+    return native_ops.anchor_losses(problem)
