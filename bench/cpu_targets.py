@@ -56,7 +56,7 @@ def _program(provider: str, labels):
     cfg = mlcl_fast.resolve_config(PRESET)
 
     def program(x, p):  # the API's host-side input checks left out, so the graph stays whole
-        problem = Problem(l2_normalize(x.flatten(0, 1), False), l2_normalize(p, False), labels.repeat_views(x.shape[1]),
+        problem = Problem(l2_normalize(x.flatten(0, 1)), l2_normalize(p), labels.repeat_views(x.shape[1]),
                           cfg, TEMPERATURE)
         return mean_loss(problem, *reference.anchor_losses(problem))
     return torch.compile(program, dynamic=False, options=reference.COMPILE_OPTIONS)

@@ -146,8 +146,8 @@ def reference_program(inputs: Inputs) -> Callable[[Tensor, Optional[Tensor]], Te
     cfg, labels, temperature = inputs.config, inputs.labels, inputs.temperature
 
     def program(features: Tensor, prototypes: Optional[Tensor]) -> Tensor:
-        rows = l2_normalize(features, False)
-        protos = None if prototypes is None else l2_normalize(prototypes, False)
+        rows = l2_normalize(features)
+        protos = None if prototypes is None else l2_normalize(prototypes)
         problem = Problem(rows, protos, labels, cfg, temperature)
         return mean_loss(problem, *reference.anchor_losses(problem))
     return program

@@ -13,6 +13,8 @@ def _dense_targets(logits: Tensor, labels) -> Tensor:
     if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.dtype.is_floating_point:
         raise ValueError(f"logits: expected a float tensor [B, L], got "
                          f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+    if logits.shape[0] < 1 or logits.shape[1] < 1:  # as the contrastive loss: no mean over nothing
+        raise ValueError(f"logits: expected at least one sample and one label, got shape {tuple(logits.shape)}")
     sets = as_label_sets(labels, logits.shape[0], logits.shape[1], device=logits.device)
     return sets.dense(torch.bool)
 

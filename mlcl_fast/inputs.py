@@ -16,6 +16,9 @@ from .problem import Problem
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "none")
 NORM_EPS = 1e-12
+# Below this the logits s/tau (|s| <= 1) and their gradients, which carry 1/tau, lose every digit of
+# fp32 precision and, for tau near fp32's smallest normal numbers, overflow to inf/NaN.
+MIN_TEMPERATURE = 1e-6
 
 
 def _check_values() -> bool:
@@ -31,6 +34,9 @@ def check_temperature(temperature) -> float:
         raise TypeError(f"temperature: expected a positive number, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature}")
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature: {temperature} is below the smallest supported temperature {MIN_TEMPERATURE} "
+                         "(the logits s/temperature would not stay finite and accurate in fp32)")
     return float(temperature)
 
 
@@ -83,9 +89,21 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def l2_normalize(x: Tensor, keep_half: bool) -> Tensor:
-    out = F.normalize(x.to(compute_dtype(x.dtype)), dim=-1, eps=NORM_EPS)
-    return out.to(x.dtype) if keep_half else out
+def l2_normalize(x: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """x / max(||x||, NORM_EPS) per row (the last dimension) in `out_dtype` (default: fp32 for half
+    rows, else x's dtype), for any finite x: the sum of squares neither overflows nor underflows.
+    fp16 rows are normalised in fp32, bf16 and fp32 rows in fp64 (whose range holds their squares:
+    plain fp32 turns the norm of a row of 1e20s into inf and the row into zeros); fp64 rows are
+    first rescaled by a power of two so that their largest entry lies in [0.5, 1), which is exact:
+    where nothing overflows the result is F.normalize's to the last bit, gradient included."""
+    out_dtype = out_dtype or compute_dtype(x.dtype)
+    if x.dtype == torch.float16:
+        return F.normalize(x.float(), dim=-1, eps=NORM_EPS).to(out_dtype)
+    if x.dtype != torch.float64:
+        return F.normalize(x.double(), dim=-1, eps=NORM_EPS).to(out_dtype)
+    scale = torch.ldexp(torch.ones_like(x[..., :1]), -torch.frexp(x.detach().abs().amax(-1, keepdim=True))[1])
+    scaled = x * scale
+    return (scaled / torch.maximum(scaled.norm(dim=-1, keepdim=True), NORM_EPS * scale)).to(out_dtype)
 
 
 def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labels: Optional[int] = None,
@@ -106,10 +124,10 @@ def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labe
     if cfg.uses_prototypes and label_sets.num_labels != prototypes.shape[0]:
         raise ValueError(f"labels: label space of size {label_sets.num_labels} but {prototypes.shape[0]} prototypes")
     keep_half = native_half and features.dtype in (torch.float16, torch.bfloat16)
-    rows = l2_normalize(features.reshape(batch * views, dim), keep_half)
+    rows = l2_normalize(features.reshape(batch * views, dim), features.dtype if keep_half else None)
     protos = None
-    if prototypes is not None:  # normalised at the rows' precision (fp32 prototypes stay fp32 for half rows)
-        protos = F.normalize(prototypes.to(compute_dtype(features.dtype)), dim=-1, eps=NORM_EPS).to(rows.dtype)
+    if prototypes is not None:  # in the rows' dtype (fp32 prototypes stay fp32 for half rows)
+        protos = l2_normalize(prototypes, rows.dtype)
     return Problem(rows, protos, label_sets.repeat_views(views), cfg, temperature, check_values=check_values)
 
 

@@ -198,3 +198,33 @@ def test_supcon_all_with_identical_sets_weights_every_other_row():
         total += float(-log_p.mean())
     value = run_loss("reference", case)[0]
     assert abs(float(value) - total / 4) <= 1e-12 * abs(total)
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e20), (torch.float32, 3e37), (torch.float32, 1e-11),
+                                         (torch.bfloat16, 1e36), (torch.float64, 1e300), (torch.float16, 6e4)],
+                         ids=str)
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_normalisation_is_scale_invariant(backend, dtype, scale):
+    """Features and prototypes scaled by any factor that keeps them finite and their norms above
+    the 1e-12 floor of the normalisation (SPEC: x / max(|x|, 1e-12)) give the same loss and the
+    correspondingly scaled gradients: the sum of squares must not overflow (fp32 rows of 1e20s
+    once became zeros)."""
+    if backend not in mlcl_fast.available_backends("cpu"):
+        pytest.skip(f"{backend} unavailable")
+    case = random_case(fresh_seed("scale", repr(dtype), scale), "reg", B=5, V=2, d=6, L=4, dtype=torch.float64)
+    # unit-scale entries whose largest is 1, so the scaled copy is exactly representable up to rounding
+    feats = (case.features / case.features.abs().amax()).to(dtype)
+    protos = (case.prototypes / case.prototypes.abs().amax()).to(dtype)
+    values, grads = [], []
+    for s in (1.0, scale):
+        x = (feats.double() * s).to(dtype).requires_grad_(True)
+        p = (protos.double() * s).to(dtype).requires_grad_(True)
+        assert bool(torch.isfinite(x).all()) and bool((x != 0).any())
+        loss = mlcl_fast.multilabel_contrastive_loss(x, case.labels, p, preset="reg", backend=backend)
+        loss.backward()
+        values.append(loss.double())
+        grads.append((x.grad.double() * s, p.grad.double() * s))  # d loss / d(x s) = grad / s
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}[dtype]
+    assert bool(torch.isfinite(values[1])) and rel_err(values[1], values[0], 1e-6) < tol
+    for a, b in zip(grads[1], grads[0]):
+        assert bool(torch.isfinite(a).all()) and rel_err(a, b, 1e-6) < 10 * tol

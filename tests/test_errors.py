@@ -114,6 +114,19 @@ def test_bad_temperature_value(temperature):
     raises("temperature", lambda: MultiLabelContrastiveLoss("supcon_any", temperature=temperature), ValueError)
 
 
+def test_temperature_has_a_lower_bound():
+    """Below MIN_TEMPERATURE the fp32 logits would not stay finite (1e-40 gave NaN); at it the loss
+    and its gradient are finite."""
+    from mlcl_fast.inputs import MIN_TEMPERATURE
+
+    for temperature in (1e-40, MIN_TEMPERATURE / 2):
+        raises("temperature", lambda: call(temperature=temperature), ValueError)
+    x = torch.randn(B, D, requires_grad=True)
+    loss = multilabel_contrastive_loss(x, LABELS, preset="supcon_any", temperature=MIN_TEMPERATURE)
+    loss.backward()
+    assert bool(torch.isfinite(loss)) and bool(torch.isfinite(x.grad).all())
+
+
 @pytest.mark.parametrize("temperature", ["0.1", None, True, [0.1], torch.tensor([0.1, 0.2])], ids=repr)
 def test_bad_temperature_type(temperature):
     raises("temperature", lambda: call(temperature=temperature), TypeError)
@@ -256,6 +269,9 @@ def test_baseline_errors(fn):
     raises("labels", lambda: fn(logits, torch.zeros(B, L + 1, dtype=torch.bool)))
     raises("labels", lambda: fn(logits, torch.tensor([[0, 3], [1, -1], [2, 2], [-1, -1]])))
     raises("reduction", lambda: fn(logits, LABELS, reduction="sum"))
+    # empty shapes are refused, as the contrastive loss refuses them (no NaN from a mean over nothing)
+    raises("logits", lambda: fn(torch.randn(0, L), torch.zeros(0, L, dtype=torch.bool)))
+    raises("logits", lambda: fn(torch.randn(B, 0), torch.zeros(B, 0, dtype=torch.bool)))
 
 
 def test_explicit_label_format_checks_the_values():
