@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -69,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     losses = sorted(PRESETS) + ["bce", "zlpr"]
 
     t = sub.add_parser("train", help="train one method on one dataset, print and save its metrics")
-    t.add_argument("--dataset", default="emotions", help="NAME (bundled or in --data-dir) or PATH (.npz, .arff, svmlight/XMC)")
+    t.add_argument("--dataset", default="emotions",
+                   help="NAME (bundled or in --data-dir) or PATH (.npz, .arff, svmlight/XMC); at most 10 million "
+                        "features and labels each, unless $MLCL_FAST_MAX_DIM allows more")
     t.add_argument("--test-file", default=None, help="test split for .arff / svmlight files")
     t.add_argument("--labels", default=None, help="ARFF: label count (the last N attributes) or a MULAN .xml label file")
     t.add_argument("--test-size", type=float, default=0.25, help="test share drawn when a file has no test split")
@@ -133,11 +134,13 @@ def cmd_train(args) -> int:
 def cmd_run(args) -> int:
     from .train.api import config_from, progress_bar, save, seed_everything
     from .train.data import load_dataset, prepare_split
+    from .train.files import ensure_output_folder, write_json
     from .train.protocols import run
     from .train.report import metrics_table
     from .train.study import parse_method
 
     start = time.perf_counter()
+    ensure_output_folder(args.out)
     ds = load_dataset(args.dataset, args.data_dir)
     print(ds.describe())
     print(f"test metrics; thresholds 0.5 unless noted; validation = {args.val_fraction:.0%} of train; seed {args.seed}")
@@ -158,7 +161,7 @@ def cmd_run(args) -> int:
     best = max(records, key=lambda r: r["test"]["macro_f1"])
     print(f"best Macro-F1: {best['method']} {best['test']['macro_f1']:.4f}; "
           f"results in {args.out}/ ({time.perf_counter() - start:.0f}s)")
-    (Path(args.out) / "summary.json").write_text(json.dumps(records, indent=1))
+    write_json(Path(args.out) / "summary.json", records)
     return 0
 
 

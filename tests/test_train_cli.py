@@ -1,5 +1,6 @@
 """End to end: the CLI trains on a few dozen rows and writes its results; seeds are reproducible."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -168,3 +169,211 @@ def test_against_baseline_counts_clear_differences():
     line = next(x for x in text.splitlines() if x.startswith("| m "))
     assert [c.strip() for c in line.strip("|").split("|")] == ["m", "+0.0067", "2/3", "1", "1"]
     assert "| bce " not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Files the CLI writes: atomic writes, damaged caches, the output folder
+
+class Crash(BaseException):
+    """A crash in the middle of a write (not an Exception, so nothing on the way catches it)."""
+
+
+def _writers():
+    import torch
+    from mlcl_fast.train import files, plots, study
+
+    stage = {"name": "end2end", "train_loss": [1.0, 0.5], "val_score": [0.1, 0.2], "best_epoch": 2}
+    return {"json": lambda p: files.write_json(p, {"new": 1}), "text": lambda p: files.write_text(p, "new"),
+            "csv": lambda p: study._write_csv(p, [{"new": 1}]),
+            "torch": lambda p: files.torch_save({"w": torch.ones(3)}, p),
+            "figure": lambda p: plots.training_curves([stage], p)}
+
+
+@pytest.mark.parametrize("kind", ["json", "text", "csv", "torch", "figure"])
+def test_a_crash_before_the_rename_leaves_the_previous_file(tmp_path, monkeypatch, kind):
+    import os
+
+    suffix = {"figure": "png", "torch": "pt"}.get(kind, kind)
+    path = tmp_path / f"result.{suffix}"
+    path.write_bytes(b"previous")
+
+    def crash(fd):
+        raise Crash()
+
+    monkeypatch.setattr(os, "fsync", crash)  # every byte is written, the rename has not happened
+    with pytest.raises(Crash):
+        _writers()[kind](path)
+    assert path.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    monkeypatch.undo()
+    _writers()[kind](path)
+    assert path.read_bytes() != b"previous" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as plain open() would leave it
+
+
+def test_a_crash_in_the_middle_of_a_write_leaves_the_previous_file(tmp_path):
+    import torch
+    from mlcl_fast.train.files import atomic_open, torch_save
+
+    path = tmp_path / "cache.pt"
+    torch_save({"w": torch.zeros(2)}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):  # pickling fails after the tensor's bytes went out
+        torch_save({"w": torch.ones(10_000), "z": lambda: None}, path)
+    with pytest.raises(Crash):
+        with atomic_open(path, "wb") as f:
+            f.write(b"half of it")
+            raise Crash()
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["cache.pt"]
+
+
+def test_a_killed_writer_leaves_the_previous_file_and_a_hidden_temporary(tmp_path):
+    import subprocess
+    import sys
+    from mlcl_fast.train import files
+
+    path = tmp_path / "seed0.json"
+    path.write_text('{"old": 1}')
+    script = (f"import importlib.util, os, signal\n"  # files.py alone: no torch import in the child
+              f"spec = importlib.util.spec_from_file_location('files', {files.__file__!r})\n"
+              f"m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+              f"with m.atomic_open({str(path)!r}) as f:\n"
+              f"    f.write('{{\"new\": '); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", script]).returncode != 0
+    assert json.loads(path.read_text()) == {"old": 1}
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left[1:] == ["seed0.json"] and left[0].startswith(".seed0.json.") and left[0].endswith(".tmp")
+    assert sorted(tmp_path.glob("seed*.json")) == [path]  # the study's globs never see the temporary
+
+
+def _study(tiny_npz, out, *methods):
+    return ["study", "--datasets", "tiny", "--data-dir", str(tiny_npz.parent), "--methods", *methods,
+            "--seeds", "0", "--out", str(out), *FAST]
+
+
+def test_a_crash_while_caching_a_pretraining_does_not_block_the_resume(tiny_npz, tmp_path, monkeypatch):
+    import torch
+
+    real_save = torch.save
+
+    def partial_save(obj, f):
+        handle = open(f, "wb") if isinstance(f, (str, bytes)) or hasattr(f, "__fspath__") else f
+        handle.write(b"PK\x03\x04 the first bytes")
+        handle.flush()
+        raise Crash()
+
+    out = tmp_path / "study"
+    monkeypatch.setattr(torch, "save", partial_save)
+    with pytest.raises(Crash):
+        main(_study(tiny_npz, out, "reg/probe"))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert list((out / "cache").rglob("*.pt")) == []  # nothing partial under a final name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # resuming finds nothing damaged
+        assert main(_study(tiny_npz, out, "reg/probe")) == 0
+    assert (out / "runs" / "tiny" / "reg__probe" / "seed0.json").exists()
+
+
+def test_damaged_cache_and_cells_are_named_and_computed_again(tiny_npz, tmp_path, capsys):
+    import torch
+    from mlcl_fast.train.study import cell_path
+
+    out = tmp_path / "study"
+    assert main(_study(tiny_npz, out, "bce", "reg/probe")) == 0
+    cache = next((out / "cache").rglob("seed0.pt"))
+    cache.write_bytes(cache.read_bytes()[:100])  # a cut-off pre-training
+    probe, bce = cell_path(out, "tiny", "reg/probe", 0), cell_path(out, "tiny", "bce", 0)
+    probe.unlink()
+    bce.write_text(bce.read_text()[:50])  # a cut-off cell
+    stamp = bce.stat().st_mtime_ns
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning) as caught:
+        assert main(_study(tiny_npz, out, "bce", "reg/probe")) == 0
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith(f"{cache}: unreadable pre-training cache") for m in messages), messages
+    assert any(m.startswith(f"{bce}: unreadable study cell") for m in messages), messages
+    assert "computing it again" in messages[0]
+    blob = torch.load(cache, weights_only=True)  # rewritten whole
+    assert set(blob) == {"backbone", "log"}
+    assert json.loads(bce.read_text())["method"] == "bce" and bce.stat().st_mtime_ns != stamp
+    assert json.loads(probe.read_text())["method"] == "reg/probe"
+    assert {r["method"] for r in json.loads((out / "summary.json").read_text())} == {"bce", "reg/probe"}
+
+
+def test_damaged_tuning_files_are_chosen_again(tmp_path, monkeypatch):
+    from mlcl_fast.train import tuning
+
+    monkeypatch.setitem(tuning.GRIDS, "end2end", {"lr": (1e-3, 1e-2)})
+    trained = []
+
+    def train_candidate(opts):
+        trained.append(opts["lr"])
+        return {"dataset": "d", "method": "bce", "seed": 0, "num_labels": 2, "wall_s": 0.0, "config": opts,
+                "test": {}, "val": {"macro_f1_tuned": opts["lr"], "map": 0.0}, "stages": []}
+
+    assert tuning.tune_method(tmp_path, "d", "bce", "bce", "end2end", train_candidate) == {"lr": 1e-2}
+    damaged = tuning.candidate_path(tmp_path, "d", "bce", {"lr": 1e-2})
+    damaged.write_text('{"dataset": "d"')
+    (tmp_path / "tuning").mkdir(exist_ok=True)
+    (tmp_path / "tuning" / "choices.json").write_text("[1, 2")
+    with pytest.warns(RuntimeWarning, match="choices.json: unreadable tuning choices"):
+        assert tuning.read_choices(tmp_path) == {}
+    with pytest.warns(RuntimeWarning, match=r"lr=0\.01\.json: unreadable tuning candidate"):
+        assert tuning.tune_method(tmp_path, "d", "bce", "bce", "end2end", train_candidate) == {"lr": 1e-2}
+    assert trained == [1e-3, 1e-2, 1e-2]  # only the damaged candidate trained again
+
+
+def _forbid_training(monkeypatch):
+    from mlcl_fast.train import api, protocols, study
+
+    def trained(*args, **kwargs):
+        raise AssertionError("training started")
+
+    for module in (api, protocols, study):
+        for name in ("run", "pretrain"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, trained)
+
+
+@pytest.mark.parametrize("command", ["train", "run", "study"])
+def test_an_unusable_out_fails_before_any_training(tiny_npz, tmp_path, monkeypatch, capsys, command):
+    _forbid_training(monkeypatch)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # a folder cannot be made below a regular file, not even by root
+    out = blocker / "out"
+    args = {"train": ["train", "--dataset", str(tiny_npz), "--loss", "bce"],
+            "run": ["run", "--dataset", str(tiny_npz), "--methods", "bce"],
+            "study": ["study", "--datasets", "tiny", "--data-dir", str(tiny_npz.parent), "--methods", "bce"]}[command]
+    assert main([*args, "--out", str(out), *FAST]) == 2
+    assert f"{out}: cannot create or write the output folder" in capsys.readouterr().err
+
+
+def test_a_read_only_out_fails_before_any_training(tiny_npz, tmp_path, monkeypatch, capsys):
+    import os
+
+    out = tmp_path / "read_only"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        if os.access(out, os.W_OK):
+            pytest.skip("permission bits do not stop this user (root) from writing; see the test above")
+        _forbid_training(monkeypatch)
+        assert main(["train", "--dataset", str(tiny_npz), "--loss", "bce", "--out", str(out), *FAST]) == 2
+        assert f"{out}: cannot create or write the output folder (Permission denied" in capsys.readouterr().err
+    finally:
+        out.chmod(0o700)
+
+
+def test_cli_rejects_out_of_range_labels_before_training(tmp_path, monkeypatch, capsys):
+    _forbid_training(monkeypatch)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for part in ("train", "test"):
+        arrays.update({f"X_{part}": rng.normal(size=(6, 3)).astype(np.float32),
+                       f"Y_{part}_indices": np.array([0, -1, 2, 0, 1, 2], np.int32),
+                       f"Y_{part}_indptr": np.arange(7), f"Y_{part}_shape": np.array([6, 3])})
+    np.savez(tmp_path / "bad.npz", **arrays)
+    assert main(["train", "--dataset", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "out"), *FAST]) == 2
+    assert "bad.npz: Y_train_indices[1] (row 1) is -1; expected a column index in [0, 3)" in capsys.readouterr().err

@@ -184,3 +184,26 @@ def test_arrays_and_split():
         from_arrays(X, [[0]] * 3)
     with pytest.raises(DatasetError, match="X_test, Y_test: give both"):
         from_arrays(X, [[0]] * 40, X_test=X)
+
+
+def test_arrays_are_checked_like_files():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(8, 3))
+    Y = (rng.random((8, 2)) < 0.5).astype(int)
+    Xs = sp.csr_matrix(X)
+    Xs.data[4] = np.nan
+    with pytest.raises(DatasetError, match=r"X row 1 has the value nan \(X_data\[4\]\)"):
+        from_arrays(Xs, Y)
+    with pytest.raises(DatasetError, match=r"X row 0 has the value inf in column 2"):
+        from_arrays(np.where(np.arange(24).reshape(8, 3) == 2, np.inf, X), Y)
+    # scipy builds these without checking the indices; training would write out of bounds
+    bad_y = sp.csr_matrix((np.ones(2, np.int8), np.array([0, 5]), np.array([0, 1, 2] + [2] * 6)), shape=(8, 2))
+    with pytest.raises(DatasetError, match=r"Y_indices\[1\] \(row 1\) is 5; expected a column index in \[0, 2\)"):
+        from_arrays(X, bad_y)
+    bad_x = sp.csr_matrix((np.ones(1), np.array([-1]), np.array([0, 1] + [1] * 7)), shape=(8, 3))
+    with pytest.raises(DatasetError, match=r"X_indices\[0\] \(row 0\) is -1"):
+        from_arrays(bad_x, Y)
+    with pytest.raises(DatasetError, match=r"Y: row 0 has label 'a'; labels must be integers >= 0"):
+        from_arrays(X, [["a"]] * 8)
+    ds = from_arrays(sp.csr_matrix(X), Y, seed=0)
+    assert ds.sparse and ds.X_train.dtype == np.float32 and ds.Y_train.dtype == np.int8

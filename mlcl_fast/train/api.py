@@ -1,7 +1,6 @@
 """Python API behind `mlcl-fast train` / `run`: one dataset, one method, results written to a folder."""
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Optional
 import torch
 
 from .data import Dataset, load_dataset, prepare_split
+from .files import ensure_output_folder, torch_save, write_json
 from .plots import training_curves
 from .protocols import RunResult, TrainConfig, run
 
@@ -44,6 +44,8 @@ def train(dataset: "str | Dataset" = "emotions", *, out: Optional[str] = None, d
     """Train one method (options: TrainConfig fields, e.g. loss="reg", protocol="probe", epochs=30)
     and evaluate it on the test split. With `out`, writes metrics.json, model.pt and curves.png."""
     cfg = config_from(**options)
+    if out is not None:
+        ensure_output_folder(out)
     seed_everything(cfg.seed)
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(
         dataset, data_dir, test_file=test_file, labels=labels, test_size=test_size, seed=cfg.seed)
@@ -60,15 +62,6 @@ def train(dataset: "str | Dataset" = "emotions", *, out: Optional[str] = None, d
     return result
 
 
-def write_json(path: Path, obj) -> None:
-    """Write `obj` as JSON so that the file exists only once complete (resumable runs skip it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-
-
 def save(result: RunResult, out: Path, ds: Dataset, split_sizes=None, plot: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     record = result.to_json()
@@ -78,7 +71,7 @@ def save(result: RunResult, out: Path, ds: Dataset, split_sizes=None, plot: bool
         record["n_train"], record["n_val"], record["n_test"] = split_sizes
     write_json(out / "metrics.json", record)
     if result.parts is not None:
-        torch.save({"config": result.config, "state_dict": result.parts.state_dict(),
+        torch_save({"config": result.config, "state_dict": result.parts.state_dict(),
                     "thresholds": result.thresholds, "num_features": ds.num_features,
                     "label_names": ds.label_names}, out / "model.pt")
     if plot:

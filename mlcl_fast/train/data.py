@@ -3,12 +3,20 @@ train/validation split, feature scaling and mini-batching used by the training p
 
 Every loader returns a `Dataset`: X as a dense float32 ndarray or a scipy CSR matrix (kept sparse
 until a batch is drawn), Y as a CSR multi-hot matrix (int8). Errors name the file and the problem.
+
+Everything read is checked before it is used: sparse index arrays (in range, consistent row
+pointers), finite features (NaN, Inf, or beyond float32 range is an error naming the first bad
+row; rows count from 0), and the number of features and of labels, which may not exceed
+`max_dim()`: MAX_DIM (10 million) unless $MLCL_FAST_MAX_DIM says otherwise. The bound stops a
+lying header or a stray huge id from asking for tens of GB; the models hold dense
+[features, hidden] and [hidden, labels] weights, so real data sets stay far below it.
 """
 from __future__ import annotations
 
 import io
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,10 +27,106 @@ import scipy.sparse as sp
 PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_DATASET = "emotions"
 DATA_ENV = "MLCL_FAST_DATA"
+MAX_DIM = 10_000_000
+MAX_DIM_ENV = "MLCL_FAST_MAX_DIM"
 
 
 class DatasetError(ValueError):
     """A dataset file or array that cannot be used; the message names the source and the problem."""
+
+
+def max_dim() -> int:
+    """The most features, and the most labels, a dataset may have ($MLCL_FAST_MAX_DIM, else MAX_DIM)."""
+    env = os.environ.get(MAX_DIM_ENV)
+    if not env:
+        return MAX_DIM
+    try:
+        return int(env)
+    except ValueError:
+        raise DatasetError(f"${MAX_DIM_ENV}: expected an integer, got {env!r}") from None
+
+
+def _check_dim(source, what: str, n: int) -> None:
+    if n > max_dim():
+        raise DatasetError(f"{source}: {what} is {n}, above the size bound of {max_dim()} "
+                           f"(raise ${MAX_DIM_ENV} if the data really is that large)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks shared by every loader
+
+_INT_KINDS = "iu"
+_NUMBER_KINDS = "biuf"
+
+
+def _row_of(indptr: np.ndarray, k: int) -> int:
+    return int(np.searchsorted(indptr, k, side="right")) - 1
+
+
+def checked_csr(source, what: str, data, indices, indptr, shape, *, binary: bool = False) -> sp.csr_matrix:
+    """A CSR matrix from its arrays, built only once they are consistent (scipy checks index
+    bounds only on request; out-of-range indices corrupt memory later). `what` names the matrix
+    in errors (arrays `what`_indices, `what`_indptr, `what`_data). With `binary`, `data` is
+    ignored and the matrix is multi-hot int8 (duplicates merged); otherwise finite float32."""
+    rows, cols = shape
+    _check_dim(source, f"{what}: the number of columns", cols)
+    arrays = {"indptr": indptr, "indices": indices} if binary else {"indptr": indptr, "indices": indices, "data": data}
+    for name, a in arrays.items():
+        kinds = _NUMBER_KINDS if name == "data" else _INT_KINDS
+        if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in kinds:
+            desc = f"{a.dtype} array of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+            expected = "real numbers" if name == "data" else "integers"
+            raise DatasetError(f"{source}: {what}_{name} is a {desc}; expected a 1-D array of {expected}")
+    if len(indptr) != rows + 1:
+        raise DatasetError(f"{source}: {what}_indptr has {len(indptr)} entries; expected {rows + 1} "
+                           f"(rows + 1 for {rows} rows)")
+    if len(indptr) and indptr[0] != 0:
+        raise DatasetError(f"{source}: {what}_indptr[0] is {indptr[0]}; expected 0")
+    step = np.flatnonzero(indptr[1:] < indptr[:-1])  # not np.diff: it wraps around for unsigned arrays
+    if step.size:
+        k = int(step[0])
+        raise DatasetError(f"{source}: {what}_indptr decreases at row {k} ({indptr[k]} then {indptr[k + 1]}); "
+                           f"expected non-decreasing row offsets")
+    nnz = int(indptr[-1]) if len(indptr) else 0
+    if nnz != len(indices) or (not binary and len(data) != len(indices)):
+        sizes = f"{len(indices)} indices" + ("" if binary else f" and {len(data)} values")
+        raise DatasetError(f"{source}: {what}_indptr ends at {nnz} but there are {sizes}; expected them to match")
+    bad = np.flatnonzero((indices < 0) | (indices >= cols))
+    if bad.size:
+        k = int(bad[0])
+        raise DatasetError(f"{source}: {what}_indices[{k}] (row {_row_of(indptr, k)}) is {indices[k]}; "
+                           f"expected a column index in [0, {cols})")
+    if binary:
+        values = np.ones(len(indices), dtype=np.int8)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = data.astype(np.float32)  # beyond float32 range becomes inf, caught below
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            k = int(bad[0])
+            raise DatasetError(f"{source}: {what} row {_row_of(indptr, k)} has the value {data[k]} "
+                               f"({what}_data[{k}]); features must be finite float32 numbers")
+    M = sp.csr_matrix((values, indices.astype(np.int64), indptr.astype(np.int64)), shape=(rows, cols))
+    M.sum_duplicates()  # repeated entries add up, as they would when densified
+    if binary:
+        M.data[:] = 1
+    elif not np.isfinite(M.data).all():
+        k = int(np.flatnonzero(~np.isfinite(M.data))[0])
+        raise DatasetError(f"{source}: {what} row {_row_of(M.indptr, k)} repeats column {M.indices[k]}, "
+                           f"and the repeated values add up beyond float32 range")
+    return M
+
+
+def check_finite(source, what: str, X: np.ndarray) -> np.ndarray:
+    """`X` as float32, or an error naming the first row with NaN, Inf or a value beyond float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        X32 = np.asarray(X).astype(np.float32)
+    ok = np.isfinite(X32)
+    if not ok.all():
+        i, j = (int(v) for v in np.argwhere(~ok)[0])
+        raise DatasetError(f"{source}: {what} row {i} has the value {np.asarray(X)[i, j]} in column {j}; "
+                           f"features must be finite float32 numbers")
+    return X32
 
 
 @dataclass
@@ -131,44 +235,67 @@ def load_npz(path) -> Dataset:
         parts = []
         for part in ("train", "test"):
             try:
-                X = z[f"X_{part}"].astype(np.float32) if f"X_{part}" in files else _npz_csr(z, f"X_{part}", True)
-                Y = _npz_csr(z, f"Y_{part}", False)
+                X = _npz_dense(path, z, f"X_{part}") if f"X_{part}" in files else _npz_csr(path, z, f"X_{part}", False)
+                Y = _npz_csr(path, z, f"Y_{part}", True)
             except KeyError as err:
                 raise DatasetError(f"{path}: missing array {err.args[0]!r}; expected X_{part} (dense) or "
                                    f"X_{part}_data/_indices/_indptr/_shape, and Y_{part}_indices/_indptr/_shape") from err
             parts += [X, Y]
-        names = [str(s) for s in z["label_names"]] if "label_names" in files else []
-        source = str(z["source"]) if "source" in files else str(path)
+        names = [str(s) for s in _npz_array(path, z, "label_names").ravel()] if "label_names" in files else []
+        source = str(_npz_array(path, z, "source")) if "source" in files else str(path)
     X_tr, Y_tr, X_te, Y_te = parts
-    _check_shapes(path, X_tr, Y_tr, "train")
-    _check_shapes(path, X_te, Y_te, "test")
+    _check_shapes(path, X_tr, Y_tr, "train split")
+    _check_shapes(path, X_te, Y_te, "test split")
     if X_tr.shape[1] != X_te.shape[1] or Y_tr.shape[1] != Y_te.shape[1]:
         raise DatasetError(f"{path}: train and test disagree on the number of features or labels "
                            f"({X_tr.shape[1]} vs {X_te.shape[1]} features, {Y_tr.shape[1]} vs {Y_te.shape[1]} labels)")
+    if names and len(names) != Y_tr.shape[1]:
+        raise DatasetError(f"{path}: label_names has {len(names)} names for {Y_tr.shape[1]} labels")
     return Dataset(path.stem, X_tr, Y_tr, X_te, Y_te, names, source)
 
 
-def _npz_csr(z, key: str, has_data: bool) -> sp.csr_matrix:
-    shape = tuple(int(s) for s in z[key + "_shape"])
-    idx, ptr = z[key + "_indices"], z[key + "_indptr"]
-    data = z[key + "_data"].astype(np.float32) if has_data else np.ones(len(idx), dtype=np.int8)
+def _npz_array(path: Path, z, key: str) -> np.ndarray:
+    """One array of an open .npz; KeyError when absent, DatasetError when it cannot be read."""
+    if key not in z.files:
+        raise KeyError(key)
     try:
-        return sp.csr_matrix((data, idx, ptr), shape=shape)
-    except ValueError as err:
-        raise DatasetError(f"inconsistent CSR arrays for {key}: {err}") from err
+        return z[key]
+    except Exception as err:  # truncated member, bad header, pickled objects, ...
+        raise DatasetError(f"{path}: array {key!r} is unreadable ({type(err).__name__}: {err})") from err
+
+
+def _npz_dense(path: Path, z, key: str) -> np.ndarray:
+    X = _npz_array(path, z, key)
+    if X.ndim != 2 or X.dtype.kind not in _NUMBER_KINDS:
+        raise DatasetError(f"{path}: {key} is a {X.dtype} array of shape {X.shape}; expected a 2-D array of real numbers")
+    return check_finite(path, key, X)
+
+
+def _npz_csr(path: Path, z, key: str, binary: bool) -> sp.csr_matrix:
+    shape = _npz_array(path, z, key + "_shape")
+    if shape.shape != (2,) or shape.dtype.kind not in _INT_KINDS or (shape < 0).any():
+        raise DatasetError(f"{path}: {key}_shape is {shape.tolist()!r} ({shape.dtype}); expected two integers >= 0")
+    idx, ptr = _npz_array(path, z, key + "_indices"), _npz_array(path, z, key + "_indptr")
+    data = None if binary else _npz_array(path, z, key + "_data")
+    return checked_csr(path, key, data, idx, ptr, (int(shape[0]), int(shape[1])), binary=binary)
 
 
 def _check_shapes(path, X, Y, part: str) -> None:
+    """`part` ("train split", "the file", ...) is the subject of the messages."""
     if X.ndim != 2 or X.shape[0] != Y.shape[0]:
-        raise DatasetError(f"{path}: {part} split has {X.shape[0]} feature rows but {Y.shape[0]} label rows")
+        raise DatasetError(f"{path}: {part} has {X.shape[0]} feature rows but {Y.shape[0]} label rows")
     if X.shape[0] == 0:
-        raise DatasetError(f"{path}: {part} split is empty")
+        raise DatasetError(f"{path}: {part} is empty")
+    if X.shape[1] == 0 or Y.shape[1] == 0:
+        raise DatasetError(f"{path}: {part} has {X.shape[1]} features and {Y.shape[1]} labels; "
+                           f"expected at least one of each")
+    _check_dim(path, f"{part}: the number of features", X.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------
 # svmlight / XMC text: "l1,l2 f:v f:v ...", optionally after an XMC header "n_samples n_features n_labels"
 
-_HEADER = re.compile(rb"^\s*(\d+)\s+(\d+)\s+(\d+)\s*$")
+_HEADER = re.compile(rb"^\s*(\d{1,30})\s+(\d{1,30})\s+(\d{1,30})\s*$")  # digits bounded for int()
 
 
 def load_svmlight(path, n_features: Optional[int] = None, n_labels: Optional[int] = None) -> Dataset:
@@ -176,15 +303,17 @@ def load_svmlight(path, n_features: Optional[int] = None, n_labels: Optional[int
     from sklearn.datasets import load_svmlight_file
 
     path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: no such file")
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     lines = raw.splitlines()
     header = _HEADER.match(lines[0]) if lines else None
     if header:
         n_rows, n_feat, n_lab = (int(g) for g in header.groups())
-        n_features = n_features or n_feat
-        n_labels = n_labels or n_lab
+        for what, claim, known in (("features", n_feat, n_features), ("labels", n_lab, n_labels)):
+            _check_dim(path, f"the number of {what} in the XMC header", claim)
+            if known is not None and claim != known:
+                raise DatasetError(f"{path}: the XMC header announces {claim} {what}, expected {known} "
+                                   f"(as in the train file)")
+        n_features, n_labels = n_feat, n_lab
         # rows with no label start with a feature; sklearn wants a (possibly empty) label field first
         body = [(b" " + ln) if (b":" in ln.split(b" ", 1)[0]) else ln for ln in lines[1:] if ln.strip()]
         if len(body) != n_rows:
@@ -197,30 +326,55 @@ def load_svmlight(path, n_features: Optional[int] = None, n_labels: Optional[int
                                   if header else "auto", dtype=np.float32)
     except Exception as err:
         raise DatasetError(f"{path}: not a valid svmlight/XMC multi-label file ({err})") from err
+    X = X.tocsr()
+    if n_features is None and X.shape[1] > max_dim():  # the width comes from the largest feature id
+        k = int(np.argmax(X.indices))
+        raise DatasetError(f"{path}: row {_row_of(X.indptr, k)} has feature index {X.indices[k]}, above the "
+                           f"size bound of {max_dim()} features (raise ${MAX_DIM_ENV} if the data really is that large)")
+    X = checked_csr(path, "features", X.data, X.indices, X.indptr, X.shape)
     Y = _label_lists_to_csr(path, y, n_labels)
-    return Dataset(path.stem, X.tocsr(), Y, None, None, [], str(path))
+    _check_shapes(path, X, Y, "the file")
+    return Dataset(path.stem, X, Y, None, None, [], str(path))
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the file ({err.strerror or err})") from err
+
+
+def _label_id(lab) -> Optional[int]:
+    """`lab` as a label index, or None when it is not an integer >= 0."""
+    try:
+        v = float(lab)
+    except (TypeError, ValueError):
+        return None
+    return int(v) if np.isfinite(v) and v >= 0 and v == int(v) else None
 
 
 def _label_lists_to_csr(source, label_lists, n_labels: Optional[int]) -> sp.csr_matrix:
-    rows, cols = [], []
+    counts, cols = [], []
     for i, labs in enumerate(label_lists):
         for lab in labs:
-            if lab != int(lab) or lab < 0:
+            c = _label_id(lab)
+            if c is None:
                 raise DatasetError(f"{source}: row {i} has label {lab!r}; labels must be integers >= 0")
-            rows.append(i)
-            cols.append(int(lab))
-    top = max(cols) + 1 if cols else 0
+            if c >= (max_dim() if n_labels is None else n_labels):
+                bound = (f"above the size bound of {max_dim()} labels (raise ${MAX_DIM_ENV} if the data "
+                         f"really is that large)" if n_labels is None else f"out of range for {n_labels} labels")
+                raise DatasetError(f"{source}: in row {i}, label index {c} is {bound}")
+            cols.append(c)
+        counts.append(len(cols))
     if n_labels is None:
-        n_labels = top
-    elif top > n_labels:
-        raise DatasetError(f"{source}: label index {top - 1} is out of range for {n_labels} labels")
+        n_labels = max(cols) + 1 if cols else 0
     if n_labels == 0:
         raise DatasetError(f"{source}: no row carries any label")
-    data = np.ones(len(rows), dtype=np.int8)
-    Y = sp.csr_matrix((data, (rows, cols)), shape=(len(label_lists), n_labels))
-    Y.sum_duplicates()
-    Y.data[:] = 1
-    return Y
+    indptr = np.array([0] + counts, dtype=np.int64)
+    return checked_csr(source, "labels", None, np.array(cols, dtype=np.int64), indptr, (len(counts), n_labels),
+                       binary=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,9 +385,7 @@ def load_arff(path, labels=None) -> Dataset:
     import arff
 
     path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: no such file")
-    text = path.read_text(errors="replace")
+    text = _read_bytes(path).decode(errors="replace")
     try:
         doc = arff.loads(text, return_type=arff.COO) if _is_sparse_arff(text) else arff.loads(text)
     except Exception as err:
@@ -241,30 +393,56 @@ def load_arff(path, labels=None) -> Dataset:
     attrs = doc["attributes"]
     n_attr = len(attrs)
     label_cols = _arff_label_columns(path, doc, labels)
+    feature_cols = [j for j in range(n_attr) if j not in set(label_cols) and attrs[j][1] != "STRING"]
     if isinstance(doc["data"], tuple):
-        vals, rows, cols = doc["data"]
-        n_rows = len(_arff_data_lines(text))  # trailing all-zero rows "{}" leave no COO entry
-        table = np.zeros((n_rows, n_attr), dtype=object)
-        table[:] = 0.0
-        for v, r, c in zip(vals, rows, cols):
-            table[r, c] = v
+        X, Y = _arff_sparse(path, text, attrs, doc["data"], feature_cols, label_cols)
     else:
         table = np.array(doc["data"], dtype=object).reshape(-1, n_attr)
-    if table.shape[0] == 0:
-        raise DatasetError(f"{path}: no data rows")
-    feature_cols = [j for j in range(n_attr) if j not in set(label_cols) and attrs[j][1] != "STRING"]
-    X = np.empty((table.shape[0], len(feature_cols)), dtype=np.float32)
-    for out, j in enumerate(feature_cols):
-        X[:, out] = _arff_column(path, attrs[j], table[:, j])
-    Y = np.empty((table.shape[0], len(label_cols)), dtype=np.int8)
-    for out, j in enumerate(label_cols):
-        col = _arff_column(path, attrs[j], table[:, j])
-        if not np.isin(col, (0, 1)).all():
-            raise DatasetError(f"{path}: label attribute {attrs[j][0]!r} has values other than 0/1")
-        Y[:, out] = col
+        if table.shape[0] == 0:
+            raise DatasetError(f"{path}: no data rows")
+        X = np.empty((table.shape[0], len(feature_cols)), dtype=np.float32)
+        for out, j in enumerate(feature_cols):
+            X[:, out] = _arff_column(path, attrs[j], table[:, j])
+        Y = np.empty((table.shape[0], len(label_cols)), dtype=np.int8)
+        for out, j in enumerate(label_cols):
+            Y[:, out] = _arff_labels(path, attrs[j], table[:, j])
+        Y = sp.csr_matrix(Y)
+    _check_shapes(path, X, Y, "the file")
     names = [attrs[j][0] for j in label_cols]
-    Xs = sp.csr_matrix(X) if isinstance(doc["data"], tuple) else X
-    return Dataset(path.stem, Xs, sp.csr_matrix(Y), None, None, names, str(path))
+    return Dataset(path.stem, X, Y, None, None, names, str(path))
+
+
+def _arff_sparse(path: Path, text: str, attrs, coo, feature_cols, label_cols):
+    """Sparse ARFF from the parser's (values, rows, columns) triplets, never densified."""
+    vals, rows, cols = coo
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    vals = np.asarray(vals, dtype=object)
+    # trailing all-zero rows "{}" leave no entry; count the data lines
+    n_rows = max(len(_arff_data_lines(text)), int(rows.max()) + 1 if rows.size else 0)
+    if n_rows == 0:
+        raise DatasetError(f"{path}: no data rows")
+    order = np.lexsort((cols, rows))  # row-major, as CSR needs
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    values = np.zeros(len(vals), dtype=np.float32)
+    is_label, is_feature = set(label_cols), set(feature_cols)
+    by_col = np.argsort(cols, kind="stable")
+    for at in np.split(by_col, np.flatnonzero(np.diff(cols[by_col])) + 1):  # entries of one attribute
+        if not at.size:
+            continue
+        j = int(cols[at[0]])
+        if j in is_label:
+            values[at] = _arff_labels(path, attrs[j], vals[at], rows[at])
+        elif j in is_feature:
+            values[at] = _arff_column(path, attrs[j], vals[at], rows[at])
+
+    def csr(what, chosen, binary):
+        pos = np.full(len(attrs), -1, dtype=np.int64)
+        pos[chosen] = np.arange(len(chosen))
+        keep = (pos[cols] >= 0) & (values != 0)
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=n_rows))])
+        return checked_csr(path, what, values[keep], pos[cols[keep]], indptr, (n_rows, len(chosen)), binary=binary)
+
+    return csr("features", feature_cols, False), csr("labels", label_cols, True)
 
 
 def _arff_data_lines(text: str) -> list[str]:
@@ -283,24 +461,34 @@ def _arff_label_columns(path: Path, doc, labels) -> list[int]:
     names = [a[0] for a in doc["attributes"]]
     if labels is not None and str(labels).lower().endswith(".xml"):
         wanted = _xml_label_names(Path(labels))
-        missing = [w for w in wanted if w not in names]
+        twice = [w for w, count in Counter(wanted).items() if count > 1]
+        if twice:
+            raise DatasetError(f"{labels}: label {twice[0]!r} is listed twice")
+        position = {name: j for j, name in reversed(list(enumerate(names)))}  # first attribute of a name
+        missing = [w for w in wanted if w not in position]
         if missing:
             raise DatasetError(f"{path}: label {missing[0]!r} from {labels} is not an attribute of the file")
-        return [names.index(w) for w in wanted]
+        return [position[w] for w in wanted]
     if labels is None:
-        m = re.search(r"-C\s+(-?\d+)", doc.get("relation", ""))
+        m = re.search(r"-C\s+(-?\d{1,30})\b", doc.get("relation", ""))  # digits bounded for int()
         if not m:
             raise DatasetError(f"{path}: cannot tell which attributes are labels; give the label count "
                                f"(--labels N, the last N attributes) or a MULAN .xml label file")
         n = int(m.group(1))
+        _check_label_count(path, abs(n), len(names), f" (from '-C {n}' in the relation name)")
         return list(range(n)) if n > 0 else list(range(len(names) + n, len(names)))
     try:
         n = int(labels)
     except (TypeError, ValueError):
         raise DatasetError(f"{path}: labels must be a label count or a .xml file, got {labels!r}") from None
-    if not 0 < n < len(names):
-        raise DatasetError(f"{path}: label count {n} is out of range for {len(names)} attributes")
+    _check_label_count(path, n, len(names))
     return list(range(len(names) - n, len(names)))
+
+
+def _check_label_count(path: Path, n: int, n_attr: int, origin: str = "") -> None:
+    if not 0 < n < n_attr:  # at least one label and one other attribute
+        raise DatasetError(f"{path}: label count {n}{origin} is out of range for {n_attr} attributes "
+                           f"(expected 1 to {n_attr - 1})")
 
 
 def _xml_label_names(path: Path) -> list[str]:
@@ -316,20 +504,40 @@ def _xml_label_names(path: Path) -> list[str]:
     return names
 
 
-def _arff_column(path: Path, attr, column) -> np.ndarray:
+def _arff_column(path: Path, attr, column, rows=None) -> np.ndarray:
+    """One attribute's values as finite float32 (`rows`: their row numbers, default 0, 1, ...)."""
     name, kind = attr
     if any(v is None for v in column):
         raise DatasetError(f"{path}: attribute {name!r} has missing values ('?'), which are not supported")
-    if isinstance(kind, list):  # nominal: numeric-valued categories keep their value, others their position
-        try:
-            return np.array([float(v) for v in column], dtype=np.float32)
-        except (TypeError, ValueError):
-            pos = {v: i for i, v in enumerate(kind)}
-            lowered = [str(k).lower() for k in kind]
-            if sorted(lowered) == ["no", "yes"]:
-                pos = {k: float(str(k).lower() == "yes") for k in kind}
-            return np.array([pos[v] if isinstance(v, str) else float(v) for v in column], dtype=np.float32)
-    return np.asarray(column, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 becomes inf, caught below
+        if isinstance(kind, list):  # nominal: numeric-valued categories keep their value, others their position
+            try:
+                out = np.array([float(v) for v in column], dtype=np.float32)
+            except (TypeError, ValueError):
+                pos = {v: i for i, v in enumerate(kind)}
+                lowered = [str(k).lower() for k in kind]
+                if sorted(lowered) == ["no", "yes"]:
+                    pos = {k: float(str(k).lower() == "yes") for k in kind}
+                out = np.array([pos[v] if isinstance(v, str) else float(v) for v in column], dtype=np.float32)
+        else:
+            try:
+                out = np.asarray(column, dtype=np.float32)
+            except (TypeError, ValueError) as err:
+                raise DatasetError(f"{path}: attribute {name!r} has non-numeric values ({err})") from None
+    bad = np.flatnonzero(~np.isfinite(out))
+    if bad.size:
+        k = int(bad[0])
+        row = k if rows is None else int(rows[k])
+        raise DatasetError(f"{path}: row {row} has the value {column[k]} for attribute {name!r}; "
+                           f"values must be finite float32 numbers")
+    return out
+
+
+def _arff_labels(path: Path, attr, column, rows=None) -> np.ndarray:
+    col = _arff_column(path, attr, column, rows)
+    if not np.isin(col, (0, 1)).all():
+        raise DatasetError(f"{path}: label attribute {attr[0]!r} has values other than 0/1")
+    return col
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,14 +548,14 @@ def from_arrays(X, Y, X_test=None, Y_test=None, *, name: str = "arrays", label_n
     """X: [n, d] array or scipy sparse; Y: multi-hot [n, L] (dense or sparse) or a list of label
     lists. Without X_test/Y_test a random test split is drawn."""
     Xc, Yc = _as_x(X, "X"), _as_y(Y, "Y", num_labels)
-    _check_shapes(name, Xc, Yc, "train")
+    _check_shapes(name, Xc, Yc, "train split")
     ds = Dataset(name, Xc, Yc, None, None, list(label_names), "arrays")
     if X_test is None and Y_test is None:
         return split_test(ds, test_size, seed)
     if X_test is None or Y_test is None:
         raise DatasetError("X_test, Y_test: give both or neither")
     Xt, Yt = _as_x(X_test, "X_test"), _as_y(Y_test, "Y_test", Yc.shape[1])
-    _check_shapes(name, Xt, Yt, "test")
+    _check_shapes(name, Xt, Yt, "test split")
     if Xt.shape[1] != Xc.shape[1]:
         raise DatasetError(f"X_test: has {Xt.shape[1]} features, X has {Xc.shape[1]}")
     return replace(ds, X_test=Xt, Y_test=Yt)
@@ -355,13 +563,20 @@ def from_arrays(X, Y, X_test=None, Y_test=None, *, name: str = "arrays", label_n
 
 def _as_x(X, what: str):
     if sp.issparse(X):
-        return sp.csr_matrix(X, dtype=np.float32)
-    arr = np.asarray(X, dtype=np.float32)
+        M = X.tocsr()
+        return checked_csr(what, what, M.data, M.indices, M.indptr, M.shape)
+    try:
+        arr = np.asarray(X)
+    except (TypeError, ValueError) as err:
+        raise DatasetError(f"{what}: not an array of numbers ({err})") from None
     if arr.ndim != 2:
         raise DatasetError(f"{what}: expected a 2-D array [n, d], got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise DatasetError(f"{what}: contains NaN or Inf")
-    return arr
+    if arr.dtype.kind not in _NUMBER_KINDS:
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError) as err:
+            raise DatasetError(f"{what}: not an array of numbers ({err})") from None
+    return check_finite(what, what, arr)
 
 
 def _as_y(Y, what: str, num_labels: Optional[int]) -> sp.csr_matrix:
@@ -370,10 +585,9 @@ def _as_y(Y, what: str, num_labels: Optional[int]) -> sp.csr_matrix:
         if M.nnz and not np.isin(M.data, (0, 1)).all():
             raise DatasetError(f"{what}: a multi-hot matrix must hold only 0/1")
         M.eliminate_zeros()
-        M = M.astype(np.int8)
         if num_labels is not None and M.shape[1] != num_labels:
             raise DatasetError(f"{what}: has {M.shape[1]} label columns, expected {num_labels}")
-        return M
+        return checked_csr(what, what, None, M.indices, M.indptr, M.shape, binary=True)
     if isinstance(Y, np.ndarray) and Y.ndim != 2:
         raise DatasetError(f"{what}: expected a multi-hot [n, L] array or a list of label lists, got shape {Y.shape}")
     try:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .files import save_figure
+
 
 def _pyplot():
     import matplotlib
@@ -36,7 +38,7 @@ def training_curves(stages: list[dict], path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -72,6 +74,6 @@ def f1_vs_labels(summary: list[dict], path: Path, metric: str = "macro_f1", labe
     axes[0][0].legend(fontsize=7, loc="best")  # the probe panel has every loss
     fig.supxlabel("dataset (number of labels), ordered by number of labels", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -6,11 +6,12 @@ Layout of the output folder:
   results.csv                            every finished cell, one row each
   summary.csv, summary.json, summary.md  mean ± std over seeds per (dataset, method)
   macro_f1_vs_labels.png, curves_<dataset>.png
+Every file is written atomically (files.py); a damaged cell or cache file is named in a warning
+and computed again.
 """
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from pathlib import Path
@@ -20,8 +21,9 @@ import numpy as np
 import torch
 
 from . import tuning
-from .api import config_from, progress_bar, seed_everything, write_json
+from .api import config_from, progress_bar, seed_everything
 from .data import load_dataset, prepare_split
+from .files import atomic_open, ensure_output_folder, load_record, read_cached, torch_save, write_json, write_text
 from .metrics import METRIC_LABELS
 from .models import Backbone
 from .plots import f1_vs_labels, training_curves
@@ -56,8 +58,7 @@ def run_study(out: str, datasets: Sequence[str] = STUDY_DATASETS, methods: Seque
     """Run every missing cell (seed-major, so that every dataset gets a first seed early), then
     rewrite the summary tables and plots from all finished cells. With `tune`, every (dataset,
     method) first chooses its options on validation (tuning.py) and all its seeds use them."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_output_folder(out)
     max_train = STUDY_MAX_TRAIN if max_train is None else max_train
     specs = [parse_method(m) for m in methods]
     for loss, protocol in specs:
@@ -73,16 +74,15 @@ def run_study(out: str, datasets: Sequence[str] = STUDY_DATASETS, methods: Seque
     choices = _tune(out, datasets, methods, split_for, quiet, log, options) if tune else {}
     for seed in seeds:
         for name in datasets:
-            todo = [m for m in methods if not cell_path(out, name, m, seed).exists()]
+            todo = [m for m in methods if _read_cell(cell_path(out, name, m, seed)) is None]
             if not todo:
                 continue
             split = split_for(name, seed)
             for method in todo:
                 chosen = choices.get(name, {}).get(method, {})
                 reuse = tuning.candidate_path(out, name, method, chosen) if tune and seed == 0 else None
-                if reuse is not None and reuse.exists():  # the chosen candidate is this very cell
-                    record = json.loads(reuse.read_text())
-                else:
+                record = read_cached(reuse, load_record, "tuning candidate") if reuse is not None else None
+                if record is None:  # else the chosen candidate is this very cell
                     record = _train_cell(out, name, split, method, seed, {**options, **chosen}, quiet)
                 write_json(cell_path(out, name, method, seed), record)
                 log(f"{time.strftime('%H:%M:%S')} {name:12s} {method:22s} seed {seed}: Macro-F1 {record['test']['macro_f1']:.3f} "
@@ -98,7 +98,7 @@ def _choices_markdown(out: Path, datasets: Sequence[str], methods: Sequence[str]
     if not choices:
         return ""
     table = tuning.choices_table(choices, datasets, methods)
-    (out / "tuning" / "choices.md").write_text(table + "\n")
+    write_text(out / "tuning" / "choices.md", table + "\n")
     return "\n\n## Options chosen on validation\n\n" + table
 
 
@@ -152,18 +152,27 @@ def _pretraining_key(cfg: TrainConfig) -> str:
     return "_".join(f"{f}={v}" for f, v in changed) or "default"
 
 
-def _cached_pretraining(out: Path, dataset: str, split, cfg: TrainConfig, bar):
+def pretraining_path(out: Path, dataset: str, cfg: TrainConfig) -> Path:
     key = _pretraining_key(cfg)
-    folder = out / "cache" / dataset / cfg.loss
-    path = folder / f"seed{cfg.seed}.pt" if key == "default" else folder / key / f"seed{cfg.seed}.pt"
-    if path.exists():
-        blob = torch.load(path, weights_only=False)
+    folder = Path(out) / "cache" / dataset / cfg.loss
+    return folder / f"seed{cfg.seed}.pt" if key == "default" else folder / key / f"seed{cfg.seed}.pt"
+
+
+def _cached_pretraining(out: Path, dataset: str, split, cfg: TrainConfig, bar):
+    """The cached pre-training of these options, else (absent or damaged) a new one, cached."""
+    path = pretraining_path(out, dataset, cfg)
+
+    def load(p):
+        blob = torch.load(p, weights_only=True)
         backbone = Backbone(split.num_features, cfg.hidden, cfg.layers, cfg.dropout)
-        backbone.load_state_dict(blob["backbone"])
+        backbone.load_state_dict(blob["backbone"])  # strict: a mismatched file is an error too
         return backbone, StageLog(**blob["log"])
+
+    cached = read_cached(path, load, "pre-training cache")
+    if cached is not None:
+        return cached
     backbone, log = pretrain(split, cfg, bar)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"backbone": backbone.state_dict(), "log": log.__dict__}, path)
+    torch_save({"backbone": backbone.state_dict(), "log": log.__dict__}, path)
     return backbone, log
 
 
@@ -195,8 +204,14 @@ def against_baseline_markdown(summary: list[dict], datasets: Sequence[str], meth
     return markdown_table(header, rows)
 
 
+def _read_cell(path: Path) -> Optional[dict]:
+    return read_cached(path, load_record, "study cell")
+
+
 def load_cells(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/seed*.json"))]
+    """Every readable finished cell (a damaged one is named in a warning and left out)."""
+    cells = (_read_cell(p) for p in sorted((out / "runs").glob("*/*/seed*.json")))
+    return [c for c in cells if c is not None]
 
 
 def summarise(out, datasets: Sequence[str] = (), methods: Sequence[str] = (), seeds: Sequence[int] = ()) -> list[dict]:
@@ -222,9 +237,10 @@ def summarise(out, datasets: Sequence[str] = (), methods: Sequence[str] = (), se
     all_methods = list(methods) + sorted({r["method"] for r in summary} - set(methods))
     summary.sort(key=lambda r: (all_datasets.index(r["dataset"]), all_methods.index(r["method"])))
     _write_csv(out / "summary.csv", summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     n_seeds = len(seeds) or None
-    (out / "summary.md").write_text(
+    write_text(
+        out / "summary.md",
         "## Each method against BCE\n\nTest Macro-F1 with tuned thresholds:\n\n"
         + against_baseline_markdown(summary, all_datasets, all_methods, "macro_f1_tuned")
         + "\n\nTest Macro-F1 at threshold 0.5:\n\n"
@@ -326,7 +342,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     keys = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)

@@ -11,11 +11,10 @@ Layout under the study's output folder:
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .api import write_json
+from .files import load_json_object, load_record, read_cached, write_json
 from .protocols import BASELINES
 
 # What each protocol family searches. Every stage trained with BCE gets the same learning rates
@@ -62,9 +61,8 @@ def tune_method(out: Path, dataset: str, method: str, loss: str, protocol: str,
     best, best_score = None, None
     for options in candidates(loss, protocol):
         path = candidate_path(out, dataset, method, options)
-        if path.exists():
-            record = json.loads(path.read_text())
-        else:
+        record = read_cached(path, load_record, "tuning candidate")
+        if record is None:
             record = train_candidate(options)
             write_json(path, record)
         s = score(record)
@@ -74,8 +72,8 @@ def tune_method(out: Path, dataset: str, method: str, loss: str, protocol: str,
 
 
 def read_choices(out: Path) -> dict:
-    path = out / "tuning" / "choices.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    """The choices made so far; a damaged choices.json is chosen again (from the kept candidates)."""
+    return read_cached(Path(out) / "tuning" / "choices.json", load_json_object, "tuning choices") or {}
 
 
 def write_choices(out: Path, choices: dict) -> None:
