@@ -83,7 +83,8 @@ def as_label_sets(labels, batch_size: int, num_labels: Optional[int] = None, lab
     the width of dense and sparse labels. `check_values=False` (padded indices with a known
     num_labels, or LabelSets): no host synchronisation; the label values are then checked on the
     device (torch._assert_async: a bad value fails the device's stream, not with a ValueError),
-    and the canonical width stays K instead of the largest label count.
+    and the canonical width stays K instead of the largest label count. A LabelSets is checked to
+    be canonical like any other input (_check_label_sets), never trusted.
     """
     if label_format not in LABEL_FORMATS:
         raise ValueError(f"label_format: expected one of {list(LABEL_FORMATS)}, got {label_format!r}")
@@ -92,9 +93,7 @@ def as_label_sets(labels, batch_size: int, num_labels: Optional[int] = None, lab
     if device is not None and isinstance(labels, Tensor) and labels.device != torch.device(device):
         raise ValueError(f"labels: on device {labels.device}, but features are on {device}")  # before converting
     if isinstance(labels, LabelSets):
-        out = labels
-        if num_labels is not None and out.num_labels != num_labels:
-            raise ValueError(f"labels: LabelSets has num_labels={out.num_labels}, expected {num_labels}")
+        out = _check_label_sets(labels, num_labels, device, check_values)
     else:
         if not isinstance(labels, Tensor):
             raise TypeError(f"labels: expected a tensor (dense multi-hot [B, L], padded indices [B, K] "
@@ -118,6 +117,50 @@ def as_label_sets(labels, batch_size: int, num_labels: Optional[int] = None, lab
     if device is not None and out.device != torch.device(device):
         raise ValueError(f"labels: on device {out.device}, but features are on {device}")
     return out
+
+
+def _check_label_sets(sets: LabelSets, num_labels: Optional[int], device, check_values: bool) -> LabelSets:
+    """A LabelSets (made by hand, or by another process) in the canonical form, as int64: every
+    backend reads it as it is (kernels address memory with its label ids), so it is checked like
+    any other label input, never trusted. Metadata always; values on the host, naming the first
+    bad row, when `check_values` (and outside torch.compile, where a host read would break the
+    graph), else by device-side assertions (no host synchronisation)."""
+    index, count, L = sets.index, sets.count, sets.num_labels
+    if not isinstance(index, Tensor) or not isinstance(count, Tensor):
+        raise TypeError(f"labels: LabelSets index and count must be tensors, got {type(index).__name__} and "
+                        f"{type(count).__name__}")
+    if isinstance(L, bool) or not isinstance(L, Integral) or L < 0:
+        raise ValueError(f"labels: LabelSets num_labels must be a non-negative integer, got {L!r}")
+    if num_labels is not None and L != num_labels:
+        raise ValueError(f"labels: LabelSets has num_labels={L}, expected {num_labels}")
+    _check_2d(index, "LabelSets index")
+    for name, t in (("index", index), ("count", count)):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"labels: LabelSets {name} must be an integer tensor, got {t.dtype}")
+    if count.dim() != 1 or count.shape[0] != index.shape[0]:
+        raise ValueError(f"labels: LabelSets count must have shape [{index.shape[0]}] (one per row of index), "
+                         f"got {tuple(count.shape)}")
+    if count.device != index.device:
+        raise ValueError(f"labels: LabelSets count is on {count.device}, its index on {index.device}")
+    if device is not None and index.device != torch.device(device):
+        raise ValueError(f"labels: on device {index.device}, but features are on {device}")  # before reading values
+    index, count = index.long().contiguous(), count.long().contiguous()
+    # Per row: ids in [-1, L); sorted ascending without repeats, -1 only at the end; count = ids.
+    a, b = index[:, :-1], index[:, 1:]
+    failures = ((((index >= -1) & (index < L)).all(dim=1), f"a label outside [0, {L}) or a pad other than -1"),
+                (((b == -1) | ((a != -1) & (b > a))).all(dim=1),
+                 "labels not sorted ascending without repeats, or -1 padding before a label"),
+                ((index >= 0).sum(dim=1) == count, "a count that is not the number of its labels"))
+    if check_values and not torch.compiler.is_compiling():
+        bad = ~torch.stack([ok for ok, _ in failures], dim=1)  # [B, 3]
+        if bool(bad.any()):  # the one host read; the rest only on the way to the error
+            row, kind = divmod(int(bad.flatten().nonzero()[0]), len(failures))
+            raise ValueError(f"labels: LabelSets row {row} has {failures[kind][1]} (index {index[row].tolist()}, "
+                             f"count {int(count[row])}, num_labels={L})")
+    else:
+        for ok, what in failures:
+            torch._assert_async(ok.all(), f"labels: a LabelSets row has {what} (num_labels={L})")
+    return LabelSets(index, count, L)
 
 
 def _detect_format(labels: Tensor, num_labels: Optional[int]) -> str:

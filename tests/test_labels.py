@@ -104,3 +104,72 @@ def test_views_row_order_does_not_change_the_loss(preset):
     perm = torch.arange(B * V).reshape(B, V).T.reshape(-1)  # v-major row r is b-major row perm[r]
     assert torch.allclose(vmajor_losses[: B * V], bmajor_losses[perm], rtol=1e-12, atol=1e-15)
     assert torch.allclose(vmajor_losses[B * V:], bmajor_losses[B * V:], rtol=1e-12, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------- hand-made LabelSets
+SETS_ROWS = [[0, 2, -1], [1, -1, -1], [-1, -1, -1], [1, 2, 3]]
+
+
+def _sets(rows=SETS_ROWS, count=None, num_labels=4, dtype=torch.int64) -> mlcl_fast.LabelSets:
+    index = torch.tensor(rows, dtype=dtype)
+    count = (index >= 0).sum(1) if count is None else torch.tensor(count)
+    return mlcl_fast.LabelSets(index, count, num_labels)
+
+
+def _row(r: int, row: list) -> list:
+    return [row if i == r else old for i, old in enumerate(SETS_ROWS)]
+
+
+# corruption: (LabelSets, the row at fault)
+SPOILED_SETS = {
+    "label_out_of_range": (_sets(_row(3, [1, 2, 4])), 3),
+    "pad_below_minus_one": (_sets(_row(1, [1, -2, -1])), 1),
+    "unsorted": (_sets(_row(0, [2, 0, -1])), 0),
+    "repeated": (_sets(_row(3, [1, 1, 3])), 3),
+    "pad_before_a_label": (_sets(_row(0, [-1, 0, 2])), 0),
+    "count_too_high": (_sets(count=[2, 1, 1, 3]), 2),
+    "count_too_low": (_sets(count=[2, 1, 0, 2]), 3),
+}
+
+
+@pytest.mark.parametrize("corruption", SPOILED_SETS)
+def test_spoiled_label_sets_are_refused(corruption):
+    """A LabelSets is checked like any other label input: on the host a ValueError naming
+    `labels` and the row at fault, with check_values=False a device-side assertion (which raises
+    at once on the CPU) whose message starts with `labels`."""
+    sets, row = SPOILED_SETS[corruption]
+    with pytest.raises(ValueError, match=rf"^labels: LabelSets row {row} has"):
+        mlcl_fast.as_label_sets(sets, 4, 4)
+    with pytest.raises(RuntimeError, match=r"^labels: a LabelSets row has"):
+        mlcl_fast.as_label_sets(sets, 4, 4, check_values=False)
+
+
+BAD_SETS_METADATA = {
+    "float_index": (mlcl_fast.LabelSets(torch.zeros(4, 2), torch.zeros(4, dtype=torch.int64), 4), TypeError),
+    "float_count": (mlcl_fast.LabelSets(_sets().index, _sets().count.float(), 4), TypeError),
+    "index_1d": (mlcl_fast.LabelSets(torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64), 4),
+                 ValueError),
+    "count_shape": (mlcl_fast.LabelSets(_sets().index, _sets().count[:3], 4), ValueError),
+    "count_device": (mlcl_fast.LabelSets(_sets().index, _sets().count.to("meta"), 4), ValueError),
+    "num_labels_negative": (mlcl_fast.LabelSets(_sets().index, _sets().count, -1), ValueError),
+    "index_not_a_tensor": (mlcl_fast.LabelSets(SETS_ROWS, _sets().count, 4), TypeError),
+}
+
+
+@pytest.mark.parametrize("name", BAD_SETS_METADATA)
+def test_label_sets_metadata_is_checked(name):
+    sets, error = BAD_SETS_METADATA[name]
+    for check_values in (True, False):
+        with pytest.raises(error, match=r"^labels\b"):
+            mlcl_fast.as_label_sets(sets, 4, check_values=check_values)
+
+
+def test_valid_label_sets_are_read_as_int64():
+    """A canonical LabelSets passes both ways and comes back as contiguous int64 (what the fused
+    backends read), whatever integer dtype it was made with; empty label spaces and rows too."""
+    for check_values in (True, False):
+        out = mlcl_fast.as_label_sets(_sets(dtype=torch.int32), 4, 4, check_values=check_values)
+        assert out.index.dtype == out.count.dtype == torch.int64 and out.index.is_contiguous()
+        assert out.index.tolist() == SETS_ROWS and out.count.tolist() == [2, 1, 0, 3]
+        empty = mlcl_fast.as_label_sets(_sets([[-1], [-1]], num_labels=0), 2, check_values=check_values)
+        assert empty.count.tolist() == [0, 0]

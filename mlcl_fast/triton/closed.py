@@ -31,6 +31,9 @@ contents), are built on the device without a host synchronisation, and every sum
 segment sum in a fixed order (deterministic). Per-label sums live in a compact label space of at
 most min(L, C * K_c) rows: the labels the softmax columns carry. The sweeps visit the anchors
 with a positive first and skip the others (prep.py).
+
+The operators check their arguments (checks.py); `validated=True` (the driver, and the autograd
+backward) leaves out the device-side assertions on the values the caller checked.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import configs, launch, prep, sparse
+from . import checks, configs, launch, prep, sparse
 from .recording import launch as launch_kernel
 
 
@@ -172,7 +175,7 @@ def column_label_grad(col_cid: Tensor, f: Tensor, col_owner: Tensor, g_up: Tenso
 @triton_op("mlcl_fast::triton_closed_forward", mutates_args=())
 def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_count: Tensor, c_index: Tensor,
                    c_count: Tensor, num_samples: int, col_lo: int, num_labels: int, inv_tau: float,
-                   log_beta: float, reg: bool, allow_tf32: bool, grad_in_forward: bool
+                   log_beta: float, reg: bool, allow_tf32: bool, grad_in_forward: bool, validated: bool = False
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                               Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss [M] (with the head labels' regulariser; tail.tail_forward adds the rest), W [M],
@@ -187,6 +190,13 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     weights per pair inside the sweeps (g_ij = G_i (W_i p_ij - w^H_ij - r_ij), formed before the
     gradient GEMM, so near convergence, where p_ij ~ w_ij, nothing large cancels) and only the
     tail labels from the closed form."""
+    args = checks.common(q, k, self_col, num_samples, col_lo, inv_tau, log_beta, validated, a_count, c_count)
+    args.integer("num_labels", num_labels, 0)
+    # prep.py indexes its label -> compact id map with the anchors' and the columns' label ids.
+    args.label_lists("a_index", a_index, args.M)
+    args.label_lists("c_index", c_index, args.C)
+    args.label_rows("a_index", a_index, num_labels, a_count, "a_count")
+    args.label_rows("c_index", c_index, num_labels, c_count, "c_count")
     interpret = launch.INTERPRETED
     hb = head_width(c_index, num_labels, q.shape[1])
     pre = prep.prepare(a_index, a_count, c_index, self_col, col_lo, num_labels, hb, interpret, wrap_triton)
@@ -223,9 +233,32 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
                     row_scale: Tensor, dq_unit: Tensor, order: Tensor, live: Tensor, g_up: Tensor,
                     num_samples: int, col_lo: int,
                     inv_tau: float, log_beta: float, reg: bool, tail: bool,
-                    allow_tf32: bool) -> tuple[Tensor, Tensor]:
+                    allow_tf32: bool, validated: bool = False) -> tuple[Tensor, Tensor]:
+    args = checks.common(q, k, self_col, num_samples, col_lo, inv_tau, log_beta, validated, a_count, c_count)
+    M, C, d = args.M, args.C, args.d
+    for name, t in (("lse2", lse2), ("w_tot", w_tot), ("ubar_tail", ubar_tail), ("row_scale", row_scale),
+                    ("g_up", g_up)):
+        args.tensor(name, t, (M,), (torch.float32,))
+    args.tensor("v_tail", v_tail, (M, d), (torch.float32,))
+    ka = args.label_lists("u_tail", u_tail, M, (torch.float32,))
+    args.label_lists("col_cid", col_cid, C, (torch.int64,))
+    # The anchor slots of each compact label (slot_ptr, over slot_sorted's keys cid * M * Ka + slot).
+    U = args.offsets("slot_ptr", slot_ptr, M * ka)
+    args.tensor("slot_sorted", slot_sorted, (M * ka,), (torch.int64,))
+    args.tensor("col_owner", col_owner, (C,), (torch.int32,))
+    hb = args.head("head_u", head_u, M, 2)
+    args.tensor("head_y", head_y, (C, hb), (torch.float16,))
+    args.anchor_gradient("dq_unit", dq_unit)
+    args.tensor("order", order, (M,), (torch.int32,))
+    args.tensor("live", live, (1,), (torch.int32,))
+    # What else the kernels address memory with: anchors (order, col_owner, slot_sorted's slots) and
+    # compact labels (col_cid).
+    args.ids("order", order, 0, M, "anchor indices")
+    args.ids("live", live, 0, M + 1, "a count of anchors")
+    args.ids("col_cid", col_cid, -1, U, "compact label ids (-1: none)")
+    args.ids("slot_sorted", slot_sorted, 0, (U + 1) * max(1, M * ka), "slot keys (compact id * M * Ka + slot)")
+    args.ids("col_owner", col_owner, -1, M, "anchor indices (-1: none)")
     interpret = launch.INTERPRETED
-    C = k.shape[0]
     labels, g = launch.head_tiles(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
                                   log_beta, reg, allow_tf32)
     visit = (order, live)
@@ -246,7 +279,8 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
 
 
 _INPUTS = ("q", "k", "self_col", "a_index", "a_count", "c_index", "c_count")
-_SCALARS = ("num_samples", "col_lo", "num_labels", "inv_tau", "log_beta", "reg", "allow_tf32", "grad_in_forward")
+_SCALARS = ("num_samples", "col_lo", "num_labels", "inv_tau", "log_beta", "reg", "allow_tf32", "grad_in_forward",
+            "validated")
 
 
 def _setup_context(ctx, inputs, output):
@@ -264,7 +298,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_loss, *_unused):
     if g_loss is None:
         return (None,) * (len(_INPUTS) + len(_SCALARS))
-    dq, dk = closed_backward(*ctx.saved_tensors, g_loss.to(torch.float32).contiguous(), **ctx.scalars)
+    # The saved tensors are the forward's checked inputs and its outputs: no value assertions again.
+    dq, dk = closed_backward(*ctx.saved_tensors, g_loss.to(torch.float32).contiguous(), **ctx.scalars,
+                             validated=True)
     return (dq, dk) + (None,) * (len(_INPUTS) - 2 + len(_SCALARS))
 
 

@@ -1,4 +1,9 @@
-"""From a Problem to the custom operators: anchor and column matrices, label tensors, regime."""
+"""From a Problem to the custom operators: anchor and column matrices, label tensors, regime.
+
+The operators' value checks (checks.py) are left out here (`validated=True`): the Problem's labels
+were canonicalised and checked by mlcl_fast.labels (on the host, or by device-side assertions with
+check_values=False) and its anchor columns come from its own ranges, so checking them again would
+only add device operations to every call."""
 from __future__ import annotations
 
 import math
@@ -8,7 +13,7 @@ from torch import Tensor
 
 from .. import reference
 from ..problem import Problem
-from . import closed, configs, labels, ops, pairs, tail
+from . import closed, configs, labels, launch, ops, pairs, tail
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -42,6 +47,11 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
     plo, phi = problem.prototype_anchors
     q = torch.cat([x[lo:hi], protos[plo:phi]]) if phi > plo else x[lo:hi]
     k = torch.cat([x, protos]) if protos is not None else x
+    if launch.INTERPRETED and x.dtype == torch.bfloat16:
+        # The Triton interpreter's bf16 tl.dot gives wrong results (values ~1e10): there, bf16 rows
+        # are computed in fp32 (exact upcast; gradients flow back in bf16). Compiled kernels take
+        # bf16 as it is.
+        q, k = q.float(), k.float()
     q, k = q.contiguous(), k.contiguous()
 
     n = problem.num_samples
@@ -95,7 +105,8 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
         a_count, c_count = anchor_sets.count, column_sets.count
         inv_tau = 1.0 / problem.temperature
         out = closed.closed_forward(q, k, self_col, a_long, a_count, c_index, c_count, n, col_lo, num_labels,
-                                    inv_tau, log_beta, cfg.reg, tf32, grad_mode == "forward" and need_grad)
+                                    inv_tau, log_beta, cfg.reg, tf32, grad_mode == "forward" and need_grad,
+                                    validated=True)
         loss, w_tot, lse2, u_tail = out[0], out[1], out[2], out[4]
         if cfg.reg and closed.has_tail(c_index, num_labels, q.shape[1]):
             head_u, head_y, row_scale, a_cid, col_ptr, col_sorted, tail_len = out[10:17]
@@ -103,7 +114,7 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
                 tail_capacity = configs.tail_capacity(q.shape[0], k.shape[0])
             value, *_ = tail.tail_forward(q, k, self_col, a_long, c_index, a_cid, col_ptr, col_sorted, tail_len,
                                           lse2.detach(), u_tail.detach(), head_u, head_y, row_scale, n, log_beta,
-                                          inv_tau, tail_capacity)
+                                          inv_tau, tail_capacity, validated=True)
             loss = loss + value
         return loss, w_tot > 0
 
@@ -113,7 +124,7 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
     if regime == "pairs":
         loss, w_tot, *_ = pairs.pairs_forward(q, k, self_col, a_index.long(), a_count, column_sets.index, c_count, n,
                                               col_lo, anchor_sets.num_labels, 1.0 / problem.temperature, log_beta,
-                                              float(cfg.alpha), weighting, factor, cfg.reg, tf32)
+                                              float(cfg.alpha), weighting, factor, cfg.reg, tf32, validated=True)
         return loss, w_tot > 0
 
     mode = configs.REGIMES[regime]
@@ -127,5 +138,5 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
         a_bits = torch.zeros_like(a_index[:, :1])
     loss, w_tot, *_ = ops.dense_forward(q, k, self_col, a_index, a_bits, a_count, table, c_count, n, col_lo,
                                         1.0 / problem.temperature, log_beta, float(cfg.alpha), mode, weighting,
-                                        factor, cfg.reg, tf32, grad_mode == "forward" and need_grad)
+                                        factor, cfg.reg, tf32, grad_mode == "forward" and need_grad, validated=True)
     return loss, w_tot > 0

@@ -5,6 +5,9 @@ dense_forward(q [M, d], k [C, d], labels...) -> (loss [M] fp32, W [M], lse2 [M] 
 inv_z [M, slots], dq_unit [M or 0, d]); only `loss` is differentiable. The backward recomputes
 logits from (lse, W, scale, inv_z) unless the forward already produced the anchor-row gradient
 (`grad_in_forward`, MLCL_FAST_TRITON_GRAD=forward), in which case only the column kernel runs.
+
+Both operators check their arguments (checks.py); `validated=True` (the driver, and the autograd
+backward) leaves out the device-side assertions on label and column values the caller checked.
 """
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import configs, launch
+from . import checks, configs, launch
 from .configs import LN2
+from .labels import dense_width
 
 
 def epilogue(lse: Tensor, acc_z: Tensor, acc_s: Tensor, a_count: Tensor, label_centric: bool):
@@ -34,11 +38,55 @@ def epilogue(lse: Tensor, acc_z: Tensor, acc_s: Tensor, a_count: Tensor, label_c
     return w_tot * lse - weighted, w_tot, scale, inv_z
 
 
+_IN_TILE_MODES = {name: configs.REGIMES[name] for name in ("bits", "gather", "list", "dense")}
+
+
+def check_arguments(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_bits: Tensor, a_count: Tensor,
+                    table: Tensor, c_count: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float,
+                    alpha: float, mode: int, weighting: int, factor: int, validated: bool) -> checks.Arguments:
+    """The arguments both operators share: the label tensors in the forms of `mode`
+    (labels.column_table, labels.bitsets / dense_rows) and the scalars."""
+    args = checks.common(q, k, self_col, num_samples, col_lo, inv_tau, log_beta, validated, a_count, c_count)
+    M, C = args.M, args.C
+    args.choice("mode", mode, _IN_TILE_MODES)
+    args.choice("weighting", weighting, configs.WEIGHTING_CODES)
+    args.choice("factor", factor, configs.FACTOR_CODES)
+    args.number("alpha", alpha)
+    args.label_lists("a_index", a_index, M)
+    # The bound of the anchors' label ids is what the column table can hold (a bitset's bits, a
+    # 0/1 row's columns); label lists are only compared, so any id is safe there.
+    if mode == configs.MODE_DENSE:
+        args.tensor("table", table, (C, None), (torch.float16,))
+        width = table.shape[1]
+        if width < 16 or configs.pow2(width) != width or width > dense_width(configs.DENSE_MAX_LABELS):
+            raise ValueError(f"table: expected 0/1 label rows of a power-of-two width in [16, "
+                             f"{dense_width(configs.DENSE_MAX_LABELS)}], got {width}")
+        args.tensor("a_bits", a_bits, (M, width), (torch.float16,))
+        bound = width
+    elif mode == configs.MODE_LIST:
+        args.label_lists("table", table, C)
+        args.tensor("a_bits", a_bits, (M, None), (torch.int32,))  # not read
+        args.label_rows("table", table, None, c_count, "c_count")
+        bound = None
+    else:
+        args.tensor("table", table, (C, None), (torch.int32,))
+        words = table.shape[1]
+        if words < 1:
+            raise ValueError("table: expected label bitsets of at least one int32 word per column, got none")
+        args.tensor("a_bits", a_bits, (M, words) if mode == configs.MODE_BITS else (M, None), (torch.int32,))
+        bound = 32 * words
+    args.label_rows("a_index", a_index, bound, a_count, "a_count")
+    return args
+
+
 @triton_op("mlcl_fast::triton_dense_forward", mutates_args=())
 def dense_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_bits: Tensor, a_count: Tensor,
                   table: Tensor, c_count: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float,
                   alpha: float, mode: int, weighting: int, factor: int, reg: bool, allow_tf32: bool,
-                  grad_in_forward: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  grad_in_forward: bool, validated: bool = False
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_arguments(q, k, self_col, a_index, a_bits, a_count, table, c_count, num_samples, col_lo, inv_tau, log_beta,
+                    alpha, mode, weighting, factor, validated)
     labels = (self_col, a_index, a_bits, a_count, table, c_count)
     g = launch.geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, alpha, mode, weighting, factor, reg,
                         allow_tf32)
@@ -63,10 +111,17 @@ def dense_backward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_bi
                    table: Tensor, c_count: Tensor, lse: Tensor, w_tot: Tensor, scale: Tensor, inv_z: Tensor,
                    g_up: Tensor, dq_unit: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float,
                    alpha: float, mode: int, weighting: int, factor: int, reg: bool,
-                   allow_tf32: bool) -> tuple[Tensor, Tensor]:
+                   allow_tf32: bool, validated: bool = False) -> tuple[Tensor, Tensor]:
+    args = check_arguments(q, k, self_col, a_index, a_bits, a_count, table, c_count, num_samples, col_lo, inv_tau,
+                           log_beta, alpha, mode, weighting, factor, validated)
     labels = (self_col, a_index, a_bits, a_count, table, c_count)
     g = launch.geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, alpha, mode, weighting, factor, reg,
                         allow_tf32)
+    M = args.M
+    for name, t in (("lse", lse), ("w_tot", w_tot), ("scale", scale), ("g_up", g_up)):
+        args.tensor(name, t, (M,), (torch.float32,))
+    args.tensor("inv_z", inv_z, (M, g.slots), (torch.float32,))
+    args.anchor_gradient("dq_unit", dq_unit)
     if dq_unit.shape[0] == q.shape[0]:
         dq = dq_unit * g_up[:, None]  # the anchor-row gradient is linear in G_i
     else:
@@ -85,15 +140,16 @@ def _setup_context(ctx, inputs, output):
     labels = inputs[2:2 + _NUM_LABEL_TENSORS]
     scalars = inputs[2 + _NUM_LABEL_TENSORS:]
     _, w_tot, lse, scale, inv_z, dq_unit = output
-    ctx.scalars = dict(zip(_SCALARS, scalars))  # grad_in_forward, the last one, is not needed
+    ctx.scalars = dict(zip(_SCALARS, scalars))  # grad_in_forward and validated, the last ones, are not needed
     ctx.save_for_backward(q, k, *labels, lse, w_tot, scale, inv_z, dq_unit)
 
 
 def _backward(ctx, g_loss, *_unused):
     saved = ctx.saved_tensors
     g_up = g_loss.to(torch.float32).contiguous()
-    dq, dk = dense_backward(*saved[:-1], g_up, saved[-1], **ctx.scalars)
-    return (dq, dk) + (None,) * (_NUM_LABEL_TENSORS + len(_SCALARS) + 1)
+    # The saved tensors are the forward's checked inputs and its outputs: no value assertions again.
+    dq, dk = dense_backward(*saved[:-1], g_up, saved[-1], **ctx.scalars, validated=True)
+    return (dq, dk) + (None,) * (_NUM_LABEL_TENSORS + len(_SCALARS) + 2)  # + grad_in_forward, validated
 
 
 dense_forward.register_autograd(_backward, setup_context=_setup_context)

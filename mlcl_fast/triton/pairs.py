@@ -9,7 +9,10 @@ the loss and the gradient correction -(w_ij + r_ij) G_i / tau are computed on th
 Memory is O(T); configs.choose_regime takes this regime only when T is small.
 
 The list sizes depend on label values, so the operators here are opaque to torch.compile
-(torch.library.custom_op with a fake implementation), unlike the dense triton_op ones.
+(torch.library.custom_op with a fake implementation), unlike the dense triton_op ones. Both
+operators and their fake implementations check the arguments' metadata (checks.py); the operators
+also assert the values on the device unless `validated=True` (the driver, and the autograd
+backward).
 """
 from __future__ import annotations
 
@@ -17,8 +20,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
-from . import launch, sparse
-from . import configs
+from . import checks, configs, launch, sparse
 from .configs import FACTOR_CODES, WEIGHTING_CODES
 
 _identity = lambda kernel: kernel  # noqa: E731
@@ -95,12 +97,28 @@ def pair_weights(pi, pj, count, tri_seg, tri_pair, a_count, c_count, num_anchors
     return f * shared * inv_a[pi], w_tot
 
 
+def _check_forward(q, k, self_col, a_index, a_count, c_index, c_count, num_samples, col_lo, num_labels, inv_tau,
+                   log_beta, alpha, weighting, factor, validated):
+    args = checks.common(q, k, self_col, num_samples, col_lo, inv_tau, log_beta, validated, a_count, c_count)
+    args.integer("num_labels", num_labels, 0)
+    args.number("alpha", alpha)
+    args.choice("weighting", weighting, WEIGHTING_CODES)
+    args.choice("factor", factor, FACTOR_CODES)
+    # The inverted index is addressed by label id (column lists may be empty: no slot needed).
+    args.label_lists("a_index", a_index, args.M)
+    args.tensor("c_index", c_index, (args.C, None), checks.INDEX_DTYPES)
+    args.label_rows("a_index", a_index, num_labels, a_count, "a_count")
+    args.label_rows("c_index", c_index, num_labels, c_count, "c_count")
+
+
 @custom_op("mlcl_fast::triton_pairs_forward", mutates_args=())
 def pairs_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_count: Tensor, c_index: Tensor,
                   c_count: Tensor, num_samples: int, col_lo: int, num_labels: int, inv_tau: float,
                   log_beta: float, alpha: float, weighting: int, factor: int, reg: bool,
-                  allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  allow_tf32: bool, validated: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss [M], W [M], lse2 [M] (base 2, for the sweeps), pi [P], pj [P], w + r [P])."""
+    _check_forward(q, k, self_col, a_index, a_count, c_index, c_count, num_samples, col_lo, num_labels, inv_tau,
+                   log_beta, alpha, weighting, factor, validated)
     interpret = launch.INTERPRETED
     M = q.shape[0]
     labels, g = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta, allow_tf32)
@@ -128,7 +146,10 @@ def pairs_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_cou
 
 @pairs_forward.register_fake
 def _(q, k, self_col, a_index, a_count, c_index, c_count, num_samples, col_lo, num_labels, inv_tau, log_beta,
-      alpha, weighting, factor, reg, allow_tf32):
+      alpha, weighting, factor, reg, allow_tf32, validated=False):
+    # Metadata only: fake tensors hold no values.
+    _check_forward(q, k, self_col, a_index, a_count, c_index, c_count, num_samples, col_lo, num_labels, inv_tau,
+                   log_beta, alpha, weighting, factor, validated=True)
     M = q.shape[0]
     P = torch.library.get_ctx().new_dynamic_size()
     per_anchor = lambda: q.new_empty(M, dtype=torch.float32)  # noqa: E731
@@ -136,10 +157,29 @@ def _(q, k, self_col, a_index, a_count, c_index, c_count, num_samples, col_lo, n
             q.new_empty(P, dtype=torch.int64), q.new_empty(P, dtype=torch.float32))
 
 
+def _check_backward(q, k, self_col, a_count, c_count, lse, w_tot, pi, pj, coef, g_up, num_samples, col_lo, inv_tau,
+                    log_beta, validated):
+    args = checks.common(q, k, self_col, num_samples, col_lo, inv_tau, log_beta, validated, a_count, c_count)
+    for name, t in (("lse", lse), ("w_tot", w_tot), ("g_up", g_up)):
+        args.tensor(name, t, (args.M,), (torch.float32,))
+    args.tensor("pi", pi, (None,), (torch.int64,))
+    P = pi.shape[0]
+    args.tensor("pj", pj, (P,), (torch.int64,))
+    args.tensor("coef", coef, (P,), (torch.float32,))
+    # The pairs are sorted by anchor (CSR offsets by searchsorted) and address q and k rows.
+    args.ids("pi", pi, 0, args.M, "anchor indices")
+    if not validated and P > 1:
+        args.assert_values("pi", pi[1:] >= pi[:-1], "anchor indices sorted ascending")
+    args.ids("pj", pj, 0, args.C, "column indices")
+
+
 @custom_op("mlcl_fast::triton_pairs_backward", mutates_args=())
 def pairs_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, lse: Tensor,
                    w_tot: Tensor, pi: Tensor, pj: Tensor, coef: Tensor, g_up: Tensor, num_samples: int,
-                   col_lo: int, inv_tau: float, log_beta: float, allow_tf32: bool) -> tuple[Tensor, Tensor]:
+                   col_lo: int, inv_tau: float, log_beta: float, allow_tf32: bool,
+                   validated: bool = False) -> tuple[Tensor, Tensor]:
+    _check_backward(q, k, self_col, a_count, c_count, lse, w_tot, pi, pj, coef, g_up, num_samples, col_lo, inv_tau,
+                    log_beta, validated)
     interpret = launch.INTERPRETED
     M, C = q.shape[0], k.shape[0]
     labels, g = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta, allow_tf32)
@@ -157,7 +197,9 @@ def pairs_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_co
 
 @pairs_backward.register_fake
 def _(q, k, self_col, a_count, c_count, lse, w_tot, pi, pj, coef, g_up, num_samples, col_lo, inv_tau, log_beta,
-      allow_tf32):
+      allow_tf32, validated=False):
+    _check_backward(q, k, self_col, a_count, c_count, lse, w_tot, pi, pj, coef, g_up, num_samples, col_lo, inv_tau,
+                    log_beta, validated=True)
     return torch.empty_like(q), torch.empty_like(k)
 
 
@@ -176,9 +218,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g_loss, *_unused):
     q, k, self_col, a_count, c_count, lse, w_tot, pi, pj, coef = ctx.saved_tensors
+    # The saved tensors are the forward's checked inputs and its outputs: no value assertions again.
     dq, dk = pairs_backward(q, k, self_col, a_count, c_count, lse, w_tot, pi, pj, coef,
-                            g_loss.to(torch.float32).contiguous(), **ctx.scalars)
-    return (dq, dk) + (None,) * (5 + len(_SCALARS))
+                            g_loss.to(torch.float32).contiguous(), **ctx.scalars, validated=True)
+    return (dq, dk) + (None,) * (5 + len(_SCALARS) + 1)  # + validated
 
 
 pairs_forward.register_autograd(_backward, setup_context=_setup_context)

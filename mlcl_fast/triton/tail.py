@@ -16,6 +16,9 @@ graphs capture it) and its true length is checked on the device: more entries th
 fail the stream with an error naming configs.TAIL_CAPACITY_ENV (torch._assert_async), never a
 silently wrong value. The driver sizes the capacity exactly (one host read) while it may read
 label values, else from shapes (configs.tail_capacity).
+
+The operators check their arguments (checks.py); `validated=True` (the driver, and the autograd
+backward) leaves out the device-side assertions on the values the caller checked.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import configs, launch, recording, sparse
+from . import checks, configs, launch, recording, sparse
 from .recording import launch as _launch
 
 
@@ -98,43 +101,80 @@ def tail_pairs_kernel(q_ptr, k_ptr, a_index, a_cid, u_tail, c_index, col_ptr, co
 @triton_op("mlcl_fast::triton_closed_tail_forward", mutates_args=())
 def tail_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, c_index: Tensor, a_cid: Tensor,
                  col_ptr: Tensor, col_sorted: Tensor, tail_len: Tensor, lse2: Tensor, u_tail: Tensor, head_u: Tensor,
-                 head_y: Tensor, row_scale: Tensor, num_samples: int, log_beta: float, inv_tau: float, capacity: int
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 head_y: Tensor, row_scale: Tensor, num_samples: int, log_beta: float, inv_tau: float, capacity: int,
+                 validated: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(-sum_j delta_ij s_ij [M], pi [cap], pj [cap] (-1 past the list), delta [cap],
     row_ptr [M+1]): the tail pairs of every anchor, in the order of its label slots."""
-    M, ka = a_index.shape
-    C, kc = c_index.shape
-    hb = head_y.shape[1]
+    args = checks.common(q, k, self_col, num_samples, 0, inv_tau, log_beta, validated)
+    M, C = args.M, args.C
+    ka = args.label_lists("a_index", a_index, M)
+    kc = args.label_lists("c_index", c_index, C)
+    args.tensor("a_cid", a_cid, (M, ka), (torch.int64,))
+    U = args.offsets("col_ptr", col_ptr, C * kc)
+    args.tensor("col_sorted", col_sorted, (C * kc,), (torch.int64,))
+    args.tensor("tail_len", tail_len, (M * ka,), (torch.int64,))
+    args.tensor("lse2", lse2, (M,), (torch.float32,))
+    args.tensor("u_tail", u_tail, (M, ka), (torch.float32,))
+    args.tensor("row_scale", row_scale, (M,), (torch.float32,))
+    hb = args.head("head_u", head_u, M, 2)
+    args.tensor("head_y", head_y, (C, hb), (torch.float16,))
+    args.integer("capacity", capacity, 0)
+    # The kernel compares label ids only; it addresses col_ptr by compact id, k and c_index by the
+    # listed columns, and the list by the prefix sums of tail_len.
+    args.label_rows("a_index", a_index, None)
+    args.label_rows("c_index", c_index, None)
+    args.ids("a_cid", a_cid, -1, U, "compact label ids (-1: none)")
+    args.ids("col_sorted", col_sorted, -1, C, "column indices (-1 past the listed ones)")
+    if not validated:
+        listed = torch.arange(col_sorted.numel(), device=col_sorted.device) < col_ptr[-1]
+        args.assert_values("col_sorted", (col_sorted >= 0) | ~listed, f"column indices in [0, {C}) up to col_ptr[-1]")
+    args.ids("tail_len", tail_len, 0, C + 1, "column counts")
     cap = max(1, capacity)
     end = torch.cumsum(tail_len, 0)
     start = end - tail_len
+    # The list's length (0 without anchor slots: no entry to read it from).
+    total = end[-1:] if M * ka else torch.zeros(1, dtype=end.dtype, device=end.device)
     if not recording.active():  # recorded launches leave the lengths uninitialised
-        torch._assert_async(end[-1] <= cap, f"closed-form tail list: more pairs than its capacity of {cap}; "
-                                            f"set {configs.TAIL_CAPACITY_ENV} higher (entries per anchor and column)")
+        torch._assert_async(total[0] <= cap, f"closed-form tail list: more pairs than its capacity of {cap}; "
+                                             f"set {configs.TAIL_CAPACITY_ENV} higher (entries per anchor and column)")
     pi = torch.zeros(cap, dtype=torch.int32, device=q.device)
     pj = torch.full((cap,), -1, dtype=torch.int32, device=q.device)
     delta = torch.zeros(cap, dtype=torch.float32, device=q.device)
     value = torch.empty(M * ka, dtype=torch.float32, device=q.device)
     interpret = launch.INTERPRETED
     bd = 16 if interpret else max(16, min(configs.pow2(q.shape[1]), 128))
-    _launch(tail_pairs_kernel, (M * ka,),
-            (q, k, a_index, a_cid, u_tail, c_index, col_ptr, col_sorted, self_col, lse2, head_u, head_y,
-             row_scale, start, pi, pj, delta, value, q.shape[1], ka, kc, num_samples, cap,
-             inv_tau * configs.LOG2E, log_beta * configs.LOG2E, inv_tau,
-             q.stride(0), k.stride(0), head_u.stride(0), head_y.stride(0)),
-            dict(BLOCK_J=16 if interpret else 32, BLOCK_D=bd, KA_P2=configs.pow2(ka), KC_P2=configs.pow2(kc),
-                 HB=hb, num_warps=4), wrap_triton)
-    row_ptr = torch.cat([start.view(M, ka)[:, 0], end[-1:]]).clamp(max=cap)
+    if M * ka:
+        _launch(tail_pairs_kernel, (M * ka,),
+                (q, k, a_index, a_cid, u_tail, c_index, col_ptr, col_sorted, self_col, lse2, head_u, head_y,
+                 row_scale, start, pi, pj, delta, value, q.shape[1], ka, kc, num_samples, cap,
+                 inv_tau * configs.LOG2E, log_beta * configs.LOG2E, inv_tau,
+                 q.stride(0), k.stride(0), head_u.stride(0), head_y.stride(0)),
+                dict(BLOCK_J=16 if interpret else 32, BLOCK_D=bd, KA_P2=configs.pow2(ka), KC_P2=configs.pow2(kc),
+                     HB=hb, num_warps=4), wrap_triton)
+    row_ptr = torch.cat([start.view(M, ka)[:, 0], total]).clamp(max=cap)
     return value.view(M, ka).sum(dim=1), pi, pj, delta, row_ptr
 
 
 @triton_op("mlcl_fast::triton_closed_tail_backward", mutates_args=())
 def tail_backward(q: Tensor, k: Tensor, pi: Tensor, pj: Tensor, delta: Tensor, row_ptr: Tensor, g_up: Tensor,
-                  inv_tau: float) -> tuple[Tensor, Tensor]:
+                  inv_tau: float, validated: bool = False) -> tuple[Tensor, Tensor]:
     """d(-delta_ij s_ij)/ds_ij = -delta_ij: per anchor from the list's order, per column after one
     stable sort of the list by column (entries past the list sort last)."""
+    args = checks.Arguments(q, k, validated)
+    M, C = args.M, args.C
+    cap = pi.numel()
+    args.tensor("pi", pi, (cap,), (torch.int32,))
+    args.tensor("pj", pj, (cap,), (torch.int32,))
+    args.tensor("delta", delta, (cap,), (torch.float32,))
+    args.offsets("row_ptr", row_ptr, cap, segments=M)
+    args.tensor("g_up", g_up, (M,), (torch.float32,))
+    args.number("inv_tau", inv_tau, positive=True)
+    # Entries past the list hold pi = 0 (no anchor to read when there are none), pj = -1.
+    args.ids("pi", pi, 0, max(M, 1), "anchor indices")
+    args.ids("pj", pj, -1, C, "column indices (-1 past the list)")
+    if M == 0:
+        return torch.zeros_like(q), torch.zeros_like(k)
     interpret = launch.INTERPRETED
-    C = k.shape[0]
     corr = -delta * g_up[pi.long()] * inv_tau
     dq = sparse.csr_rows(row_ptr, pj, corr, k, interpret, wrap_triton)
     by_col, order = torch.sort(torch.where(pj >= 0, pj, C), stable=True)
@@ -151,11 +191,15 @@ def _tail_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # only the value is differentiated
 
 
+_TAIL_INPUTS = 19  # tail_forward's arguments, validated included
+
+
 def _tail_backward(ctx, g_value, *_unused):
     if g_value is None:
-        return (None,) * 18
-    dq, dk = tail_backward(*ctx.saved_tensors, g_value.to(torch.float32).contiguous(), ctx.inv_tau)
-    return (dq, dk) + (None,) * 16
+        return (None,) * _TAIL_INPUTS
+    # The list is the forward's output: no value assertions again.
+    dq, dk = tail_backward(*ctx.saved_tensors, g_value.to(torch.float32).contiguous(), ctx.inv_tau, validated=True)
+    return (dq, dk) + (None,) * (_TAIL_INPUTS - 2)
 
 
 tail_forward.register_autograd(_tail_backward, setup_context=_tail_setup)
