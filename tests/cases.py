@@ -292,10 +292,11 @@ GRAD_SCALE_FLOOR = 1e-4
 ORACLE_MAX_PAIRS = 5000  # anchors x columns up to which assert_backend_matches asks the oracle for the scale
 
 
-def grad_floors(oracle: "brute_force.BruteForceResult", coeffs=None) -> tuple[float, float]:
+def grad_floors(oracle: "brute_force.BruteForceResult", coeffs=None,
+                scale_floor: float = GRAD_SCALE_FLOOR) -> tuple[float, float]:
     """(features, prototypes) gradient floors for the loss sum_a coeffs[a] l_a (default: the mean)."""
     scale_f, scale_p = oracle.grad_scale(coeffs)
-    return max(GRAD_FLOOR, GRAD_SCALE_FLOOR * scale_f), max(GRAD_FLOOR, GRAD_SCALE_FLOOR * scale_p)
+    return max(GRAD_FLOOR, scale_floor * scale_f), max(GRAD_FLOOR, scale_floor * scale_p)
 
 
 def run_loss(backend: str, case: Case, labels=None, reduction: str = "mean", dtype=None, device=None,
@@ -320,13 +321,14 @@ def run_loss(backend: str, case: Case, labels=None, reduction: str = "mean", dty
 
 
 def assert_backend_matches(backend_name: str, case: Case, rtol_loss: float = 1e-5, rtol_grad: float = 1e-4,
-                           device=None, labels=None, check_none: bool = True) -> dict:
+                           device=None, labels=None, check_none: bool = True,
+                           scale_floor: float = GRAD_SCALE_FLOOR) -> dict:
     """Compare `backend_name` on `case` (its dtype, on `device` or the case's) to the reference
     backend in float64 on the CPU: the reduced loss, the per-anchor losses of reduction='none',
     and the gradients of features and prototypes of both (for 'none', of a random weighting of
     the anchors). Losses are compared as |l - l*| / max(|l*|, LOSS_FLOOR), gradients as
     ||g - g*|| / max(||g*||, floor) with the floors of `grad_floors` (GRAD_FLOOR for cases too
-    large for the oracle). Returns the errors."""
+    large for the oracle; `scale_floor` replaces GRAD_SCALE_FLOOR). Returns the errors."""
     ref_case = case.to(device="cpu", dtype=torch.float64)
     n_rows = ref_case.features.shape[0] * (ref_case.features.shape[1] if ref_case.features.dim() == 3 else 1)
     cfg = brute_force.spec_config(case.preset, **case.overrides)
@@ -334,7 +336,8 @@ def assert_backend_matches(backend_name: str, case: Case, rtol_loss: float = 1e-
     n_columns = n_rows + (case.num_labels if cfg["prototype_mode"] != "none" else 0)
     weights = anchor_weights(case.seed, n_anchors)
     oracle = ref_case.brute_force() if n_anchors * n_columns <= ORACLE_MAX_PAIRS else None
-    floors = (lambda coeffs=None: grad_floors(oracle, coeffs)) if oracle else (lambda coeffs=None: (GRAD_FLOOR,) * 2)
+    floors = ((lambda coeffs=None: grad_floors(oracle, coeffs, scale_floor)) if oracle
+              else (lambda coeffs=None: (GRAD_FLOOR,) * 2))
 
     errors = {}
     value, gf, gp = run_loss(backend_name, case, labels, device=device)
