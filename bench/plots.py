@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from mlcl_fast.train.files import save_figure  # noqa: E402
+
 from .records import number, read_rows, status_kind  # noqa: E402
 
 PRESET_ORDER = ("reg", "msc", "jaccard", "mulsupcon")
@@ -80,7 +82,7 @@ def _figure(rows, axis, metric, colors, path, first):
     fig.suptitle(f"{metric} vs {axis} — {first['device_name']} ({first['device']}), torch {first['torch']}, "
                  f"{first['threads']} threads, {first['date']}, commit {first['git_commit']}\n{markers.strip()}", fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)  # written whole or not at all
     plt.close(fig)
 
 

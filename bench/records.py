@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Iterable
+
+from mlcl_fast.train.files import atomic_open
 
 COLUMNS = (
     "run_id", "date", "git_commit", "device", "device_name", "torch", "threads",
@@ -35,7 +36,11 @@ def append_rows(path: str | Path, rows: Iterable[dict]) -> None:
             header = next(csv.reader(f), [])
         if tuple(header) != COLUMNS:
             raise ValueError(f"out: {path} has another column layout; write to a new file (--out)")
-    with open(path, "a", newline="") as f:
+    # the old rows and the new ones go to a temporary file that replaces the CSV: a crash leaves the
+    # previous CSV whole, never a torn last row
+    previous = b"" if new else path.read_bytes()
+    with atomic_open(path, "w", newline="") as f:
+        f.write(previous.decode())
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="raise")
         if new:
             writer.writeheader()
@@ -47,8 +52,6 @@ def append_rows(path: str | Path, rows: Iterable[dict]) -> None:
             if kind not in STATUS_KINDS:
                 raise ValueError(f"row: status must start with one of {STATUS_KINDS}, got {row.get('status')!r}")
             writer.writerow({k: _fmt(row.get(k, "")) for k in COLUMNS})
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fmt(value) -> str:

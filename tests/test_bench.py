@@ -260,6 +260,17 @@ def test_csv_rejects_bad_rows_and_foreign_files(tmp_path):
         records.append_rows(other, [{"status": "ok"}])
 
 
+def test_csv_append_is_all_or_nothing(tmp_path):
+    """A batch that fails part-way (a bad row, a crash) leaves the CSV as it was: no torn rows."""
+    path = tmp_path / "r.csv"
+    records.append_rows(path, [{"run_id": "a", "mode": "fwd", "status": "ok"}])
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="status"):
+        records.append_rows(path, [{"run_id": "b", "mode": "fwd", "status": "ok"}, {"status": "skipped"}])
+    assert path.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name != "r.csv"], "a temporary file was left behind"
+
+
 # ---------------------------------------------------------------- failures become statuses
 
 def _ctx(budget=10 ** 12):
