@@ -1,6 +1,6 @@
 """mlcl_fast: fast, exact multi-label supervised contrastive losses for large label spaces."""
 from .backends import available_backends, backend_status
-from .baselines import bce_loss, zlpr_loss
+from .baselines import asl_loss, bce_loss, zlpr_loss
 from .labels import LabelSets, as_label_sets
 from .loss import MultiLabelContrastiveLoss, multilabel_contrastive_loss
 from .presets import PRESETS, LossConfig, resolve_config
@@ -8,7 +8,7 @@ from .presets import PRESETS, LossConfig, resolve_config
 bce_with_logits_loss = bce_loss
 
 __all__ = [
-    "MultiLabelContrastiveLoss", "multilabel_contrastive_loss", "zlpr_loss", "bce_loss", "bce_with_logits_loss",
+    "MultiLabelContrastiveLoss", "multilabel_contrastive_loss", "zlpr_loss", "bce_loss", "asl_loss", "bce_with_logits_loss",
     "LabelSets", "as_label_sets", "LossConfig", "PRESETS", "resolve_config", "available_backends",
     "backend_status",
 ]

@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 from .presets import PRESETS
 
+BASELINES = ("bce", "zlpr", "asl")  # = train.protocols.BASELINES, which is not imported here (it loads scipy)
+
 RUN_METHODS = ("bce", "zlpr", "reg/probe", "reg/finetune", "reg/joint", "msc/probe")
 
 
@@ -65,7 +67,7 @@ def _options(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlcl-fast", description="Multi-label contrastive training and study")
     sub = parser.add_subparsers(dest="command", required=True)
-    losses = sorted(PRESETS) + ["bce", "zlpr"]
+    losses = sorted(PRESETS) + list(BASELINES)
 
     t = sub.add_parser("train", help="train one method on one dataset, print and save its metrics")
     t.add_argument("--dataset", default="emotions",
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss", default="reg", choices=losses)
     t.add_argument("--protocol", default=None, choices=("probe", "finetune", "joint", "end2end"),
                    help="contrastive presets: linear probe (default), BCE fine-tuning, or BCE + λ·contrastive; "
-                        "bce/zlpr: end2end (default) or probe (a linear probe refitted on the trained backbone)")
+                        "bce/zlpr/asl: end2end (default) or probe (a linear probe refitted on the trained backbone); "
+                        "asl is the asymmetric loss with the paper's gamma_pos=0, gamma_neg=4, clip=0.05")
     t.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<method>-s<seed>)")
     _common(t)
 
@@ -90,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("study", help="grid of datasets × methods × seeds (resumable), tables and plots")
     s.add_argument("--datasets", nargs="+", default=None, help="default: the eight study datasets")
     s.add_argument("--methods", nargs="+", default=None,
-                   help="bce, zlpr or PRESET/PROTOCOL (default: the study grid; see docs/STUDY.md)")
+                   help="bce, zlpr, asl or PRESET/PROTOCOL (default: the study grid; see docs/STUDY.md)")
     s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     s.add_argument("--out", default="runs/study")
     s.add_argument("--summary-only", action="store_true", help="only rebuild tables and plots from finished cells")

@@ -2,10 +2,10 @@
 
 Each rank gathers the features (with autograd) and the canonical label sets of all ranks,
 anchors only its own rows (and its contiguous share of the prototype anchors) against every
-column, and divides by the global valid-anchor count (or the global sum of a_i). The value
-returned on every rank is the global loss; its gradient is world_size times this rank's share
-of it, so DDP's 1/world_size averaging of parameter gradients yields exactly the gradients of
-one process on the concatenated batch. See docs/DISTRIBUTED.md.
+column, and (reduction="mean") divides by the global valid-anchor count (or the global sum of
+a_i). With "mean" and "sum" the value returned on every rank is the global loss; its gradient is
+world_size times this rank's share of it, so DDP's 1/world_size averaging of parameter gradients
+yields exactly the gradients of one process on the concatenated batch. See docs/DISTRIBUTED.md.
 """
 from __future__ import annotations
 
@@ -99,11 +99,14 @@ def gathered_loss(features, labels, prototypes, cfg, temperature: float, reducti
     numerator, denominator = mean_terms(problem, losses, valid)
     totals = torch.stack([numerator.detach(), denominator.detach()])
     dist.all_reduce(totals, group=group)
-    denominator = totals[1].clamp(min=1)
-    share = numerator / denominator
+    if reduction == "sum":  # global Σ c_i l_i; this rank's share is its own numerator
+        total, share = totals[0], numerator
+    else:
+        denominator = totals[1].clamp(min=1)
+        total, share = totals[0] / denominator, numerator / denominator
     # Value: the global loss, identical on every rank. Gradient: world * this rank's share, which
     # DDP's averaging over ranks turns into the gradient of the global loss.
-    return totals[0] / denominator + world * (share - share.detach())
+    return total + world * (share - share.detach())
 
 
 def gather_rows(rows: Tensor, rows_per_rank: list[int], group=None) -> Tensor:

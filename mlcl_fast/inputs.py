@@ -13,7 +13,7 @@ from .presets import LossConfig
 from .problem import Problem
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-REDUCTIONS = ("mean", "none")
+REDUCTIONS = ("mean", "sum", "none")
 NORM_EPS = 1e-12
 # Below this the logits s/tau (|s| <= 1) and their gradients, which carry 1/tau, lose every digit of
 # fp32 precision and, for tau near fp32's smallest normal numbers, overflow to inf/NaN.

@@ -10,7 +10,7 @@ from .backends import resolve_backend
 from .distributed import check_gather, gathered_loss
 from .inputs import check_reduction, check_temperature, prepare
 from .presets import DEFAULT_PRESET, resolve_config
-from .reduction import mean_loss
+from .reduction import reduce_anchor_losses
 
 
 def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[Tensor] = None, *,
@@ -25,11 +25,16 @@ def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[T
     labels     dense multi-hot [B, L], padded indices [B, K] (-1 = padding), sparse CSR/COO [B, L],
                or a LabelSets
     prototypes [L, d] label embeddings, required when the preset uses prototypes
-    reduction  "mean" (SPEC's anchor weighting) or "none" (per anchor: the B*V rows in b-major
-               order, then the L prototypes when they are anchors)
+    reduction  "mean" (SPEC's anchor weighting: Σ_i c_i l_i / M with c_i = 1 on valid anchors and
+               M = the number of valid anchors for anchor_weight="uniform", c_i = a_i and
+               M = Σ_i a_i for "labels"), "sum" (Σ_i c_i l_i with the same c_i: the mean times M,
+               0 when no anchor is valid) or "none" (l_i per anchor: the B*V rows in b-major
+               order, then the L prototypes when they are anchors; 0 for invalid anchors)
     gather     None, or "all": the loss over the batches of every rank of `group` (default: the
                world), each rank anchoring its own rows; see docs/DISTRIBUTED.md for the value and
-               gradient convention under DDP. reduction="none" then gives this rank's anchors.
+               gradient convention under DDP. "mean" and "sum" then return the global value (the
+               same on every rank) with world_size times this rank's share as gradient;
+               reduction="none" gives this rank's anchors.
     check_values  False: no check reads a tensor's values on the host (no NaN/Inf check of the
                features and prototypes; label values checked on the device, see
                labels.as_label_sets), for labels as padded indices (label_format="indices",
@@ -52,14 +57,13 @@ def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[T
     problem = prepare(features, labels, prototypes, cfg, temperature, num_labels, label_format,
                       native_half=getattr(impl, "NATIVE_HALF", False), check_values=check_values)
     losses, valid = impl.anchor_losses(problem)
-    if reduction == "none":
-        return losses
-    return mean_loss(problem, losses, valid)
+    return reduce_anchor_losses(problem, losses, valid, reduction)
 
 
 class MultiLabelContrastiveLoss(nn.Module):
     """Drop-in loss module. Owns learnable label prototypes ([num_labels, dim], Xavier-uniform)
-    when the preset uses them; then `num_labels` and `dim` are required."""
+    when the preset uses them; then `num_labels` and `dim` are required. `reduction`: "mean",
+    "sum" or "none", as in multilabel_contrastive_loss."""
 
     def __init__(self, preset: str = DEFAULT_PRESET, num_labels: Optional[int] = None, dim: Optional[int] = None,
                  temperature: float = 0.1, backend: str = "auto", reduction: str = "mean",

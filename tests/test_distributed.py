@@ -5,9 +5,9 @@ folder); each runs every job of the list below and saves its measurements; the t
 them. Every job draws the global batch from one seed, so each rank can also compute the
 single-process result on the concatenated batch itself.
 
-Convention checked (docs/DISTRIBUTED.md): with reduction="mean" every rank returns the global
-loss, its features' gradient is world_size times the single-process one, and the average over
-ranks of the prototypes' gradient (what DDP does) is the single-process one. With
+Convention checked (docs/DISTRIBUTED.md): with reduction="mean" or "sum" every rank returns the
+global loss, its features' gradient is world_size times the single-process one, and the average
+over ranks of the prototypes' gradient (what DDP does) is the single-process one. With
 reduction="none" the rank's anchors' losses come back unscaled, and the plain sum over ranks of
 the prototypes' gradient is the single-process one.
 """
@@ -78,6 +78,12 @@ def _jobs(world: int, backends: list[str]) -> list[dict]:
                  empty_rows=100),
         _compare("reg_bf16", "reg", cut([4, 3, 2]), cut([2, 2, 2]), cut(["dense", "dense", "dense"]),
                  dtype=torch.bfloat16, tol=dict(loss=1e-5, grad=2e-2)),
+        # reduction="sum": the global Σ c_i l_i on every rank, uniform and label anchor weights
+        _compare("reg_sum", "reg", cut([3, 5, 2]), cut([2, 1, 2]), cut(["dense", "padded", "csr"]), reduction="sum"),
+        _compare("mulsupcon_sum", "mulsupcon", cut([4, 2, 3]), cut([2, 2, 2]), cut(["padded", "dense", "coo"]),
+                 reduction="sum", empty_rows=2),
+        _compare("no_valid_anchor_sum", "supcon_any", cut([2, 3, 2]), cut([1, 1, 1]), cut(["dense", "dense", "dense"]),
+                 reduction="sum", empty_rows=100),
     ]
     for backend in backends:
         fp32 = dict(loss=1e-5, grad=1e-4)
@@ -87,9 +93,13 @@ def _jobs(world: int, backends: list[str]) -> list[dict]:
                           cut(["padded", "dense", "dense"]), reduction="none", dtype=torch.float32, backend=backend,
                           L=5, d=8, tol=fp32),
                  _compare(f"{backend}_mulsupcon_fp32", "mulsupcon", cut([3, 4, 5]), cut([2, 2, 2]),
-                          cut(["dense", "coo", "dense"]), dtype=torch.float32, backend=backend, L=8, d=8, tol=fp32)]
+                          cut(["dense", "coo", "dense"]), dtype=torch.float32, backend=backend, L=8, d=8, tol=fp32),
+                 _compare(f"{backend}_reg_sum_fp32", "reg", cut([4, 2, 5]), cut([2, 2, 1]),
+                          cut(["csr", "dense", "padded"]), reduction="sum", dtype=torch.float32, backend=backend, L=6,
+                          d=8, tol=fp32)]
     jobs += [dict(kind="ddp", name="ddp_reg", preset="reg", batches=cut([3, 5, 4]), views=2),
-             dict(kind="ddp", name="ddp_mulsupcon", preset="mulsupcon", batches=cut([4, 2, 3]), views=2)]
+             dict(kind="ddp", name="ddp_mulsupcon", preset="mulsupcon", batches=cut([4, 2, 3]), views=2),
+             dict(kind="ddp", name="ddp_reg_sum", preset="reg", batches=cut([2, 4, 3]), views=2, reduction="sum")]
     # Rejected inputs: every rank must raise (none may hang), and the group must stay usable.
     jobs += [dict(kind="error", name=n) for n in ("bad_labels_on_rank0", "dim_mismatch", "dtype_mismatch",
                                                   "requires_grad_mismatch", "label_space_mismatch")]
@@ -182,10 +192,11 @@ def _run_compare(job, rank, world, seed):
 class _Net(nn.Module):
     """A linear embedding followed by the loss module (which owns the prototypes)."""
 
-    def __init__(self, preset, gather):
+    def __init__(self, preset, gather, reduction="mean"):
         super().__init__()
         self.body = nn.Linear(7, 6)
-        self.loss = MultiLabelContrastiveLoss(preset, num_labels=5, dim=6, backend="reference", gather=gather)
+        self.loss = MultiLabelContrastiveLoss(preset, num_labels=5, dim=6, backend="reference", gather=gather,
+                                              reduction=reduction)
 
     def forward(self, x, labels):
         return self.loss(self.body(x), labels)
@@ -200,9 +211,10 @@ def _run_ddp(job, rank, world, seed):
     starts = [sum(job["batches"][:r]) for r in range(world + 1)]
 
     torch.manual_seed(seed)
-    model = DistributedDataParallel(_Net(job["preset"], "all").double())
+    reduction = job.get("reduction", "mean")
+    model = DistributedDataParallel(_Net(job["preset"], "all", reduction).double())
     torch.manual_seed(seed)
-    single = _Net(job["preset"], None).double()
+    single = _Net(job["preset"], None, reduction).double()
 
     out = model(x[starts[rank]:starts[rank + 1]], labels[starts[rank]:starts[rank + 1]])
     out.backward()
@@ -265,7 +277,7 @@ def _worker(rank, world, store, jobs, seed, out_dir):
 
 
 def _spawn(world: int):
-    jobs = _jobs(world, [b for b in mlcl_fast.available_backends("cpu") if b != "reference"])
+    jobs = _jobs(world, _cpu_backends())
     seed = fresh_seed("distributed", world)
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), jobs, seed, tmp), nprocs=world, join=True)
@@ -289,7 +301,12 @@ def _results(world: int, name: str):
 
 
 # -------------------------------------------------------------------------------------- tests
-COMPARE_NAMES = [j["name"] for j in _jobs(2, []) if j["kind"] == "compare"]
+def _cpu_backends() -> list[str]:
+    """The backends besides the reference that the spawned (CPU, gloo) processes run jobs for."""
+    return [b for b in mlcl_fast.available_backends("cpu") if b != "reference"]
+
+
+COMPARE_NAMES = [j["name"] for j in _jobs(2, _cpu_backends()) if j["kind"] == "compare"]
 WORLDS = [2, 3]
 
 
@@ -304,13 +321,13 @@ def test_matches_single_process(world, name):
         if "grad_prototypes" in res:
             assert res["grad_prototypes"] <= job["tol"]["grad"], \
                 f"{where}: prototype gradient error {res['grad_prototypes']:.2e}"
-        if job["reduction"] == "mean":
+        if job["reduction"] != "none":
             assert res["same_value_on_every_rank"], f"{where}: ranks returned different loss values"
         assert res["grad_dtype_kept"], f"{where}: feature gradient not in the features' dtype"
 
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("name", ["ddp_reg", "ddp_mulsupcon"])
+@pytest.mark.parametrize("name", ["ddp_reg", "ddp_mulsupcon", "ddp_reg_sum"])
 def test_ddp_step_gives_single_process_gradients(world, name):
     job, per_rank, seed = _results(world, name)
     for rank, res in enumerate(per_rank):

@@ -242,7 +242,7 @@ def test_unavailable_backend_names_backend():
             raises("backend", lambda: call(backend=name), (RuntimeError, ValueError))
 
 
-@pytest.mark.parametrize("reduction", ["sum", "", None, "MEAN"])
+@pytest.mark.parametrize("reduction", ["median", "", None, "MEAN", "Sum", "sum "])
 def test_unknown_reduction(reduction):
     raises("reduction", lambda: call(reduction=reduction), ValueError)
     raises("reduction", lambda: MultiLabelContrastiveLoss("supcon_any", reduction=reduction), ValueError)
@@ -259,7 +259,7 @@ def test_module_needs_num_labels_and_dim_with_prototypes(field, value):
     raises(field, lambda: MultiLabelContrastiveLoss("reg", **kwargs), ValueError)
 
 
-@pytest.mark.parametrize("fn", [mlcl_fast.zlpr_loss, mlcl_fast.bce_loss], ids=["zlpr", "bce"])
+@pytest.mark.parametrize("fn", [mlcl_fast.zlpr_loss, mlcl_fast.bce_loss, mlcl_fast.asl_loss], ids=["zlpr", "bce", "asl"])
 def test_baseline_errors(fn):
     logits = torch.randn(B, L)
     raises("logits", lambda: fn(logits[0], LABELS))
@@ -268,10 +268,30 @@ def test_baseline_errors(fn):
     raises("labels", lambda: fn(logits, LABELS[:-1]))
     raises("labels", lambda: fn(logits, torch.zeros(B, L + 1, dtype=torch.bool)))
     raises("labels", lambda: fn(logits, torch.tensor([[0, 3], [1, -1], [2, 2], [-1, -1]])))
-    raises("reduction", lambda: fn(logits, LABELS, reduction="sum"))
+    raises("reduction", lambda: fn(logits, LABELS, reduction="median"))
+    raises("reduction", lambda: fn(logits, LABELS, reduction=None))
     # empty shapes are refused, as the contrastive loss refuses them (no NaN from a mean over nothing)
     raises("logits", lambda: fn(torch.randn(0, L), torch.zeros(0, L, dtype=torch.bool)))
     raises("logits", lambda: fn(torch.randn(B, 0), torch.zeros(B, 0, dtype=torch.bool)))
+
+
+BAD_ASL_ARGUMENTS = [("gamma_pos", -1.0), ("gamma_pos", math.inf), ("gamma_pos", math.nan), ("gamma_pos", "1"),
+                     ("gamma_pos", True), ("gamma_neg", -0.5), ("gamma_neg", None), ("gamma_neg", math.inf),
+                     ("clip", -0.01), ("clip", 1.5), ("clip", math.nan), ("clip", "0.05"), ("eps", -1e-8), ("eps", 1.0),
+                     ("eps", math.nan), ("eps", None), ("eps", False)]
+
+
+@pytest.mark.parametrize("name,value", BAD_ASL_ARGUMENTS, ids=[f"{n}={v!r}" for n, v in BAD_ASL_ARGUMENTS])
+def test_asl_argument_errors(name, value):
+    logits = torch.randn(B, L)
+    raises(name, lambda: mlcl_fast.asl_loss(logits, LABELS, **{name: value}))
+
+
+def test_asl_accepts_the_boundaries():
+    logits = torch.randn(B, L)
+    for kwargs in (dict(gamma_pos=0, gamma_neg=0), dict(clip=0), dict(clip=1), dict(clip=None), dict(eps=0),
+                   dict(gamma_neg=torch.tensor(2.0)), dict(reduction="sum"), dict(reduction="none")):
+        assert torch.isfinite(mlcl_fast.asl_loss(logits, LABELS, **kwargs)).all(), kwargs
 
 
 def test_explicit_label_format_checks_the_values():

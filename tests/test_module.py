@@ -55,7 +55,7 @@ def test_xavier_uniform_init():
 
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_module_equals_functional(preset, reduction):
     module = make(preset, temperature=0.2, reduction=reduction, alpha=0.5)
     case = random_case(fresh_seed("module", preset), preset, B=6, V=2, d=D, L=L, dtype=torch.float32)
@@ -66,7 +66,7 @@ def test_module_equals_functional(preset, reduction):
                                            reduction=reduction, backend="reference", alpha=0.5)
     assert torch.equal(out, expected)
     n_anchors = 12 + (L if mlcl_fast.resolve_config(preset).prototype_mode == "rows" else 0)
-    assert out.shape == (() if reduction == "mean" else (n_anchors,))
+    assert out.shape == (() if reduction != "none" else (n_anchors,))
     out.sum().backward()
     if protos is not None:
         expected.sum().backward()

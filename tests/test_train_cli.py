@@ -34,7 +34,8 @@ def tiny_npz(tmp_path_factory):
 @pytest.mark.parametrize("loss, protocol, method", [("reg", "probe", "reg/probe"), ("msc", "finetune", "msc/finetune"),
                                                     ("supcon_any", "joint", "supcon_any/joint"), ("reg", None, "reg/probe"),
                                                     ("bce", None, "bce"), ("zlpr", "end2end", "zlpr"),
-                                                    ("bce", "probe", "bce/probe")])
+                                                    ("bce", "probe", "bce/probe"), ("asl", None, "asl"),
+                                                    ("asl", "probe", "asl/probe")])
 def test_cli_train_writes_json_and_prints_macro_f1(tiny_npz, tmp_path, capsys, loss, protocol, method):
     out = tmp_path / "out"
     chosen = [] if protocol is None else ["--protocol", protocol]
@@ -47,7 +48,7 @@ def test_cli_train_writes_json_and_prints_macro_f1(tiny_npz, tmp_path, capsys, l
     assert rec["method"] == method
     names = [st["name"] for st in rec["stages"]]
     assert (names[-1] == "probe") == method.endswith("/probe")
-    if method == "bce/probe":  # the end-to-end stage, then the probe refitted on its frozen backbone
+    if method in ("bce/probe", "asl/probe"):  # the end-to-end stage, then the probe refitted on its frozen backbone
         assert len(names) == 2 and names[0] != "probe"
 
     for key in ("micro_f1", "macro_f1", "hamming", "map", "p@1", "p@3", "p@5", "macro_f1_tuned"):
@@ -57,11 +58,47 @@ def test_cli_train_writes_json_and_prints_macro_f1(tiny_npz, tmp_path, capsys, l
     assert f"Macro-F1 {rec['test']['macro_f1']:.4f}" in printed
 
 
-@pytest.mark.parametrize("loss, protocol", [("bce", "finetune"), ("zlpr", "joint"), ("reg", "end2end")])
+@pytest.mark.parametrize("loss, protocol", [("bce", "finetune"), ("zlpr", "joint"), ("reg", "end2end"),
+                                            ("asl", "finetune"), ("asl", "joint")])
 def test_protocol_must_suit_the_loss(loss, protocol):
     from mlcl_fast.train.api import config_from
     with pytest.raises(ValueError, match="protocol"):
         config_from(loss=loss, protocol=protocol)
+
+
+def test_asl_is_a_baseline_trained_with_the_asymmetric_loss(monkeypatch):
+    """`--loss asl` trains its classifier with mlcl_fast.asl_loss at the paper's defaults (and only
+    asl does), on one view, under the end-to-end default protocol; the CLI offers what the
+    protocols know."""
+    import mlcl_fast
+    from mlcl_fast import cli
+    from mlcl_fast.train import protocols
+    from mlcl_fast.train.api import config_from
+
+    assert cli.BASELINES == protocols.BASELINES and "asl" in protocols.BASELINES
+    assert config_from(loss="asl").protocol == "end2end" and config_from(loss="asl").method == "asl"
+    with pytest.raises(ValueError, match="^views: asl trains on one view"):
+        config_from(loss="asl", views=2)
+    calls = []
+
+    def spy(logits, labels, *args, **kwargs):
+        calls.append((args, kwargs))
+        return mlcl_fast.asl_loss(logits, labels, *args, **kwargs)
+
+    assert protocols.SUPERVISED_LOSSES["asl"] is mlcl_fast.asl_loss
+    monkeypatch.setitem(protocols.SUPERVISED_LOSSES, "asl", spy)
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(40, 4))
+    ds = from_arrays(X, np.stack([X[:, 0] > 0, X[:, 1] > 0], 1).astype(int), seed=0)
+    kw = dict(epochs=1, min_steps=1, hidden=8, batch_size=16, warmup_steps=0)
+    asl = train(ds, loss="asl", **kw)
+    assert calls and all(c == ((), {}) for c in calls)  # the defaults: gamma_pos=0, gamma_neg=4, clip=0.05
+    assert asl.to_json()["method"] == "asl" and asl.backend == "-"
+    calls.clear()
+    bce = train(ds, loss="bce", **kw)
+    assert not calls  # the other baselines and fine-tuning keep their own losses
+    # same seed and data, another loss: ASL's mean is far below BCE's (easy negatives are down-weighted)
+    assert asl.stages[0]["train_loss"][0] < bce.stages[0]["train_loss"][0]
 
 
 def test_same_seed_same_result():

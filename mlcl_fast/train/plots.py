@@ -5,6 +5,9 @@ from pathlib import Path
 
 from .files import save_figure
 
+# the end-to-end baselines (protocols.BASELINES), drawn as solid lines in every panel
+BASELINE_COLOURS = {"bce": "black", "zlpr": "grey", "asl": "tab:brown"}
+
 
 def _pyplot():
     import matplotlib
@@ -45,7 +48,7 @@ def training_curves(stages: list[dict], path: Path, title: str = "") -> Path:
 
 def f1_vs_labels(summary: list[dict], path: Path, metric: str = "macro_f1", label: str = "Macro-F1") -> Path:
     """summary rows: {dataset, num_labels, method, <metric>_mean, <metric>_std}. One panel per
-    protocol (probe, finetune, joint), one line per loss, bce and zlpr in every panel; datasets
+    protocol (probe, finetune, joint), one line per loss, the baselines bce, zlpr, asl in every panel; datasets
     evenly spaced in order of their number of labels."""
     plt = _pyplot()
     names = sorted({(r["num_labels"], r["dataset"]) for r in summary})
@@ -56,16 +59,16 @@ def f1_vs_labels(summary: list[dict], path: Path, metric: str = "macro_f1", labe
     colours = {loss: plt.get_cmap("tab10")(i % 10) for i, loss in enumerate(losses)}
     fig, axes = plt.subplots(1, len(protocols), figsize=(4.6 * len(protocols), 4.2), sharey=True, squeeze=False)
     for ax, proto in zip(axes[0], protocols):
-        methods = ["bce", "zlpr"] + [f"{loss}/{proto}" for loss in losses]
+        methods = list(BASELINE_COLOURS) + [f"{loss}/{proto}" for loss in losses]
         for m in methods:
             pts = sorted((xpos[r["dataset"]], r[f"{metric}_mean"], r[f"{metric}_std"] or 0.0)
                          for r in summary if r["method"] == m and r.get(f"{metric}_mean") is not None)
             if not pts:
                 continue
-            base, loss = m in ("bce", "zlpr"), m.split("/")[0]
+            base, loss = m in BASELINE_COLOURS, m.split("/")[0]
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=3,
-                        capsize=2, label=m if loss in ("bce", "zlpr") else loss, lw=2.4 if base else 1.3,
-                        ls="-" if base else "--", color={"bce": "black", "zlpr": "grey"}.get(m, colours.get(loss)))
+                        capsize=2, label=m if loss in BASELINE_COLOURS else loss, lw=2.4 if base else 1.3,
+                        ls="-" if base else "--", color=BASELINE_COLOURS.get(m, colours.get(loss)))
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([f"{d}\n({n})" for n, d in names], fontsize=7, rotation=35)
         ax.set_title(f"protocol: {proto}")

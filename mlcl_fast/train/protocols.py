@@ -1,8 +1,10 @@
 """Training protocols of the study, on a prepared `Split`:
 
-* `bce`, `zlpr` (protocol `end2end`): backbone + linear classifier trained end to end with that
-  loss; `bce/probe`, `zlpr/probe`: the same, then the backbone is frozen and the linear probe
-  below is fitted on it (separates the backbone's features from how its classifier was trained);
+* `bce`, `zlpr`, `asl` (protocol `end2end`): backbone + linear classifier trained end to end with
+  that loss (`asl`: mlcl_fast.asl_loss with the paper's gamma_pos=0, gamma_neg=4, clip=0.05);
+  `bce/probe`, `zlpr/probe`, `asl/probe`: the same, then the backbone is frozen and the linear
+  probe below is fitted on it (separates the backbone's features from how its classifier was
+  trained);
 * contrastive presets, after `pretrain` (backbone + projection head [+ prototypes] with
   mlcl_fast.MultiLabelContrastiveLoss):
   - `probe`: the backbone is frozen and per-label linear classifiers (BCE) are trained on its
@@ -32,14 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..baselines import bce_loss, zlpr_loss
+from ..baselines import asl_loss, bce_loss, zlpr_loss
 from ..loss import MultiLabelContrastiveLoss
 from ..presets import PRESETS
 from .data import Split, dense_rows
 from .metrics import evaluate, macro_map, tune_thresholds
 from .models import Backbone, ProjectionHead, make_views
 
-BASELINES = ("bce", "zlpr")
+BASELINES = ("bce", "zlpr", "asl")
+# the loss each baseline trains its classifier with (every other classifier stage uses BCE)
+SUPERVISED_LOSSES = {"bce": bce_loss, "zlpr": zlpr_loss, "asl": asl_loss}
 PROTOCOLS = ("probe", "finetune", "joint")
 BASELINE_PROTOCOLS = ("end2end", "probe")
 PROBE_L2 = (1e-5, 1e-4, 1e-3)
@@ -47,8 +51,8 @@ PROBE_L2 = (1e-5, 1e-4, 1e-3)
 
 @dataclass
 class TrainConfig:
-    loss: str = "reg"                 # a contrastive preset, or bce / zlpr
-    protocol: Optional[str] = None    # presets: probe (default) | finetune | joint; bce/zlpr: end2end (default) | probe
+    loss: str = "reg"                 # a contrastive preset, or bce / zlpr / asl
+    protocol: Optional[str] = None    # presets: probe (default) | finetune | joint; bce/zlpr/asl: end2end (default) | probe
     epochs: int = 30                  # most epochs of each stage (early stopping may end it sooner)
     probe_epochs: int = 40
     patience: int = 5
@@ -77,7 +81,7 @@ class TrainConfig:
 
     def check(self) -> "TrainConfig":
         if self.loss not in BASELINES and self.loss not in PRESETS:
-            raise ValueError(f"loss: expected bce, zlpr or a preset {sorted(PRESETS)}, got {self.loss!r}")
+            raise ValueError(f"loss: expected one of {list(BASELINES)} or a preset {sorted(PRESETS)}, got {self.loss!r}")
         if self.loss not in BASELINES and self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol: expected one of {list(PROTOCOLS)} for a contrastive preset, got {self.protocol!r}")
         if self.loss in BASELINES and self.protocol not in BASELINE_PROTOCOLS:
@@ -86,7 +90,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
         if self.views > 1 and self.loss in BASELINES:
-            raise ValueError("views: bce and zlpr train on one view; use --views 1")
+            raise ValueError(f"views: {self.loss} trains on one view, as every baseline ({', '.join(BASELINES)}); "
+                             "use --views 1")
         return self
 
     @property
@@ -265,7 +270,7 @@ def pretrain(split: Split, cfg: TrainConfig, progress=None) -> tuple[Backbone, S
 
 def train_supervised(split: Split, cfg: TrainConfig, backbone: Optional[Backbone] = None,
                      progress=None) -> tuple[Parts, StageLog]:
-    """bce / zlpr end to end, BCE fine-tuning of a pre-trained backbone, or the joint objective."""
+    """bce / zlpr / asl end to end, BCE fine-tuning of a pre-trained backbone, or the joint objective."""
     torch.manual_seed(cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     finetune = backbone is not None
@@ -279,7 +284,7 @@ def train_supervised(split: Split, cfg: TrainConfig, backbone: Optional[Backbone
     if joint:
         head = ProjectionHead(backbone.out_dim, cfg.proj_dim).to(cfg.device)
         crit = _contrastive_module(cfg, split.num_labels)
-    supervised = zlpr_loss if cfg.loss == "zlpr" else bce_loss
+    supervised = SUPERVISED_LOSSES.get(cfg.loss, bce_loss)
     sparse = sp.issparse(split.X_train)
     train = Batches(split.X_train, split.Y_train, cfg.batch_size, cfg.device)
     val = Batches(split.X_val, split.Y_val, cfg.batch_size, cfg.device)
@@ -427,7 +432,7 @@ def run(split: Split, cfg: TrainConfig, pretrained: Optional[tuple[Backbone, Sta
     stages = []
     if cfg.loss in BASELINES or cfg.protocol == "joint":
         parts, log = train_supervised(split, cfg, progress=progress)
-        if cfg.protocol == "probe":  # bce/probe, zlpr/probe: refit a linear probe on the frozen backbone
+        if cfg.protocol == "probe":  # bce/probe, zlpr/probe, asl/probe: refit a linear probe on the frozen backbone
             stages.append(log)
             parts, log = linear_probe(split, cfg, copy.deepcopy(parts.backbone), progress)
     else:

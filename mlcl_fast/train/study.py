@@ -43,7 +43,7 @@ def parse_method(method: str) -> tuple[str, str]:
         return method, "end2end"
     loss, _, protocol = method.partition("/")
     if not protocol:
-        raise ValueError(f"methods: {method!r} needs a protocol, e.g. {method}/probe (or use bce / zlpr)")
+        raise ValueError(f"methods: {method!r} needs a protocol, e.g. {method}/probe (or use {' / '.join(BASELINES)})")
     return loss, protocol
 
 

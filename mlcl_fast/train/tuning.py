@@ -20,8 +20,8 @@ from .protocols import BASELINES
 # What each protocol family searches. Every stage trained with BCE gets the same learning rates
 # as the BCE baseline (lr, or finetune_lr after pre-training), so no method is compared at a
 # fixed rate against a tuned one. Fine-tuning shares its pre-trainings (lr 1e-3, each temperature)
-# with the probe's candidates through the pre-training cache. bce and zlpr, end to end or probed,
-# search the learning rate of their end-to-end stage.
+# with the probe's candidates through the pre-training cache. The baselines (bce, zlpr, asl), end to
+# end or probed, search the learning rate of their end-to-end stage.
 LEARNING_RATES = (3e-4, 1e-3, 3e-3)
 GRIDS: dict[str, dict[str, tuple]] = {
     "end2end": {"lr": LEARNING_RATES},
