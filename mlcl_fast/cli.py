@@ -55,6 +55,12 @@ def _common(p: argparse.ArgumentParser, epochs: int = 30) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _val_split(p: argparse.ArgumentParser) -> None:
+    # train and run only: the study keeps random splits (train/study.py says why)
+    p.add_argument("--val-split", default="auto", choices=("auto", "stratified", "random"),
+                   help="validation split: iterative stratification above 50 labels (auto), always, or never")
+
+
 TRAIN_KEYS = ("epochs", "probe_epochs", "patience", "min_steps", "warmup_steps", "batch_size", "lr", "finetune_lr", "weight_decay",
               "hidden", "layers", "dropout", "proj_dim", "temperature", "joint_lambda", "views", "seed", "backend",
               "device")
@@ -82,12 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "bce/zlpr/asl: end2end (default) or probe (a linear probe refitted on the trained backbone); "
                         "asl is the asymmetric loss with the paper's gamma_pos=0, gamma_neg=4, clip=0.05")
     t.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<method>-s<seed>)")
+    t.add_argument("--propensity-a", type=float, default=0.55,
+                   help="constant A of Jain et al.'s propensity model behind PSP@k (Wikipedia 0.5, Amazon 0.6)")
+    t.add_argument("--propensity-b", type=float, default=1.5, help="constant B (Wikipedia 0.4, Amazon 2.6)")
+    _val_split(t)
     _common(t)
 
     r = sub.add_parser("run", help="the main job: bce, zlpr and REG protocols on the bundled dataset")
     r.add_argument("--dataset", default="emotions")
     r.add_argument("--methods", nargs="+", default=list(RUN_METHODS))
     r.add_argument("--out", default="runs/default")
+    _val_split(r)
     _common(r)
 
     s = sub.add_parser("study", help="grid of datasets × methods × seeds (resumable), tables and plots")
@@ -124,6 +135,7 @@ def cmd_train(args) -> int:
     out = args.out or f"runs/{Path(args.dataset).stem}-{method.replace('/', '-')}-s{args.seed}"
     result = train(args.dataset, out=out, data_dir=args.data_dir, test_file=args.test_file, labels=args.labels,
                    test_size=args.test_size, val_fraction=args.val_fraction, max_train=args.max_train,
+                   val_split=args.val_split, propensity_a=args.propensity_a, propensity_b=args.propensity_b,
                    quiet=args.quiet, loss=args.loss, protocol=args.protocol, **_options(args))
     rec = result.to_json()
     t = rec["test"]
@@ -152,14 +164,14 @@ def cmd_run(args) -> int:
         loss, protocol = parse_method(method)
         cfg = config_from(loss=loss, protocol=protocol, **_options(args))
         seed_everything(cfg.seed)
-        split = prepare_split(ds, args.val_fraction, cfg.seed, args.max_train)
+        split = prepare_split(ds, args.val_fraction, cfg.seed, args.max_train, val_split=args.val_split)
         bar = progress_bar(args.quiet, method)
         try:
             result = run(split, cfg, progress=bar)
         finally:
             if bar is not None:
                 bar.close()
-        records.append(save(result, Path(args.out) / method.replace("/", "__"), ds))
+        records.append(save(result, Path(args.out) / method.replace("/", "__"), ds, extra={"val_split": split.val_split}))
     print(metrics_table(records))
     best = max(records, key=lambda r: r["test"]["macro_f1"])
     print(f"best Macro-F1: {best['method']} {best['test']['macro_f1']:.4f}; "

@@ -1,4 +1,7 @@
 """Loaders (npz, svmlight/XMC, ARFF, arrays), their errors, and the split/scaling step."""
+import time
+import warnings
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -6,8 +9,10 @@ import scipy.sparse as sp
 pytest.importorskip("sklearn")
 pytest.importorskip("arff")
 
-from mlcl_fast.train.data import (DatasetError, bundled_datasets, from_arrays, load_arff, load_dataset, load_npz,
-                                  load_svmlight, prepare_split)
+from mlcl_fast.train import data as data_module
+from mlcl_fast.train.data import (STRATIFY_MIN_LABELS, DatasetError, bundled_datasets, default_data_dir, from_arrays,
+                                  load_arff, load_dataset, load_npz, load_svmlight, prepare_split,
+                                  stratified_indices)
 
 
 def write_npz(path, sparse_x=False, n_tr=6, n_te=4, d=3, L=4, seed=0):
@@ -207,3 +212,114 @@ def test_arrays_are_checked_like_files():
         from_arrays(X, [["a"]] * 8)
     ds = from_arrays(sp.csr_matrix(X), Y, seed=0)
     assert ds.sparse and ds.X_train.dtype == np.float32 and ds.Y_train.dtype == np.int8
+
+
+# ----------------------------------------------------------------------------------------------
+# The validation split: random, or iterative stratification (iterstrat)
+
+def rare_label_data(n=600, common=10, rare=50, per_rare=5, seed=0):
+    """Every row has one of `common` frequent labels; each of `rare` labels has `per_rare`
+    positives. X is sparse with the row number + 1 in column 0 (sparse features stay unscaled, so
+    the rows of each part can be told apart)."""
+    rng = np.random.default_rng(seed)
+    Y = np.zeros((n, common + rare), dtype=np.int8)
+    Y[np.arange(n), rng.integers(0, common, n)] = 1
+    for label in range(common, common + rare):
+        Y[rng.choice(n, per_rare, replace=False), label] = 1
+    X = sp.csr_matrix(np.column_stack([np.arange(1, n + 1), rng.random((n, 3))]))
+    ds = from_arrays(X, Y, X_test=X[:5], Y_test=Y[:5], name="rare")
+    return ds, Y
+
+
+def row_ids(X) -> np.ndarray:
+    return np.asarray(X[:, 0].toarray()).ravel().astype(int) - 1
+
+
+def test_stratified_split_keeps_rare_labels_in_validation():
+    ds, Y = rare_label_data()
+    assert ds.num_labels == 60 > STRATIFY_MIN_LABELS
+    auto = prepare_split(ds, val_fraction=0.15, seed=0)                    # the default for > 50 labels
+    assert auto.val_split == "stratified"
+    rand = prepare_split(ds, val_fraction=0.15, seed=0, val_split="random")
+    assert rand.val_split == "random"
+    counts = Y.sum(0)
+    missing = {}
+    for name, split in (("stratified", auto), ("random", rand)):
+        in_val = np.asarray(split.Y_val.sum(0)).ravel()
+        missing[name] = int(((in_val == 0) & (counts >= 4)).sum())
+        share = in_val / counts
+        missing[name + " deviation"] = float(np.abs(share - 0.15).mean())   # per-label validation share vs 15%
+    # the random split leaves about half of the 50 five-positive labels out of validation
+    # (0.85^5 = 44% each); iterative stratification gives every label with 4+ positives its share
+    assert missing["random"] >= 10 and missing["stratified"] == 0, missing
+    assert missing["stratified deviation"] < missing["random deviation"] / 2, missing
+
+
+@pytest.mark.parametrize("val_split", ["stratified", "random"])
+def test_validation_split_is_deterministic_disjoint_and_sized(val_split):
+    ds, Y = rare_label_data()
+    a = prepare_split(ds, val_fraction=0.2, seed=3, val_split=val_split)
+    b = prepare_split(ds, val_fraction=0.2, seed=3, val_split=val_split)
+    c = prepare_split(ds, val_fraction=0.2, seed=4, val_split=val_split)
+    tr, val = row_ids(a.X_train), row_ids(a.X_val)
+    assert not set(tr) & set(val) and sorted(set(tr) | set(val)) == list(range(600))   # a partition
+    np.testing.assert_array_equal(tr, row_ids(b.X_train))
+    np.testing.assert_array_equal(val, row_ids(b.X_val))                              # same seed, same rows
+    assert set(row_ids(c.X_val)) != set(val)                                          # another seed, others
+    np.testing.assert_array_equal(a.Y_val.toarray(), Y[val])                          # labels follow their rows
+    assert abs(len(val) - 120) <= (0 if val_split == "random" else 12)                # 20% of 600 (stratified: about)
+    sub = prepare_split(ds, val_fraction=0.2, seed=3, val_split=val_split, max_train=100)
+    sub_tr = row_ids(sub.X_train)
+    assert len(sub_tr) == 100 and set(sub_tr) <= set(tr) and set(row_ids(sub.X_val)) == set(val)
+    assert sub_tr.max() > 300                       # a random subset of the train rows, not the first 100
+
+
+def test_stratified_indices_directly():
+    _, Y = rare_label_data(n=200, rare=20, per_rare=4)
+    tr, val = stratified_indices(sp.csr_matrix(Y), 40, seed=1)
+    assert (np.diff(tr) > 0).all() and (np.diff(val) > 0).all()                     # sorted, no repeats
+    assert np.intersect1d(tr, val).size == 0 and tr.size + val.size == 200
+    assert (Y[val].sum(0) > 0).all()                   # every label, 4 positives or more, in validation
+    tr2, val2 = stratified_indices(sp.csr_matrix(Y), 40, seed=1)
+    assert np.array_equal(val, val2) and np.array_equal(tr, tr2)
+    one = np.zeros((50, 1), dtype=np.int8)
+    one[:10] = 1                                       # a single label (iterstrat needs two columns)
+    tr, val = stratified_indices(sp.csr_matrix(one), 10, seed=0)
+    assert one[val].sum() == 2 and tr.size + val.size == 50
+
+
+def test_auto_split_rule(monkeypatch):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(80, 3))
+    few = from_arrays(X, (rng.random((80, STRATIFY_MIN_LABELS)) < 0.3).astype(int), seed=0)
+    split = prepare_split(few, val_fraction=0.25, seed=2)
+    assert split.val_split == "random"
+    # the random split is the one of earlier versions: the first quarter of a seeded permutation
+    perm = np.random.default_rng(2).permutation(60)
+    np.testing.assert_array_equal(split.Y_val.toarray(), few.Y_train[np.sort(perm[:15])].toarray())
+    many = from_arrays(X, (rng.random((80, STRATIFY_MIN_LABELS + 1)) < 0.3).astype(int), seed=0)
+    assert prepare_split(many, seed=2).val_split == "stratified"
+    assert prepare_split(few, seed=2, val_split="stratified").val_split == "stratified"
+    monkeypatch.setattr(data_module, "STRATIFY_MAX_WORK", 60 * 51 ** 2 - 1)   # too costly: random, with a warning
+    with pytest.warns(UserWarning, match="too many for iterative stratification"):
+        assert prepare_split(many, seed=2).val_split == "random"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert prepare_split(many, seed=2, val_split="stratified").val_split == "stratified"  # forced: no check
+    with pytest.raises(ValueError, match="val_split: expected one of"):
+        prepare_split(few, val_split="iterative")
+
+
+def test_stratified_split_of_delicious_takes_seconds():
+    folder = default_data_dir()
+    if folder is None or not (folder / "delicious.npz").exists():
+        pytest.skip("delicious.npz is not in the shared data folder")
+    ds = load_dataset("delicious")
+    assert ds.num_labels == 983
+    start = time.perf_counter()
+    split = prepare_split(ds, val_fraction=0.15, seed=0)
+    seconds = time.perf_counter() - start
+    assert split.val_split == "stratified"
+    assert seconds < 15, f"{seconds:.1f}s"              # about 3 s on a shared 2-core machine
+    n = ds.Y_train.shape[0]
+    assert split.Y_train.shape[0] + split.Y_val.shape[0] == n and abs(split.Y_val.shape[0] - 0.15 * n) < 0.1 * n

@@ -453,7 +453,8 @@ def run(split: Split, cfg: TrainConfig, pretrained: Optional[tuple[Backbone, Sta
     thr = tune_thresholds(split.Y_val, s_val)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns about labels absent from a split
-        test_m, val_m = evaluate(split.Y_test, s_test, thr), evaluate(split.Y_val, s_val, thr)
+        test_m = evaluate(split.Y_test, s_test, thr, inv_propensity=split.inv_propensity)
+        val_m = evaluate(split.Y_val, s_val, thr, inv_propensity=split.inv_propensity)
     return RunResult(asdict(cfg), test_m, val_m, thr.tolist(), [asdict(s) for s in stages],
                      time.perf_counter() - t0, _backend_name(cfg), parts)
 

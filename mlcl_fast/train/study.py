@@ -69,7 +69,9 @@ def run_study(out: str, datasets: Sequence[str] = STUDY_DATASETS, methods: Seque
         if name not in loaded:
             loaded[name] = load_dataset(name, data_dir)
         seed_everything(seed)
-        return prepare_split(loaded[name], val_fraction, seed, max_train.get(name))
+        # random validation splits: the study's cells, caches and tuning choices (and docs/STUDY.md)
+        # were made with them and do not record the split, so a stratified study would mix the two
+        return prepare_split(loaded[name], val_fraction, seed, max_train.get(name), val_split="random")
 
     choices = _tune(out, datasets, methods, split_for, quiet, log, options) if tune else {}
     for seed in seeds:
