@@ -27,8 +27,12 @@ def _check_values() -> bool:
 
 
 def check_temperature(temperature) -> float:
+    """The temperature's value as a float. A one-element tensor is read (a host read on a GPU); its
+    gradient, when it requires one, flows through `temperature_scale` in `prepare`."""
     if isinstance(temperature, Tensor) and temperature.numel() == 1:
-        temperature = float(temperature)
+        if not temperature.dtype.is_floating_point:
+            raise TypeError(f"temperature: expected a floating-point tensor, got {temperature.dtype}")
+        temperature = float(temperature.detach())
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"temperature: expected a positive number, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
@@ -127,10 +131,27 @@ def l2_normalize(x: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     return (scaled / torch.maximum(scaled.norm(dim=-1, keepdim=True), NORM_EPS * scale)).to(out_dtype)
 
 
+def temperature_scale(temperature, value: float, device) -> Optional[Tensor]:
+    """For a temperature tensor that requires grad (learnable, CLIP-style): sqrt(value / temperature),
+    a 0-dim tensor equal to 1 to the last bit (value is the tensor's own value), else None. The
+    normalised embeddings are multiplied by it, so every logit <x_i, x_j> / value becomes
+    <x_i, x_j> / temperature: the backends compute with the float `value` as always, and autograd
+    forms d loss / d temperature = -(1 / 2 temperature) sum_e <dL/de, e> over every embedding e from
+    the gradients the backends' sweeps already give (no kernel changes)."""
+    if not (isinstance(temperature, Tensor) and temperature.requires_grad):
+        return None
+    if temperature.device != torch.device(device):
+        raise ValueError(f"temperature: on device {temperature.device}, but features are on {device}")
+    return torch.sqrt(value / temperature.reshape(()))
+
+
 def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labels: Optional[int] = None,
             label_format: str = "auto", native_half: bool = False, check_values: bool = True) -> Problem:
     """Validate everything and build the backend's Problem (normalised rows, canonical labels).
-    `check_values=False`: no check reads tensor values on the host (labels.as_label_sets)."""
+    `check_values=False`: no check reads tensor values on the host (labels.as_label_sets); a
+    temperature given as a tensor is read all the same. A temperature tensor that requires grad
+    gets its gradient through `temperature_scale`."""
+    learnable = temperature
     temperature = check_temperature(temperature)
     if not isinstance(check_values, bool):
         raise TypeError(f"check_values: expected True or False, got {check_values!r}")
@@ -149,6 +170,10 @@ def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labe
     protos = None
     if prototypes is not None:  # in the rows' dtype (fp32 prototypes stay fp32 for half rows)
         protos = l2_normalize(prototypes, rows.dtype)
+    scale = temperature_scale(learnable, temperature, features.device)
+    if scale is not None:
+        rows = rows * scale.to(rows.dtype)
+        protos = None if protos is None else protos * scale.to(protos.dtype)
     return Problem(rows, protos, label_sets.repeat_views(views), cfg, temperature, check_values=check_values)
 
 

@@ -25,6 +25,10 @@ def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[T
     labels     dense multi-hot [B, L], padded indices [B, K] (-1 = padding), sparse CSR/COO [B, L],
                or a LabelSets
     prototypes [L, d] label embeddings, required when the preset uses prototypes
+    temperature a number >= 1e-6, or a one-element float tensor; one that requires grad is learnt
+               (CLIP-style): its gradient comes from the backends' embedding gradients
+               (inputs.temperature_scale), on every backend, with the SPEC's gradient convention
+               (reg's r_ij a constant, as for the embeddings)
     reduction  "mean" (SPEC's anchor weighting: Σ_i c_i l_i / M with c_i = 1 on valid anchors and
                M = the number of valid anchors for anchor_weight="uniform", c_i = a_i and
                M = Σ_i a_i for "labels"), "sum" (Σ_i c_i l_i with the same c_i: the mean times M,
@@ -73,7 +77,14 @@ class MultiLabelContrastiveLoss(nn.Module):
         self.gather = check_gather(gather, group)
         self.group = group
         self.config = resolve_config(preset, **overrides)
-        self.temperature = check_temperature(temperature)
+        check_temperature(temperature)
+        if isinstance(temperature, nn.Parameter):  # learnable: registered, so optimisers and DDP see it
+            self.temperature = temperature
+        elif isinstance(temperature, Tensor) and temperature.requires_grad:
+            raise ValueError("temperature: a tensor that requires grad must be an nn.Parameter here (the module "
+                             "keeps it across steps); or pass the tensor to multilabel_contrastive_loss each step")
+        else:
+            self.temperature = check_temperature(temperature)
         self.reduction = check_reduction(reduction)
         self.backend = backend
         self.num_labels = num_labels

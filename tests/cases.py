@@ -93,6 +93,19 @@ def preset_id(preset: str, overrides: dict) -> str:
 ALL_PRESET_IDS = [preset_id(p, o) for p, o in ALL_PRESETS]
 
 
+def cpu_backends() -> list[str]:
+    """The backends that run on CPU tensors here: reference, cpp when built, and triton through its
+    interpreter (which `auto` never picks). Call it after the test module has set
+    TRITON_INTERPRET (as tests/test_triton.py does), never at this module's import."""
+    import mlcl_fast
+    from mlcl_fast.backends import triton as triton_backend
+
+    names = [b for b in ("reference", "cpp") if b in mlcl_fast.available_backends("cpu")]
+    if triton_backend.is_available()[0] and triton_backend.kernels_interpreted() and not torch.cuda.is_available():
+        names.append("triton")
+    return names
+
+
 def uses_prototypes(preset: str, overrides: Optional[dict] = None) -> bool:
     return brute_force.spec_config(preset, **(overrides or {}))["prototype_mode"] != "none"
 

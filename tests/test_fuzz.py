@@ -23,23 +23,13 @@ from hypothesis import strategies as st  # noqa: E402
 
 import mlcl_fast  # noqa: E402
 from cases import (ALL_PRESETS, BASE_SEED, LOSS_FLOOR, assert_backend_matches, label_forms, random_case, rel_err,
-                   to_label_sets, to_padded, uses_prototypes)  # noqa: E402
+                   to_label_sets, to_padded, uses_prototypes, cpu_backends)  # noqa: E402
 from mlcl_fast import multilabel_contrastive_loss  # noqa: E402
 from mlcl_fast.labels import LabelSets  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-def _backends() -> list[str]:
-    names = [b for b in ("reference", "cpp") if b in mlcl_fast.available_backends("cpu")]
-    from mlcl_fast.backends import triton as triton_backend
-
-    # triton on CPU tensors only through its interpreter (which `auto` never picks)
-    if triton_backend.is_available()[0] and triton_backend.kernels_interpreted() and not torch.cuda.is_available():
-        names.append("triton")
-    return names
-
-
-BACKENDS = _backends()
+BACKENDS = cpu_backends()
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # What fp32 and half precision can promise on every case the fuzz draws, which includes tau down
 # to 0.01 and tiny degenerate cases (a lone positive with p = 1) whose true gradient cancels to
