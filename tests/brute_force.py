@@ -9,6 +9,10 @@ Usage:
     out.loss, out.anchor_losses, out.valid
     grad_features, grad_prototypes = out.grads()            # of the reduced ("mean") loss
     grad_features, grad_prototypes = out.grads(coeffs)      # of sum_i coeffs[i] * l_i
+
+    # extra columns ("keys", never anchors), SPEC "Keys":
+    out = evaluate(features, label_sets, prototypes, keys=keys, key_label_sets=key_sets)
+    grad_features, grad_prototypes, grad_keys = out.all_grads(coeffs)
 """
 from __future__ import annotations
 
@@ -57,6 +61,7 @@ class BruteForceResult:
     # what grads() needs to push dl/ds through the normalisation
     _features: torch.Tensor = field(repr=False, default=None)
     _prototypes: Optional[torch.Tensor] = field(repr=False, default=None)
+    _keys: Optional[torch.Tensor] = field(repr=False, default=None)
     _anchors: list = field(repr=False, default=None)
     _columns: list = field(repr=False, default=None)
     _temperature: float = 0.1
@@ -77,19 +82,22 @@ class BruteForceResult:
         chained through s = <x_a, x_c>/tau and the L2 normalisation by autograd on the
         surrogate sum(G * s), where G is a constant.
         """
+        return self.all_grads(coeffs)[:2]
+
+    def all_grads(self, coeffs=None):
+        """(grad of features, grad of prototypes or None, grad of keys or None), as grads()."""
         coeffs = self.coeffs if coeffs is None else [float(c) for c in coeffs]
-        feats = self._features.detach().clone().requires_grad_(True)
-        protos = None if self._prototypes is None else self._prototypes.detach().clone().requires_grad_(True)
-        emb = _normalised_embeddings(feats, protos)
+        leaf = lambda t: None if t is None else t.detach().clone().requires_grad_(True)
+        feats, protos, keys = leaf(self._features), leaf(self._prototypes), leaf(self._keys)
+        emb = _normalised_embeddings(feats, protos, keys)
         g = self._weighted(self.dl_ds, coeffs)
         s = emb[self._anchors] @ emb[self._columns].T / self._temperature
-        inputs = [feats] if protos is None else [feats, protos]
-        out = torch.autograd.grad((g * s).sum(), inputs, allow_unused=True)
-        gf = out[0] if out[0] is not None else torch.zeros_like(feats)
-        gp = None
-        if protos is not None:
-            gp = out[1] if out[1] is not None else torch.zeros_like(protos)
-        return gf, gp
+        inputs = [t for t in (feats, protos, keys) if t is not None]
+        out = list(torch.autograd.grad((g * s).sum(), inputs, allow_unused=True))
+        grads = []
+        for t in (feats, protos, keys):
+            grads.append(None if t is None else (lambda o: torch.zeros_like(t) if o is None else o)(out.pop(0)))
+        return tuple(grads)
 
 
     def grad_scale(self, coeffs=None):
@@ -99,16 +107,36 @@ class BruteForceResult:
         at d = 1). Rounding errors of a gradient are relative to this, not to the gradient."""
         coeffs = self.coeffs if coeffs is None else [float(c) for c in coeffs]
         with torch.no_grad():
-            emb = _normalised_embeddings(self._features, self._prototypes)
+            emb = _normalised_embeddings(self._features, self._prototypes, self._keys)
         emb.requires_grad_(True)
         g = self._weighted(self.dl_ds_terms, [abs(c) for c in coeffs])
         s = emb[self._anchors] @ emb[self._columns].T / self._temperature
         (grad,) = torch.autograd.grad((g * s).sum(), emb)
-        raw = torch.cat([self._features.reshape(-1, self._features.shape[-1])]
-                        + ([self._prototypes] if self._prototypes is not None else []))
+        dim = self._features.shape[-1]
+        parts = [self._features.reshape(-1, dim)] + ([self._keys.reshape(-1, dim)] if self._keys is not None else []) \
+            + ([self._prototypes] if self._prototypes is not None else [])
+        raw = torch.cat(parts)
         grad = grad / raw.norm(dim=1, keepdim=True).clamp(min=NORM_EPS)
-        n = raw.shape[0] - (self._prototypes.shape[0] if self._prototypes is not None else 0)
-        return float(grad[:n].norm()), float(grad[n:].norm())
+        n = parts[0].shape[0]
+        m = n + (parts[1].shape[0] if self._keys is not None else 0)
+        return float(grad[:n].norm()), float(grad[m:].norm())
+
+    def key_grad_scale(self, coeffs=None) -> float:
+        """grad_scale's norm for the keys (0 without keys)."""
+        if self._keys is None:
+            return 0.0
+        coeffs = self.coeffs if coeffs is None else [float(c) for c in coeffs]
+        with torch.no_grad():
+            emb = _normalised_embeddings(self._features, self._prototypes, self._keys)
+        emb.requires_grad_(True)
+        g = self._weighted(self.dl_ds_terms, [abs(c) for c in coeffs])
+        s = emb[self._anchors] @ emb[self._columns].T / self._temperature
+        (grad,) = torch.autograd.grad((g * s).sum(), emb)
+        dim = self._features.shape[-1]
+        n = self._features.reshape(-1, dim).shape[0]
+        keys = self._keys.reshape(-1, dim)
+        grad = grad[n:n + keys.shape[0]] / keys.norm(dim=1, keepdim=True).clamp(min=NORM_EPS)
+        return float(grad.norm())
 
     def _weighted(self, dl_ds, coeffs) -> torch.Tensor:
         return torch.tensor([[coeffs[a] * dl_ds[a][c] for c in range(len(self._columns))]
@@ -116,20 +144,27 @@ class BruteForceResult:
             len(self._anchors), len(self._columns))
 
 
-def _normalised_embeddings(feats: torch.Tensor, protos: Optional[torch.Tensor]) -> torch.Tensor:
-    rows = feats.reshape(-1, feats.shape[-1])
-    emb = rows if protos is None else torch.cat([rows, protos])
+def _normalised_embeddings(feats: torch.Tensor, protos: Optional[torch.Tensor],
+                           keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Embeddings in column order: rows (b-major), keys (m-major over their views), prototypes."""
+    dim = feats.shape[-1]
+    parts = [feats.reshape(-1, dim)] + ([keys.reshape(-1, dim)] if keys is not None else []) \
+        + ([protos] if protos is not None else [])
+    emb = torch.cat(parts)
     return emb / emb.norm(dim=1, keepdim=True).clamp(min=NORM_EPS)
 
 
 def evaluate(features: torch.Tensor, label_sets, prototypes: Optional[torch.Tensor] = None, *,
              preset: str = "reg", temperature: float = 0.1, num_labels: Optional[int] = None,
-             **overrides) -> BruteForceResult:
+             keys: Optional[torch.Tensor] = None, key_label_sets=None, **overrides) -> BruteForceResult:
     """SPEC, evaluated in float64.
 
     features    [B, d] or [B, V, d] (any float dtype; its values are used in float64)
     label_sets  B python iterables of label ids (one per sample)
     prototypes  [L, d] or None
+    keys        [M, d] or [M, V', d] extra columns (SPEC "Keys"): never anchors, sample columns
+                (beta_j = beta, f as for samples) after the rows and before the prototypes
+    key_label_sets  M python iterables of label ids (one per key)
     """
     cfg = spec_config(preset, **overrides)
     feats = features.detach().to("cpu", torch.float64)
@@ -140,19 +175,26 @@ def evaluate(features: torch.Tensor, label_sets, prototypes: Optional[torch.Tens
     batch = feats.shape[0]
     views = feats.shape[1] if feats.dim() == 3 else 1
     n = batch * views
+    keys = None if keys is None else keys.detach().to("cpu", torch.float64)
+    key_views = 1 if keys is None or keys.dim() == 2 else keys.shape[1]
+    num_keys = 0 if keys is None else keys.shape[0] * key_views
     num_protos = protos.shape[0] if protos is not None else 0
     if num_labels is None:
         num_labels = num_protos
 
-    # Embedding e: rows in b-major order (row b*V + v is view v of sample b), then prototypes.
+    # Embedding e: rows in b-major order (row b*V + v is view v of sample b), then keys (key m's
+    # view v at m*V' + v), then prototypes. Keys are columns only.
     sets = [frozenset(int(k) for k in label_sets[r // views]) for r in range(n)]
+    sets += [frozenset(int(k) for k in key_label_sets[m // key_views]) for m in range(num_keys)]
     sets += [frozenset([k]) for k in range(num_protos)]
-    is_proto = [False] * n + [True] * num_protos
-    columns = list(range(n + num_protos))
-    anchors = list(range(n)) + (list(range(n, n + num_protos)) if cfg["prototype_mode"] == "rows" else [])
+    is_proto = [False] * (n + num_keys) + [True] * num_protos
+    columns = list(range(n + num_keys + num_protos))
+    first_proto = n + num_keys
+    anchors = list(range(n)) + (list(range(first_proto, first_proto + num_protos))
+                                if cfg["prototype_mode"] == "rows" else [])
 
     with torch.no_grad():
-        emb = _normalised_embeddings(feats, protos)
+        emb = _normalised_embeddings(feats, protos, keys)
         s_all = (emb @ emb.T / temperature).tolist()
 
     beta = float(cfg["beta"])
@@ -198,7 +240,7 @@ def evaluate(features: torch.Tensor, label_sets, prototypes: Optional[torch.Tens
         coeffs = [(c / total if v else 0.0) for c, v in zip(counts, valid)] if total else [0.0] * len(valid)
     loss = sum(c * l for c, l in zip(coeffs, losses))
     return BruteForceResult(torch.tensor(losses, dtype=torch.float64), valid, coeffs, loss, dl_ds, dl_ds_terms,
-                            feats, protos, anchors, columns, float(temperature))
+                            feats, protos, keys, anchors, columns, float(temperature))
 
 
 def _positive_weights(cfg: dict, i: int, active: list, sets: list, is_proto: list) -> dict:
