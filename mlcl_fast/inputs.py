@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .labels import as_label_sets
+from .labels import LabelSets, as_label_sets
 from .presets import LossConfig
 from .problem import Problem
 
@@ -87,6 +87,56 @@ def check_prototypes(prototypes, cfg: LossConfig, dim: int, num_labels: Optional
     return prototypes
 
 
+def check_keys(keys, key_labels, dim: int, num_labels: int, device, label_format: str = "auto",
+               check_values: bool = True) -> tuple[Optional[Tensor], Optional[LabelSets]]:
+    """Extra columns ("keys", never anchors): [M, d] or [M, V, d] embeddings (views flattened like
+    the features', row m*V + v) and their label sets (M rows, in any label format, in the label space
+    of `labels`). Returns (keys [M*V, d] unnormalised, canonical label sets repeated over views),
+    or (None, None). Errors name `keys` or `key_labels`."""
+    if keys is None:
+        if key_labels is not None:
+            raise ValueError("key_labels: given without keys; pass keys=[M, d] embeddings with them")
+        return None, None
+    if not isinstance(keys, Tensor):
+        raise TypeError(f"keys: expected a tensor, got {type(keys).__name__}")
+    if keys.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"keys: expected a float16/bfloat16/float32/float64 tensor, got {keys.dtype}")
+    if keys.dim() not in (2, 3):
+        raise ValueError(f"keys: expected shape [M, d] or [M, V, d], got shape {tuple(keys.shape)}")
+    if keys.shape[0] < 1 or (keys.dim() == 3 and keys.shape[1] < 1):
+        raise ValueError(f"keys: expected at least one key and one view, got shape {tuple(keys.shape)}")
+    if keys.shape[-1] != dim:
+        raise ValueError(f"keys: embedding dimension {keys.shape[-1]} does not match the features' {dim}")
+    if keys.device != torch.device(device):
+        raise ValueError(f"keys: on device {keys.device}, but features are on {device}")
+    if check_values and _check_values() and not bool(torch.isfinite(keys).all()):
+        raise ValueError("keys: contains NaN or Inf")
+    if key_labels is None:
+        raise ValueError("key_labels: required with keys (the label sets of the M keys)")
+    count = keys.shape[0]
+    rows = (key_labels.index.shape[0] if isinstance(key_labels, LabelSets) and isinstance(key_labels.index, Tensor)
+            and key_labels.index.dim() >= 1 else
+            key_labels.shape[0] if isinstance(key_labels, Tensor) and key_labels.dim() >= 1 else None)
+    if rows is not None and rows != count:
+        raise ValueError(f"key_labels: {rows} label sets for {count} keys (keys have shape {tuple(keys.shape)})")
+    # An integer matrix is read as padded indices when the labels' format says so (or must be:
+    # check_values=False); otherwise key_labels' own format is detected.
+    integer = (isinstance(key_labels, Tensor) and key_labels.layout == torch.strided
+               and not (key_labels.dtype.is_floating_point or key_labels.dtype == torch.bool))
+    fmt = "indices" if integer and (label_format == "indices" or not check_values) else "auto"
+    try:
+        sets = as_label_sets(key_labels, count, num_labels, fmt, device=device, check_values=check_values)
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        if message.startswith("labels: "):
+            message = message[len("labels: "):]
+        elif message.startswith("check_values: "):
+            message = "check_values=" + message[len("check_values: "):]
+        raise type(err)(f"key_labels: {message}") from None
+    views = keys.shape[1] if keys.dim() == 3 else 1
+    return keys.reshape(count * views, dim), sets.repeat_views(views)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half inputs are computed in fp32; fp32 and fp64 keep their precision."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -146,7 +196,8 @@ def temperature_scale(temperature, value: float, device) -> Optional[Tensor]:
 
 
 def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labels: Optional[int] = None,
-            label_format: str = "auto", native_half: bool = False, check_values: bool = True) -> Problem:
+            label_format: str = "auto", native_half: bool = False, check_values: bool = True,
+            keys=None, key_labels=None) -> Problem:
     """Validate everything and build the backend's Problem (normalised rows, canonical labels).
     `check_values=False`: no check reads tensor values on the host (labels.as_label_sets); a
     temperature given as a tensor is read all the same. A temperature tensor that requires grad
@@ -165,16 +216,22 @@ def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labe
     prototypes = check_prototypes(prototypes, cfg, dim, label_sets.num_labels, features.device, check_values)
     if cfg.uses_prototypes and label_sets.num_labels != prototypes.shape[0]:
         raise ValueError(f"labels: label space of size {label_sets.num_labels} but {prototypes.shape[0]} prototypes")
+    keys, key_sets = check_keys(keys, key_labels, dim, label_sets.num_labels, features.device, label_format,
+                                check_values)
     keep_half = native_half and features.dtype in (torch.float16, torch.bfloat16)
     rows = l2_normalize(features.reshape(batch * views, dim), features.dtype if keep_half else None)
     protos = None
     if prototypes is not None:  # in the rows' dtype (fp32 prototypes stay fp32 for half rows)
         protos = l2_normalize(prototypes, rows.dtype)
+    if keys is not None:  # in the rows' dtype, like the prototypes
+        keys = l2_normalize(keys, rows.dtype)
     scale = temperature_scale(learnable, temperature, features.device)
     if scale is not None:
         rows = rows * scale.to(rows.dtype)
         protos = None if protos is None else protos * scale.to(protos.dtype)
-    return Problem(rows, protos, label_sets.repeat_views(views), cfg, temperature, check_values=check_values)
+        keys = None if keys is None else keys * scale.to(keys.dtype)
+    return Problem(rows, protos, label_sets.repeat_views(views), cfg, temperature, check_values=check_values,
+                   keys=keys, key_labels=key_sets)
 
 
 def anchor_label_counts(problem: Problem) -> Tensor:

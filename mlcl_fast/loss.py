@@ -18,7 +18,7 @@ def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[T
                                 reduction: str = "mean", backend: str = "auto",
                                 num_labels: Optional[int] = None, label_format: str = "auto",
                                 gather: Optional[str] = None, group=None, check_values: bool = True,
-                                **overrides) -> Tensor:
+                                keys: Optional[Tensor] = None, key_labels=None, **overrides) -> Tensor:
     """Multi-label supervised contrastive loss of SPEC.
 
     features   [B, d] or [B, V, d] (V views of each sample), fp16/bf16/fp32/fp64
@@ -45,6 +45,12 @@ def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[T
                num_labels given) or a LabelSets; with the closed-form Triton regime the call then
                makes no host synchronisation (except the regulariser's list of rare-label pairs:
                mlcl_fast/triton/README.md)
+    keys       [M, d] or [M, V, d] extra columns (views flattened like the features'), e.g. a second
+               encoder's embeddings (they may require grad) or a queue of detached ones; never
+               anchors, in every anchor's softmax and positives by the SPEC weights of sample
+               columns (beta_j = beta), L2-normalised like the features (docs/SPEC.md "Keys")
+    key_labels the M keys' label sets, in any label format, in the label space of `labels`
+               (required with keys)
     overrides  any LossConfig field: weighting, f, alpha, prototype_mode, beta, reg, anchor_weight
 
     Half-precision features are computed in fp32 and the loss is returned in fp32; gradients
@@ -56,10 +62,14 @@ def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[T
     device = features.device if isinstance(features, Tensor) else torch.device("cpu")
     _, impl = resolve_backend(backend, device)
     if check_gather(gather, group) is not None:
+        if keys is not None or key_labels is not None:
+            raise ValueError("keys: not supported with gather='all' (gather the keys yourself, or pass them "
+                             "without gather)")
         return gathered_loss(features, labels, prototypes, cfg, temperature, reduction, impl, num_labels,
                              label_format, group)
     problem = prepare(features, labels, prototypes, cfg, temperature, num_labels, label_format,
-                      native_half=getattr(impl, "NATIVE_HALF", False), check_values=check_values)
+                      native_half=getattr(impl, "NATIVE_HALF", False), check_values=check_values,
+                      keys=keys, key_labels=key_labels)
     losses, valid = impl.anchor_losses(problem)
     return reduce_anchor_losses(problem, losses, valid, reduction)
 
@@ -97,10 +107,13 @@ class MultiLabelContrastiveLoss(nn.Module):
         else:
             self.register_parameter("prototypes", None)
 
-    def forward(self, features: Tensor, labels) -> Tensor:
+    def forward(self, features: Tensor, labels, keys: Optional[Tensor] = None, key_labels=None) -> Tensor:
+        """The loss of `features` with `labels`; `keys`/`key_labels`: extra columns, as in
+        multilabel_contrastive_loss."""
         return multilabel_contrastive_loss(features, labels, self.prototypes, preset=self.config, temperature=self.temperature,
                                            reduction=self.reduction, backend=self.backend, num_labels=self.num_labels,
-                                           gather=self.gather, group=self.group, check_values=self.check_values)
+                                           gather=self.gather, group=self.group, check_values=self.check_values,
+                                           keys=keys, key_labels=key_labels)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -18,11 +18,13 @@ class Problem:
     samples     [N, d] L2-normalised rows (views flattened: row b*V + v is view v of sample b)
     prototypes  [L, d] L2-normalised label prototypes, or None when config.prototype_mode == "none"
     labels      label sets of the N rows (already repeated over views)
-    Columns are the N rows, then the L prototypes when prototypes are used.
+    keys        [M, d] L2-normalised extra columns (never anchors), or None; key_labels their label sets
+    Columns are the N rows, then the M keys, then the L prototypes when prototypes are used: the
+    first N + M columns (`num_sample_columns`) are sample columns (beta_j = beta), the rest prototypes.
     Anchors are the sample rows [sample_anchors[0], sample_anchors[1]), then the prototypes
     [prototype_anchors[0], prototype_anchors[1]) when prototype_mode == "rows". By default that is
     every row and every prototype; a process of a distributed job anchors only its own share.
-    Anchor i is never its own column (sample row r is column r, prototype k is column N + k).
+    Anchor i is never its own column (sample row r is column r, prototype k is column N + M + k).
     """
 
     samples: Tensor
@@ -35,8 +37,14 @@ class Problem:
     # False: backends must not read tensor values on the host either (fixed-capacity buffers,
     # device-side checks), as the caller's check_values=False asked.
     check_values: bool = True
+    keys: Optional[Tensor] = None
+    key_labels: Optional[LabelSets] = None
 
     def __post_init__(self):
+        if (self.keys is None) != (self.key_labels is None):
+            raise ValueError("keys: keys and key_labels come together")
+        if self.keys is not None and self.key_labels.batch_size != self.keys.shape[0]:
+            raise ValueError(f"key_labels: {self.key_labels.batch_size} label sets for {self.keys.shape[0]} keys")
         n = self.samples.shape[0]
         if self.sample_anchors is None:
             self.sample_anchors = (0, n)
@@ -57,6 +65,15 @@ class Problem:
         return self.samples.shape[0]
 
     @property
+    def num_keys(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[0]
+
+    @property
+    def num_sample_columns(self) -> int:
+        """N + M: the columns with beta_j = beta (samples, then keys); later columns are prototypes."""
+        return self.num_samples + self.num_keys
+
+    @property
     def num_anchors(self) -> int:
         return (self.sample_anchors[1] - self.sample_anchors[0]) + (self.prototype_anchors[1] - self.prototype_anchors[0])
 
@@ -64,21 +81,22 @@ class Problem:
         """(anchor rows [|A|, d], columns [|C|, d]), in `dtype` (default: the samples' dtype)."""
         x = self.samples if dtype is None else self.samples.to(dtype)
         lo, hi = self.sample_anchors
+        sample_cols = x if self.keys is None else torch.cat([x, self.keys.to(x.dtype)])
         if not self.config.uses_prototypes:
-            return x[lo:hi], x
+            return x[lo:hi], sample_cols
         protos = self.prototypes.to(x.dtype)
         plo, phi = self.prototype_anchors
         rows = torch.cat([x[lo:hi], protos[plo:phi]]) if phi > plo else x[lo:hi]
-        return rows, torch.cat([x, protos])
+        return rows, torch.cat([sample_cols, protos])
 
     def anchor_columns(self) -> Tensor:
         """[|A|] int64: the column index of each anchor itself (excluded from its softmax)."""
         dev = self.samples.device
-        n = self.num_samples
+        n, s = self.num_samples, self.num_sample_columns
         (lo, hi), (plo, phi) = self.sample_anchors, self.prototype_anchors
-        if plo == phi or (hi == n and plo == 0):  # one range of columns
+        if plo == phi or (hi == n and plo == 0 and s == n):  # one range of columns
             return torch.arange(lo, hi if plo == phi else n + phi, device=dev)
-        return torch.cat([torch.arange(lo, hi, device=dev), torch.arange(n + plo, n + phi, device=dev)])
+        return torch.cat([torch.arange(lo, hi, device=dev), torch.arange(s + plo, s + phi, device=dev)])
 
     def anchor_labels(self) -> LabelSets:
         """Label sets of the anchors: the anchored rows' sets, then {k} for prototype anchors."""
@@ -92,12 +110,13 @@ class Problem:
         return rows.concat(protos)
 
     def column_labels(self) -> LabelSets:
-        """Label sets of the columns: every row's set, then {k} for each prototype column."""
+        """Label sets of the columns: every row's set, every key's set, then {k} for each prototype column."""
+        sets = self.labels if self.keys is None else self.labels.concat(self.key_labels)
         if not self.config.uses_prototypes:
-            return self.labels
-        return self.labels.concat(LabelSets.singletons(self.prototypes.shape[0], self.samples.device))
+            return sets
+        return sets.concat(LabelSets.singletons(self.prototypes.shape[0], self.samples.device))
 
     @property
     def num_columns(self) -> int:
-        n = self.num_samples
+        n = self.num_sample_columns
         return n + self.prototypes.shape[0] if self.config.uses_prototypes else n

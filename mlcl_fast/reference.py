@@ -21,7 +21,7 @@ def anchor_losses(problem: Problem) -> tuple[Tensor, Tensor]:
     """Per-anchor loss l_i ([|A|], 0 for invalid anchors) and the validity mask ([|A|] bool)."""
     cfg = problem.config
     x = problem.samples
-    n = x.shape[0]
+    n = problem.num_sample_columns  # samples, then keys: beta_j = beta; later columns are prototypes
     rows, cols = problem.embeddings(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None)
     logits = rows @ cols.T / problem.temperature
 
@@ -63,7 +63,7 @@ def _softmax_columns(self_column: Tensor, num_cols: int, n: int, beta: float) ->
 def positive_weights(problem: Problem, in_softmax: Tensor, dtype) -> Tensor:
     """w_ij of SPEC as a dense [|A|, |C|] matrix (zero outside in_softmax)."""
     cfg = problem.config
-    n = problem.num_samples
+    n = problem.num_sample_columns
     row_sets, col_sets = problem.anchor_labels(), problem.column_labels()
     col_members = col_sets.dense(torch.bool)                       # [|C|, L]
     a_row = row_sets.count.to(dtype)

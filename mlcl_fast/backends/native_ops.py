@@ -41,7 +41,7 @@ def op_inputs(problem: Problem, dtype=None, check_values: bool = False) -> tuple
     cfg = problem.config
     rows, cols = problem.embeddings(dtype)
     return (rows, cols, problem.anchor_labels().index, problem.column_labels().index, problem.anchor_columns(),
-            problem.num_samples, problem.labels.num_labels, problem.temperature, cfg.beta, cfg.weighting, cfg.f,
+            problem.num_sample_columns, problem.labels.num_labels, problem.temperature, cfg.beta, cfg.weighting, cfg.f,
             cfg.alpha, cfg.reg, check_values)
 
 
@@ -51,7 +51,7 @@ def candidate_anchors(problem: Problem) -> Tensor:
     label, so an anchor outside this set has W_i = 0 (invalid: loss 0, no gradient)."""
     cols = problem.column_labels().index
     if problem.config.beta == 0.0:  # beta = 0 drops the sample columns from every softmax
-        cols = cols[problem.num_samples:]
+        cols = cols[problem.num_sample_columns:]
     L = problem.labels.num_labels
     carriers = torch.zeros(L + 1, dtype=torch.int32, device=cols.device)  # slot L: the padding
     carriers.index_add_(0, torch.where(cols < 0, L, cols).reshape(-1),

@@ -46,7 +46,10 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
     lo, hi = problem.sample_anchors
     plo, phi = problem.prototype_anchors
     q = torch.cat([x[lo:hi], protos[plo:phi]]) if phi > plo else x[lo:hi]
-    k = torch.cat([x, protos]) if protos is not None else x
+    # Columns: samples, keys, prototypes. The kernels treat every column below `n` (here N + M)
+    # as a sample column (beta, f='union' as for samples) and take anchors' own columns from
+    # self_col, so keys are sample columns that no anchor owns.
+    k = problem.embeddings()[1]
     if launch.INTERPRETED and x.dtype == torch.bfloat16:
         # The Triton interpreter's bf16 tl.dot gives wrong results (values ~1e10): there, bf16 rows
         # are computed in fp32 (exact upcast; gradients flow back in bf16). Compiled kernels take
@@ -54,7 +57,7 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
         q, k = q.float(), k.float()
     q, k = q.contiguous(), k.contiguous()
 
-    n = problem.num_samples
+    n = problem.num_sample_columns
     col_lo = n if cfg.beta == 0 else 0
     log_beta = math.log(cfg.beta) if cfg.beta > 0 else 0.0
     anchor_sets, column_sets = problem.anchor_labels(), problem.column_labels()
