@@ -471,3 +471,21 @@ def test_learnable_temperature_with_keys(backend):
     assert abs(ref - expected) <= 1e-8 * max(1.0, abs(expected))
     assert abs(tau_grad(backend, dtype) - ref) <= 1e-4 * max(1.0, abs(ref))
     assert abs(tau_grad("reference", torch.float64, with_keys=False) - ref) > 1e-6
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("positives", ["sparse", "dense"])
+@pytest.mark.parametrize("preset,overrides", [("reg", {}), ("msc", {}), ("supcon_all", {"reg": True}),
+                                              ("jaccard", {"prototype_mode": "rows", "beta": 0.0}),
+                                              ("mulsupcon", {"f": "overlap", "alpha": 0.5})],
+                         ids=["reg", "msc", "supcon_all-reg", "jaccard-rows-beta0", "mulsupcon-overlap"])
+@pytest.mark.parametrize("algorithm", ["fused", "blocked"])
+def test_cpp_algorithms_take_keys(monkeypatch, algorithm, preset, overrides, positives):
+    """The C++ ops' fused kernels and the blocked algorithm (the CUDA backend's, run with CPU block
+    kernels), with either enumeration of positives, take keys as sample columns."""
+    monkeypatch.setenv("MLCL_FAST_CPU_ALGORITHM", algorithm)
+    monkeypatch.setenv("MLCL_FAST_CPU_POSITIVES", positives)
+    kc, oracle = draw("cpp", ("cpp-algorithm", algorithm, preset, sorted(overrides.items()), positives),
+                      lambda seed, rng: KeyCase(seed, preset, overrides, B=6, V=2, M=5, key_views=2, L=6,
+                                                empty_keys=1))
+    assert_keys_match("cpp", kc, oracle)
