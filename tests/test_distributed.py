@@ -100,6 +100,7 @@ def _jobs(world: int, backends: list[str]) -> list[dict]:
     jobs += [dict(kind="ddp", name="ddp_reg", preset="reg", batches=cut([3, 5, 4]), views=2),
              dict(kind="ddp", name="ddp_mulsupcon", preset="mulsupcon", batches=cut([4, 2, 3]), views=2),
              dict(kind="ddp", name="ddp_reg_sum", preset="reg", batches=cut([2, 4, 3]), views=2, reduction="sum")]
+    jobs += [dict(kind="queue", name="queue_gather")]
     # Rejected inputs: every rank must raise (none may hang), and the group must stay usable.
     jobs += [dict(kind="error", name=n) for n in ("bad_labels_on_rank0", "dim_mismatch", "dtype_mismatch",
                                                   "requires_grad_mismatch", "label_space_mismatch")]
@@ -253,7 +254,29 @@ def _run_error(job, rank, world, seed):
     return {"error": None}
 
 
-_KINDS = {"compare": _run_compare, "ddp": _run_ddp, "error": _run_error}
+def _run_queue(job, rank, world, seed):
+    """Every rank enqueues its own rows with gather=True, twice (the second wraps the queue): the
+    queues of all ranks must hold the rows of all ranks, in rank order."""
+    from mlcl_fast import LabelQueue
+
+    queue = LabelQueue(capacity=10, dim=3, num_labels=6, max_labels=6, dtype=torch.float64)
+    everyone = []
+    for step in range(2):
+        per_rank = [(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed + 10 * step + r),
+                                 dtype=torch.float64),
+                     random_labels(torch.Generator().manual_seed(seed + 10 * step + r), 3, 6)) for r in range(world)]
+        queue.enqueue(*per_rank[rank], gather=True)
+        everyone += per_rank
+    rows = torch.cat([x for x, _ in everyone])[-10:]
+    labels = torch.cat([y for _, y in everyone])[-10:]
+    # slot of the i-th newest row: the queue wrote rows in order, position = rows written mod capacity
+    order = [(queue.position - 1 - i) % 10 for i in range(rows.shape[0])][::-1]
+    got_labels = queue.key_labels().dense()[order]
+    return {"rows": bool(torch.equal(queue.keys()[order], rows)), "labels": bool(torch.equal(got_labels, labels)),
+            "filled": queue.filled, "keys": queue.keys().clone()}
+
+
+_KINDS = {"compare": _run_compare, "ddp": _run_ddp, "error": _run_error, "queue": _run_queue}
 
 
 def _worker(rank, world, store, jobs, seed, out_dir):
@@ -335,6 +358,14 @@ def test_ddp_step_gives_single_process_gradients(world, name):
             {"grad_loss.prototypes"} if job["preset"] == "reg" else set()), res
         for key, err in res.items():
             assert err <= 1e-10, f"{name}, rank {rank} of {world}, seed {seed}: {key} error {err:.2e}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_label_queue_gathers_every_rank_in_rank_order(world):
+    _, per_rank, seed = _results(world, "queue_gather")
+    for rank, res in enumerate(per_rank):
+        assert res["rows"] and res["labels"] and res["filled"] == 10, (rank, world, seed, res)
+        assert torch.equal(res["keys"], per_rank[0]["keys"]), "the ranks' queues differ"
 
 
 EXPECTED_ERRORS = {
