@@ -44,6 +44,9 @@ def _common(p: argparse.ArgumentParser, epochs: int = 30) -> None:
     g.add_argument("--joint-lambda", type=float, default=0.1, help="weight of the contrastive term (protocol joint)")
     g.add_argument("--views", type=int, default=1,
                    help="contrastive views per sample; >1 adds feature-dropout/noise augmentation")
+    g.add_argument("--queue", type=int, default=0,
+                   help="MoCo-style pre-training: a queue of this many keys from a momentum encoder (0: in-batch)")
+    g.add_argument("--momentum", type=float, default=0.999, help="the key encoder's momentum (with --queue)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--backend", default="auto", help="loss backend: auto, reference, cpp, triton, cuda")
     g.add_argument("--device", default="cpu")
@@ -62,7 +65,8 @@ def _val_split(p: argparse.ArgumentParser) -> None:
 
 
 TRAIN_KEYS = ("epochs", "probe_epochs", "patience", "min_steps", "warmup_steps", "batch_size", "lr", "finetune_lr", "weight_decay",
-              "hidden", "layers", "dropout", "proj_dim", "temperature", "joint_lambda", "views", "seed", "backend",
+              "hidden", "layers", "dropout", "proj_dim", "temperature", "joint_lambda", "views", "queue", "momentum",
+              "seed", "backend",
               "device")
 
 

@@ -129,6 +129,50 @@ def test_two_augmented_views():
     assert 0 <= r.test["macro_f1"] <= 1
 
 
+def test_momentum_queue_pretraining():
+    """--queue: a key encoder that follows the online one by momentum after every step, and a
+    queue of its keys and their labels that the loss sees as keys; in-batch training without."""
+    import torch
+
+    from mlcl_fast.train.data import prepare_split
+    from mlcl_fast.train.models import Backbone, ProjectionHead
+    from mlcl_fast.train.protocols import TrainConfig, _contrastive_module, _momentum_queue
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(60, 4))
+    ds = from_arrays(X, np.stack([X[:, 0] > 0, X[:, 1] > 0, X[:, 2] > 0.5], 1).astype(int), seed=0)
+    split = prepare_split(ds, 0.2, 0)
+    cfg = TrainConfig(loss="mulsupcon", queue=24, momentum=0.9, hidden=8, proj_dim=4).check()
+    torch.manual_seed(0)
+    backbone = Backbone(split.num_features, 8, 2, 0.0)
+    head = ProjectionHead(backbone.out_dim, 4)
+    crit = _contrastive_module(cfg, split.num_labels)
+    step, after_step = _momentum_queue(split, cfg, backbone, head, crit, torch.Generator().manual_seed(0), False)
+    key_backbone, _ = step.key_encoder
+    opt = torch.optim.SGD(list(backbone.parameters()) + list(head.parameters()), lr=0.5)
+    x, y = torch.tensor(split.X_train[:16], dtype=torch.float32), torch.tensor(split.Y_train[:16].toarray())
+    before = [k.clone() for k in key_backbone.parameters()]
+    loss = step(x, y)
+    assert len(step.queue) == 16 and step.queue.key_labels().num_labels == 3
+    with_queue_only_batch = crit(head(backbone(x)), y)
+    assert not torch.isclose(loss, with_queue_only_batch), "the keys must enter the loss"
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after_step()
+    for k0, k1, q in zip(before, key_backbone.parameters(), backbone.parameters()):
+        torch.testing.assert_close(k1, 0.9 * k0 + 0.1 * q.detach())
+    step(x, y)
+    assert len(step.queue) == 24  # full: 32 rows offered
+    r = train(ds, loss="mulsupcon", queue=24, epochs=1, probe_epochs=1, min_steps=1, hidden=8, proj_dim=4,
+              batch_size=16)
+    assert r.config["queue"] == 24 and 0 <= r.test["macro_f1"] <= 1
+    for bad, name in ((dict(queue=-1), "queue"), (dict(momentum=1.0), "momentum"),
+                      (dict(queue=8, protocol="joint"), "queue"), (dict(loss="bce", queue=8), "queue")):
+        with pytest.raises(ValueError, match=f"^{name}"):
+            TrainConfig(**{"loss": "mulsupcon", **bad}).check()
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["train", "--dataset", str(tmp_path / "none.npz"), "--quiet"]) == 2
     assert "none.npz: no such file" in capsys.readouterr().err

@@ -69,6 +69,8 @@ class TrainConfig:
     temperature: float = 0.1
     joint_lambda: float = 0.1
     views: int = 1
+    queue: int = 0                    # contrastive pre-training: a MoCo-style queue of this many keys (0: in-batch only)
+    momentum: float = 0.999           # the key encoder's momentum (with queue > 0)
     aug_drop: float = 0.2
     aug_noise: float = 0.1
     seed: int = 0
@@ -89,6 +91,13 @@ class TrainConfig:
         for name in ("epochs", "probe_epochs", "batch_size", "hidden", "layers", "proj_dim", "views", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+        if self.queue < 0:
+            raise ValueError(f"queue: expected an integer >= 0 (0: no queue), got {self.queue}")
+        if not 0.0 < self.momentum < 1.0:
+            raise ValueError(f"momentum: expected a number in (0, 1), got {self.momentum}")
+        if self.queue and (self.loss in BASELINES or self.protocol == "joint"):
+            raise ValueError(f"queue: a key queue serves the contrastive pre-training (protocols probe and finetune), "
+                             f"not {self.method}")
         if self.views > 1 and self.loss in BASELINES:
             raise ValueError(f"views: {self.loss} trains on one view, as every baseline ({', '.join(BASELINES)}); "
                              "use --views 1")
@@ -161,10 +170,12 @@ def _start_bar(progress, name: str, total: int) -> None:
 
 def run_stage(name: str, modules: list[nn.Module], params, step_loss: Callable[[Tensor, Tensor], Tensor],
               val_score: Callable[[], "float | tuple"], batches: Batches, cfg: TrainConfig, lr: float,
-              generator: torch.Generator, progress=None, warmup_steps: int = 0) -> StageLog:
+              generator: torch.Generator, progress=None, warmup_steps: int = 0,
+              after_step: Optional[Callable[[], None]] = None) -> StageLog:
     """Train with AdamW; keep the epoch with the best `val_score` (higher is better; tuples
     compare in order, the first entry is what the log keeps). Epochs that end before
-    `warmup_steps` optimiser steps are neither selected nor counted toward the patience."""
+    `warmup_steps` optimiser steps are neither selected nor counted toward the patience.
+    `after_step` runs after every optimiser step (a momentum encoder's update)."""
     log = StageLog(name)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     best, best_state, stale = (-math.inf,), None, 0
@@ -182,6 +193,8 @@ def run_stage(name: str, modules: list[nn.Module], params, step_loss: Callable[[
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if after_step is not None:
+                after_step()
             total += float(loss.detach()) * len(y)
             count += len(y)
         for m in modules:
@@ -262,10 +275,45 @@ def pretrain(split: Split, cfg: TrainConfig, progress=None) -> tuple[Backbone, S
         losses = [float(crit(head(backbone(x)), y)) * len(y) for x, y in val.epoch(None)]
         return -sum(losses) / max(val.n, 1)
 
+    step, after_step = (lambda x, y: crit(_contrastive_features(backbone, head, x, cfg, gen, sparse), y)), None
+    if cfg.queue:
+        step, after_step = _momentum_queue(split, cfg, backbone, head, crit, gen, sparse)
     log = run_stage("pretrain", [backbone, head, crit], list(backbone.parameters()) + list(head.parameters())
-                    + list(crit.parameters()), lambda x, y: crit(_contrastive_features(backbone, head, x, cfg, gen, sparse), y),
-                    val_score, train, cfg, cfg.lr, gen, progress)
+                    + list(crit.parameters()), step, val_score, train, cfg, cfg.lr, gen, progress,
+                    after_step=after_step)
     return backbone, log
+
+
+def _momentum_queue(split: Split, cfg: TrainConfig, backbone, head, crit, gen, sparse):
+    """MoCo-style pre-training (as MulSupCon's authors train it): a key encoder, a copy of backbone
+    and head that follows them by momentum (k <- m k + (1 - m) q after every step), embeds each
+    batch without gradient; its keys and their label sets enter a LabelQueue of cfg.queue
+    entries, and every step contrasts the batch's features against the batch and the queue
+    (keys=, the current batch's keys included). Validation stays in-batch."""
+    from ..queue import LabelQueue
+
+    key_backbone, key_head = copy.deepcopy(backbone), copy.deepcopy(head)
+    for p in list(key_backbone.parameters()) + list(key_head.parameters()):
+        p.requires_grad_(False)
+    max_labels = max(1, int(np.diff(split.Y_train.indptr).max())) if split.Y_train.shape[0] else 1
+    queue = LabelQueue(cfg.queue, cfg.proj_dim, split.num_labels, max_labels, device=cfg.device)
+
+    def step(x: Tensor, y: Tensor) -> Tensor:
+        with torch.no_grad():
+            key_backbone.train(backbone.training)
+            key_head.train(head.training)
+            queue.enqueue(key_head(key_backbone(x)), y)
+        features = _contrastive_features(backbone, head, x, cfg, gen, sparse)
+        return crit(features, y, queue.keys(), queue.key_labels())
+
+    @torch.no_grad()
+    def after_step() -> None:
+        for online, key in ((backbone, key_backbone), (head, key_head)):
+            for p, k in zip(online.parameters(), key.parameters()):
+                k.mul_(cfg.momentum).add_(p.detach(), alpha=1.0 - cfg.momentum)
+
+    step.queue, step.key_encoder = queue, (key_backbone, key_head)  # for inspection (tests)
+    return step, after_step
 
 
 def train_supervised(split: Split, cfg: TrainConfig, backbone: Optional[Backbone] = None,

@@ -145,7 +145,8 @@ def _train_cell(out: Path, name: str, split, method: str, seed: int, options: di
 # Options that change a contrastive pre-training; the cache keys on those that differ from the
 # defaults, so that a study with other options (or a tuning candidate) never reuses another's.
 PRETRAIN_FIELDS = ("epochs", "patience", "min_steps", "batch_size", "lr", "weight_decay", "hidden", "layers",
-                   "dropout", "proj_dim", "temperature", "views", "aug_drop", "aug_noise", "device")
+                   "dropout", "proj_dim", "temperature", "views", "queue", "momentum", "aug_drop", "aug_noise",
+                   "device")
 
 
 def _pretraining_key(cfg: TrainConfig) -> str:
