@@ -100,8 +100,8 @@ class BruteForceResult:
         return tuple(grads)
 
 
-    def grad_scale(self, coeffs=None):
-        """(features, prototypes) norms of the size of what the gradient sums: the terms'
+    def _scale_norms(self, coeffs=None) -> tuple[float, float, float]:
+        """(features, keys, prototypes) norms of the size of what the gradient sums: the terms'
         sizes |c_a| (W p + w + r) chained to the normalised embeddings, divided by each raw
         row's norm, without the normalisation's projection (which can cancel everything, e.g.
         at d = 1). Rounding errors of a gradient are relative to this, not to the gradient."""
@@ -119,24 +119,16 @@ class BruteForceResult:
         grad = grad / raw.norm(dim=1, keepdim=True).clamp(min=NORM_EPS)
         n = parts[0].shape[0]
         m = n + (parts[1].shape[0] if self._keys is not None else 0)
-        return float(grad[:n].norm()), float(grad[m:].norm())
+        return float(grad[:n].norm()), float(grad[n:m].norm()), float(grad[m:].norm())
+
+    def grad_scale(self, coeffs=None):
+        """(features, prototypes) gradient scales (_scale_norms)."""
+        scale_f, _, scale_p = self._scale_norms(coeffs)
+        return scale_f, scale_p
 
     def key_grad_scale(self, coeffs=None) -> float:
-        """grad_scale's norm for the keys (0 without keys)."""
-        if self._keys is None:
-            return 0.0
-        coeffs = self.coeffs if coeffs is None else [float(c) for c in coeffs]
-        with torch.no_grad():
-            emb = _normalised_embeddings(self._features, self._prototypes, self._keys)
-        emb.requires_grad_(True)
-        g = self._weighted(self.dl_ds_terms, [abs(c) for c in coeffs])
-        s = emb[self._anchors] @ emb[self._columns].T / self._temperature
-        (grad,) = torch.autograd.grad((g * s).sum(), emb)
-        dim = self._features.shape[-1]
-        n = self._features.reshape(-1, dim).shape[0]
-        keys = self._keys.reshape(-1, dim)
-        grad = grad[n:n + keys.shape[0]] / keys.norm(dim=1, keepdim=True).clamp(min=NORM_EPS)
-        return float(grad.norm())
+        """The keys' gradient scale (_scale_norms; 0 without keys)."""
+        return self._scale_norms(coeffs)[1]
 
     def _weighted(self, dl_ds, coeffs) -> torch.Tensor:
         return torch.tensor([[coeffs[a] * dl_ds[a][c] for c in range(len(self._columns))]
