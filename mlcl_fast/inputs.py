@@ -49,18 +49,28 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
+def _check_finite(x: Tensor, name: str, check_values: bool) -> None:
+    if check_values and _check_values() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: contains NaN or Inf")
+
+
+def _check_embedding_rows(x, name: str, rows: str, check_values: bool) -> Tensor:
+    """A float [n, d] or [n, V, d] tensor with every dimension at least 1 (and, `check_values`,
+    finite): the checks features and keys share. `rows` names n in the messages (B, M)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {x.dtype}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{name}: expected shape [{rows}, d] or [{rows}, V, d], got shape {tuple(x.shape)}")
+    if x.shape[0] < 1 or x.shape[-1] < 1 or (x.dim() == 3 and x.shape[1] < 1):
+        raise ValueError(f"{name}: every dimension must be at least 1, got shape {tuple(x.shape)}")
+    _check_finite(x, name, check_values)
+    return x
+
+
 def check_features(features, check_values: bool = True) -> Tensor:
-    if not isinstance(features, Tensor):
-        raise TypeError(f"features: expected a tensor, got {type(features).__name__}")
-    if features.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"features: expected a float16/bfloat16/float32/float64 tensor, got {features.dtype}")
-    if features.dim() not in (2, 3):
-        raise ValueError(f"features: expected shape [B, d] or [B, V, d], got shape {tuple(features.shape)}")
-    if features.shape[0] < 1 or features.shape[-1] < 1 or (features.dim() == 3 and features.shape[1] < 1):
-        raise ValueError(f"features: every dimension must be at least 1, got shape {tuple(features.shape)}")
-    if check_values and _check_values() and not bool(torch.isfinite(features).all()):
-        raise ValueError("features: contains NaN or Inf")
-    return features
+    return _check_embedding_rows(features, "features", "B", check_values)
 
 
 def check_prototypes(prototypes, cfg: LossConfig, dim: int, num_labels: Optional[int], device,
@@ -82,8 +92,7 @@ def check_prototypes(prototypes, cfg: LossConfig, dim: int, num_labels: Optional
         raise ValueError(f"prototypes: {prototypes.shape[0]} prototypes for num_labels={num_labels}")
     if prototypes.device != device:
         raise ValueError(f"prototypes: on device {prototypes.device}, but features are on {device}")
-    if check_values and _check_values() and not bool(torch.isfinite(prototypes).all()):
-        raise ValueError("prototypes: contains NaN or Inf")
+    _check_finite(prototypes, "prototypes", check_values)
     return prototypes
 
 
@@ -97,20 +106,12 @@ def check_keys(keys, key_labels, dim: int, num_labels: int, device, label_format
         if key_labels is not None:
             raise ValueError("key_labels: given without keys; pass keys=[M, d] embeddings with them")
         return None, None
-    if not isinstance(keys, Tensor):
-        raise TypeError(f"keys: expected a tensor, got {type(keys).__name__}")
-    if keys.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"keys: expected a float16/bfloat16/float32/float64 tensor, got {keys.dtype}")
-    if keys.dim() not in (2, 3):
-        raise ValueError(f"keys: expected shape [M, d] or [M, V, d], got shape {tuple(keys.shape)}")
-    if keys.shape[0] < 1 or (keys.dim() == 3 and keys.shape[1] < 1):
-        raise ValueError(f"keys: expected at least one key and one view, got shape {tuple(keys.shape)}")
+    _check_embedding_rows(keys, "keys", "M", check_values=False)
     if keys.shape[-1] != dim:
         raise ValueError(f"keys: embedding dimension {keys.shape[-1]} does not match the features' {dim}")
     if keys.device != torch.device(device):
         raise ValueError(f"keys: on device {keys.device}, but features are on {device}")
-    if check_values and _check_values() and not bool(torch.isfinite(keys).all()):
-        raise ValueError("keys: contains NaN or Inf")
+    _check_finite(keys, "keys", check_values)
     if key_labels is None:
         raise ValueError("key_labels: required with keys (the label sets of the M keys)")
     count = keys.shape[0]
