@@ -145,22 +145,35 @@ def _check_label_sets(sets: LabelSets, num_labels: Optional[int], device, check_
     if device is not None and index.device != torch.device(device):
         raise ValueError(f"labels: on device {index.device}, but features are on {device}")  # before reading values
     index, count = index.long().contiguous(), count.long().contiguous()
-    # Per row: ids in [-1, L); sorted ascending without repeats, -1 only at the end; count = ids.
-    a, b = index[:, :-1], index[:, 1:]
-    failures = ((((index >= -1) & (index < L)).all(dim=1), f"a label outside [0, {L}) or a pad other than -1"),
-                (((b == -1) | ((a != -1) & (b > a))).all(dim=1),
-                 "labels not sorted ascending without repeats, or -1 padding before a label"),
-                ((index >= 0).sum(dim=1) == count, "a count that is not the number of its labels"))
+    conditions = canonical_row_conditions(index, L, count)
     if check_values and not torch.compiler.is_compiling():
-        bad = ~torch.stack([ok for ok, _ in failures], dim=1)  # [B, 3]
+        bad = ~torch.stack([ok for ok, _ in conditions], dim=1)  # [B, 3]
         if bool(bad.any()):  # the one host read; the rest only on the way to the error
-            row, kind = divmod(int(bad.flatten().nonzero()[0]), len(failures))
-            raise ValueError(f"labels: LabelSets row {row} has {failures[kind][1]} (index {index[row].tolist()}, "
-                             f"count {int(count[row])}, num_labels={L})")
+            row, kind = divmod(int(bad.flatten().nonzero()[0]), len(conditions))
+            raise ValueError(f"labels: LabelSets row {row} has labels out of the canonical form: expected "
+                             f"{conditions[kind][1]} (index {index[row].tolist()}, count {int(count[row])})")
     else:
-        for ok, what in failures:
-            torch._assert_async(ok.all(), f"labels: a LabelSets row has {what} (num_labels={L})")
+        for ok, expected in conditions:
+            torch._assert_async(ok.all(), f"labels: a LabelSets row has labels out of the canonical form: "
+                                          f"expected {expected}")
     return LabelSets(index, count, L)
+
+
+def canonical_row_conditions(index: Tensor, num_labels: Optional[int] = None,
+                             count: Optional[Tensor] = None) -> list[tuple[Tensor, str]]:
+    """The canonical form of padded label rows [B, K], as ([B] bool per row, what it expects):
+    ids in [0, num_labels) (any id >= 0 when None) or -1; each row sorted ascending without
+    repeats, -1 padding at the end; and, given `count`, count = the number of ids per row. Device
+    tensor operations only: the caller reads them on the host or asserts them on the device."""
+    in_range = index >= -1 if num_labels is None else (index >= -1) & (index < num_labels)
+    ids = "label ids >= 0" if num_labels is None else f"label ids in [0, {num_labels})"
+    a, b = index[:, :-1], index[:, 1:]
+    out = [(in_range.all(dim=1), f"{ids}, or -1 for padding"),
+           (((b == -1) | ((a != -1) & (b > a))).all(dim=1),
+            "each row sorted ascending without repeats, -1 padding at the end")]
+    if count is not None:
+        out.append(((index >= 0).sum(dim=1) == count, "a count equal to the number of label ids in its row"))
+    return out
 
 
 def _detect_format(labels: Tensor, num_labels: Optional[int]) -> str:

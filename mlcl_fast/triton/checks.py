@@ -25,6 +25,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..labels import canonical_row_conditions
 from . import configs, launch, recording
 
 FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -147,19 +148,13 @@ class Arguments:
 
     def label_rows(self, name: str, index: Tensor, num_labels: int | None, count: Tensor | None = None,
                    count_name: str = "") -> None:
-        """Canonical label rows (LabelSets): ids in [0, num_labels) (any id >= 0 when None)
-        sorted ascending without repeats, -1 padding at the end; `count` the ids per row."""
+        """Canonical label rows (LabelSets; labels.canonical_row_conditions): ids in
+        [0, num_labels) (any id >= 0 when None) sorted ascending without repeats, -1 padding at the
+        end; `count` the ids per row."""
         if self.validated:
             return
-        what = "label ids" + (f" in [0, {num_labels})" if num_labels is not None else " >= 0")
-        in_range = index >= -1 if num_labels is None else (index >= -1) & (index < num_labels)
-        self.assert_values(name, in_range, f"{what}, or -1 for padding")
-        a, b = index[:, :-1], index[:, 1:]
-        self.assert_values(name, (b == -1) | ((a != -1) & (b > a)),
-                           "each row sorted ascending without repeats, -1 padding at the end")
-        if count is not None:
-            self.assert_values(count_name, (index >= 0).sum(dim=1) == count,
-                               f"the number of label ids in each row of {name}")
+        for i, (ok, expected) in enumerate(canonical_row_conditions(index, num_labels, count)):
+            self.assert_values(count_name if i == 2 else name, ok, expected)
 
 
 def common(q: Tensor, k: Tensor, self_col: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float,
