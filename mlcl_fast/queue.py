@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .distributed import _all_gather_same, require_process_group
 from .labels import LabelSets, as_label_sets
 
 
@@ -73,8 +74,9 @@ class LabelQueue(nn.Module):
         sets = sets.repeat_views(views)
         index = torch.nn.functional.pad(sets.index, (0, self.max_labels - sets.width), value=-1)
         count = sets.count.to(torch.int64)
-        if gather:
-            rows, index, count = (_gather_equal(t, group) for t in (rows, index, count))
+        if gather:  # every rank's rows, in rank order (the loss's gather uses the same exchange)
+            require_process_group(group)
+            rows, index, count = (_all_gather_same(t, group).flatten(0, 1) for t in (rows, index, count))
         rows, index, count = rows[-self.capacity:], index[-self.capacity:], count[-self.capacity:]
         m = rows.shape[0]
         slots = (self.position + torch.arange(m, device=rows.device)) % self.capacity
@@ -111,15 +113,3 @@ class LabelQueue(nn.Module):
         return (f"capacity={self.capacity}, dim={self.dim}, num_labels={self.num_labels}, "
                 f"max_labels={self.max_labels}, filled={self.filled}")
 
-
-def _gather_equal(tensor: Tensor, group) -> Tensor:
-    """All ranks' tensors of one shape, concatenated in rank order (no autograd: queue rows are
-    detached)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("gather: needs an initialised torch.distributed process group")
-    world = dist.get_world_size(group)
-    out = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(out, tensor.contiguous(), group=group)
-    return torch.cat(out)
