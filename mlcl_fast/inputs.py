@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .labels import LabelSets, as_label_sets
+from .labels import LabelSets, as_label_sets, label_errors_named
 from .presets import LossConfig
 from .problem import Problem
 
@@ -125,15 +125,8 @@ def check_keys(keys, key_labels, dim: int, num_labels: int, device, label_format
     integer = (isinstance(key_labels, Tensor) and key_labels.layout == torch.strided
                and not (key_labels.dtype.is_floating_point or key_labels.dtype == torch.bool))
     fmt = "indices" if integer and (label_format == "indices" or not check_values) else "auto"
-    try:
+    with label_errors_named("key_labels"):
         sets = as_label_sets(key_labels, count, num_labels, fmt, device=device, check_values=check_values)
-    except (ValueError, TypeError) as err:
-        message = str(err)
-        if message.startswith("labels: "):
-            message = message[len("labels: "):]
-        elif message.startswith("check_values: "):
-            message = "check_values=" + message[len("check_values: "):]
-        raise type(err)(f"key_labels: {message}") from None
     views = keys.shape[1] if keys.dim() == 3 else 1
     return keys.reshape(count * views, dim), sets.repeat_views(views)
 

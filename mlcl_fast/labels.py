@@ -7,6 +7,7 @@ give the other views they need, computed once.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Optional
@@ -157,6 +158,18 @@ def _check_label_sets(sets: LabelSets, num_labels: Optional[int], device, check_
             torch._assert_async(ok.all(), f"labels: a LabelSets row has labels out of the canonical form: "
                                           f"expected {expected}")
     return LabelSets(index, count, L)
+
+
+@contextlib.contextmanager
+def label_errors_named(name: str):
+    """Report the label checks' ValueError/TypeError (their messages name `labels`) as errors about
+    the argument `name` (key_labels, ref_labels): messages start with "name: "."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        message = message[len("labels: "):] if message.startswith("labels: ") else message
+        raise type(err)(f"{name}: {message}") from None
 
 
 def canonical_row_conditions(index: Tensor, num_labels: Optional[int] = None,

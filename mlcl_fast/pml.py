@@ -33,8 +33,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .inputs import FLOAT_DTYPES, prepare
-from .labels import LabelSets, _detect_format, as_label_sets
+from .inputs import _check_embedding_rows, prepare
+from .labels import LabelSets, _detect_format, as_label_sets, label_errors_named
 from .loss import MultiLabelContrastiveLoss, multilabel_contrastive_loss
 from .problem import Problem
 from .reduction import reduce_anchor_losses
@@ -148,8 +148,8 @@ class MultiLabelSupConLoss(MultiLabelContrastiveLoss):
             return sets, None
         if same:
             return sets, sets
-        ref_sets = _renamed("ref_labels", lambda: as_label_sets(ref_labels, ref_emb.shape[0], sets.num_labels,
-                                                                 ref_fmt, device=device))
+        with label_errors_named("ref_labels"):
+            ref_sets = as_label_sets(ref_labels, ref_emb.shape[0], sets.num_labels, ref_fmt, device=device)
         return sets, ref_sets
 
     def _class_ids(self, labels: Tensor, ref_labels: Optional[Tensor], batch: int, ref_batch: Optional[int]):
@@ -235,25 +235,11 @@ class MultiLabelSupConLoss(MultiLabelContrastiveLoss):
 
 
 def _check_embeddings(name: str, x) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {x.dtype}")
-    if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"{name}: expected shape [batch, embedding_size] with both at least 1, got {tuple(x.shape)}")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name}: contains NaN or Inf")
-
-
-def _renamed(name: str, fn):
-    """Run fn; a ValueError/TypeError about `labels:` is reported as being about `name`."""
-    try:
-        return fn()
-    except (ValueError, TypeError) as err:
-        msg = str(err)
-        if msg.startswith("labels:"):
-            raise type(err)(name + msg[len("labels"):]) from None
-        raise
+    """pytorch-metric-learning's embeddings are [batch, embedding_size]: the API's embedding checks
+    (inputs._check_embedding_rows) for 2-D tensors."""
+    if isinstance(x, Tensor) and x.dim() != 2:
+        raise ValueError(f"{name}: expected shape [batch, embedding_size], got {tuple(x.shape)}")
+    _check_embedding_rows(x, name, "batch", check_values=True)
 
 
 def _format(labels, label_format: str, num_labels: Optional[int]) -> str:
