@@ -33,7 +33,7 @@ import torch
 from . import labels as bench_labels
 from .providers import Inputs, Shape, get_provider
 
-FIELDS = ("target", "provider", "regime", "N", "L", "d", "dtype", "valid_anchors", "columns", "status",
+FIELDS = ("target", "provider", "regime", "N", "L", "d", "dtype", "fp32", "valid_anchors", "columns", "status",
           "median_ms", "peak_MB", "limit_share", "host_ms", "syncs")
 REGIMES = {"heavy": 1.1, "xmc": 0.5}   # Zipf exponent of the label frequencies
 
@@ -46,6 +46,7 @@ class Point:
     L: int
     d: int
     dtype: str
+    fp32: str = "auto"   # MLCL_FAST_TRITON_FP32 of the Triton kernels (fp32 points)
 
 
 def points(targets: list[str], smoke: bool) -> list[Point]:
@@ -57,6 +58,8 @@ def points(targets: list[str], smoke: bool) -> list[Point]:
         out.append(Point("T2", "heavy", 16384 // s, 1_000_000 // s, 256, "bfloat16"))
     if "T3" in targets:
         out += [Point("T3", "heavy", 1024 // s, 128, 128, dt) for dt in ("float32", "bfloat16")]
+        # The fp32 dot precisions of the Triton kernels (the option tf32x3 against tf32 and IEEE).
+        out += [Point("T3", "heavy", 1024 // s, 128, 128, "float32", p) for p in ("ieee", "tf32", "tf32x3")]
     if "T4" in targets:
         out.append(Point("T4", "heavy", 1024 // s, 128, 128, "bfloat16"))
     return out
@@ -102,7 +105,7 @@ def measure(point: Point, provider_name: str, device: str, rate: float) -> dict:
     inputs = build(point, device)
     provider = get_provider(provider_name)
     row = dict(target=point.target, provider=provider_name, regime=point.regime, N=point.N, L=point.L, d=point.d,
-               dtype=point.dtype)
+               dtype=point.dtype, fp32=point.fp32)
     shape = Shape("reg", point.N, point.L, point.d, inputs.labels.width, torch.finfo(getattr(torch, point.dtype)).bits // 8)
     R, C = valid_anchors(inputs), point.N + point.L
     row.update(valid_anchors=R, columns=C)
@@ -188,9 +191,12 @@ def main(argv=None) -> int:
         for name in args.providers.split(","):
             if point.target == "T2" and name in ("reference", "compile(reference)"):
                 continue  # |A| x |C| = 10^12 logits: nothing to measure
+            if point.fp32 != "auto" and name != "triton":
+                continue  # the precision setting is the Triton kernels' own
             if time.monotonic() - start > args.budget_s:
                 emit(dict(target=point.target, provider=name, status="not run (time budget)"))
                 continue
+            os.environ["MLCL_FAST_TRITON_FP32"] = point.fp32
             try:
                 emit(measure(point, name, "cuda", rate))
             except Exception as err:  # one failed point must not end the run

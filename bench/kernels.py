@@ -114,19 +114,20 @@ _META_SKIP = ("num_warps", "num_stages", "NATIVE", "PRECISION")
 
 def _meta_text(meta: dict) -> str:
     keys = [k for k in meta if k.startswith("BLOCK") or k in ("MODE", "WEIGHTING", "FACTOR", "REG", "GRAD",
-                                                                "REG_VALUE", "LABELS")]
+                                                                "REG_VALUE", "LABELS", "PRECISION")]
     short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_D": "D", "BLOCK_P": "P", "BLOCK": "B"}
     return ",".join(f"{short.get(k, k)}={int(meta[k]) if isinstance(meta[k], bool) else meta[k]}" for k in keys)
 
 
 def record_point(preset: str, dtype: torch.dtype, dim: int, num_labels: int, samples: int,
-                 regime: str | None = None, seed: int = 0, tf32: bool = False) -> list[tuple]:
+                 regime: str | None = None, seed: int = 0, fp32: str = "ieee") -> list[tuple]:
     """(kernel, args, meta) of every launch of one forward+backward on CPU tensors, with power-law
-    label sets (bench.labels: Zipf 1.1, 2 to 20 labels per sample)."""
+    label sets (bench.labels: Zipf 1.1, 2 to 20 labels per sample). `fp32`: the precision of fp32
+    dots (configs.FP32_PRECISIONS), as MLCL_FAST_TRITON_FP32 selects it on a GPU."""
     from mlcl_fast.inputs import prepare
     from mlcl_fast.presets import resolve_config
     from mlcl_fast.reduction import mean_loss
-    from mlcl_fast.triton import driver, launch, recording
+    from mlcl_fast.triton import configs, driver, launch, recording
 
     if launch.INTERPRETED:
         raise RuntimeError("bench.kernels compiles for a GPU: run it without TRITON_INTERPRET")
@@ -139,12 +140,11 @@ def record_point(preset: str, dtype: torch.dtype, dim: int, num_labels: int, sam
     protos = torch.randn(num_labels, dim, generator=gen).to(dtype).requires_grad_(True) if cfg.uses_prototypes \
         else None
     launches = []
-    allow_before = driver._allow_tf32
-    if tf32:  # what torch.backends.cuda.matmul.allow_tf32 = True would select on a GPU
-        driver._allow_tf32 = lambda device: True
-    env_before = os.environ.get("MLCL_FAST_TRITON_LABELS")
-    if regime is not None:
-        os.environ["MLCL_FAST_TRITON_LABELS"] = regime
+    settings = {"MLCL_FAST_TRITON_LABELS": regime, configs.FP32_PRECISION_ENV: fp32}
+    before = {name: os.environ.get(name) for name in settings}
+    for name, value in settings.items():
+        if value is not None:
+            os.environ[name] = value
     try:
         with recording.recording(lambda kernel, grid, args, meta: launches.append((kernel, args, dict(meta)))):
             # The API's own preparation, then the Triton driver on CPU tensors (the public API
@@ -153,12 +153,11 @@ def record_point(preset: str, dtype: torch.dtype, dim: int, num_labels: int, sam
             losses, valid = driver.anchor_losses(problem)
             mean_loss(problem, losses, valid).backward()
     finally:
-        driver._allow_tf32 = allow_before
-        if regime is not None:
-            if env_before is None:
-                os.environ.pop("MLCL_FAST_TRITON_LABELS", None)
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
             else:
-                os.environ["MLCL_FAST_TRITON_LABELS"] = env_before
+                os.environ[name] = value
     return launches
 
 
@@ -193,19 +192,22 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=4096, help="N (default 4096)")
     ap.add_argument("--regime", default=None, help="force a label regime (MLCL_FAST_TRITON_LABELS)")
     ap.add_argument("--json", action="store_true", help="one JSON object per kernel instead of the table")
-    ap.add_argument("--tf32", action="store_true", help="fp32 dots as tf32 (torch's allow_tf32 on a GPU)")
+    from mlcl_fast.triton.configs import FP32_PRECISIONS
+
+    ap.add_argument("--fp32", default="ieee", choices=FP32_PRECISIONS,
+                    help="precision of fp32 dots (MLCL_FAST_TRITON_FP32; tf32: what torch's allow_tf32 selects)")
     args = ap.parse_args(argv)
     ok = True
     for preset in args.preset or ["reg"]:
         for dtype in args.dtype or ["bfloat16"]:
             for dim in args.dim or [128, 256]:
                 point = dict(preset=preset, dtype=dtype, dim=dim, labels=args.labels, samples=args.samples,
-                             tf32=args.tf32)
+                             fp32=args.fp32)
                 if not args.json:
                     print(f"# {preset} {dtype} d={dim} L={args.labels} N={args.samples} sm_{ARCH}"
-                          + (f" regime={args.regime}" if args.regime else "") + (" tf32" if args.tf32 else ""))
+                          + (f" regime={args.regime}" if args.regime else "") + (f" fp32={args.fp32}" if dtype == "float32" else ""))
                 launches = record_point(preset, DTYPES[dtype], dim, args.labels, args.samples, args.regime,
-                                        tf32=args.tf32)
+                                        fp32=args.fp32)
                 for r in report(launches):
                     print(json.dumps(dict(point, **asdict(r), passes=r.passes())) if args.json else r.row())
                     ok &= r.passes()

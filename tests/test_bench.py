@@ -478,6 +478,8 @@ def test_gpu_targets_points_and_valid_anchor_count():
         {("T1", 16384, 16384, 256), ("T1", 16384, 262144, 256)}
     assert [p.L for p in full if p.target == "T2"] == [1_000_000]
     assert {p.dtype for p in full if p.target == "T3"} == {"float32", "bfloat16"}
+    from mlcl_fast.triton.configs import FP32_PRECISIONS
+    assert {p.fp32 for p in full if p.dtype == "float32"} == {"auto", *FP32_PRECISIONS}
     for regime in gpu_targets.REGIMES:
         point = gpu_targets.Point("T1", regime, 64, 300, 8, "float32")
         inputs = gpu_targets.build(point, "cpu")

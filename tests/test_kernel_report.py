@@ -1,7 +1,7 @@
 """The static kernel report (bench/kernels.py): the Triton kernels of the default preset (and of
-the dense label regime), compiled ahead of time for sm_90 (Hopper) on this CPU, use wgmma
-tensor-core instructions in every matrix product and spill no registers, for bf16 and fp16
-features at d = 128 and d = 256.
+the dense label regime, and of pair-centric weights over a large label space), compiled ahead of
+time for sm_90 (Hopper) on this CPU, use wgmma tensor-core instructions in every matrix product
+and spill no registers, for bf16 and fp16 features at d = 128 and d = 256.
 
 The report compiles for a GPU, so it runs in its own process without TRITON_INTERPRET (the
 interpreter tests of this suite set it for theirs)."""
@@ -62,6 +62,32 @@ def test_dense_label_regime_uses_wgmma_and_none_spills():
     assert all("MODE=5" in r["meta"] for r in rows if r["kernel"] in ("stats_kernel", "rows_kernel", "cols_kernel"))
     bad = [f"{r['kernel']} [{r['meta']}] d={r['dim']}: {r['stack']} B, {r['counts']}" for r in rows if not r["passes"]]
     assert not bad, bad
+
+
+def test_pair_centric_large_label_space_uses_wgmma_and_none_spills():
+    """Pair-centric weights over 16384 power-law labels: the default is the pairs regime with a
+    64-label head, whose sweeps are the dense label mode's kernels (wgmma, no spills); the listed
+    pairs' kernels have no tl.dot."""
+    rows = _report("--preset", "supcon_any", "--preset", "jaccard", "--dim", "128", "--dim", "256")
+    sweeps = [r for r in rows if r["kernel"] in ("stats_kernel", "rows_kernel", "cols_kernel")]
+    assert {(r["preset"], r["dim"]) for r in sweeps} == {(p, d) for p in ("supcon_any", "jaccard") for d in (128, 256)}
+    assert all("MODE=5" in r["meta"] for r in sweeps), [r["meta"] for r in sweeps]
+    assert any(r["kernel"] == "pair_dots_kernel" for r in rows)  # the tail's pair list
+    bad = [f"{r['kernel']} [{r['meta']}] d={r['dim']}: {r['stack']} B, {r['counts']}" for r in rows if not r["passes"]]
+    assert not bad, bad
+
+
+def test_tf32x3_sweeps_use_wgmma_and_none_spills():
+    """fp32 features with MLCL_FAST_TRITON_FP32=tf32x3: the anchor-owned sweeps (statistics, rows)
+    run their three tf32 products per dot on wgmma without spills at d = 128 and 256 (64-feature
+    chunks); the setting reaches the kernels."""
+    rows = _report("--dtype", "float32", "--fp32", "tf32x3", "--samples", "1024", "--labels", "4096")
+    sweeps = [r for r in rows if r["kernel"] in ("stats_kernel", "rows_kernel")]
+    assert {(r["kernel"], r["dim"]) for r in sweeps} == {(k, d) for k in ("stats_kernel", "rows_kernel")
+                                                          for d in (128, 256)}
+    for r in sweeps:
+        assert "PRECISION=tf32x3" in r["meta"] and "K=64" in r["meta"], r["meta"]
+        assert r["passes"], f"{r['kernel']} [{r['meta']}] d={r['dim']}: {r['stack']} B, {r['counts']}"
 
 
 def test_report_tells_mma_sync_and_spills_apart():

@@ -24,7 +24,7 @@ from cases import ALL_PRESET_IDS, ALL_PRESETS, assert_backend_matches, fresh_see
 
 triton = pytest.importorskip("triton")
 
-from mlcl_fast import LabelSets, multilabel_contrastive_loss, reference, resolve_config  # noqa: E402
+from mlcl_fast import LabelSets, as_label_sets, multilabel_contrastive_loss, reference, resolve_config  # noqa: E402
 from mlcl_fast.backends import triton as backend  # noqa: E402
 from mlcl_fast.problem import Problem  # noqa: E402
 
@@ -113,6 +113,56 @@ def test_dense_label_sets(monkeypatch, regime, preset, overrides):
     assert_backend_matches("triton", case, check_none=False, **FP32)
 
 
+# Pair-centric weights in the pairs regime: a head of the columns' most frequent labels in the
+# sweeps (the dense label mode), the pairs sharing another label listed and corrected.
+HEAD_CONFIGS = [("supcon_any", {}), ("supcon_all", {}), ("jaccard", {}), ("supcon_any", {"reg": True}),
+                ("jaccard", {"reg": True, "beta": 0.1}), ("supcon_all", {"reg": True, "prototype_mode": "rows"}),
+                ("jaccard", {"prototype_mode": "rows", "beta": 0.0})]
+
+
+@cpu_only
+@pytest.mark.parametrize("preset,overrides", HEAD_CONFIGS, ids=[cases.preset_id(p, o) for p, o in HEAD_CONFIGS])
+def test_pairs_regime_head_and_tail(monkeypatch, preset, overrides):
+    """A 16-label head out of 40 labels, dense label sets: many pairs share labels of both parts
+    (so their weights come from the head overlap plus a correction), some only head labels."""
+    from mlcl_fast.triton import configs, pairs
+
+    monkeypatch.setattr(configs, "PAIRS_HEAD_LABELS", 16)
+    monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", "pairs")
+    widths = []
+    original = pairs.head_split
+    monkeypatch.setattr(pairs, "head_split", lambda *a: widths.append(a[-1]) or original(*a))
+    case = _case("pairs_head", preset, overrides, B=13, d=10, L=40, density=0.3, empty_rows=1)
+    case.labels[::3, :4] = True   # frequent labels: in the head
+    case.labels[1::4, 30] = True  # a tail label shared by several rows
+    assert_backend_matches("triton", case, check_none=False, **FP32)
+    assert widths and set(widths) == {16}
+
+
+@cpu_only
+@pytest.mark.parametrize("check_values", [True, False])
+def test_pair_centric_large_label_space_takes_the_head(monkeypatch, check_values):
+    """L > 64, pair-centric weights, few positive pairs: the default regime is pairs with a head
+    (sweeps on the dense mode's tiles); without a host read of the labels the in-tile modes."""
+    from mlcl_fast.triton import configs, pairs, recording
+
+    monkeypatch.delenv("MLCL_FAST_TRITON_LABELS", raising=False)
+    case = _case("head_default", "jaccard", None, B=13, d=8, L=300, density=0.01)
+    case.labels[::2, 7] = True
+    widths, modes = [], []
+    original = pairs.head_split
+    monkeypatch.setattr(pairs, "head_split", lambda *a: widths.append(a[-1]) or original(*a))
+    feats = case.features.clone().requires_grad_(True)
+    with recording.recording(lambda kernel, grid, args, meta: modes.append(meta.get("MODE"))):
+        multilabel_contrastive_loss(feats, as_label_sets(case.labels, 13, case.num_labels), case.prototypes, backend="triton",
+                                    check_values=check_values, **case.loss_kwargs()).backward()
+    if check_values:
+        assert widths == [64] and set(modes) - {None} == {configs.MODE_DENSE}
+    else:
+        assert not widths and configs.MODE_DENSE not in modes
+    assert_backend_matches("triton", case, check_none=False, **FP32)
+
+
 # ------------------------------------------------------------------------ closed-form regime
 # Label-centric weights with f = 1 on positives, with and without the regulariser: every
 # prototype mode, beta, anchor weight; L up to 300 over sparse labels (the compact label space is
@@ -180,7 +230,7 @@ def test_closed_form_driver_path_is_sync_free_with_few_launches(reg, grad_in_for
         with recording.recording(lambda kernel, grid, args, meta: launched.append(kernel.__name__)):
             assert not closed.has_tail(c_index, L, d)
             out = closed.closed_forward(q, k, self_col, a_index, counts[0], c_index, counts[1], C, 0, L, 10.0, 0.0,
-                                        reg, False, grad_in_forward)
+                                        reg, "ieee", grad_in_forward)
             out[0].sum().backward()
         assert q.grad.shape == (M, d) and k.grad.shape == (C, d)
         from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
@@ -364,8 +414,9 @@ def test_spec_vectors_in_fp32(spec_vectors, index):
 
 
 # ------------------------------------------------------------------------------ custom operators
-def _op_args(case: cases.Case, regime: str):
-    """Arguments of the custom operator of `regime` for `case` (every anchor)."""
+def _op_args(case: cases.Case, regime: str, head_width: int = 0):
+    """Arguments of the custom operator of `regime` for `case` (every anchor); `head_width`: the
+    pairs operator's head."""
     from mlcl_fast.triton import configs, labels as tl_labels
 
     problem, _ = _problem(case, None, None, torch.float32)
@@ -374,14 +425,15 @@ def _op_args(case: cases.Case, regime: str):
     k = problem.samples.detach().requires_grad_(True)
     a, col = problem.anchor_labels(), problem.column_labels()
     head = (q, k, problem.anchor_columns().to(torch.int32))
-    codes = (configs.WEIGHTING_CODES[cfg.weighting], configs.FACTOR_CODES[cfg.f], cfg.reg, False)
+    codes = (configs.WEIGHTING_CODES[cfg.weighting], configs.FACTOR_CODES[cfg.f], cfg.reg, "ieee")
     if regime == "pairs":
         return head + (tl_labels.padded_index(a).long(), a.count.to(torch.int32), col.index,
-                       col.count.to(torch.int32), problem.num_samples, 0, a.num_labels, 10.0, 0.0, cfg.alpha) + codes
+                       col.count.to(torch.int32), problem.num_samples, 0, a.num_labels, 10.0, 0.0, cfg.alpha) + \
+            codes[:3] + (head_width,) + codes[3:]
     mode = configs.REGIMES[regime]
     return head + (tl_labels.padded_index(a), tl_labels.bitsets(a), a.count.to(torch.int32),
                    tl_labels.column_table(col, mode), col.count.to(torch.int32), problem.num_samples, 0, 10.0, 0.0,
-                   cfg.alpha, mode, *codes[:2], cfg.reg, False, True)
+                   cfg.alpha, mode, *codes[:2], cfg.reg, "ieee", True)
 
 
 @cpu_only
@@ -392,6 +444,9 @@ def test_pairs_operator_passes_opcheck():
 
     case = _case("opcheck", "reg", {"prototype_mode": "none"}, B=7, d=6, L=8)
     torch.library.opcheck(pairs.pairs_forward, _op_args(case, "pairs"))
+    # Pair-centric weights with a head of 16 labels out of 40: both parts of the regime.
+    case = _case("opcheck_head", "jaccard", {"reg": True}, B=7, d=6, L=40, density=0.3)
+    torch.library.opcheck(pairs.pairs_forward, _op_args(case, "pairs", head_width=16))
 
 
 @cpu_only
@@ -455,6 +510,7 @@ def test_tile_configs_per_kernel_family(monkeypatch):
     ieee = configs.tile_config(256, False, kind="free", ieee=True, fp32=True)
     assert (ieee.block_m, ieee.block_n, ieee.block_k) == (32, 32, configs.IEEE_CHUNK)
     assert configs.tile_config(256, False, kind="free", fp32=True).block_k == 128
+    assert configs.tile_config(256, False, kind="free", fp32=True, x3=True).block_k == configs.X3_CHUNK
     dense = configs.tile_config(256, False, "columns", "dense")
     assert (dense.block_m, dense.block_n, dense.num_warps, dense.block_k) == (64, 64, 8, 128)
     monkeypatch.setenv("MLCL_FAST_TRITON_TILE", "32,128,8,3")
@@ -465,6 +521,39 @@ def test_tile_configs_per_kernel_family(monkeypatch):
         monkeypatch.setenv("MLCL_FAST_TRITON_TILE", bad)
         with pytest.raises(ValueError, match=match):
             configs.tile_config(64, False)
+
+
+def test_fp32_precision_setting(monkeypatch):
+    """MLCL_FAST_TRITON_FP32: 'auto' (default) follows torch's tf32 setting, an explicit precision
+    wins, anything else is an error naming the variable."""
+    from mlcl_fast.triton import configs
+
+    monkeypatch.delenv(configs.FP32_PRECISION_ENV, raising=False)
+    assert (configs.fp32_precision(True), configs.fp32_precision(False)) == ("tf32", "ieee")
+    monkeypatch.setenv(configs.FP32_PRECISION_ENV, "auto")
+    assert configs.fp32_precision(True) == "tf32"
+    for explicit in configs.FP32_PRECISIONS:
+        monkeypatch.setenv(configs.FP32_PRECISION_ENV, explicit)
+        assert configs.fp32_precision(False) == configs.fp32_precision(True) == explicit
+    monkeypatch.setenv(configs.FP32_PRECISION_ENV, "tf32x2")
+    with pytest.raises(ValueError, match=configs.FP32_PRECISION_ENV):
+        configs.fp32_precision(True)
+
+
+@cpu_only
+@pytest.mark.parametrize("preset", ["reg", "supcon_any"])
+def test_fp32_precision_reaches_every_dot(monkeypatch, preset):
+    """With MLCL_FAST_TRITON_FP32=tf32x3 every kernel with a tl.dot gets that precision (the
+    interpreter computes fp32 products whatever it is told, so the values match as in IEEE mode)."""
+    from mlcl_fast.triton import recording
+
+    monkeypatch.setenv("MLCL_FAST_TRITON_FP32", "tf32x3")
+    case = _case("x3", preset, None, B=10, d=8, L=6)
+    precisions = []
+    with recording.recording(lambda kernel, grid, args, meta: precisions.append(meta.get("PRECISION"))):
+        cases.run_loss("triton", case)
+    assert "tf32x3" in precisions and set(precisions) <= {"tf32x3", None}
+    assert_backend_matches("triton", case, **FP32)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="with CUDA the kernels are compiled, not interpreted")
@@ -508,6 +597,19 @@ GPU_DTYPES = {torch.float32: dict(rtol_loss=1e-3, rtol_grad=1e-3),
 def test_gpu_presets(preset, overrides, dtype):
     case = _case("gpu", preset, overrides, B=200, V=2, d=96, L=20, dtype=dtype, device="cuda")
     assert_backend_matches("triton", case, **GPU_DTYPES[dtype])
+
+
+@pytest.mark.parametrize("precision,tolerance", [("ieee", FP32), ("tf32x3", FP32),
+                                                 ("tf32", dict(rtol_loss=5e-3, rtol_grad=5e-3))])
+@pytest.mark.parametrize("preset", ["reg", "supcon_any", "msc"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_fp32_precisions(monkeypatch, preset, precision, tolerance):
+    """fp32 features under each MLCL_FAST_TRITON_FP32 precision, d = 200 (several chunks):
+    tf32x3 holds the fp32 tolerances on tensor cores, tf32 the looser ones."""
+    monkeypatch.setenv("MLCL_FAST_TRITON_FP32", precision)
+    case = _case("gpu_fp32", preset, None, B=200, V=2, d=200, L=20, dtype=torch.float32, device="cuda")
+    assert_backend_matches("triton", case, **tolerance)
 
 
 @pytest.mark.parametrize("regime", ["gather", "list", "pairs"])

@@ -48,7 +48,8 @@ OPS = {
     "pairs_forward": ("pairs", "pairs"), "pairs_backward": ("pairs", "pairs"),
 }
 # (preset, forced regime) of the public calls whose operator arguments are recorded. "closed": reg
-# over 20 labels with a 16-label head, so the regulariser also takes the tail list.
+# over 20 labels with a 16-label head, so the regulariser also takes the tail list; "pairs":
+# jaccard with a 2-label head, so pairs sharing one of the other labels are listed.
 CONFIGS = {"bits": ("supcon_any", "bits"), "list": ("supcon_any", "list"), "dense": ("msc", "dense"),
            "closed": ("reg", None), "pairs": ("jaccard", "pairs")}
 
@@ -61,7 +62,7 @@ def _op(name: str):
     return getattr(_module(OPS[name][0]), name)
 
 
-# Each operator's arguments as registered: (name, type: 'Tensor', 'int', 'float' or 'bool').
+# Each operator's arguments as registered: (name, type: 'Tensor', 'int', 'float', 'bool' or 'str').
 SCHEMAS = {name: [(a.name, str(a.type)) for a in _op(name)._opoverload._schema.arguments] for name in OPS}
 
 
@@ -85,6 +86,7 @@ def recorded() -> dict:
                        lambda self, name, *rest: value_checks.append(name) or assert_values(self, name, *rest))
             mp.setattr(configs, "HEAD_LABELS", 16)
             mp.setattr(configs, "HEAD_LABELS_WIDE", 16)
+            mp.setattr(configs, "PAIRS_HEAD_LABELS", 2)  # the pairs regime's head and tail both used
             mp.delenv("MLCL_FAST_TRITON_GRAD", raising=False)
             if regime is None:
                 mp.delenv("MLCL_FAST_TRITON_LABELS", raising=False)
@@ -179,16 +181,17 @@ def test_every_tensor_argument_is_checked(recorded, name, argument, how):
 def _scalar_cases():
     for name in OPS:
         for argument, kind in SCHEMAS[name]:
-            if kind in ("int", "float"):
+            if kind in ("int", "float", "str"):
                 yield name, argument
 
 
 @pytest.mark.parametrize("name,argument", list(_scalar_cases()))
 def test_every_scalar_argument_is_checked(recorded, name, argument):
     """Every integer argument is refused at -1 (counts, column numbers, option codes), every
-    float at NaN."""
+    float at NaN, every string (the fp32 dot precision) at a name that is not an option."""
     args = _arguments(recorded, name)
-    args[argument] = -1 if isinstance(args[argument], int) else math.nan
+    value = args[argument]
+    args[argument] = -1 if isinstance(value, int) else ("tf16" if isinstance(value, str) else math.nan)
     _raises(argument, lambda: _call(name, args))
 
 

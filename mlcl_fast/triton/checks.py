@@ -105,6 +105,12 @@ class Arguments:
         if value not in allowed.values():
             raise ValueError(f"{name}: expected one of {allowed}, got {value}")
 
+    @staticmethod
+    def precision(name: str, value: str) -> None:
+        """An fp32 dot precision: one of configs.FP32_PRECISIONS."""
+        if value not in configs.FP32_PRECISIONS:
+            raise ValueError(f"{name}: expected one of {list(configs.FP32_PRECISIONS)}, got {value!r}")
+
     def anchor_gradient(self, name: str, t: Tensor) -> None:
         """The forward's anchor-row gradient for G = 1: fp32 [M, d], or [0, d] when the forward
         left it to the backward."""

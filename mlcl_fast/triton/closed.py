@@ -175,7 +175,7 @@ def column_label_grad(col_cid: Tensor, f: Tensor, col_owner: Tensor, g_up: Tenso
 @triton_op("mlcl_fast::triton_closed_forward", mutates_args=())
 def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_count: Tensor, c_index: Tensor,
                    c_count: Tensor, num_samples: int, col_lo: int, num_labels: int, inv_tau: float,
-                   log_beta: float, reg: bool, allow_tf32: bool, grad_in_forward: bool, validated: bool = False
+                   log_beta: float, reg: bool, fp32_precision: str, grad_in_forward: bool, validated: bool = False
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                               Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss [M] (with the head labels' regulariser; tail.tail_forward adds the rest), W [M],
@@ -191,6 +191,7 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     gradient GEMM, so near convergence, where p_ij ~ w_ij, nothing large cancels) and only the
     tail labels from the closed form."""
     args = checks.common(q, k, self_col, num_samples, col_lo, inv_tau, log_beta, validated, a_count, c_count)
+    args.precision("fp32_precision", fp32_precision)
     args.integer("num_labels", num_labels, 0)
     # prep.py indexes its label -> compact id map with the anchors' and the columns' label ids.
     args.label_lists("a_index", a_index, args.M)
@@ -202,11 +203,11 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     pre = prep.prepare(a_index, a_count, c_index, self_col, col_lo, num_labels, hb, interpret, wrap_triton)
     # The statistics sweep needs no labels at all; the second sweeps carry the head tiles.
     free, g_free = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta,
-                                     allow_tf32)
+                                     fp32_precision)
     visit = (pre.order, pre.live)
     lse2, _, _ = launch.stats(q, k, free, g_free, wrap_triton, visit)
     labels, g = launch.head_tiles(q, k, self_col, a_count, c_count, pre.head_u, pre.head_y, num_samples, col_lo,
-                                  inv_tau, log_beta, reg, allow_tf32)
+                                  inv_tau, log_beta, reg, fp32_precision)
     e = sparse.csr_rows(pre.col_ptr, pre.col_sorted, None, k, interpret, wrap_triton)
     loss, v_tail = anchor_sums(q, e, pre, lse2, inv_tau, interpret, wrap_triton)
     dq_unit = q.new_empty(0, q.shape[1], dtype=torch.float32)
@@ -233,8 +234,9 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
                     row_scale: Tensor, dq_unit: Tensor, order: Tensor, live: Tensor, g_up: Tensor,
                     num_samples: int, col_lo: int,
                     inv_tau: float, log_beta: float, reg: bool, tail: bool,
-                    allow_tf32: bool, validated: bool = False) -> tuple[Tensor, Tensor]:
+                    fp32_precision: str, validated: bool = False) -> tuple[Tensor, Tensor]:
     args = checks.common(q, k, self_col, num_samples, col_lo, inv_tau, log_beta, validated, a_count, c_count)
+    args.precision("fp32_precision", fp32_precision)
     M, C, d = args.M, args.C, args.d
     for name, t in (("lse2", lse2), ("w_tot", w_tot), ("ubar_tail", ubar_tail), ("row_scale", row_scale),
                     ("g_up", g_up)):
@@ -260,7 +262,7 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
     args.ids("col_owner", col_owner, -1, M, "anchor indices (-1: none)")
     interpret = launch.INTERPRETED
     labels, g = launch.head_tiles(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
-                                  log_beta, reg, allow_tf32)
+                                  log_beta, reg, fp32_precision)
     visit = (order, live)
     if dq_unit.shape[0] == q.shape[0]:
         dq = dq_unit * g_up[:, None]  # the anchor-row gradient is linear in G_i
@@ -279,7 +281,7 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
 
 
 _INPUTS = ("q", "k", "self_col", "a_index", "a_count", "c_index", "c_count")
-_SCALARS = ("num_samples", "col_lo", "num_labels", "inv_tau", "log_beta", "reg", "allow_tf32", "grad_in_forward",
+_SCALARS = ("num_samples", "col_lo", "num_labels", "inv_tau", "log_beta", "reg", "fp32_precision", "grad_in_forward",
             "validated")
 
 
@@ -288,7 +290,7 @@ def _setup_context(ctx, inputs, output):
     s = dict(zip(_SCALARS, inputs[len(_INPUTS):]))
     (_, w_tot, lse2, v_tail, u_tail, ubar_tail, col_cid, slot_ptr, slot_sorted, col_owner, head_u, head_y, row_scale,
      _, _, _, _, dq_unit, order, live) = output
-    ctx.scalars = {name: s[name] for name in ("num_samples", "col_lo", "inv_tau", "log_beta", "reg", "allow_tf32")}
+    ctx.scalars = {name: s[name] for name in ("num_samples", "col_lo", "inv_tau", "log_beta", "reg", "fp32_precision")}
     ctx.scalars["tail"] = has_tail(c_index, s["num_labels"], q.shape[1])
     ctx.set_materialize_grads(False)  # only the loss is differentiated: no zero gradients for the rest
     ctx.save_for_backward(q, k, self_col, a_count, c_count, lse2, w_tot, v_tail, u_tail, ubar_tail, col_cid,

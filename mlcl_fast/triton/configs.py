@@ -37,6 +37,11 @@ GATHER_MIN_LIST_WIDTH = 4   # ... when columns carry enough labels that a list s
 # the O((|A|+|C|)(d+K)) working set, and a small part of the |A| x |C| tile work.
 PAIRS_MAX_PER_ROW = 4
 PAIRS_MAX_DENSITY = 0.25
+# Pair-centric weights in the pairs regime: the columns' most frequent labels form a head of dense
+# 0/1 tiles (at most DENSE_MAX_LABELS, the dense mode's width that compiles to wgmma without
+# spills), so the sweeps weigh every pair by its head overlap and only pairs sharing a rarer label
+# are listed (pairs.py); T then counts the tail labels only. Label-centric weights list all pairs.
+PAIRS_HEAD_LABELS = DENSE_MAX_LABELS
 
 # Head labels of the closed form: the columns' most frequent labels, as a dense [columns, HB]
 # 0/1 tile (HB <= HEAD_LABELS, or HEAD_LABELS_WIDE for d > 128, where the 256-wide gradient
@@ -59,6 +64,14 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 GRAD_MODES = ("forward", "recompute")
+
+# How fp32 operands enter the kernels' tl.dot: "ieee" (FFMA, no tensor cores, exact fp32 products),
+# "tf32" (tensor cores, operands rounded to a 10-bit mantissa) or "tf32x3" (three tf32 products per
+# dot, each operand split into a tf32 high part and the rest: about fp32 accuracy on tensor cores
+# at three times the MMA work). By default torch's matmul setting decides between tf32 and ieee;
+# MLCL_FAST_TRITON_FP32 chooses explicitly. Half operands go to the MMA as they are.
+FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
+FP32_PRECISION_ENV = "MLCL_FAST_TRITON_FP32"
 
 
 @dataclass(frozen=True)
@@ -94,17 +107,22 @@ TILE_KINDS = ("in_tile", "free", "head", "dense", "dense_label")
 # in registers: chunks of IEEE_CHUNK features and small tiles keep them there.
 IEEE_CHUNK = 32
 IEEE_TILE = (32, 32, 4)
+# tf32x3 also holds each operand tile as its high and low tf32 parts: 64-feature chunks keep the
+# anchor-owned sweeps on wgmma without spills (static report; the column gradient then takes the
+# chunked column kernel, on mma.sync).
+X3_CHUNK = 64
 
 
 def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "in_tile",
-                ieee: bool = False, fp32: bool = False) -> TileConfig:
+                ieee: bool = False, fp32: bool = False, x3: bool = False) -> TileConfig:
     """The fixed configuration for feature dimension `dim`, a kernel whose programs own anchor
     blocks (stats, rows) or column blocks (cols), and its label work (`kind`): "in_tile" (the
     bits / gather / list modes, and dense with label-centric weights), "free" (MODE_NONE: none),
     "head" (MODE_HEAD: the head-label tiles of the closed form), "dense" (MODE_DENSE with
     pair-centric weights: one overlap dot per tile) or "dense_label" (MODE_DENSE, label-centric:
     also label-indexed sums as split dots). `ieee`: fp32 operands without tf32 (no tensor cores);
-    `fp32`: fp32 operands (as tf32 when not `ieee`: twice the bytes of a half tile).
+    `fp32`: fp32 operands (as tf32 when not `ieee`: twice the bytes of a half tile); `x3`: fp32
+    operands as tf32x3 (each operand tile also held as its high and low tf32 parts).
     MLCL_FAST_TRITON_TILE overrides the tile."""
     if owner not in OWNERS:
         raise ValueError(f"owner: expected one of {list(OWNERS)}, got {owner!r}")
@@ -117,7 +135,7 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
     if ieee:
         chunk = min(chunk, IEEE_CHUNK)
     elif fp32:
-        chunk = min(chunk, LABEL_MAX_CHUNK)  # 256 fp32 features resident spill (static report)
+        chunk = min(chunk, X3_CHUNK if x3 else LABEL_MAX_CHUNK)  # 256 fp32 features resident spill (static report)
     forced = forced_tile(chunk)
     if forced is not None:
         return forced
@@ -218,6 +236,17 @@ def grad_mode() -> str:
     return mode
 
 
+def fp32_precision(torch_allows_tf32: bool) -> str:
+    """The tl.dot precision of fp32 operands: MLCL_FAST_TRITON_FP32 (one of FP32_PRECISIONS, or
+    "auto", the default: "tf32" when torch's matmul setting allows it, else "ieee")."""
+    text = os.environ.get(FP32_PRECISION_ENV, "auto")
+    if text == "auto":
+        return "tf32" if torch_allows_tf32 else "ieee"
+    if text not in FP32_PRECISIONS:
+        raise ValueError(f"{FP32_PRECISION_ENV}: expected 'auto' or one of {list(FP32_PRECISIONS)}, got {text!r}")
+    return text
+
+
 def forced_regime() -> str | None:
     """MLCL_FAST_TRITON_LABELS forces a label regime (for tests and measurements)."""
     regime = os.environ.get("MLCL_FAST_TRITON_LABELS")
@@ -234,23 +263,37 @@ def closed_form(weighting: int, factor: int, alpha: float) -> bool:
     return weighting == WEIGHTING_CODES["label"] and one
 
 
+def pairs_head_width(weighting: int, num_labels: int) -> int:
+    """Head labels of the pairs regime: PAIRS_HEAD_LABELS (at most L) for pair-centric weights,
+    none for label-centric ones."""
+    if weighting == WEIGHTING_CODES["label"]:
+        return 0
+    return min(PAIRS_HEAD_LABELS, num_labels)
+
+
 def choose_regime(num_labels: int, anchor_width: int, column_width: int, num_anchors: int, num_columns: int,
-                  dim: int, triples: int | None, closed: bool = False) -> str:
-    """The label regime for one call. `triples` (positive (anchor, label, column) triples) is
-    None when it is unknown, e.g. while torch.compile traces: then only the static rules apply.
-    `closed`: the configuration has a closed form (closed_form), which needs no label work in
-    the sweeps, no host synchronisation and O(nnz d) label sums: always taken."""
+                  dim: int, triples: int | None, closed: bool = False, head: bool = False) -> str:
+    """The label regime for one call. `triples` (positive (anchor, label, column) triples; with a
+    `head`, those of labels outside it) is None when it is unknown, e.g. while torch.compile
+    traces: then only the static rules apply. `closed`: the configuration has a closed form
+    (closed_form), which needs no label work in the sweeps, no host synchronisation and O(nnz d)
+    label sums: always taken. `head`: pair-centric weights, whose pairs regime sweeps on the dense
+    label mode's tiles (wgmma) and is preferred to the in-tile modes whenever its list fits."""
     if closed:
         return "closed"
     if num_labels <= DENSE_MAX_LABELS:
         return "dense"
     words = -(-num_labels // 32)
-    if words <= BITS_MAX_WORDS:
-        return "bits"
+    few = False
     if triples is not None:
         budget = PAIRS_MAX_PER_ROW * (num_anchors + num_columns) * (dim + max(anchor_width, column_width))
-        if triples <= budget and triples <= PAIRS_MAX_DENSITY * num_anchors * num_columns:
-            return "pairs"
+        few = triples <= budget and triples <= PAIRS_MAX_DENSITY * num_anchors * num_columns
+    if few and head:
+        return "pairs"
+    if words <= BITS_MAX_WORDS:
+        return "bits"
+    if few:
+        return "pairs"
     if words <= GATHER_MAX_WORDS and column_width >= GATHER_MIN_LIST_WIDTH:
         return "gather"
     return "list"

@@ -62,7 +62,7 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
     log_beta = math.log(cfg.beta) if cfg.beta > 0 else 0.0
     anchor_sets, column_sets = problem.anchor_labels(), problem.column_labels()
     self_col = problem.anchor_columns().to(torch.int32)
-    tf32 = _allow_tf32(x.device)
+    fp32 = configs.fp32_precision(_allow_tf32(x.device))
     weighting = configs.WEIGHTING_CODES[cfg.weighting]
     factor = configs.FACTOR_CODES[cfg.f]
 
@@ -80,13 +80,15 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
         tail_capacity = labels.positive_triples(anchor_sets, column_sets, col_lo, skip_most_frequent=hb)
         budget = configs.TAIL_MAX_PER_ROW * (q.shape[0] + k.shape[0]) * (q.shape[1] + anchor_sets.width)
         closed_ok = regime == "closed" or tail_capacity <= budget
+    head_width = configs.pairs_head_width(weighting, anchor_sets.num_labels)
     if regime is None:
         triples = None
+        head = head_width > 0 and anchor_sets.num_labels > configs.DENSE_MAX_LABELS
         if not closed_ok and may_read and \
-                -(-anchor_sets.num_labels // 32) > configs.BITS_MAX_WORDS:
-            triples = labels.positive_triples(anchor_sets, column_sets, col_lo)
+                (head or -(-anchor_sets.num_labels // 32) > configs.BITS_MAX_WORDS):
+            triples = labels.positive_triples(anchor_sets, column_sets, col_lo, skip_most_frequent=head_width)
         regime = configs.choose_regime(anchor_sets.num_labels, anchor_sets.width, column_sets.width,
-                                       q.shape[0], k.shape[0], q.shape[1], triples, closed_ok)
+                                       q.shape[0], k.shape[0], q.shape[1], triples, closed_ok, head)
     if regime not in configs.REGIMES:
         raise ValueError(f"regime: expected one of {list(configs.REGIMES)}, got {regime!r}")
     if regime == "closed" and not closed_ok:
@@ -108,7 +110,7 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
         a_count, c_count = anchor_sets.count, column_sets.count
         inv_tau = 1.0 / problem.temperature
         out = closed.closed_forward(q, k, self_col, a_long, a_count, c_index, c_count, n, col_lo, num_labels,
-                                    inv_tau, log_beta, cfg.reg, tf32, grad_mode == "forward" and need_grad,
+                                    inv_tau, log_beta, cfg.reg, fp32, grad_mode == "forward" and need_grad,
                                     validated=True)
         loss, w_tot, lse2, u_tail = out[0], out[1], out[2], out[4]
         if cfg.reg and closed.has_tail(c_index, num_labels, q.shape[1]):
@@ -127,7 +129,8 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
     if regime == "pairs":
         loss, w_tot, *_ = pairs.pairs_forward(q, k, self_col, a_index.long(), a_count, column_sets.index, c_count, n,
                                               col_lo, anchor_sets.num_labels, 1.0 / problem.temperature, log_beta,
-                                              float(cfg.alpha), weighting, factor, cfg.reg, tf32, validated=True)
+                                              float(cfg.alpha), weighting, factor, cfg.reg, head_width, fp32,
+                                              validated=True)
         return loss, w_tot > 0
 
     mode = configs.REGIMES[regime]
@@ -141,5 +144,5 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
         a_bits = torch.zeros_like(a_index[:, :1])
     loss, w_tot, *_ = ops.dense_forward(q, k, self_col, a_index, a_bits, a_count, table, c_count, n, col_lo,
                                         1.0 / problem.temperature, log_beta, float(cfg.alpha), mode, weighting,
-                                        factor, cfg.reg, tf32, grad_mode == "forward" and need_grad, validated=True)
+                                        factor, cfg.reg, fp32, grad_mode == "forward" and need_grad, validated=True)
     return loss, w_tot > 0

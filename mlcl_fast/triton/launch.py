@@ -43,7 +43,7 @@ class Geometry:
     factor: int
     hard: bool
     reg: bool
-    precision: str         # tl.dot input_precision: "ieee" for fp32 unless tf32 is allowed (moot for halves)
+    precision: str         # tl.dot input_precision of fp32 operands (configs.FP32_PRECISIONS; moot for halves)
     half: bool             # fp16/bf16 operands
 
     @property
@@ -77,31 +77,42 @@ class Geometry:
 
 
 def label_free(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, num_samples: int,
-               col_lo: int, inv_tau: float, log_beta: float, allow_tf32: bool) -> tuple[tuple, Geometry]:
+               col_lo: int, inv_tau: float, log_beta: float, fp32_precision: str) -> tuple[tuple, Geometry]:
     """(label tuple, geometry) of the dense kernels without positives (configs.MODE_NONE), for the
     regimes that add the positives' part outside the sweeps (closed.py, pairs.py)."""
     # MODE_NONE reads no anchor or column labels: [M, 1] and [C, 1] views stand in for them.
     none_a, none_c = self_col.view(-1, 1), c_count.view(-1, 1)
     labels = (self_col, none_a, none_a, a_count, none_c, c_count)
     return labels, geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, 0.0, configs.MODE_NONE, 0, 0,
-                            False, allow_tf32)
+                            False, fp32_precision)
+
+
+def head_overlaps(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, a_head: Tensor,
+                  c_head: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float, weighting: int,
+                  reg: bool, fp32_precision: str) -> tuple[tuple, Geometry]:
+    """(label tuple, geometry) of the dense label mode over head-label rows (pairs.py with a head):
+    pair-centric weights omega(c^H_ij) with the true label counts a_i, a_j; the anchors' label
+    lists are not read (an [M, 1] view stands in for them)."""
+    labels = (self_col, self_col.view(-1, 1), a_head, a_count, c_head, c_count)
+    return labels, geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, 0.0, configs.MODE_DENSE,
+                            weighting, 0, reg, fp32_precision)
 
 
 def head_tiles(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, head_u: Tensor,
                head_y: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float, reg: bool,
-               allow_tf32: bool) -> tuple[tuple, Geometry]:
+               fp32_precision: str) -> tuple[tuple, Geometry]:
     """(label tuple, geometry) of the closed form's second sweeps with its head-label tiles
     (configs.MODE_HEAD): head_u [M, 2*HB] fp16 rides in the anchor bitset slot, head_y [C, HB]
     fp16 in the column table slot."""
     # MODE_HEAD reads no anchor label lists: an [M, 1] view stands in for them.
     labels = (self_col, self_col.view(-1, 1), head_u, a_count, head_y, c_count)
     return labels, geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, 0.0, configs.MODE_HEAD, 0, 0,
-                            reg, allow_tf32)
+                            reg, fp32_precision)
 
 
 def geometry(q: Tensor, k: Tensor, labels: tuple, num_samples: int, col_lo: int,
              inv_tau: float, log_beta: float, alpha: float, mode: int, weighting: int, factor: int,
-             reg: bool, allow_tf32: bool) -> Geometry:
+             reg: bool, fp32_precision: str) -> Geometry:
     a_index, table = labels[1], labels[4]
     half = q.dtype in (torch.float16, torch.bfloat16)
     # The dense mode's label-centric sums are label-indexed: one slot per column of its label rows.
@@ -109,11 +120,12 @@ def geometry(q: Tensor, k: Tensor, labels: tuple, num_samples: int, col_lo: int,
     slots = table.shape[1] if dense_label else configs.pow2(a_index.shape[1])
     return Geometry(q.shape[0], k.shape[0], num_samples, col_lo, q.shape[1], a_index.shape[1],
                     slots, table.shape[1], inv_tau, log_beta, alpha, mode, weighting, factor,
-                    alpha < 0, reg, "ieee" if (not allow_tf32 and not half) else "tf32", half)
+                    alpha < 0, reg, "tf32" if half else fp32_precision, half)
 
 
 def _tile(g: Geometry, owner: str = "anchors") -> TileConfig:
     return configs.tile_config(g.dim, INTERPRETED, owner, g.tile_kind, ieee=g.precision == "ieee" and not g.half,
+                               x3=g.precision == "tf32x3" and not g.half,
                                fp32=not g.half)
 
 

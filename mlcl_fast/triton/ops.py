@@ -82,14 +82,15 @@ def check_arguments(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_b
 @triton_op("mlcl_fast::triton_dense_forward", mutates_args=())
 def dense_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_bits: Tensor, a_count: Tensor,
                   table: Tensor, c_count: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float,
-                  alpha: float, mode: int, weighting: int, factor: int, reg: bool, allow_tf32: bool,
+                  alpha: float, mode: int, weighting: int, factor: int, reg: bool, fp32_precision: str,
                   grad_in_forward: bool, validated: bool = False
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    checks.Arguments.precision("fp32_precision", fp32_precision)
     check_arguments(q, k, self_col, a_index, a_bits, a_count, table, c_count, num_samples, col_lo, inv_tau, log_beta,
                     alpha, mode, weighting, factor, validated)
     labels = (self_col, a_index, a_bits, a_count, table, c_count)
     g = launch.geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, alpha, mode, weighting, factor, reg,
-                        allow_tf32)
+                        fp32_precision)
     lse, acc_z, acc_s = launch.stats(q, k, labels, g, wrap_triton)  # base 2, as the sweeps read it
     loss, w_tot, scale, inv_z = epilogue(lse * LN2, acc_z, acc_s, a_count,
                                          weighting == configs.WEIGHTING_CODES["label"])
@@ -111,12 +112,13 @@ def dense_backward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_bi
                    table: Tensor, c_count: Tensor, lse: Tensor, w_tot: Tensor, scale: Tensor, inv_z: Tensor,
                    g_up: Tensor, dq_unit: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float,
                    alpha: float, mode: int, weighting: int, factor: int, reg: bool,
-                   allow_tf32: bool, validated: bool = False) -> tuple[Tensor, Tensor]:
+                   fp32_precision: str, validated: bool = False) -> tuple[Tensor, Tensor]:
+    checks.Arguments.precision("fp32_precision", fp32_precision)
     args = check_arguments(q, k, self_col, a_index, a_bits, a_count, table, c_count, num_samples, col_lo, inv_tau,
                            log_beta, alpha, mode, weighting, factor, validated)
     labels = (self_col, a_index, a_bits, a_count, table, c_count)
     g = launch.geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, alpha, mode, weighting, factor, reg,
-                        allow_tf32)
+                        fp32_precision)
     M = args.M
     for name, t in (("lse", lse), ("w_tot", w_tot), ("scale", scale), ("g_up", g_up)):
         args.tensor(name, t, (M,), (torch.float32,))
@@ -132,7 +134,7 @@ def dense_backward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_bi
 
 _NUM_LABEL_TENSORS = 6
 _SCALARS = ("num_samples", "col_lo", "inv_tau", "log_beta", "alpha", "mode", "weighting", "factor", "reg",
-            "allow_tf32")
+            "fp32_precision")
 
 
 def _setup_context(ctx, inputs, output):

@@ -8,6 +8,13 @@ triples, T = sum_i sum_{k in y_i} |columns of k| of them. Weights, normalisers Z
 the loss and the gradient correction -(w_ij + r_ij) G_i / tau are computed on these lists only.
 Memory is O(T); configs.choose_regime takes this regime only when T is small.
 
+Pair-centric weights (any, all, jaccard) add a head (`head_width` > 0): the columns' most frequent
+labels become 0/1 fp16 rows, so the sweeps run the dense label mode (configs.MODE_DENSE: the head
+overlap c^H_ij is one tl.dot per tile, on wgmma) and form omega(c^H_ij) on every pair. Only pairs
+sharing a label outside the head are listed (T counts tail labels only, which removes the heavy
+head's quadratic share); their weights are corrected by omega(c^H + c^T) - omega(c^H) in the
+statistics, and the regulariser and gradient likewise, so every pair gets exactly omega(c_ij).
+
 The list sizes depend on label values, so the operators here are opaque to torch.compile
 (torch.library.custom_op with a fake implementation), unlike the dense triton_op ones. Both
 operators and their fake implementations check the arguments' metadata (checks.py); the operators
@@ -21,7 +28,9 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import checks, configs, launch, sparse
+from . import labels as tl_labels
 from .configs import FACTOR_CODES, WEIGHTING_CODES
+from .ops import epilogue
 
 _identity = lambda kernel: kernel  # noqa: E731
 
@@ -56,6 +65,50 @@ def positive_pairs(a_index: Tensor, c_index: Tensor, self_col: Tensor, col_lo: i
     return tri_seg, tri_pair, keys // C, keys % C, count
 
 
+def head_split(a_index: Tensor, c_index: Tensor, col_lo: int, num_labels: int, head_width: int
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(a_head [M, W], c_head [C, W] fp16 0/1 rows of the head labels, W = labels.dense_width(head_width);
+    a_tail, c_tail: the label lists with the head labels set to -1). The head: the `head_width`
+    labels carried by most softmax columns (labels.most_frequent: ties to the smaller label)."""
+    dev = c_index.device
+    softmax = c_index[col_lo:]
+    freq = torch.bincount(softmax[softmax >= 0], minlength=num_labels)
+    head = tl_labels.most_frequent(freq, head_width)
+    # Head slot of each label; the extra last entry (never a head label) is what a -1 pad reads.
+    slot = torch.full((num_labels + 1,), -1, dtype=torch.int64, device=dev)
+    slot[head] = torch.arange(head.numel(), device=dev)
+    width = tl_labels.dense_width(head_width)
+
+    def split(index: Tensor) -> tuple[Tensor, Tensor]:
+        at = slot[index.long()]
+        return tl_labels.one_hot_rows(at, width), torch.where(at >= 0, -1, index)
+
+    (a_head, a_tail), (c_head, c_tail) = split(a_index), split(c_index)
+    return a_head, c_head, a_tail, c_tail
+
+
+def _sweep_labels(q, k, self_col, a_count, c_count, a_head, c_head, num_samples, col_lo, inv_tau, log_beta,
+                  weighting, reg, fp32_precision):
+    """(label tuple, geometry) of the sweeps: the dense label mode over the head rows, or label-free."""
+    if a_head.shape[1]:
+        return launch.head_overlaps(q, k, self_col, a_count, c_count, a_head, c_head, num_samples, col_lo, inv_tau,
+                                    log_beta, weighting, reg, fp32_precision)
+    return launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta,
+                             fp32_precision)
+
+
+def pair_omega(c: Tensor, a_i: Tensor, a_j: Tensor, weighting: int) -> Tensor:
+    """Unnormalised pair-centric weight (any, all, jaccard) from fp32 overlaps and label counts:
+    the formula of tiles.pair_omega, so that list corrections cancel the sweeps' values exactly."""
+    pos = c > 0
+    if weighting == WEIGHTING_CODES["any"]:
+        return pos.to(torch.float32)
+    if weighting == WEIGHTING_CODES["all"]:
+        return (pos & (c == a_i) & (c == a_j)).to(torch.float32)
+    union = torch.clamp(a_i + a_j - c, min=1.0)
+    return torch.where(pos, c / union, 0.0)
+
+
 def pair_weights(pi, pj, count, tri_seg, tri_pair, a_count, c_count, num_anchors: int, slots: int,
                  num_samples: int, weighting: int, factor: int, alpha: float, interpret: bool):
     """(w [P], W [M]) of SPEC from the lists; every sum is a CSR segment sum."""
@@ -65,12 +118,7 @@ def pair_weights(pi, pj, count, tri_seg, tri_pair, a_count, c_count, num_anchors
     union = (a_i + a_j - c).clamp(min=1)
     row_ptr = sparse.offsets(pi, num_anchors)
     if weighting != WEIGHTING_CODES["label"]:
-        if weighting == WEIGHTING_CODES["any"]:
-            omega = torch.ones_like(c)
-        elif weighting == WEIGHTING_CODES["all"]:
-            omega = ((c == a_i) & (c == a_j)).to(torch.float32)
-        else:
-            omega = c / union
+        omega = pair_omega(c, a_i, a_j, weighting)
         total = sparse.segment_sum(omega, row_ptr, interpret)
         positive = total > 0
         scale = torch.where(positive, 1.0 / torch.where(positive, total, 1.0), 0.0)
@@ -98,12 +146,19 @@ def pair_weights(pi, pj, count, tri_seg, tri_pair, a_count, c_count, num_anchors
 
 
 def _check_forward(q, k, self_col, a_index, a_count, c_index, c_count, num_samples, col_lo, num_labels, inv_tau,
-                   log_beta, alpha, weighting, factor, validated):
+                   log_beta, alpha, weighting, factor, head_width, fp32_precision, validated):
     args = checks.common(q, k, self_col, num_samples, col_lo, inv_tau, log_beta, validated, a_count, c_count)
+    args.precision("fp32_precision", fp32_precision)
     args.integer("num_labels", num_labels, 0)
     args.number("alpha", alpha)
     args.choice("weighting", weighting, WEIGHTING_CODES)
     args.choice("factor", factor, FACTOR_CODES)
+    # The head rows are the dense label mode's tiles: at most its width, and for pair-centric
+    # weights only (label-centric normalisers need every label of a pair).
+    args.integer("head_width", head_width, 0, configs.DENSE_MAX_LABELS)
+    if head_width and weighting == WEIGHTING_CODES["label"]:
+        raise ValueError(f"head_width: a head needs pair-centric weights (any, all, jaccard); expected 0 for "
+                         f"label-centric weights, got {head_width}")
     # The inverted index is addressed by label id (column lists may be empty: no slot needed).
     args.label_lists("a_index", a_index, args.M)
     args.tensor("c_index", c_index, (args.C, None), checks.INDEX_DTYPES)
@@ -114,54 +169,94 @@ def _check_forward(q, k, self_col, a_index, a_count, c_index, c_count, num_sampl
 @custom_op("mlcl_fast::triton_pairs_forward", mutates_args=())
 def pairs_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_count: Tensor, c_index: Tensor,
                   c_count: Tensor, num_samples: int, col_lo: int, num_labels: int, inv_tau: float,
-                  log_beta: float, alpha: float, weighting: int, factor: int, reg: bool,
-                  allow_tf32: bool, validated: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss [M], W [M], lse2 [M] (base 2, for the sweeps), pi [P], pj [P], w + r [P])."""
+                  log_beta: float, alpha: float, weighting: int, factor: int, reg: bool, head_width: int,
+                  fp32_precision: str, validated: bool = False
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss [M], W [M], lse2 [M] (base 2, for the sweeps), scale [M] (1 / Omega with a head), pi [P],
+    pj [P], coef [P] (w + r, or with a head the corrections of w + r), a_head [M, W], c_head [C, W]
+    (W = 0 without a head))."""
     _check_forward(q, k, self_col, a_index, a_count, c_index, c_count, num_samples, col_lo, num_labels, inv_tau,
-                   log_beta, alpha, weighting, factor, validated)
+                   log_beta, alpha, weighting, factor, head_width, fp32_precision, validated)
     interpret = launch.INTERPRETED
     M = q.shape[0]
-    labels, g = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta, allow_tf32)
-    lse2, _, _ = launch.stats(q, k, labels, g, _identity)
+    if head_width:
+        a_head, c_head, a_list, c_list = head_split(a_index, c_index, col_lo, num_labels, head_width)
+    else:
+        a_head, c_head = q.new_empty(M, 0, dtype=torch.float16), k.new_empty(k.shape[0], 0, dtype=torch.float16)
+        a_list, c_list = a_index, c_index
+    labels, g = _sweep_labels(q, k, self_col, a_count, c_count, a_head, c_head, num_samples, col_lo, inv_tau,
+                              log_beta, weighting, reg, fp32_precision)
+    lse2, acc_z, acc_s = launch.stats(q, k, labels, g, _identity)
     lse = lse2 * configs.LN2
 
     slots = a_index.shape[1]
-    tri_seg, tri_pair, pi, pj, count = positive_pairs(a_index, c_index, self_col, col_lo, num_labels)
-    w, w_tot = pair_weights(pi, pj, count, tri_seg, tri_pair, a_count, c_count, M, slots, num_samples,
-                            weighting, factor, alpha, interpret)
+    tri_seg, tri_pair, pi, pj, count = positive_pairs(a_list, c_list, self_col, col_lo, num_labels)
     s = sparse.pair_dots(q, k, pi, pj, interpret) * inv_tau
-    term = w * s
-    coef = w
-    if reg:
-        log_b = torch.where(pj < num_samples, log_beta, 0.0)
-        p = torch.exp(s + log_b - lse[pi])
-        r = torch.where(w > 0, (p - w).clamp(min=0), 0.0)
-        term = term + r * s
-        coef = w + r
     row_ptr = sparse.offsets(pi, M)
-    loss = w_tot * lse - sparse.segment_sum(term, row_ptr, interpret)
+    log_b = torch.where(pj < num_samples, log_beta, 0.0)
+    if head_width:
+        # The sweeps weighed every pair by omega(c^H); the listed pairs also share tail labels.
+        c_head_ij = (a_head[pi].to(torch.float32) * c_head[pj].to(torch.float32)).sum(dim=1)
+        a_i, a_j = a_count[pi].to(torch.float32), c_count[pj].to(torch.float32)
+        om_head = pair_omega(c_head_ij, a_i, a_j, weighting)
+        om = pair_omega(c_head_ij + count.to(torch.float32), a_i, a_j, weighting)
+        omega = acc_z[:, 0] + sparse.segment_sum(om - om_head, row_ptr, interpret)
+        total = acc_s[:, 0] + sparse.segment_sum((om - om_head) * s, row_ptr, interpret)
+        loss, w_tot, scale, inv_z = epilogue(lse, omega[:, None], total[:, None], a_count, False)
+        w_head, w = om_head * scale[pi], om * scale[pi]
+        coef = w - w_head
+        if reg:
+            p = torch.exp(s + log_b - lse[pi])
+            r_head = torch.where(w_head > 0, (p - w_head).clamp(min=0), 0.0)
+            r = torch.where(w > 0, (p - w).clamp(min=0), 0.0)
+            _, reg_head = launch.rows(q, k, labels, lse2, w_tot, scale, inv_z, torch.ones_like(lse), g, _identity,
+                                      reg_value=True, grad=False)
+            loss = loss - reg_head - sparse.segment_sum((r - r_head) * s, row_ptr, interpret)
+            coef = coef + (r - r_head)
+    else:
+        w, w_tot = pair_weights(pi, pj, count, tri_seg, tri_pair, a_count, c_count, M, slots, num_samples,
+                                weighting, factor, alpha, interpret)
+        term = w * s
+        coef = w
+        if reg:
+            p = torch.exp(s + log_b - lse[pi])
+            r = torch.where(w > 0, (p - w).clamp(min=0), 0.0)
+            term = term + r * s
+            coef = w + r
+        loss = w_tot * lse - sparse.segment_sum(term, row_ptr, interpret)
+        scale = torch.zeros_like(w_tot)  # not read by the label-free sweeps (zeros: outputs are defined values)
     loss = torch.where(w_tot > 0, loss, 0.0)
-    return loss, w_tot, lse2, pi, pj, coef
+    return loss, w_tot, lse2, scale, pi, pj, coef, a_head, c_head
 
 
 @pairs_forward.register_fake
 def _(q, k, self_col, a_index, a_count, c_index, c_count, num_samples, col_lo, num_labels, inv_tau, log_beta,
-      alpha, weighting, factor, reg, allow_tf32, validated=False):
+      alpha, weighting, factor, reg, head_width, fp32_precision, validated=False):
     # Metadata only: fake tensors hold no values.
     _check_forward(q, k, self_col, a_index, a_count, c_index, c_count, num_samples, col_lo, num_labels, inv_tau,
-                   log_beta, alpha, weighting, factor, validated=True)
+                   log_beta, alpha, weighting, factor, head_width, fp32_precision, validated=True)
     M = q.shape[0]
     P = torch.library.get_ctx().new_dynamic_size()
+    width = tl_labels.dense_width(head_width) if head_width else 0
     per_anchor = lambda: q.new_empty(M, dtype=torch.float32)  # noqa: E731
-    return (per_anchor(), per_anchor(), per_anchor(), q.new_empty(P, dtype=torch.int64),
-            q.new_empty(P, dtype=torch.int64), q.new_empty(P, dtype=torch.float32))
+    return (per_anchor(), per_anchor(), per_anchor(), per_anchor(), q.new_empty(P, dtype=torch.int64),
+            q.new_empty(P, dtype=torch.int64), q.new_empty(P, dtype=torch.float32),
+            q.new_empty(M, width, dtype=torch.float16), k.new_empty(k.shape[0], width, dtype=torch.float16))
 
 
-def _check_backward(q, k, self_col, a_count, c_count, lse, w_tot, pi, pj, coef, g_up, num_samples, col_lo, inv_tau,
-                    log_beta, validated):
+def _check_backward(q, k, self_col, a_count, c_count, lse, w_tot, scale, a_head, c_head, pi, pj, coef, g_up,
+                    num_samples, col_lo, inv_tau, log_beta, weighting, fp32_precision, validated):
     args = checks.common(q, k, self_col, num_samples, col_lo, inv_tau, log_beta, validated, a_count, c_count)
-    for name, t in (("lse", lse), ("w_tot", w_tot), ("g_up", g_up)):
+    args.precision("fp32_precision", fp32_precision)
+    args.choice("weighting", weighting, WEIGHTING_CODES)
+    for name, t in (("lse", lse), ("w_tot", w_tot), ("scale", scale), ("g_up", g_up)):
         args.tensor(name, t, (args.M,), (torch.float32,))
+    args.tensor("a_head", a_head, (args.M, None), (torch.float16,))
+    width = a_head.shape[1]
+    args.tensor("c_head", c_head, (args.C, width), (torch.float16,))
+    if width and (width < 16 or configs.pow2(width) != width or width > configs.DENSE_MAX_LABELS):
+        raise ValueError(f"a_head: expected 0/1 head rows of a power-of-two width in [16, "
+                         f"{configs.DENSE_MAX_LABELS}] (or none), got {width}")
     args.tensor("pi", pi, (None,), (torch.int64,))
     P = pi.shape[0]
     args.tensor("pj", pj, (P,), (torch.int64,))
@@ -175,19 +270,20 @@ def _check_backward(q, k, self_col, a_count, c_count, lse, w_tot, pi, pj, coef, 
 
 @custom_op("mlcl_fast::triton_pairs_backward", mutates_args=())
 def pairs_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, lse: Tensor,
-                   w_tot: Tensor, pi: Tensor, pj: Tensor, coef: Tensor, g_up: Tensor, num_samples: int,
-                   col_lo: int, inv_tau: float, log_beta: float, allow_tf32: bool,
-                   validated: bool = False) -> tuple[Tensor, Tensor]:
-    _check_backward(q, k, self_col, a_count, c_count, lse, w_tot, pi, pj, coef, g_up, num_samples, col_lo, inv_tau,
-                    log_beta, validated)
+                   w_tot: Tensor, scale: Tensor, a_head: Tensor, c_head: Tensor, pi: Tensor, pj: Tensor,
+                   coef: Tensor, g_up: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float,
+                   weighting: int, reg: bool, fp32_precision: str, validated: bool = False) -> tuple[Tensor, Tensor]:
+    _check_backward(q, k, self_col, a_count, c_count, lse, w_tot, scale, a_head, c_head, pi, pj, coef, g_up,
+                    num_samples, col_lo, inv_tau, log_beta, weighting, fp32_precision, validated)
     interpret = launch.INTERPRETED
     M, C = q.shape[0], k.shape[0]
-    labels, g = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta, allow_tf32)
+    labels, g = _sweep_labels(q, k, self_col, a_count, c_count, a_head, c_head, num_samples, col_lo, inv_tau,
+                              log_beta, weighting, reg, fp32_precision)
     no_z = torch.zeros(M, 1, dtype=torch.float32, device=q.device)
-    dq, _ = launch.rows(q, k, labels, lse, w_tot, w_tot, no_z, g_up, g, _identity, reg_value=False, grad=True)
-    dk = launch.cols(q, k, labels, lse, w_tot, w_tot, no_z, g_up, g, _identity)
-    # The positives' part: -(w_ij + r_ij) G_i / tau, summed per anchor (pairs sorted by anchor) and
-    # per column (the same pairs stably re-sorted by column).
+    dq, _ = launch.rows(q, k, labels, lse, w_tot, scale, no_z, g_up, g, _identity, reg_value=False, grad=True)
+    dk = launch.cols(q, k, labels, lse, w_tot, scale, no_z, g_up, g, _identity)
+    # The listed part: -(w_ij + r_ij) G_i / tau (with a head: its corrections), summed per anchor
+    # (pairs sorted by anchor) and per column (the same pairs stably re-sorted by column).
     corr = -coef * g_up[pi] * inv_tau
     dq += sparse.csr_rows(sparse.offsets(pi, M), pj, corr, k, interpret)
     by_col = torch.argsort(pj, stable=True)
@@ -196,31 +292,30 @@ def pairs_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_co
 
 
 @pairs_backward.register_fake
-def _(q, k, self_col, a_count, c_count, lse, w_tot, pi, pj, coef, g_up, num_samples, col_lo, inv_tau, log_beta,
-      allow_tf32, validated=False):
-    _check_backward(q, k, self_col, a_count, c_count, lse, w_tot, pi, pj, coef, g_up, num_samples, col_lo, inv_tau,
-                    log_beta, validated=True)
+def _(q, k, self_col, a_count, c_count, lse, w_tot, scale, a_head, c_head, pi, pj, coef, g_up, num_samples, col_lo,
+      inv_tau, log_beta, weighting, reg, fp32_precision, validated=False):
+    _check_backward(q, k, self_col, a_count, c_count, lse, w_tot, scale, a_head, c_head, pi, pj, coef, g_up,
+                    num_samples, col_lo, inv_tau, log_beta, weighting, fp32_precision, validated=True)
     return torch.empty_like(q), torch.empty_like(k)
 
 
 _SCALARS = ("num_samples", "col_lo", "num_labels", "inv_tau", "log_beta", "alpha", "weighting", "factor", "reg",
-            "allow_tf32")
+            "head_width", "fp32_precision")
 
 
 def _setup_context(ctx, inputs, output):
     q, k, self_col, a_index, a_count, c_index, c_count, *scalars = inputs
-    _, w_tot, lse, pi, pj, coef = output
+    _, w_tot, lse, scale, pi, pj, coef, a_head, c_head = output
     s = dict(zip(_SCALARS, scalars))
-    ctx.scalars = dict(num_samples=s["num_samples"], col_lo=s["col_lo"], inv_tau=s["inv_tau"],
-                       log_beta=s["log_beta"], allow_tf32=s["allow_tf32"])
-    ctx.save_for_backward(q, k, self_col, a_count, c_count, lse, w_tot, pi, pj, coef)
+    ctx.scalars = {name: s[name] for name in ("num_samples", "col_lo", "inv_tau", "log_beta", "weighting", "reg",
+                                              "fp32_precision")}
+    ctx.save_for_backward(q, k, self_col, a_count, c_count, lse, w_tot, scale, a_head, c_head, pi, pj, coef)
 
 
 def _backward(ctx, g_loss, *_unused):
-    q, k, self_col, a_count, c_count, lse, w_tot, pi, pj, coef = ctx.saved_tensors
     # The saved tensors are the forward's checked inputs and its outputs: no value assertions again.
-    dq, dk = pairs_backward(q, k, self_col, a_count, c_count, lse, w_tot, pi, pj, coef,
-                            g_loss.to(torch.float32).contiguous(), **ctx.scalars, validated=True)
+    dq, dk = pairs_backward(*ctx.saved_tensors, g_loss.to(torch.float32).contiguous(), **ctx.scalars,
+                            validated=True)
     return (dq, dk) + (None,) * (5 + len(_SCALARS) + 1)  # + validated
 
 
