@@ -4,6 +4,7 @@
   mlcl-fast train --dataset emotions --loss reg --protocol probe
   mlcl-fast study --datasets emotions yeast --seeds 0 1 2 --out runs/study
   mlcl-fast bench [args of python -m bench.sweep]
+  mlcl-fast data synth --preset eurlex4k --scale 0.1 --out data/eurlex4k-synth
 """
 from __future__ import annotations
 
@@ -117,9 +118,70 @@ def build_parser() -> argparse.ArgumentParser:
                         "(mlcl_fast/train/tuning.py); use a separate --out from untuned studies")
     _common(s, epochs=40)
 
+    _data_parser(sub)
+
     b = sub.add_parser("bench", help="forward the remaining arguments to python -m bench.sweep", add_help=False)
     b.add_argument("argv", nargs=argparse.REMAINDER)
     return parser
+
+
+def _data_parser(sub) -> None:
+    from .data_synth import NOISE, PRESETS, TOPIC_TERMS, VALUES
+
+    dp = sub.add_parser("data", help="data utilities: synthetic XMC-like data sets")
+    dsub = dp.add_subparsers(dest="data_command", required=True)
+    dsub.add_parser("presets", help="the published statistics each synthetic preset matches")
+    sy = dsub.add_parser("synth", help="write a synthetic train/test pair shaped like a published XMC data set",
+                         description="Writes OUT/train.txt and OUT/test.txt in the XMC text format and "
+                                     "OUT/stats.json (targets and realised statistics). The data are synthetic: "
+                                     "sizes and label statistics follow the preset, features and labels mean "
+                                     "nothing (docs/TRAINING.md, 'Synthetic XMC-like data').")
+    sy.add_argument("--preset", required=True, help=f"one of {', '.join(PRESETS)}")
+    sy.add_argument("--out", required=True, help="output folder")
+    sy.add_argument("--scale", type=float, default=None,
+                    help="rows as a share of the published train and test rows (default 1: full size)")
+    sy.add_argument("--train", type=int, default=None, help="training rows (overrides --scale for train)")
+    sy.add_argument("--test", type=int, default=None, help="test rows (overrides --scale for test)")
+    sy.add_argument("--labels", type=int, default=None, help="number of labels (default: the preset's)")
+    sy.add_argument("--features", type=int, default=None, help="number of features (default: the preset's)")
+    sy.add_argument("--labels-per-point", type=float, default=None, help="mean labels per row (default: the preset's)")
+    sy.add_argument("--features-per-point", type=float, default=None,
+                    help="mean stored features per row (default: the preset's assumed value)")
+    sy.add_argument("--alpha", type=float, default=None,
+                    help="exponent of the power-law label frequencies (default: the preset's assumed value)")
+    sy.add_argument("--topic-terms", type=int, default=TOPIC_TERMS, help="words in each label's topic")
+    sy.add_argument("--noise", type=float, default=NOISE,
+                    help="share of background words, unrelated to the labels (higher: harder to learn)")
+    sy.add_argument("--values", default="tfidf", choices=VALUES,
+                    help="feature values: unit-length tf-idf rows (default) or raw term counts")
+    sy.add_argument("--seed", type=int, default=0)
+
+
+SYNTH_OPTIONS = ("scale", "train", "test", "labels", "features", "labels_per_point", "features_per_point", "alpha",
+                 "topic_terms", "noise", "values", "seed")
+
+
+def cmd_data(args) -> int:
+    from .data_synth import describe_presets, make_config, write_synth
+
+    if args.data_command == "presets":
+        print(describe_presets())
+        return 0
+    cfg = make_config(args.preset, **{k: getattr(args, k) for k in SYNTH_OPTIONS},
+                      name=lambda arg: "--" + arg.replace("_", "-"))
+    start = time.perf_counter()
+    st = write_synth(args.out, cfg)
+    print(f"synthetic {st['stands_in_for']}-like data (preset {cfg.preset}, seed {cfg.seed}, "
+          f"scale {st['config']['scale']:g}); {time.perf_counter() - start:.1f}s")
+    for part in ("train", "test"):
+        p = st[part]
+        fit = p["power_law_exponent_fit"]
+        print(f"  {part}: {p['rows']} rows, {p['features']} features ({p['features_per_point']:g} per row), "
+              f"{p['labels']} labels ({p['labels_used']} used), {p['labels_per_point']:g} labels per row, "
+              f"{p['points_per_label_used']:g} rows per used label, top label in {p['top_label_share']:.1%} of rows, "
+              f"power-law exponent {'n/a' if fit is None else f'{fit:g}'} (nominal {cfg.alpha:g})")
+    print(f"wrote {st['files']['train']}, {st['files']['test']}, {Path(args.out) / 'stats.json'}")
+    return 0
 
 
 def _setup(args) -> None:
@@ -220,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _setup(args)
     try:
-        return {"train": cmd_train, "run": cmd_run, "study": cmd_study}[args.command](args)
+        return {"train": cmd_train, "run": cmd_run, "study": cmd_study, "data": cmd_data}[args.command](args)
     except (ValueError, OSError) as err:
         print(f"mlcl-fast {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from ..data_synth import SYNTH_PREFIX
+
 PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_DATASET = "emotions"
 DATA_ENV = "MLCL_FAST_DATA"
@@ -182,7 +184,13 @@ def load_dataset(name_or_path: str, data_dir: Optional[str] = None, *, test_file
     """A dataset by NAME (bundled file, then `data_dir`, then $MLCL_FAST_DATA or ../shared/data)
     or by PATH (.npz, .arff, svmlight/XMC text). Files without a test split get one drawn at random
     (`test_size`, `seed`) unless `test_file` is given. `labels` (ARFF only): the label count or
-    the path of a MULAN .xml label file."""
+    the path of a MULAN .xml label file. A NAME `synth:PRESET[?key=value&...]` (for instance
+    `synth:eurlex4k?scale=0.1&seed=1`) is a synthetic XMC-like set generated in memory by
+    mlcl_fast.data_synth, with its own test split and its own seed (0 unless given)."""
+    if name_or_path.startswith(SYNTH_PREFIX):
+        if test_file:
+            raise DatasetError(f"{name_or_path}: a synthetic data set has its own test split; drop the test file")
+        return synth_dataset(name_or_path)
     path = Path(name_or_path)
     looks_like_path = path.suffix != "" or os.sep in name_or_path or path.exists()
     if not looks_like_path:
@@ -219,6 +227,29 @@ def _find_by_name(name: str, data_dir: Optional[str]) -> Path:
             return cand
     raise DatasetError(f"{name}: no dataset of that name in {tried} (bundled: {bundled_datasets()}); "
                        f"give --data-dir or set ${DATA_ENV}, or pass a file path")
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic XMC-like sets by name
+
+def synth_dataset(spec: str) -> Dataset:
+    """The synthetic data set `spec` names (mlcl_fast.data_synth.parse_spec), generated in memory;
+    equal to the one read back from the files `mlcl-fast data synth` writes for the same settings."""
+    from ..data_synth import SynthError, generate, parse_spec, spec_name
+
+    try:
+        cfg = parse_spec(spec)
+    except SynthError as err:
+        raise DatasetError(str(err)) from None
+    data = generate(cfg)
+    parts = []
+    for split in (data.train, data.test):
+        parts.append(checked_csr(spec, "features", split.x_data, split.x_indices, split.x_indptr,
+                                 (split.rows, split.num_features)))
+        parts.append(checked_csr(spec, "labels", None, split.y_indices, split.y_indptr,
+                                 (split.rows, split.num_labels), binary=True))
+    X_tr, Y_tr, X_te, Y_te = parts
+    return Dataset(spec_name(cfg, spec), X_tr, Y_tr, X_te, Y_te, [], f"{spec} (synthetic, {cfg.published.name}-like)")
 
 
 # ----------------------------------------------------------------------------------------------
