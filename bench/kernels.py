@@ -127,7 +127,7 @@ def record_point(preset: str, dtype: torch.dtype, dim: int, num_labels: int, sam
     from mlcl_fast.inputs import prepare
     from mlcl_fast.presets import resolve_config
     from mlcl_fast.reduction import mean_loss
-    from mlcl_fast.triton import configs, driver, launch, recording
+    from mlcl_fast.triton import configs, driver, launch, normalize, recording
 
     if launch.INTERPRETED:
         raise RuntimeError("bench.kernels compiles for a GPU: run it without TRITON_INTERPRET")
@@ -149,7 +149,8 @@ def record_point(preset: str, dtype: torch.dtype, dim: int, num_labels: int, sam
         with recording.recording(lambda kernel, grid, args, meta: launches.append((kernel, args, dict(meta)))):
             # The API's own preparation, then the Triton driver on CPU tensors (the public API
             # would refuse a GPU backend on the CPU).
-            problem = prepare(feats, index, protos, cfg, 0.1, num_labels, "indices", native_half=True)
+            problem = prepare(feats, index, protos, cfg, 0.1, num_labels, "indices", native_half=True,
+                              unit_rows=normalize.unit_rows)
             losses, valid = driver.anchor_losses(problem)
             mean_loss(problem, losses, valid).backward()
     finally:

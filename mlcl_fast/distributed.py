@@ -67,7 +67,7 @@ def gathered_loss(features, labels, prototypes, cfg, temperature: float, reducti
     # the other ranks would wait for it forever.
     try:
         local = prepare(features, labels, prototypes, cfg, temperature, num_labels, label_format,
-                        native_half=native_half)
+                        native_half=native_half, unit_rows=getattr(impl, "unit_rows", None))
         error = None
     except (TypeError, ValueError) as err:
         local, error = None, err
@@ -86,7 +86,8 @@ def gathered_loss(features, labels, prototypes, cfg, temperature: float, reducti
     label_sets = _gather_labels(local.labels, views[rank], batches, views, int(info[:, _WIDTH].max()),
                                 total_labels, group)
 
-    problem = prepare(rows, label_sets, prototypes, cfg, temperature, total_labels, native_half=native_half)
+    problem = prepare(rows, label_sets, prototypes, cfg, temperature, total_labels, native_half=native_half,
+                      unit_rows=getattr(impl, "unit_rows", None))
     lo = sum(rows_per_rank[:rank])
     protos = (0, 0)
     if cfg.prototype_mode == "rows":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -160,15 +160,19 @@ class _UnitRows(torch.autograd.Function):
         return ((g - y * along) / denom).to(ctx.x_dtype), None
 
 
-def l2_normalize(x: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+def l2_normalize(x: Tensor, out_dtype: Optional[torch.dtype] = None, unit_rows: Optional[Callable] = None
+                 ) -> Tensor:
     """x / max(||x||, NORM_EPS) per row (the last dimension) in `out_dtype` (default: fp32 for half
     rows, else x's dtype), for any finite x: the sum of squares neither overflows nor underflows.
-    fp16, bf16 and fp32 rows: _UnitRows (the norm in fp64). fp64 rows are first rescaled by a
+    fp16, bf16 and fp32 rows: `unit_rows(x, out_dtype)` when a backend provides one (its own
+    kernels, e.g. the triton backend's two launches), else _UnitRows (the norm in fp64). fp64 rows are first rescaled by a
     power of two so that their largest entry lies in [0.5, 1), which is exact: where nothing
     overflows the result is F.normalize's to the last bit, gradient included (the float64 oracle's
     own formulation)."""
     out_dtype = out_dtype or compute_dtype(x.dtype)
     if x.dtype != torch.float64:
+        if unit_rows is not None and x.dim() == 2:
+            return unit_rows(x, out_dtype)
         return _UnitRows.apply(x, out_dtype)
     scale = torch.ldexp(torch.ones_like(x[..., :1]), -torch.frexp(x.detach().abs().amax(-1, keepdim=True))[1])
     scaled = x * scale
@@ -191,11 +195,12 @@ def temperature_scale(temperature, value: float, device) -> Optional[Tensor]:
 
 def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labels: Optional[int] = None,
             label_format: str = "auto", native_half: bool = False, check_values: bool = True,
-            keys=None, key_labels=None) -> Problem:
+            keys=None, key_labels=None, unit_rows: Optional[Callable] = None) -> Problem:
     """Validate everything and build the backend's Problem (normalised rows, canonical labels).
     `check_values=False`: no check reads tensor values on the host (labels.as_label_sets); a
     temperature given as a tensor is read all the same. A temperature tensor that requires grad
-    gets its gradient through `temperature_scale`."""
+    gets its gradient through `temperature_scale`. `unit_rows`: the backend's row normaliser
+    (l2_normalize)."""
     learnable = temperature
     temperature = check_temperature(temperature)
     if not isinstance(check_values, bool):
@@ -213,12 +218,12 @@ def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labe
     keys, key_sets = check_keys(keys, key_labels, dim, label_sets.num_labels, features.device, label_format,
                                 check_values)
     keep_half = native_half and features.dtype in (torch.float16, torch.bfloat16)
-    rows = l2_normalize(features.reshape(batch * views, dim), features.dtype if keep_half else None)
+    rows = l2_normalize(features.reshape(batch * views, dim), features.dtype if keep_half else None, unit_rows)
     protos = None
     if prototypes is not None:  # in the rows' dtype (fp32 prototypes stay fp32 for half rows)
-        protos = l2_normalize(prototypes, rows.dtype)
+        protos = l2_normalize(prototypes, rows.dtype, unit_rows)
     if keys is not None:  # in the rows' dtype, like the prototypes
-        keys = l2_normalize(keys, rows.dtype)
+        keys = l2_normalize(keys, rows.dtype, unit_rows)
     scale = temperature_scale(learnable, temperature, features.device)
     if scale is not None:
         rows = rows * scale.to(rows.dtype)

@@ -47,6 +47,14 @@ def supports(device) -> bool:
     return False
 
 
+def unit_rows(x, out_dtype):
+    """The row normaliser of inputs.prepare: two kernels (forward, backward) instead of a dozen
+    torch operations (mlcl_fast/triton/normalize.py)."""
+    from ..triton.normalize import unit_rows as run
+
+    return run(x, out_dtype)
+
+
 def anchor_losses(problem):
     from ..triton.driver import anchor_losses as run
 
