@@ -55,23 +55,30 @@ def test_every_matrix_kernel_uses_wgmma_and_none_spills(reg_report):
 
 
 def test_dense_label_regime_uses_wgmma_and_none_spills():
-    """Pair-centric weights over at most 64 labels (the dense regime): overlaps from one fp16
-    dot per tile, so these kernels are on wgmma too."""
-    rows = _report("--preset", "supcon_any", "--preset", "jaccard", "--labels", "50", "--dim", "128", "--dim", "256")
-    assert {r["preset"] for r in rows} == {"supcon_any", "jaccard"}
-    assert all("MODE=5" in r["meta"] for r in rows if r["kernel"] in ("stats_kernel", "rows_kernel", "cols_kernel"))
+    """Weights other than the closed form's over at most 64 labels (the dense regime): overlaps
+    from one fp16 dot per tile, label-centric sums as split dots, and the column gradient
+    transposed (cols_dense_kernel), so these kernels are on wgmma too."""
+    rows = _report("--preset", "supcon_any", "--preset", "jaccard", "--preset", "msc", "--labels", "50",
+                   "--dim", "128", "--dim", "256")
+    assert {r["preset"] for r in rows} == {"supcon_any", "jaccard", "msc"}
+    assert all("MODE=5" in r["meta"] for r in rows if r["kernel"] in ("stats_kernel", "rows_kernel"))
+    assert {(r["preset"], r["dim"]) for r in rows if r["kernel"] == "cols_dense_kernel"} == \
+        {(p, d) for p in ("supcon_any", "jaccard", "msc") for d in (128, 256)}
     bad = [f"{r['kernel']} [{r['meta']}] d={r['dim']}: {r['stack']} B, {r['counts']}" for r in rows if not r["passes"]]
     assert not bad, bad
 
 
-def test_pair_centric_large_label_space_uses_wgmma_and_none_spills():
-    """Pair-centric weights over 16384 power-law labels: the default is the pairs regime with a
-    64-label head, whose sweeps are the dense label mode's kernels (wgmma, no spills); the listed
-    pairs' kernels have no tl.dot."""
-    rows = _report("--preset", "supcon_any", "--preset", "jaccard", "--dim", "128", "--dim", "256")
-    sweeps = [r for r in rows if r["kernel"] in ("stats_kernel", "rows_kernel", "cols_kernel")]
-    assert {(r["preset"], r["dim"]) for r in sweeps} == {(p, d) for p in ("supcon_any", "jaccard") for d in (128, 256)}
+def test_large_label_space_pairs_regime_uses_wgmma_and_none_spills():
+    """Weights outside the closed form over 16384 power-law labels (pair-centric, and msc's
+    label-centric ones): the default is the pairs regime with a 64-label head, whose sweeps are
+    the dense label mode's kernels (wgmma, no spills); the listed pairs' kernels have no tl.dot."""
+    presets = ("supcon_any", "jaccard", "msc")
+    rows = _report(*[a for p in presets for a in ("--preset", p)], "--dim", "128", "--dim", "256")
+    points = {(p, d) for p in presets for d in (128, 256)}
+    sweeps = [r for r in rows if r["kernel"] in ("stats_kernel", "rows_kernel")]
+    assert {(r["preset"], r["dim"]) for r in sweeps} == points
     assert all("MODE=5" in r["meta"] for r in sweeps), [r["meta"] for r in sweeps]
+    assert {(r["preset"], r["dim"]) for r in rows if r["kernel"] == "cols_dense_kernel"} == points
     assert any(r["kernel"] == "pair_dots_kernel" for r in rows)  # the tail's pair list
     bad = [f"{r['kernel']} [{r['meta']}] d={r['dim']}: {r['stack']} B, {r['counts']}" for r in rows if not r["passes"]]
     assert not bad, bad

@@ -102,6 +102,24 @@ def test_dense_label_regime(monkeypatch, preset, overrides, L):
 
 
 @cpu_only
+@pytest.mark.parametrize("preset,overrides", [("jaccard", {"reg": True}), ("msc", {}),
+                                              ("msc", {"f": "overlap", "alpha": 0.5, "reg": True}),
+                                              ("reg", {"prototype_mode": "none", "alpha": -1.0})])
+def test_dense_column_gradient_is_transposed(monkeypatch, preset, overrides):
+    """d within one feature chunk: the dense mode's column gradient runs the transposed kernel
+    (owned columns as the M dimension of every product, label dots included)."""
+    from mlcl_fast.triton import recording
+
+    monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", "dense")
+    case = _case("dense_cols", preset, overrides, B=11, d=12, L=20, density=0.2, empty_rows=1)
+    names = []
+    with recording.recording(lambda kernel, grid, args, meta: names.append(kernel.__name__)):
+        cases.run_loss("triton", case)
+    assert "cols_dense_kernel" in names and "cols_kernel" not in names
+    assert_backend_matches("triton", case, check_none=False, **FP32)
+
+
+@cpu_only
 @pytest.mark.parametrize("regime", ["bits", "gather", "dense"])
 @pytest.mark.parametrize("preset,overrides", [("jaccard", {}), ("supcon_all", {}), ("mulsupcon", {"f": "union"}),
                                               ("reg", {"prototype_mode": "none", "alpha": 0.5})])
@@ -113,11 +131,16 @@ def test_dense_label_sets(monkeypatch, regime, preset, overrides):
     assert_backend_matches("triton", case, check_none=False, **FP32)
 
 
-# Pair-centric weights in the pairs regime: a head of the columns' most frequent labels in the
-# sweeps (the dense label mode), the pairs sharing another label listed and corrected.
+# The pairs regime: a head of the columns' most frequent labels in the sweeps (the dense label
+# mode), the pairs sharing another label listed and corrected.
 HEAD_CONFIGS = [("supcon_any", {}), ("supcon_all", {}), ("jaccard", {}), ("supcon_any", {"reg": True}),
                 ("jaccard", {"reg": True, "beta": 0.1}), ("supcon_all", {"reg": True, "prototype_mode": "rows"}),
-                ("jaccard", {"prototype_mode": "rows", "beta": 0.0})]
+                ("jaccard", {"prototype_mode": "rows", "beta": 0.0}),
+                # label-centric weights whose factor depends on the overlap: the head labels' sums
+                # are corrected on the listed pairs, the tail labels' come from the triples
+                ("msc", {}), ("msc", {"reg": True, "beta": 0.1}), ("mulsupcon", {"f": "union", "reg": True}),
+                ("reg", {"prototype_mode": "none", "alpha": 0.5}), ("reg", {"prototype_mode": "none", "alpha": -1.0}),
+                ("reg", {"alpha": 2.0, "reg": True})]
 
 
 @cpu_only
@@ -161,6 +184,29 @@ def test_pair_centric_large_label_space_takes_the_head(monkeypatch, check_values
     else:
         assert not widths and configs.MODE_DENSE not in modes
     assert_backend_matches("triton", case, check_none=False, **FP32)
+
+
+@cpu_only
+@pytest.mark.parametrize("regime", ["dense", "bits", "list", "pairs"])
+@pytest.mark.parametrize("preset,overrides", [("reg", {"alpha": 0.5}), ("jaccard", {"prototype_mode": "rows"}),
+                                              ("msc", {"prototype_mode": "rows", "reg": True}),
+                                              ("jaccard", {"prototype_mode": "rows", "beta": 0.0})])
+def test_anchors_without_a_positive_are_not_swept(monkeypatch, regime, preset, overrides):
+    """Prototypes as anchors over a label space few rows use: the sweeps visit only the anchors
+    that share a label with another column (labels.visiting_order), and the skipped ones still
+    get exactly zero loss and gradient."""
+    from mlcl_fast.triton import labels as tl_labels
+
+    monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", regime)
+    case = _case("visit", preset, overrides, B=9, d=8, L=40, density=0.05, empty_rows=1)
+    counts = []
+    original = tl_labels.visiting_order
+    monkeypatch.setattr(tl_labels, "visiting_order", lambda *a: counts.append((a[0].shape[0], original(*a))) or
+                        counts[-1][1])
+    assert_backend_matches("triton", case, check_none=False, **FP32)
+    anchors, (order, live) = counts[0]
+    assert 0 < int(live) < anchors - 20  # most of the 40 prototypes are skipped
+    assert sorted(order.tolist()) == list(range(anchors))
 
 
 # ------------------------------------------------------------------------ closed-form regime
@@ -566,8 +612,12 @@ def test_tile_configs_per_kernel_family(monkeypatch):
     assert (ieee.block_m, ieee.block_n, ieee.block_k) == (32, 32, configs.IEEE_CHUNK)
     assert configs.tile_config(256, False, kind="free", fp32=True).block_k == 128
     assert configs.tile_config(256, False, kind="free", fp32=True, x3=True).block_k == configs.X3_CHUNK
-    dense = configs.tile_config(256, False, "columns", "dense")
+    dense = configs.tile_config(256, False, "columns", "dense")  # the transposed column kernel: d resident
+    assert (dense.block_m, dense.block_n, dense.num_warps, dense.block_k) == (32, 64, 8, 256)
+    dense = configs.tile_config(256, False, "anchors", "dense")
     assert (dense.block_m, dense.block_n, dense.num_warps, dense.block_k) == (64, 64, 8, 128)
+    dense = configs.tile_config(256, False, "columns", "dense_label")
+    assert (dense.block_m, dense.block_n, dense.block_k) == (16, 64, 256)
     monkeypatch.setenv("MLCL_FAST_TRITON_TILE", "32,128,8,3")
     forced = configs.tile_config(64, False, "columns")
     assert (forced.block_m, forced.block_n, forced.num_warps, forced.num_stages, forced.block_k) == (32, 128, 8, 3, 64)

@@ -411,3 +411,19 @@ def test_valid_hand_made_label_sets_give_the_padded_indices_loss():
     for labels, check in ((narrow, True), (narrow, False), (as_label_sets(sets.index, 5, 4, "indices"), True)):
         torch.testing.assert_close(multilabel_contrastive_loss(feats, labels, protos, check_values=check, **kwargs),
                                    expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["dense_forward", "dense_backward", "pairs_forward", "pairs_backward"])
+def test_visiting_order_arguments_are_checked(recorded, name):
+    """The optional visiting order of the in-tile and pairs operators: order and live come
+    together, as int32 [M] anchor indices and a [1] count of at most M."""
+    args = _arguments(recorded, name)
+    M = args["q"].shape[0]
+    order, live = torch.arange(M, dtype=torch.int32), torch.tensor([M], dtype=torch.int32)
+    _raises("live", lambda: _call(name, dict(args, order=order)))
+    _raises("order", lambda: _call(name, dict(args, live=live)))
+    _raises("order", lambda: _call(name, dict(args, order=order[:-1], live=live)))
+    _raises("order", lambda: _call(name, dict(args, order=order + 1, live=live)))
+    _raises("live", lambda: _call(name, dict(args, order=order, live=live + 1)))
+    _raises("live", lambda: _call(name, dict(args, order=order, live=live.long())))
+    _call(name, dict(args, order=order, live=live))  # a full visit is accepted

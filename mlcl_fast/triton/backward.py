@@ -10,13 +10,15 @@ Each program writes only its own output block, in a fixed order: deterministic, 
 With MODE_NONE (the closed-form and pair-list regimes) the tile has no positives and
 g_ij = G_i W_i p_ij / tau; the positives' part is added outside (closed.py, pairs.py), and the
 column gradient runs transposed (cols_free_kernel): the column block is the resident operand and
-both products of a tile have the owned columns as their M dimension, as wgmma needs.
+both products of a tile have the owned columns as their M dimension, as wgmma needs; so does the
+dense label mode's (cols_dense_kernel), whose label dots are transposed with it.
 Probabilities come from exp2 of logits scaled by log2(e)/tau (`scale2`), as in the forward.
 """
 import triton
 import triton.language as tl
 
-from .tiles import _MODE_HEAD, LN2, anchor_rows, dot_tile, head_weights, load_rows, positive_weights, softmax_mask
+from .tiles import (_MODE_HEAD, LN2, W_LABEL, anchor_rows, dot_tile, head_weights, load_rows, pair_factor, pair_omega,
+                    positive_weights, softmax_mask, split_dot_right)
 
 
 @triton.jit
@@ -210,6 +212,57 @@ def cols_free_kernel(q_ptr, k_ptr, self_col, order, live, lse, w_tot, g_up, head
             grad -= w
             if REG:
                 grad -= tl.where(w > 0, tl.maximum(p - w, 0.0), 0.0)
+        dk += tl.dot((grad * g_i[None, :]).to(q.dtype), q, input_precision=PRECISION)
+    tl.store(dk_out + cols[:, None] * stride_dk + offs_k[None, :], dk * (scale2 * LN2),
+             mask=cmask[:, None] & kmask[None, :])
+
+
+@triton.jit
+def cols_dense_kernel(q_ptr, k_ptr, self_col, a_bits, a_count, table, c_count, order, live,
+                      lse, w_tot, scale, inv_z, g_up, dk_out,
+                      M, C, N, col_lo, d, KAP, stride_q, stride_k, stride_dk, scale2, log2_beta, alpha,
+                      WORDS: tl.constexpr, WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr,
+                      REG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """Column gradient of the dense label mode (MODE_DENSE, d <= BLOCK_K), transposed: grid
+    (column blocks of [col_lo, C),). The owned columns' features k_j and 0/1 label rows y_j stay
+    resident; per anchor tile every product has the owned columns as its M dimension (wgmma):
+    sT = k_j q_i^T, the overlaps cT = y_j a_i^T, label-centric weights y_j (1/Z_i)^T as a split
+    dot, and dk_j += gT q_i. The weights are those of tiles.positive_weights, transposed."""
+    pid = tl.program_id(0)
+    cols = col_lo + pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < C
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < d
+    offs_w = tl.arange(0, WORDS)
+    k_res = tl.load(k_ptr + cols[:, None] * stride_k + offs_k[None, :], mask=cmask[:, None] & kmask[None, :],
+                    other=0.0)
+    y_res = tl.load(table + cols[:, None] * WORDS + offs_w[None, :], mask=cmask[:, None], other=0.0)
+    a_j = tl.load(c_count + cols, mask=cmask, other=0).to(tl.float32)
+    col_shift = tl.where(cols < N, log2_beta, 0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    live_n = tl.load(live)
+    for start in range(0, live_n, BLOCK_M):
+        rows, rmask = anchor_rows(order, live_n, start, BLOCK_M)
+        self_c, a_i, lse2_i, w_i, scale_i, g_i = anchor_state(rows, rmask, self_col, a_count, lse, w_tot, scale,
+                                                              g_up)
+        q = tl.load(q_ptr + rows[:, None] * stride_q + offs_k[None, :], mask=rmask[:, None] & kmask[None, :],
+                    other=0.0)
+        s2 = tl.dot(k_res, tl.trans(q), input_precision=PRECISION) * scale2
+        soft = cmask[:, None] & rmask[None, :] & (cols[:, None] != self_c[None, :])
+        p = tl.exp2(tl.where(soft, s2 + col_shift[:, None] - lse2_i[None, :], float("-inf")))
+        a_rows = tl.load(a_bits + rows[:, None] * WORDS + offs_w[None, :], mask=rmask[:, None], other=0.0)
+        c = tl.dot(y_res, tl.trans(a_rows))  # exact: at most WORDS ones
+        if WEIGHTING == W_LABEL:
+            f = pair_factor(c, a_i, a_j, cols >= N, alpha, FACTOR, HARD, True)
+            iz = tl.load(inv_z + rows[:, None] * KAP + offs_w[None, :], mask=rmask[:, None], other=0.0)
+            w = f * split_dot_right(y_res, iz) * scale_i[None, :]
+        else:
+            w = pair_omega(c, a_i, a_j, WEIGHTING, True) * scale_i[None, :]
+        w = tl.where(soft, w, 0.0)
+        grad = p * w_i[None, :] - w
+        if REG:
+            grad -= tl.where(w > 0, tl.maximum(p - w, 0.0), 0.0)
         dk += tl.dot((grad * g_i[None, :]).to(q.dtype), q, input_precision=PRECISION)
     tl.store(dk_out + cols[:, None] * stride_dk + offs_k[None, :], dk * (scale2 * LN2),
              mask=cmask[:, None] & kmask[None, :])

@@ -111,6 +111,20 @@ class Arguments:
         if value not in configs.FP32_PRECISIONS:
             raise ValueError(f"{name}: expected one of {list(configs.FP32_PRECISIONS)}, got {value!r}")
 
+    def visit(self, order: Tensor | None, live: Tensor | None) -> tuple | None:
+        """The anchors' visiting order [M] and live count [1] (int32; launch.visiting), both or
+        neither: (order, live), or None for every anchor in its own order."""
+        if (order is None) != (live is None):
+            raise ValueError(f"{'live' if live is None else 'order'}: order and live come together "
+                             f"(the anchors' visiting order and how many of them are visited)")
+        if order is None:
+            return None
+        self.tensor("order", order, (self.M,), (torch.int32,))
+        self.tensor("live", live, (1,), (torch.int32,))
+        self.ids("order", order, 0, self.M, "anchor indices")
+        self.ids("live", live, 0, self.M + 1, "a count of anchors")
+        return order, live
+
     def anchor_gradient(self, name: str, t: Tensor) -> None:
         """The forward's anchor-row gradient for G = 1: fp32 [M, d], or [0, d] when the forward
         left it to the backward."""

@@ -251,12 +251,9 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
     hb = args.head("head_u", head_u, M, 2)
     args.tensor("head_y", head_y, (C, hb), (torch.float16,))
     args.anchor_gradient("dq_unit", dq_unit)
-    args.tensor("order", order, (M,), (torch.int32,))
-    args.tensor("live", live, (1,), (torch.int32,))
-    # What else the kernels address memory with: anchors (order, col_owner, slot_sorted's slots) and
+    args.visit(order, live)
+    # What else the kernels address memory with: anchors (col_owner, slot_sorted's slots) and
     # compact labels (col_cid).
-    args.ids("order", order, 0, M, "anchor indices")
-    args.ids("live", live, 0, M + 1, "a count of anchors")
     args.ids("col_cid", col_cid, -1, U, "compact label ids (-1: none)")
     args.ids("slot_sorted", slot_sorted, 0, (U + 1) * max(1, M * ka), "slot keys (compact id * M * Ka + slot)")
     args.ids("col_owner", col_owner, -1, M, "anchor indices (-1: none)")

@@ -37,10 +37,10 @@ GATHER_MIN_LIST_WIDTH = 4   # ... when columns carry enough labels that a list s
 # the O((|A|+|C|)(d+K)) working set, and a small part of the |A| x |C| tile work.
 PAIRS_MAX_PER_ROW = 4
 PAIRS_MAX_DENSITY = 0.25
-# Pair-centric weights in the pairs regime: the columns' most frequent labels form a head of dense
-# 0/1 tiles (at most DENSE_MAX_LABELS, the dense mode's width that compiles to wgmma without
-# spills), so the sweeps weigh every pair by its head overlap and only pairs sharing a rarer label
-# are listed (pairs.py); T then counts the tail labels only. Label-centric weights list all pairs.
+# The pairs regime: the columns' most frequent labels form a head of dense 0/1 tiles (at most
+# DENSE_MAX_LABELS, the dense mode's width that compiles to wgmma without spills), so the sweeps
+# weigh every pair by its head labels and only pairs sharing a rarer label are listed (pairs.py);
+# T then counts the tail labels only.
 PAIRS_HEAD_LABELS = DENSE_MAX_LABELS
 
 # Head labels of the closed form: the columns' most frequent labels, as a dense [columns, HB]
@@ -101,6 +101,7 @@ LABEL_MAX_CHUNK = 128
 
 
 TILE_KINDS = ("in_tile", "free", "head", "dense", "dense_label")
+DENSE_RESIDENT_KINDS = ("dense", "dense_label")
 
 
 # IEEE fp32 dots (fp32 features while torch disallows tf32) run on FFMA with both operand tiles
@@ -131,7 +132,10 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
     if interpret:
         # Small tiles so that the CPU tests cross tile, chunk and padding boundaries.
         return TileConfig(block_m=16, block_n=16, block_k=16, block_d=16, num_warps=1, num_stages=1)
-    chunk = max(16, min(pow2(dim), LABEL_MAX_CHUNK if kind in ("in_tile", "dense", "dense_label") else FREE_MAX_CHUNK))
+    # The dense label mode's transposed column kernel (backward.cols_dense_kernel) keeps its column
+    # block resident at d <= 256 like the label-free kernels.
+    resident = kind not in ("in_tile", "dense", "dense_label") or (owner == "columns" and kind in DENSE_RESIDENT_KINDS)
+    chunk = max(16, min(pow2(dim), FREE_MAX_CHUNK if resident else LABEL_MAX_CHUNK))
     if ieee:
         chunk = min(chunk, IEEE_CHUNK)
     elif fp32:
@@ -143,15 +147,18 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
         bm, bn, warps = IEEE_TILE
         return TileConfig(block_m=bm, block_n=bn, block_k=chunk, block_d=chunk, num_warps=warps, num_stages=2)
     if kind == "dense":
-        # Overlap dot + pair weights per tile: 64 x 64 over 8 warps for both kernel families, the
-        # in-tile column kernel's 128-wide chunks (its 256-wide variant spills: static report).
-        return TileConfig(block_m=64, block_n=64, block_k=chunk, block_d=chunk, num_warps=8, num_stages=2)
+        # Overlap dot + pair weights per tile: 64 x 64 over 8 warps for both kernel families; the
+        # transposed column kernel with 256 features resident sweeps 32 anchors (64 spill: static
+        # report).
+        block_m = 32 if owner == "columns" and chunk > LABEL_MAX_CHUNK else 64
+        return TileConfig(block_m=block_m, block_n=64, block_k=chunk, block_d=chunk, num_warps=8, num_stages=2)
     if kind == "dense_label":
-        # Two [BLOCK_M, 64] label-sum accumulators besides the tile: the swept side halves.
-        # The column kernel's 64-row variants spill (static report), so its products run on
-        # mma.sync at 32 swept rows.
+        # Two [BLOCK_M, 64] label-sum accumulators besides the tile: the swept side halves. The
+        # transposed column kernel owns 64 columns (the M of its products) and sweeps 32 anchors,
+        # 16 with 256 features resident (32 spill there: static report).
         if owner == "columns":
-            return TileConfig(block_m=32, block_n=64, block_k=chunk, block_d=chunk, num_warps=8, num_stages=2)
+            return TileConfig(block_m=16 if chunk > LABEL_MAX_CHUNK else 32, block_n=64, block_k=chunk,
+                              block_d=chunk, num_warps=8, num_stages=2)
         return TileConfig(block_m=64, block_n=32, block_k=chunk, block_d=chunk, num_warps=8, num_stages=2)
     if kind != "in_tile":
         # Label-free sweeps (a logit GEMM, one exp2 per pair, a gradient GEMM; "head" adds two
@@ -263,11 +270,8 @@ def closed_form(weighting: int, factor: int, alpha: float) -> bool:
     return weighting == WEIGHTING_CODES["label"] and one
 
 
-def pairs_head_width(weighting: int, num_labels: int) -> int:
-    """Head labels of the pairs regime: PAIRS_HEAD_LABELS (at most L) for pair-centric weights,
-    none for label-centric ones."""
-    if weighting == WEIGHTING_CODES["label"]:
-        return 0
+def pairs_head_width(num_labels: int) -> int:
+    """Head labels of the pairs regime: PAIRS_HEAD_LABELS, at most L."""
     return min(PAIRS_HEAD_LABELS, num_labels)
 
 
@@ -277,8 +281,8 @@ def choose_regime(num_labels: int, anchor_width: int, column_width: int, num_anc
     `head`, those of labels outside it) is None when it is unknown, e.g. while torch.compile
     traces: then only the static rules apply. `closed`: the configuration has a closed form
     (closed_form), which needs no label work in the sweeps, no host synchronisation and O(nnz d)
-    label sums: always taken. `head`: pair-centric weights, whose pairs regime sweeps on the dense
-    label mode's tiles (wgmma) and is preferred to the in-tile modes whenever its list fits."""
+    label sums: always taken. `head`: the pairs regime sweeps on the dense label mode's tiles over
+    a head of labels (wgmma) and is preferred to the in-tile modes whenever its list fits."""
     if closed:
         return "closed"
     if num_labels <= DENSE_MAX_LABELS:

@@ -80,10 +80,10 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
         tail_capacity = labels.positive_triples(anchor_sets, column_sets, col_lo, skip_most_frequent=hb)
         budget = configs.TAIL_MAX_PER_ROW * (q.shape[0] + k.shape[0]) * (q.shape[1] + anchor_sets.width)
         closed_ok = regime == "closed" or tail_capacity <= budget
-    head_width = configs.pairs_head_width(weighting, anchor_sets.num_labels)
+    head_width = configs.pairs_head_width(anchor_sets.num_labels)
     if regime is None:
         triples = None
-        head = head_width > 0 and anchor_sets.num_labels > configs.DENSE_MAX_LABELS
+        head = anchor_sets.num_labels > configs.DENSE_MAX_LABELS
         if not closed_ok and may_read and \
                 (head or -(-anchor_sets.num_labels // 32) > configs.BITS_MAX_WORDS):
             triples = labels.positive_triples(anchor_sets, column_sets, col_lo, skip_most_frequent=head_width)
@@ -126,11 +126,19 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
     a_index = labels.padded_index(anchor_sets)
     a_count = anchor_sets.count.to(torch.int32)
     c_count = column_sets.count.to(torch.int32)
+    visit = {}
+    if phi > plo:
+        # Prototypes as anchors: of a large label space most share no label with another column.
+        # The sweeps visit the anchors that may have a positive only (sample anchors nearly all do,
+        # so without prototype anchors the order is not worth its device operations).
+        order, live = labels.visiting_order(a_index, a_count, column_sets.index, self_col, col_lo,
+                                            anchor_sets.num_labels)
+        visit = dict(order=order, live=live)
     if regime == "pairs":
         loss, w_tot, *_ = pairs.pairs_forward(q, k, self_col, a_index.long(), a_count, column_sets.index, c_count, n,
                                               col_lo, anchor_sets.num_labels, 1.0 / problem.temperature, log_beta,
                                               float(cfg.alpha), weighting, factor, cfg.reg, head_width, fp32,
-                                              validated=True)
+                                              **visit, validated=True)
         return loss, w_tot > 0
 
     mode = configs.REGIMES[regime]
@@ -144,5 +152,6 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
         a_bits = torch.zeros_like(a_index[:, :1])
     loss, w_tot, *_ = ops.dense_forward(q, k, self_col, a_index, a_bits, a_count, table, c_count, n, col_lo,
                                         1.0 / problem.temperature, log_beta, float(cfg.alpha), mode, weighting,
-                                        factor, cfg.reg, fp32, grad_mode == "forward" and need_grad, validated=True)
+                                        factor, cfg.reg, fp32, grad_mode == "forward" and need_grad, **visit,
+                                        validated=True)
     return loss, w_tot > 0

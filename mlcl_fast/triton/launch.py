@@ -89,13 +89,14 @@ def label_free(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count:
 
 def head_overlaps(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, a_head: Tensor,
                   c_head: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float, weighting: int,
-                  reg: bool, fp32_precision: str) -> tuple[tuple, Geometry]:
+                  factor: int, alpha: float, reg: bool, fp32_precision: str) -> tuple[tuple, Geometry]:
     """(label tuple, geometry) of the dense label mode over head-label rows (pairs.py with a head):
-    pair-centric weights omega(c^H_ij) with the true label counts a_i, a_j; the anchors' label
-    lists are not read (an [M, 1] view stands in for them)."""
+    weights from the head overlap c^H_ij with the true label counts a_i, a_j (label-centric ones
+    over the head labels' normalisers); the anchors' label lists are not read (an [M, 1] view
+    stands in for them)."""
     labels = (self_col, self_col.view(-1, 1), a_head, a_count, c_head, c_count)
-    return labels, geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, 0.0, configs.MODE_DENSE,
-                            weighting, 0, reg, fp32_precision)
+    return labels, geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, alpha, configs.MODE_DENSE,
+                            weighting, factor, reg, fp32_precision)
 
 
 def head_tiles(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, head_u: Tensor,
@@ -232,6 +233,17 @@ def cols(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap,
         meta = dict(HEAD=head, REG=g.reg, HB=g.words if head else 16, BLOCK_K=cfg.block_k, PRECISION=g.precision)
         _launch(backward.cols_free_kernel, "cols_free", g, cfg, lambda m: (triton.cdiv(width, m["BLOCK_N"]),), wrap,
                 args, meta)
+        return dk
+    if g.mode == configs.MODE_DENSE and g.dim <= cfg.block_k:
+        # The dense label mode, transposed as above: its label dots also have the owned columns as M.
+        self_col, _, a_bits, a_count, table, c_count = labels
+        args = (q, k, self_col, a_bits, a_count, table, c_count, *visiting(g.num_anchors, dev, visit), lse, w_tot,
+                scale, inv_z, g_up, dk, g.num_anchors, C, g.num_samples, g.col_lo, g.dim, g.slots, q.stride(0),
+                k.stride(0), g.dim, g.scale2, g.log2_beta, g.alpha)
+        meta = dict(WORDS=g.words, WEIGHTING=g.weighting, FACTOR=g.factor, HARD=g.hard, REG=g.reg,
+                    BLOCK_K=cfg.block_k, PRECISION=g.precision)
+        _launch(backward.cols_dense_kernel, "cols_dense", g, cfg, lambda m: (triton.cdiv(width, m["BLOCK_N"]),),
+                wrap, args, meta)
         return dk
     args = (q, k, *labels, *visiting(g.num_anchors, dev, visit), lse, w_tot, scale, inv_z, g_up, dk,
             g.num_anchors, C, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,

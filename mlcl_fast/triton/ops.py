@@ -11,6 +11,8 @@ backward) leaves out the device-side assertions on label and column values the c
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
@@ -83,22 +85,23 @@ def check_arguments(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_b
 def dense_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_bits: Tensor, a_count: Tensor,
                   table: Tensor, c_count: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float,
                   alpha: float, mode: int, weighting: int, factor: int, reg: bool, fp32_precision: str,
-                  grad_in_forward: bool, validated: bool = False
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  grad_in_forward: bool, order: Optional[Tensor] = None, live: Optional[Tensor] = None,
+                  validated: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     checks.Arguments.precision("fp32_precision", fp32_precision)
-    check_arguments(q, k, self_col, a_index, a_bits, a_count, table, c_count, num_samples, col_lo, inv_tau, log_beta,
-                    alpha, mode, weighting, factor, validated)
+    args = check_arguments(q, k, self_col, a_index, a_bits, a_count, table, c_count, num_samples, col_lo, inv_tau,
+                           log_beta, alpha, mode, weighting, factor, validated)
+    visit = args.visit(order, live)
     labels = (self_col, a_index, a_bits, a_count, table, c_count)
     g = launch.geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, alpha, mode, weighting, factor, reg,
                         fp32_precision)
-    lse, acc_z, acc_s = launch.stats(q, k, labels, g, wrap_triton)  # base 2, as the sweeps read it
+    lse, acc_z, acc_s = launch.stats(q, k, labels, g, wrap_triton, visit)  # base 2, as the sweeps read it
     loss, w_tot, scale, inv_z = epilogue(lse * LN2, acc_z, acc_s, a_count,
                                          weighting == configs.WEIGHTING_CODES["label"])
     dq_unit = None
     if reg or grad_in_forward:
         ones = torch.ones_like(lse)
         dq_unit, reg_sum = launch.rows(q, k, labels, lse, w_tot, scale, inv_z, ones, g, wrap_triton,
-                                       reg_value=reg, grad=grad_in_forward)
+                                       reg_value=reg, grad=grad_in_forward, visit=visit)
         if reg:
             loss = loss - reg_sum
     if dq_unit is None:
@@ -112,10 +115,12 @@ def dense_backward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_bi
                    table: Tensor, c_count: Tensor, lse: Tensor, w_tot: Tensor, scale: Tensor, inv_z: Tensor,
                    g_up: Tensor, dq_unit: Tensor, num_samples: int, col_lo: int, inv_tau: float, log_beta: float,
                    alpha: float, mode: int, weighting: int, factor: int, reg: bool,
-                   fp32_precision: str, validated: bool = False) -> tuple[Tensor, Tensor]:
+                   fp32_precision: str, order: Optional[Tensor] = None, live: Optional[Tensor] = None,
+                   validated: bool = False) -> tuple[Tensor, Tensor]:
     checks.Arguments.precision("fp32_precision", fp32_precision)
     args = check_arguments(q, k, self_col, a_index, a_bits, a_count, table, c_count, num_samples, col_lo, inv_tau,
                            log_beta, alpha, mode, weighting, factor, validated)
+    visit = args.visit(order, live)
     labels = (self_col, a_index, a_bits, a_count, table, c_count)
     g = launch.geometry(q, k, labels, num_samples, col_lo, inv_tau, log_beta, alpha, mode, weighting, factor, reg,
                         fp32_precision)
@@ -127,8 +132,9 @@ def dense_backward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_bi
     if dq_unit.shape[0] == q.shape[0]:
         dq = dq_unit * g_up[:, None]  # the anchor-row gradient is linear in G_i
     else:
-        dq, _ = launch.rows(q, k, labels, lse, w_tot, scale, inv_z, g_up, g, wrap_triton, reg_value=False, grad=True)
-    dk = launch.cols(q, k, labels, lse, w_tot, scale, inv_z, g_up, g, wrap_triton)
+        dq, _ = launch.rows(q, k, labels, lse, w_tot, scale, inv_z, g_up, g, wrap_triton, reg_value=False, grad=True,
+                            visit=visit)
+    dk = launch.cols(q, k, labels, lse, w_tot, scale, inv_z, g_up, g, wrap_triton, visit)
     return dq.to(q.dtype), dk.to(k.dtype)
 
 
@@ -140,18 +146,25 @@ _SCALARS = ("num_samples", "col_lo", "inv_tau", "log_beta", "alpha", "mode", "we
 def _setup_context(ctx, inputs, output):
     q, k = inputs[:2]
     labels = inputs[2:2 + _NUM_LABEL_TENSORS]
-    scalars = inputs[2 + _NUM_LABEL_TENSORS:]
+    rest = inputs[2 + _NUM_LABEL_TENSORS:]
+    scalars = rest[:len(_SCALARS)]  # then grad_in_forward, order, live, validated
+    order, live = (rest[len(_SCALARS) + 1:len(_SCALARS) + 3] + (None, None))[:2]
     _, w_tot, lse, scale, inv_z, dq_unit = output
-    ctx.scalars = dict(zip(_SCALARS, scalars))  # grad_in_forward and validated, the last ones, are not needed
-    ctx.save_for_backward(q, k, *labels, lse, w_tot, scale, inv_z, dq_unit)
+    ctx.scalars = dict(zip(_SCALARS, scalars))
+    ctx.visit = order is not None
+    ctx.save_for_backward(q, k, *labels, lse, w_tot, scale, inv_z, dq_unit,
+                          *((order, live) if ctx.visit else ()))
 
 
 def _backward(ctx, g_loss, *_unused):
     saved = ctx.saved_tensors
+    visit = saved[-2:] if ctx.visit else (None, None)
+    saved = saved[:-2] if ctx.visit else saved
     g_up = g_loss.to(torch.float32).contiguous()
     # The saved tensors are the forward's checked inputs and its outputs: no value assertions again.
-    dq, dk = dense_backward(*saved[:-1], g_up, saved[-1], **ctx.scalars, validated=True)
-    return (dq, dk) + (None,) * (_NUM_LABEL_TENSORS + len(_SCALARS) + 2)  # + grad_in_forward, validated
+    dq, dk = dense_backward(*saved[:-1], g_up, saved[-1], **ctx.scalars, order=visit[0], live=visit[1],
+                            validated=True)
+    return (dq, dk) + (None,) * (_NUM_LABEL_TENSORS + len(_SCALARS) + 4)  # + grad_in_forward, order, live, validated
 
 
 dense_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -141,32 +141,49 @@ def overlap(rows, rmask, cols, cmask, a_index, a_bits, KA, table, width,
 
 
 @triton.jit
-def pair_omega(c, a_i, a_j, WEIGHTING: tl.constexpr):
+def pair_axes(a_i, a_j, TRANSPOSED: tl.constexpr):
+    """Per-anchor and per-column values broadcast over a tile: [anchors, columns], or
+    [columns, anchors] for the transposed column kernel."""
+    if TRANSPOSED:
+        ai = a_i[None, :]
+        aj = a_j[:, None]
+    else:
+        ai = a_i[:, None]
+        aj = a_j[None, :]
+    return ai, aj
+
+
+@triton.jit
+def pair_omega(c, a_i, a_j, WEIGHTING: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """Unnormalised pair-centric weight: any, all, jaccard."""
+    ai, aj = pair_axes(a_i, a_j, TRANSPOSED)
     pos = c > 0
     if WEIGHTING == W_ANY:
         om = pos.to(tl.float32)
     elif WEIGHTING == W_ALL:
-        om = (pos & (c == a_i[:, None]) & (c == a_j[None, :])).to(tl.float32)
+        om = (pos & (c == ai) & (c == aj)).to(tl.float32)
     else:
-        union = tl.maximum(a_i[:, None] + a_j[None, :] - c, 1.0)
+        union = tl.maximum(ai + aj - c, 1.0)
         om = tl.where(pos, c / union, 0.0)
     return om
 
 
 @triton.jit
-def pair_factor(c, a_i, a_j, proto_col, alpha, FACTOR: tl.constexpr, HARD: tl.constexpr):
+def pair_factor(c, a_i, a_j, proto_col, alpha, FACTOR: tl.constexpr, HARD: tl.constexpr,
+                TRANSPOSED: tl.constexpr = False):
     """f_ij of the label-centric weighting: one, union, overlap; HARD: alpha < 0."""
+    ai, aj = pair_axes(a_i, a_j, TRANSPOSED)
+    _, proto = pair_axes(a_i, proto_col, TRANSPOSED)
     if FACTOR == F_ONE:
         f = tl.full(c.shape, 1.0, tl.float32)
     elif FACTOR == F_UNION:
-        union = tl.maximum(a_i[:, None] + a_j[None, :] - c, 1.0)
-        f = tl.where(proto_col[None, :], 1.0, 1.0 / union)
+        union = tl.maximum(ai + aj - c, 1.0)
+        f = tl.where(proto, 1.0, 1.0 / union)
     else:
         if HARD:
-            f = (c == a_j[None, :]).to(tl.float32)
+            f = (c == aj).to(tl.float32)
         else:
-            ratio = c / tl.maximum(a_j[None, :], 1.0)
+            ratio = c / tl.maximum(aj, 1.0)
             # (c/a_j)^alpha on overlapping columns; log2 is only taken where c > 0.
             f = tl.where(c > 0, tl.exp2(alpha * tl.log2(tl.where(c > 0, ratio, 1.0))), 0.0)
     return f
@@ -208,16 +225,31 @@ def positive_weights(rows, rmask, cols, cmask, soft, a_i, a_j, scale_i, inv_z, N
 
 
 @triton.jit
-def split_dot(v, y):
-    """v @ y for an fp32 tile v and a 0/1 fp16 tile y, on fp16 tensor cores to ~22 significant
-    bits: each row of v is scaled by its largest magnitude and split into an fp16 high part and
-    the fp16 rest (0/1 products are exact; the accumulation is fp32)."""
+def split_rows(v):
+    """(hi, lo, m): each row of the fp32 tile v scaled by its largest magnitude m and split into an
+    fp16 high part and the fp16 rest (~22 significant bits together)."""
     m = tl.max(tl.abs(v), axis=1)
     m = tl.where(m > 0, m, 1.0)
     unit = v / m[:, None]
     hi = unit.to(tl.float16)
     lo = (unit - hi.to(tl.float32)).to(tl.float16)
+    return hi, lo, m
+
+
+@triton.jit
+def split_dot(v, y):
+    """v @ y for an fp32 tile v and a 0/1 fp16 tile y, on fp16 tensor cores to ~22 significant
+    bits (split_rows; 0/1 products are exact; the accumulation is fp32)."""
+    hi, lo, m = split_rows(v)
     return (tl.dot(hi, y) + tl.dot(lo, y)) * m[:, None]
+
+
+@triton.jit
+def split_dot_right(y, v):
+    """y @ v^T for a 0/1 fp16 tile y and an fp32 tile v: split_dot with the fp32 operand on the
+    right (its rows, now the result's columns, carry the scales)."""
+    hi, lo, m = split_rows(v)
+    return (tl.dot(y, tl.trans(hi)) + tl.dot(y, tl.trans(lo))) * m[None, :]
 
 
 @triton.jit
