@@ -150,12 +150,17 @@ def real_labels(name: str, n: int, *, seed: int = 0) -> tuple[Tensor, int]:
     return sort_padded(torch.from_numpy(gathered)), num_labels
 
 
-def make_labels(regime: str, n: int, num_labels: Optional[int], *, seed: int = 0) -> tuple[Tensor, int]:
-    """(padded index [n, K], L) for one sweep point's regime."""
+def make_labels(regime: str, n: int, num_labels: Optional[int], *, seed: int = 0,
+                sizes: Optional[tuple[int, int]] = None) -> tuple[Tensor, int]:
+    """(padded index [n, K], L) for one sweep point's regime; `sizes` (min, max labels per
+    sample) replaces the power-law regime's 2..20 (the CPU target point draws 2..8)."""
+    if sizes is not None and regime != "powerlaw":
+        raise ValueError(f"sizes: only the 'powerlaw' regime takes label-set sizes, got regime {regime!r}")
     if regime == "few":
         return few_labels(n, num_labels, seed=seed), num_labels
     if regime == "powerlaw":
-        return powerlaw_labels(n, num_labels, seed=seed), num_labels
+        lo, hi = sizes if sizes is not None else POWERLAW_SIZES
+        return powerlaw_labels(n, num_labels, min_size=lo, max_size=hi, seed=seed), num_labels
     if regime in REAL_DATASETS:
         return real_labels(regime, n, seed=seed)
     raise ValueError(f"regime: expected 'few', 'powerlaw' or one of {list(REAL_DATASETS)}, got {regime!r}")

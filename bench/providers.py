@@ -76,13 +76,15 @@ class Shape:
         return self.N + (self.L if self.config.uses_prototypes else 0)
 
 
-def useful_flops(shape: Shape, mode: str) -> float:
+def useful_flops(shape: Shape, mode: str, anchors: Optional[int] = None) -> float:
     """Matrix FLOPs a fused kernel cannot avoid: 2·R·|C|·d per pass over the logits.
 
     forward: logits (1 pass); backward: recomputed logits + gradients of rows and columns (3);
-    forward+backward: 4 passes, i.e. 8·R·|C|·d."""
+    forward+backward: 4 passes, i.e. 8·R·|C|·d. R is every anchor unless `anchors` gives the
+    valid ones (with a positive), the only rows a backend that skips the others must compute."""
     passes = {"fwd": 1, "bwd": 3, "full": 4}[mode]
-    return 2.0 * passes * shape.anchors * shape.columns * shape.d
+    rows = shape.anchors if anchors is None else anchors
+    return 2.0 * passes * rows * shape.columns * shape.d
 
 
 def _backward(inputs: Inputs) -> Callable[[Tensor], None]:

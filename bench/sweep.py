@@ -30,7 +30,7 @@ from . import timing
 from .labels import find_dataset, max_labels, REAL_DATASETS
 from .providers import CompiledReference, Shape, get_provider, provider_names, useful_flops
 from .records import append_rows, status_kind
-from .worker import DTYPES, MODES, forked_worker, measure
+from .worker import DTYPES, MODES, forked_worker, measure, spec_modes
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -165,7 +165,7 @@ def run_subprocess(spec: dict, timeout_s: float, threads: Optional[int] = None) 
         _kill_group(proc)
         raise
     records = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
-    return _complete(records, timed_out, timeout_s, proc.returncode, err)
+    return _complete(records, timed_out, timeout_s, proc.returncode, err, spec_modes(spec))
 
 
 class ForkRunner:
@@ -210,7 +210,7 @@ class ForkRunner:
             recv.close()
         exitcode = proc.exitcode
         proc.close()
-        return _complete(records, timed_out, timeout_s, exitcode, "")
+        return _complete(records, timed_out, timeout_s, exitcode, "", spec_modes(spec))
 
 
 def _worker_env(threads: Optional[int]) -> dict:
@@ -221,10 +221,11 @@ def _worker_env(threads: Optional[int]) -> dict:
     return env
 
 
-def _complete(records: list[dict], timed_out: bool, timeout_s: float, returncode, stderr: str) -> list[dict]:
+def _complete(records: list[dict], timed_out: bool, timeout_s: float, returncode, stderr: str,
+              modes=MODES) -> list[dict]:
     """Statuses for the modes a worker did not report: timeout, killed (likely oom), or error."""
     seen = {r["mode"] for r in records}
-    missing = [m for m in MODES if m not in seen]
+    missing = [m for m in modes if m not in seen]
     if missing:
         if timed_out:
             status = f"timeout (> {timeout_s:.0f} s)"

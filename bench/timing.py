@@ -29,6 +29,9 @@ class Timing:
     p20_ms: float
     p80_ms: float
     repeats: Optional[int]  # None where the timer does not report it (do_bench)
+    # The fastest sample: on a shared machine, the run least disturbed by other work.
+    min_ms: Optional[float] = None
+    samples_ms: tuple = ()
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -40,7 +43,8 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def summarize(samples_ms: list[float]) -> Timing:
-    return Timing(quantile(samples_ms, 0.5), quantile(samples_ms, 0.2), quantile(samples_ms, 0.8), len(samples_ms))
+    return Timing(quantile(samples_ms, 0.5), quantile(samples_ms, 0.2), quantile(samples_ms, 0.8), len(samples_ms),
+                  min(samples_ms), tuple(samples_ms))
 
 
 def time_cpu(fn: Callable[[], object], prepare: Optional[Callable[[], object]] = None, *, warmup: int = 1,
@@ -153,22 +157,35 @@ def steady_malloc() -> bool:
 
 # ---------------------------------------------------------------- matmul rate (the roofline's ceiling)
 
-def matmul_rate(device: str, dtype: torch.dtype = torch.float32, size: Optional[int] = None) -> float:
-    """Measured dense matmul rate in GFLOP/s (2·n³ per n×n product), median of several products.
+def matmul_rates(device: str, shapes, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """Measured dense matmul rate in GFLOP/s over products [m, k] @ [k, n] for (m, n, k) in `shapes`:
+    (the highest rate at each product's median time, the highest at its fastest sample).
 
+    Several shapes, because the fastest one differs between machines and thread counts (a square
+    product against a similarity-shaped one with a short k); the faster is the fairer ceiling.
     fp32 on CUDA is measured with TF32 allowed: the fused GPU backends may use it (SPEC)."""
     cuda = device.startswith("cuda")
-    n = size or (8192 if cuda else 1024)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    flops = 2.0 * n ** 3
-    if cuda:
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            t = time_cuda(lambda: a @ b, budget_s=0.3)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
-    else:
-        t = time_cpu(lambda: a @ b, warmup=2, min_repeats=5, max_repeats=20, budget_s=0.5)
-    return flops / (t.median_ms * 1e-3) / 1e9
+    median_rate = best_rate = 0.0
+    for m, n, k in shapes:
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        if cuda:
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                t = time_cuda(lambda: a @ b, budget_s=0.3)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev
+        else:
+            t = time_cpu(lambda: a @ b, warmup=2, min_repeats=5, max_repeats=20, budget_s=0.5)
+        flops = 2.0 * m * n * k
+        median_rate = max(median_rate, flops / (t.median_ms * 1e-3) / 1e9)
+        fastest = t.min_ms if t.min_ms is not None else t.median_ms  # do_bench reports no fastest sample
+        best_rate = max(best_rate, flops / (fastest * 1e-3) / 1e9)
+    return median_rate, best_rate
+
+
+def matmul_rate(device: str, dtype: torch.dtype = torch.float32, size: Optional[int] = None) -> float:
+    """The median-time rate of one square n×n product, GFLOP/s (the sweep's roofline ceiling)."""
+    n = size or (8192 if device.startswith("cuda") else 1024)
+    return matmul_rates(device, [(n, n, n)], dtype)[0]

@@ -7,6 +7,12 @@ which prints one `ROW {json}` line per mode. Either way a mode is reported as so
 measured, so a point killed at its timeout keeps the modes it finished. On CUDA the sweep calls
 `measure()` in-process.
 
+Optional spec keys (bench/cpu_targets.py uses them): `modes` (a subset of MODES), `views` (N rows
+are N / views samples, each repeated as consecutive rows, as features [B, V, d] flatten),
+`label_sizes` ([min, max] labels per power-law sample), `threads`, and `matmul_shapes`
+([[m, n, k], ...]: the matmul rate measured in this process before the provider's setup and
+after the last mode's timing, with the same threads, reported as [median, best] GFLOP/s).
+
 Order inside the process: build inputs, set up the provider and run forward+backward once
 (compilation, lazy initialisation: `setup_s`), then one memory pass over the three modes, then
 the timing pass. A mode's `peak_MB` is its peak resident (CPU) or allocated (CUDA) bytes above
@@ -35,8 +41,13 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 def build_inputs(spec: dict) -> Inputs:
     device = spec["device"]
-    index, num_labels = make_labels(spec["regime"], spec["N"], spec["L"], seed=spec.get("seed", 0))
-    labels = to_label_sets(index, num_labels, device)
+    views = spec.get("views", 1)
+    if spec["N"] % views:
+        raise ValueError(f"views: N = {spec['N']} rows are not a whole number of samples of {views} views")
+    sizes = spec.get("label_sizes")
+    index, num_labels = make_labels(spec["regime"], spec["N"] // views, spec["L"], seed=spec.get("seed", 0),
+                                    sizes=tuple(sizes) if sizes else None)
+    labels = to_label_sets(index, num_labels, device).repeat_views(views)
     gen = torch.Generator(device="cpu").manual_seed(spec.get("seed", 0) + 7)
     dtype = DTYPES[spec["dtype"]]
 
@@ -57,9 +68,18 @@ def classify_error(err: BaseException) -> str:
     return f"{'oom' if oom else 'error'} ({text})"
 
 
+def spec_modes(spec: dict) -> tuple[str, ...]:
+    modes = tuple(spec.get("modes") or MODES)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"modes: expected a subset of {list(MODES)}, got {unknown}")
+    return modes
+
+
 def measure(spec: dict, emit: Callable[[dict], None]) -> None:
     """Measure the point described by `spec`; call emit(record) once per mode."""
     cuda = spec["device"].startswith("cuda")
+    modes = spec_modes(spec)
     done: set[str] = set()
 
     def report(mode: str, **fields) -> None:
@@ -74,7 +94,7 @@ def measure(spec: dict, emit: Callable[[dict], None]) -> None:
         status = classify_error(err)
         if spec.get("verbose"):
             traceback.print_exc(file=sys.stderr)
-        for mode in MODES:
+        for mode in modes:
             if mode not in done:
                 emit({"mode": mode, "status": status})
     finally:
@@ -83,12 +103,17 @@ def measure(spec: dict, emit: Callable[[dict], None]) -> None:
 
 
 def _measure(spec: dict, cuda: bool, report) -> None:
-    if not cuda:
-        timing.exact_malloc()
+    modes = spec_modes(spec)
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    shapes = [tuple(s) for s in spec.get("matmul_shapes") or ()]
+    common = {"threads": torch.get_num_threads()}
+    if shapes:  # before anything of the point is allocated; the heap stays in its usual state for it
+        common["matmul_before"] = list(timing.matmul_rates(spec["device"], shapes, DTYPES[spec["dtype"]]))
+    if not cuda:
+        timing.exact_malloc()
     inputs = build_inputs(spec)
-    common = {"K": inputs.labels.width}
+    common["K"] = inputs.labels.width
     t0 = time.perf_counter()
     runner = get_provider(spec["provider"]).setup(inputs)
     runner.full()  # compilation and lazy initialisation happen here, outside every measurement
@@ -96,26 +121,30 @@ def _measure(spec: dict, cuda: bool, report) -> None:
         torch.cuda.synchronize()
     common["setup_s"] = round(time.perf_counter() - t0, 3)
     if common["setup_s"] > spec.get("soft_timeout_s", float("inf")):
-        for mode in MODES:  # one call already took longer than the whole point may (in-process runs)
+        for mode in modes:  # one call already took longer than the whole point may (in-process runs)
             report(mode, status=f"timeout (first call {common['setup_s']:.0f} s)", **common)
         return
 
-    memory = _memory_pass(runner, cuda)
+    memory = _memory_pass(runner, cuda, modes)
     if not cuda:
         timing.steady_malloc()
-    for mode in MODES:
+    for mode in modes:
         t = _time_mode(runner, mode, cuda, spec)
+        extra = {}
+        if shapes and mode == modes[-1]:
+            # the same machine state as the provider's timing, so the two can be compared
+            extra["matmul_after"] = list(timing.matmul_rates(spec["device"], shapes, DTYPES[spec["dtype"]]))
         report(mode, status="ok", median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, repeats=t.repeats,
-               **memory[mode], **common)
+               min_ms=t.min_ms, samples_ms=list(t.samples_ms), **memory[mode], **common, **extra)
 
 
-def _memory_pass(runner: Runner, cuda: bool) -> dict[str, dict]:
+def _memory_pass(runner: Runner, cuda: bool, modes=MODES) -> dict[str, dict]:
     """Peak working memory of each mode, one call each, above the memory in use just before the
     mode (bwd: its forward runs first, so the peak includes the live autograd graph)."""
     out = {}
     if not cuda and (timing.rss_bytes() is None or not timing.reset_peak_rss()):
-        return {mode: {} for mode in MODES}  # no /proc here: time only
-    for mode in MODES:
+        return {mode: {} for mode in modes}  # no /proc here: time only
+    for mode in modes:
         gc.collect()
         base = _current(cuda)
         loss = runner.forward() if mode == "bwd" else None

@@ -486,3 +486,142 @@ def test_gpu_targets_points_and_valid_anchor_count():
         problem = prepare(inputs.features, inputs.labels, inputs.prototypes, inputs.config, 0.1)
         _, valid = reference.anchor_losses(problem)
         assert gpu_targets.valid_anchors(inputs) == int(valid.sum())
+
+
+# ---------------------------------------------------------------- bench.cpu_targets and the pieces it shares
+
+def test_matmul_rates_report_median_and_fastest():
+    median, best = timing.matmul_rates("cpu", [(96, 96, 32), (64, 64, 64)])
+    assert 0 < median <= best
+    assert timing.matmul_rate("cpu", size=64) > 0
+    t = timing.time_cpu(lambda: time.sleep(0.001), warmup=0, min_repeats=3, max_repeats=3, budget_s=0)
+    assert len(t.samples_ms) == 3 and t.min_ms == min(t.samples_ms) <= t.p20_ms <= t.median_ms
+
+
+def test_useful_flops_of_the_valid_anchors_only():
+    s = providers.Shape("reg", N=4, L=2, d=3, K=2)
+    assert providers.useful_flops(s, "full", anchors=5) == 8 * 5 * 6 * 3
+    assert providers.useful_flops(s, "full", anchors=None) == providers.useful_flops(s, "full")
+
+
+def test_worker_views_label_sizes_and_a_subset_of_modes():
+    spec = dict(provider="reference", preset="reg", regime="powerlaw", N=24, L=50, d=8, views=2, label_sizes=[2, 3],
+                dtype="float32", device="cpu", min_repeats=2, max_repeats=2, mode_budget_s=0, modes=["full"],
+                threads=1, matmul_shapes=[[16, 16, 8]])
+    inputs = worker.build_inputs(spec)
+    assert inputs.features.shape == (24, 8) and inputs.labels.batch_size == 24
+    sizes = inputs.labels.count
+    assert torch.equal(inputs.labels.index[0::2], inputs.labels.index[1::2])   # row b*V + v: sample b's labels
+    assert sizes.min() >= 2 and sizes.max() <= 3
+    rows = sweep.run_in_process(spec)
+    assert [r["mode"] for r in rows] == ["full"] and rows[0]["status"] == "ok", rows
+    r = rows[0]
+    assert len(r["samples_ms"]) == 2 and r["min_ms"] == min(r["samples_ms"]) and r["threads"] == 1
+    for key in ("matmul_before", "matmul_after"):
+        assert len(r[key]) == 2 and 0 < r[key][0] <= r[key][1]
+    # a worker that dies reports only the modes it was asked for
+    assert [m["mode"] for m in sweep._complete([], False, 1.0, 1, "boom", ("full",))] == ["full"]
+    with pytest.raises(ValueError, match="views"):
+        worker.build_inputs(dict(spec, N=25))
+    with pytest.raises(ValueError, match="sizes"):
+        bl.make_labels("few", 10, 16, sizes=(1, 2))
+
+
+def test_cpu_targets_valid_anchor_count_agrees_with_the_reference():
+    """The count the 4-GEMM limit of bench.cpu_targets uses (the one bench.gpu_targets uses too)
+    is the reference's validity at a small point built as the target point is (views, 2..8 labels)."""
+    from bench import cpu_targets, gpu_targets
+    from mlcl_fast import reference
+    from mlcl_fast.inputs import prepare
+
+    inputs = worker.build_inputs(cpu_targets.QUICK)
+    problem = prepare(inputs.features, inputs.labels, inputs.prototypes, inputs.config, inputs.temperature)
+    with torch.no_grad():
+        _, valid = reference.anchor_losses(problem)
+    assert gpu_targets.valid_anchors(inputs) == int(valid.sum())
+    assert 0 < int(valid.sum()) < problem.num_anchors        # absent labels' prototypes are not valid
+
+
+def _fake_record(median_ms, min_ms, peak_mb=1.0, **extra):
+    return dict(mode="full", status="ok", median_ms=median_ms, min_ms=min_ms, samples_ms=[min_ms, median_ms],
+                peak_MB=peak_mb, total_MB=100.0, threads=2, **extra)
+
+
+def test_cpu_targets_figures_pair_medians_and_fastest_runs():
+    """Each target compares medians with medians and fastest runs with fastest runs, against the
+    higher of the before/after matmul rates; pass, miss and 'partly' follow the table."""
+    from bench import cpu_targets as ct
+
+    runs = {"cpp": _fake_record(100.0, 50.0, matmul_before=[10.0, 40.0], matmul_after=[20.0, 30.0]),
+            "cpp, 1 thread": _fake_record(190.0, 80.0, matmul_before=[5.0, 6.0], matmul_after=[5.0, 6.0]),
+            "reference": _fake_record(2500.0, 900.0, peak_mb=20.0),
+            "compile(reference)": _fake_record(300.0, 250.0)}
+    large = _fake_record(1000.0, 1000.0, peak_mb=500.0)
+    res = ct.summarize(ct.QUICK, ct.QUICK_LARGE, [[1, 1, 1]], 2, runs, large)
+    t = res["targets"]
+    assert set(t) == set(ct.TARGETS)
+    flops = res["limit_gflop"] * 1e9
+    assert t["limit_share"]["figures"]["median"] == pytest.approx(flops / 20e9 / 0.1)
+    assert t["limit_share"]["figures"]["quietest"] == pytest.approx(flops / 40e9 / 0.05)
+    assert t["speedup_reference"]["figures"] == pytest.approx({"median": 25.0, "quietest": 18.0})
+    assert t["speedup_reference"]["status"] == "partly (median only)"
+    assert t["speedup_compiled"]["figures"] == pytest.approx({"median": 3.0, "quietest": 5.0})
+    assert t["speedup_compiled"]["status"] == "partly (quietest only)"
+    assert t["thread_scaling"]["figures"] == pytest.approx({"median": 1.9, "quietest": 1.6})
+    assert t["memory_vs_reference"]["figures"] == pytest.approx({"one call": 0.05})
+    assert t["memory_vs_reference"]["status"] == "pass"
+    assert t["large_peak_GB"]["status"] == "pass"
+    assert res["point"]["valid_anchors"] < res["point"]["anchors"]
+    # the 4-GEMM limit counts the valid anchors only
+    shape = providers.Shape("reg", ct.QUICK["N"], ct.QUICK["L"], ct.QUICK["d"], 8)
+    assert flops == providers.useful_flops(shape, "full", anchors=res["point"]["valid_anchors"]) < \
+        providers.useful_flops(shape, "full")
+    # what was not measured says so
+    res = ct.summarize(ct.QUICK, ct.QUICK_LARGE, [[1, 1, 1]], 2, {"cpp": runs["cpp"]}, None)
+    assert res["large"] is None
+    for key in ("speedup_reference", "speedup_compiled", "thread_scaling", "memory_vs_reference", "large_peak_GB"):
+        assert res["targets"][key]["status"] == "not measured" and res["targets"][key]["figures"] == {}
+    bad = ct._check("speedup_reference", {"median": 2.0, "quietest": 3.0})
+    assert bad["status"] == "miss" and bad["pass"] == {"median": False, "quietest": False}
+
+
+def test_cpu_targets_quick_end_to_end():
+    """--quick runs every measurement through the providers and the worker and reports every target."""
+    import subprocess
+    import sys
+    from bench import cpu_targets as ct
+    from bench import gpu_targets
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "bench.cpu_targets", "--quick", "--json", "--repeats", "2",
+                           "--reference-repeats", "1"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout)
+    assert list(res["providers"]) == ["cpp", "cpp, 1 thread", "reference", "compile(reference)"]
+    for name, r in res["providers"].items():
+        assert r["status"] == "ok", (name, r)
+        assert 0 < r["quietest_s"] <= r["median_s"] and r["peak_MiB"] >= 0
+        assert len(r["runs_s"]) == (2 if name.startswith("cpp") else 1)
+    assert res["providers"]["cpp"]["threads"] == 2 and res["providers"]["cpp, 1 thread"]["threads"] == 1
+    for name in ("cpp", "cpp, 1 thread"):
+        rates = res["matmul_gflops_s"][name]
+        for when in ("before", "after"):
+            assert 0 < rates[when]["median"] <= rates[when]["quietest"]
+    point = res["point"]
+    assert (point["N"], point["views"], point["threads"]) == (ct.QUICK["N"], 2, 2)
+    assert point["valid_anchors"] == gpu_targets.valid_anchors(worker.build_inputs(ct.QUICK))
+    assert res["large"]["status"] == "ok" and res["large"]["peak_GB"] > 0
+    assert set(res["targets"]) == set(ct.TARGETS)
+    for key, t in res["targets"].items():
+        assert t["status"] in ("pass", "miss") or t["status"].startswith("partly"), (key, t)
+        stats = set(ct.STATS) if key in ("limit_share", "speedup_compiled", "speedup_reference",
+                                         "thread_scaling") else {"one call"}
+        assert set(t["figures"]) == stats == set(t["pass"]), (key, t)
+        assert all(v > 0 for v in t["figures"].values())
+    cpp, ref = res["providers"]["cpp"], res["providers"]["reference"]
+    assert res["targets"]["speedup_reference"]["figures"]["median"] == pytest.approx(ref["median_s"] / cpp["median_s"])
+    text = ct.report(res)
+    assert "'median' = median of the timed repeats" in text and "'quietest' = the fastest timed repeat" in text
+    for key in ct.TARGETS:
+        assert key in text
+
