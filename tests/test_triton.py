@@ -704,6 +704,19 @@ def test_gpu_presets(preset, overrides, dtype):
     assert_backend_matches("triton", case, **GPU_DTYPES[dtype])
 
 
+@pytest.mark.parametrize("dtype", list(GPU_DTYPES), ids=str)
+@pytest.mark.parametrize("preset,overrides,L", [("msc", {}, 50), ("jaccard", {"reg": True}, 50),
+                                                ("supcon_any", {}, 300), ("msc", {"reg": True}, 300)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_dense_kernels_at_d256(dtype, preset, overrides, L):
+    """d = 256: the dense mode's transposed column kernel with all 256 features resident (L = 50),
+    and the pairs regime's head (L = 300, sparse labels): compiled, against the reference."""
+    case = _case("gpu_dense256", preset, overrides, B=160, V=2, d=256, L=L, density=0.3 if L < 64 else 0.01,
+                 dtype=dtype, device="cuda")
+    assert_backend_matches("triton", case, **GPU_DTYPES[dtype])
+
+
 @pytest.mark.parametrize("precision,tolerance", [("ieee", FP32), ("tf32x3", FP32),
                                                  ("tf32", dict(rtol_loss=5e-3, rtol_grad=5e-3))])
 @pytest.mark.parametrize("preset", ["reg", "supcon_any", "msc"])
