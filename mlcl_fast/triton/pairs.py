@@ -215,16 +215,8 @@ def pairs_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_cou
         omega = acc_z[:, 0] + sparse.segment_sum(om - om_head, row_ptr, interpret)
         total = acc_s[:, 0] + sparse.segment_sum((om - om_head) * s, row_ptr, interpret)
         loss, w_tot, scale, _ = epilogue(lse, omega[:, None], total[:, None], a_count, False)
-        w_head, w = om_head * scale[pi], om * scale[pi]
-        coef = w - w_head
-        if reg:
-            p = torch.exp(s + log_b - lse[pi])
-            r_head = torch.where(w_head > 0, (p - w_head).clamp(min=0), 0.0)
-            r = torch.where(w > 0, (p - w).clamp(min=0), 0.0)
-            _, reg_head = launch.rows(q, k, labels, lse2, w_tot, scale, acc_z, torch.ones_like(lse), g, _identity,
-                                      reg_value=True, grad=False, visit=visit)
-            loss = loss - reg_head - sparse.segment_sum((r - r_head) * s, row_ptr, interpret)
-            coef = coef + (r - r_head)
+        loss, coef = _listed_corrections(q, k, labels, g, lse2, w_tot, scale, acc_z, loss, om_head * scale[pi],
+                                         om * scale[pi], pi, s, log_b, row_ptr, reg, visit, interpret)
     else:
         w, w_tot = pair_weights(pi, pj, count, tri_seg, tri_pair, a_count, c_count, M, slots, num_samples,
                                 weighting, factor, alpha, interpret)
@@ -274,18 +266,28 @@ def _label_centric_head(q, k, labels, g, lse2, acc_z, acc_s, a_head, c_head, a_c
     u_head = sparse.pair_dots(inv_head, c_head, pi, pj, interpret)
     by_pair = torch.argsort(tri_pair, stable=True)
     u_tail = sparse.segment_sum(inv_tail[tri_seg[by_pair]], sparse.offsets(tri_pair[by_pair], pi.numel()), interpret)
-    w_head = f_head * u_head * inv_a[pi]
-    w = f * (u_head + u_tail) * inv_a[pi]
+    loss, coef = _listed_corrections(q, k, labels, g, lse2, w_tot, inv_a, inv_head, loss,
+                                     f_head * u_head * inv_a[pi], f * (u_head + u_tail) * inv_a[pi], pi, s, log_b,
+                                     row_ptr, reg, visit, interpret)
+    return loss, w_tot, inv_a, inv_head.contiguous(), coef
+
+
+def _listed_corrections(q, k, labels, g, lse2, w_tot, scale, inv_z, loss, w_head, w, pi, s, log_b, row_ptr, reg,
+                        visit, interpret):
+    """(loss, coef) with a head: the listed pairs' weights w replace the sweeps' w_head; with the
+    regulariser, the sweeps' value sum_j r^H_ij s_ij (a second sweep) and the listed pairs'
+    r(w) - r(w_head). coef [P] is the gradient correction w - w_head + r(w) - r(w_head)."""
     coef = w - w_head
     if reg:
+        lse = lse2 * configs.LN2
         p = torch.exp(s + log_b - lse[pi])
         r_head = torch.where(w_head > 0, (p - w_head).clamp(min=0), 0.0)
         r = torch.where(w > 0, (p - w).clamp(min=0), 0.0)
-        _, reg_head = launch.rows(q, k, labels, lse2, w_tot, inv_a, inv_head, torch.ones_like(lse), g, _identity,
+        _, reg_head = launch.rows(q, k, labels, lse2, w_tot, scale, inv_z, torch.ones_like(lse2), g, _identity,
                                   reg_value=True, grad=False, visit=visit)
         loss = loss - reg_head - sparse.segment_sum((r - r_head) * s, row_ptr, interpret)
         coef = coef + (r - r_head)
-    return loss, w_tot, inv_a, inv_head.contiguous(), coef
+    return loss, coef
 
 
 @pairs_forward.register_fake
