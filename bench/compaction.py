@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     kw = dict(preset=args.preset, backend=backend, num_labels=args.labels, label_format="indices")
     problem = prepare(x, index, protos, mlcl_fast.resolve_config(args.preset), 0.1, num_labels=args.labels,
                       label_format="indices")
-    kept = int(native_ops.candidate_anchors(problem).sum())
+    kept = int(problem.candidate_anchors().sum())
     print(f"{backend} ({args.algorithm if backend == 'cpp' else 'blocked'}), {args.preset}, {args.dtype}, "
           f"N={args.batch * args.views}, d={args.dim}, L={args.labels}: anchors {problem.num_anchors}, "
           f"left in {kept}; predicted speed-up <= {problem.num_anchors / max(kept, 1):.1f}x")

@@ -116,6 +116,26 @@ class Problem:
             return sets
         return sets.concat(LabelSets.singletons(self.prototypes.shape[0], self.samples.device))
 
+    def candidate_anchors(self) -> Tensor:
+        """[|A|] bool, on the problem's device, without a host read: anchors that share at least
+        one label with a column of their softmax other than their own. Every positive weight
+        needs a shared label, so an anchor outside this set has W_i = 0 (invalid: loss 0, no
+        gradient); the backends leave such anchors out of their sweeps (most prototypes of a
+        large label space, when prototypes are anchors)."""
+        cols = self.column_labels().index
+        if self.config.beta == 0.0:  # beta = 0 drops the sample columns from every softmax
+            cols = cols[self.num_sample_columns:]
+        L = self.labels.num_labels
+        carriers = torch.zeros(L + 1, dtype=torch.int32, device=cols.device)  # slot L: the padding
+        carriers.index_add_(0, torch.where(cols < 0, L, cols).reshape(-1),
+                            torch.ones(cols.numel(), dtype=torch.int32, device=cols.device))
+        carriers[L] = 0
+        anchors = self.anchor_labels().index
+        # an anchor's own column carries exactly the anchor's labels (row r: y_r; prototype k: {k})
+        own = (self.anchor_columns() >= self.num_columns - cols.shape[0]).to(torch.int32)
+        others = carriers[torch.where(anchors < 0, L, anchors)] - own[:, None]
+        return ((others > 0) & (anchors >= 0)).any(1)
+
     @property
     def num_columns(self) -> int:
         n = self.num_sample_columns

@@ -185,7 +185,7 @@ def test_bad_settings_are_named(name, value, monkeypatch):
 # ------------------------------------------------------------------- anchors left out of the ops
 @pytest.mark.parametrize("preset,overrides", ALL_PRESETS, ids=ALL_PRESET_IDS)
 def test_left_out_anchors_are_never_valid(preset, overrides):
-    """native_ops.candidate_anchors keeps every valid anchor (a sparse label space, so many anchors,
+    """Problem.candidate_anchors keeps every valid anchor (a sparse label space, so many anchors,
     prototypes above all, share no label with any other column), and the losses with the others
     left out of the op equal the op's over every anchor."""
     from mlcl_fast.backends import native_ops
@@ -193,7 +193,7 @@ def test_left_out_anchors_are_never_valid(preset, overrides):
     case = _case("candidates", preset, overrides, B=14, V=2, d=6, L=40, density=0.04, empty_rows=2)
     problem = _problem(case)
     every_loss, every_valid = torch.ops.mlcl_fast.anchor_loss_forward(*op_inputs(problem))[:2]
-    candidate = native_ops.candidate_anchors(problem)
+    candidate = problem.candidate_anchors()
     assert not bool((every_valid & ~candidate).any()), "a valid anchor was left out"
     assert bool((~candidate).any()), "nothing to leave out: the case does not test the compaction"
     loss, valid = native_ops.anchor_losses(problem)

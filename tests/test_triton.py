@@ -193,15 +193,15 @@ def test_pair_centric_large_label_space_takes_the_head(monkeypatch, check_values
                                               ("jaccard", {"prototype_mode": "rows", "beta": 0.0})])
 def test_anchors_without_a_positive_are_not_swept(monkeypatch, regime, preset, overrides):
     """Prototypes as anchors over a label space few rows use: the sweeps visit only the anchors
-    that share a label with another column (labels.visiting_order), and the skipped ones still
-    get exactly zero loss and gradient."""
+    that share a label with another column (Problem.candidate_anchors, labels.visiting_order),
+    and the skipped ones still get exactly zero loss and gradient."""
     from mlcl_fast.triton import labels as tl_labels
 
     monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", regime)
     case = _case("visit", preset, overrides, B=9, d=8, L=40, density=0.05, empty_rows=1)
     counts = []
     original = tl_labels.visiting_order
-    monkeypatch.setattr(tl_labels, "visiting_order", lambda *a: counts.append((a[0].shape[0], original(*a))) or
+    monkeypatch.setattr(tl_labels, "visiting_order", lambda mask: counts.append((mask.shape[0], original(mask))) or
                         counts[-1][1])
     assert_backend_matches("triton", case, check_none=False, **FP32)
     anchors, (order, live) = counts[0]

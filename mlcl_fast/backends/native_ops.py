@@ -45,30 +45,11 @@ def op_inputs(problem: Problem, dtype=None, check_values: bool = False) -> tuple
             cfg.alpha, cfg.reg, check_values)
 
 
-def candidate_anchors(problem: Problem) -> Tensor:
-    """[|A|] bool, on the problem's device, without a host read: anchors that share at least one
-    label with a column of their softmax other than their own. Every positive weight needs a shared
-    label, so an anchor outside this set has W_i = 0 (invalid: loss 0, no gradient)."""
-    cols = problem.column_labels().index
-    if problem.config.beta == 0.0:  # beta = 0 drops the sample columns from every softmax
-        cols = cols[problem.num_sample_columns:]
-    L = problem.labels.num_labels
-    carriers = torch.zeros(L + 1, dtype=torch.int32, device=cols.device)  # slot L: the padding
-    carriers.index_add_(0, torch.where(cols < 0, L, cols).reshape(-1),
-                        torch.ones(cols.numel(), dtype=torch.int32, device=cols.device))
-    carriers[L] = 0
-    anchors = problem.anchor_labels().index
-    # an anchor's own column carries exactly the anchor's labels (row r: y_r; prototype k: {k})
-    own = (problem.anchor_columns() >= problem.num_columns - cols.shape[0]).to(torch.int32)
-    others = carriers[torch.where(anchors < 0, L, anchors)] - own[:, None]
-    return ((others > 0) & (anchors >= 0)).any(1)
-
-
 def anchor_losses(problem: Problem, dtype=None) -> tuple[Tensor, Tensor]:
     """Per-anchor loss ([|A|], 0 for invalid anchors) and validity ([|A|] bool) from the ops, the
     embeddings in `dtype`.
 
-    Anchors that cannot be valid (candidate_anchors) are left out of the ops' rows: a problem with
+    Anchors that cannot be valid (Problem.candidate_anchors) are left out of the ops' rows: a problem with
     prototype anchors for every label of a large label space has mostly such anchors (the
     prototypes of labels absent from the batch), and the blocked CUDA kernels would sweep each of
     them against every column. Finding them costs one host read (the number of candidates), so it
@@ -76,7 +57,7 @@ def anchor_losses(problem: Problem, dtype=None) -> tuple[Tensor, Tensor]:
     args = op_inputs(problem, dtype)
     if not problem.check_values or torch.compiler.is_compiling() or problem.num_anchors == 0:
         return torch.ops.mlcl_fast.anchor_loss_forward(*args)[:2]
-    keep = candidate_anchors(problem).nonzero().squeeze(1)
+    keep = problem.candidate_anchors().nonzero().squeeze(1)
     if keep.numel() == problem.num_anchors:
         return torch.ops.mlcl_fast.anchor_loss_forward(*args)[:2]
     rows, cols, row_labels, col_labels, self_col = args[:5]

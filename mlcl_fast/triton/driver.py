@@ -131,8 +131,7 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
         # Prototypes as anchors: of a large label space most share no label with another column.
         # The sweeps visit the anchors that may have a positive only (sample anchors nearly all do,
         # so without prototype anchors the order is not worth its device operations).
-        order, live = labels.visiting_order(a_index, a_count, column_sets.index, self_col, col_lo,
-                                            anchor_sets.num_labels)
+        order, live = labels.visiting_order(problem.candidate_anchors())
         visit = dict(order=order, live=live)
     if regime == "pairs":
         loss, w_tot, *_ = pairs.pairs_forward(q, k, self_col, a_index.long(), a_count, column_sets.index, c_count, n,

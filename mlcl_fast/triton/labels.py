@@ -74,27 +74,13 @@ def column_table(sets: LabelSets, mode: int) -> Tensor:
     raise ValueError(f"unknown label mode {mode}")
 
 
-def visiting_order(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor, col_lo: int,
-                   num_labels: int) -> tuple[Tensor, Tensor]:
-    """(order [M] int32, live [1] int32): the anchors that share a label with a softmax column
-    other than their own first, in their own order, and how many they are. A superset of the
-    anchors with a positive (a weighting may still give such a pair no weight), from label
-    counts alone: O(nnz), static shapes, no host read. The sweeps visit order[0..live) only
-    (launch.visiting), so an anchor without a positive (most prototypes of a large label space
-    when prototypes are anchors) costs nothing; its loss and gradient stay exactly 0."""
-    softmax = c_index[col_lo:].long()
-    # Column counts per label; padding (-1) lands in an extra last bin, which no anchor label reads.
-    bins = torch.where(softmax >= 0, softmax, num_labels).flatten()
-    freq = torch.zeros(num_labels + 1, dtype=torch.int64, device=c_index.device)
-    freq.scatter_add_(0, bins, torch.ones_like(bins))
-    a = a_index.long()
-    carried = torch.where(a >= 0, freq[a.clamp(min=0)], 0).sum(dim=1)
-    # An anchor's own column carries exactly its labels: they do not count when it is a softmax column.
-    own = torch.where(self_col.long() >= col_lo, a_count.long(), 0)
-    invalid = carried <= own
-    order = torch.sort(invalid.to(torch.int8), stable=True).indices.to(torch.int32)
-    live = (~invalid).sum().to(torch.int32).reshape(1)
-    return order, live
+def visiting_order(candidates: Tensor) -> tuple[Tensor, Tensor]:
+    """(order [M] int32, live [1] int32) from Problem.candidate_anchors: the anchors that may have
+    a positive first, in their own order, and how many they are (static shapes, no host read).
+    The sweeps visit order[0..live) only (launch.visiting), so an anchor without a positive costs
+    nothing; its loss and gradient stay exactly 0."""
+    order = torch.sort((~candidates).to(torch.int8), stable=True).indices.to(torch.int32)
+    return order, candidates.sum().to(torch.int32).reshape(1)
 
 
 def positive_triples(anchor_sets: LabelSets, column_sets: LabelSets, col_lo: int, skip_most_frequent: int = 0
