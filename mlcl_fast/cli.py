@@ -195,7 +195,7 @@ def _setup(args) -> None:
 def cmd_train(args) -> int:
     from .train.api import train
     from .train.protocols import TrainConfig
-    from .train.report import metrics_table
+    from .train.report import metrics_table, training_log
 
     method = TrainConfig(loss=args.loss, protocol=args.protocol).method
     out = args.out or f"runs/{Path(args.dataset).stem}-{method.replace('/', '-')}-s{args.seed}"
@@ -205,6 +205,7 @@ def cmd_train(args) -> int:
                    quiet=args.quiet, loss=args.loss, protocol=args.protocol, **_options(args))
     rec = result.to_json()
     t = rec["test"]
+    print(training_log(rec))
     print(metrics_table([rec]))
     print(f"Micro-F1 {t['micro_f1']:.4f}  Macro-F1 {t['macro_f1']:.4f}  Hamming {t['hamming']:.4f}  "
           f"mAP {t['map']:.4f}  (per-label thresholds: Macro-F1 {t['macro_f1_tuned']:.4f})")

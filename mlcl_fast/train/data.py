@@ -1,8 +1,9 @@
 """Multi-label datasets: loaders for .npz, svmlight/XMC, MULAN ARFF and user arrays, plus the
-train/validation split, feature scaling and mini-batching used by the training protocols.
+train/validation split and feature scaling used by the training protocols.
 
-Every loader returns a `Dataset`: X as a dense float32 ndarray or a scipy CSR matrix (kept sparse
-until a batch is drawn), Y as a CSR multi-hot matrix (int8). Errors name the file and the problem.
+Every loader returns a `Dataset`: X as a dense float32 ndarray or a scipy CSR matrix (kept sparse,
+batches included: protocols.Batches), Y as a CSR multi-hot matrix (int8). Errors name the file
+and the problem.
 
 Everything read is checked before it is used: sparse index arrays (in range, consistent row
 pointers), finite features (NaN, Inf, or beyond float32 range is an error naming the first bad
@@ -771,9 +772,3 @@ def prepare_split(ds: Dataset, val_fraction: float = 0.15, seed: int = 0,
         X_tr, X_val, X_te = (x.astype(np.float32) for x in (X_tr, X_val, X_te))
     return Split(X_tr, ds.Y_train[tr], X_val, ds.Y_train[val], X_te, ds.Y_test, ds.num_labels, ds.num_features,
                  strategy, inv_prop)
-
-
-def dense_rows(X, rows=None) -> np.ndarray:
-    """Rows of X as a dense float32 array (sparse matrices are densified only here, per batch)."""
-    part = X if rows is None else X[rows]
-    return part.toarray().astype(np.float32) if sp.issparse(part) else np.asarray(part, dtype=np.float32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from functools import lru_cache
@@ -47,6 +48,13 @@ def atomic_open(path, mode: str = "w", **kwargs) -> Iterator:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def dataset_key(name: str) -> str:
+    """A dataset argument as one file-name component: a plain name (emotions, tmc2007_500) as it
+    is; a path or a `synth:` spec with every character other than letters, digits and ._=+-
+    replaced by '_' (a path's '/' would otherwise leave the output folder)."""
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", name).strip("_.") or "dataset"
 
 
 def write_text(path, text: str) -> None:

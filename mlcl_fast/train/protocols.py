@@ -20,15 +20,24 @@ per-label BCE for the probe, macro AP with ties broken by validation loss for tr
 whose bias starts at the label prior) and stops after `patience`
 epochs without improvement. Per-label thresholds
 are tuned on validation; metrics are reported on test.
+
+Nothing holds a [rows, L] array: batches carry label sets (padded label ids) and sparse feature
+rows as they are, the BCE / ZLPR / ASL heads and the probe expand a batch's labels to a
+[batch, L] target, and models are scored a block of rows at a time into `metrics.ScoreStream`
+(top-k, per-label counts, exact macro AP). Memory is O(rows·k + nnz) for data and predictions
+plus O(L·d) for classifiers, prototypes and their optimiser state; every stage records its ms per
+step and the process's peak memory (StageLog).
 """
 from __future__ import annotations
 
 import copy
 import math
+import resource
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -37,11 +46,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..baselines import asl_loss, bce_loss, zlpr_loss
+from ..labels import LabelSets
 from ..loss import MultiLabelContrastiveLoss
 from ..presets import PRESETS
-from .data import Split, dense_rows
-from .metrics import evaluate, macro_map, tune_thresholds
-from .models import Backbone, ProjectionHead, make_views
+from .data import Split
+from .metrics import ScoreStream, block_rows
+from .models import Backbone, ProjectionHead, SparseRows, make_views
 
 BASELINES = ("bce", "zlpr", "asl")
 # the loss each baseline trains its classifier with (every other classifier stage uses BCE)
@@ -114,17 +124,20 @@ class TrainConfig:
 # Batching
 
 class Batches:
-    """Mini-batches of (dense features, dense multi-hot labels) tensors from one split part."""
+    """Mini-batches of (features, label sets) from one split part: features as a dense tensor, or
+    as `SparseRows` for sparse data; labels as a LabelSets (sorted label ids padded with -1),
+    never as a dense [rows, L] matrix. The contrastive losses read label sets as they are; the
+    BCE / ZLPR / ASL heads expand them to a [batch, L] target, batch-sized."""
 
     def __init__(self, X, Y: sp.csr_matrix, batch_size: int, device: str):
-        self.X, self.Y, self.bs, self.device = X, Y, batch_size, device
+        self.X, self.Y, self.bs, self.device = X, _canonical_csr(Y), batch_size, device
         self.n = Y.shape[0]
         self._dense_x = None if sp.issparse(X) else torch.from_numpy(np.ascontiguousarray(X))
+        self._sparse_x = sp.csr_matrix(X) if sp.issparse(X) else None
 
-    def rows(self, idx: np.ndarray) -> tuple[Tensor, Tensor]:
-        x = self._dense_x[idx] if self._dense_x is not None else torch.from_numpy(dense_rows(self.X, idx))
-        y = torch.from_numpy(self.Y[idx].toarray().astype(bool))
-        return x.to(self.device), y.to(self.device)
+    def rows(self, idx: np.ndarray) -> tuple["Tensor | SparseRows", LabelSets]:
+        x = self._dense_x[idx] if self._dense_x is not None else sparse_rows(self._sparse_x, idx)
+        return x.to(self.device), label_sets(self.Y, idx).to(self.device)
 
     def _starts(self) -> list:
         # a last batch of one row gives contrastive anchors no partner; fold it into the previous one
@@ -144,6 +157,38 @@ class Batches:
         return len(self._starts())
 
 
+def _canonical_csr(Y) -> sp.csr_matrix:
+    """CSR with each row's ids sorted and unique (what LabelSets and SparseRows rows need)."""
+    Y = sp.csr_matrix(Y)
+    if not Y.has_canonical_format:
+        Y = Y.copy()
+        Y.sum_duplicates()
+    return Y
+
+
+def label_sets(Y: sp.csr_matrix, rows) -> LabelSets:
+    """The label sets of `rows` of a canonical CSR label matrix, as padded indices [b, K] (K the
+    largest label count among them): O(b·K), whatever the number of labels."""
+    part = Y[rows]
+    count = np.diff(part.indptr).astype(np.int64)
+    width = int(count.max()) if part.nnz else 0
+    index = np.full((len(count), width), -1, dtype=np.int64)
+    row = np.repeat(np.arange(len(count)), count)
+    index[row, np.arange(part.nnz) - part.indptr[row]] = part.indices
+    return LabelSets(torch.from_numpy(index), torch.from_numpy(count), Y.shape[1])
+
+
+def dense_targets(Y: sp.csr_matrix, rows, device: str = "cpu") -> Tensor:
+    """Multi-hot float32 targets [b, L] of `rows` only (the linear probe's BCE needs them dense)."""
+    return torch.from_numpy(Y[rows].toarray().astype(np.float32)).to(device)
+
+
+def sparse_rows(X: sp.csr_matrix, rows) -> SparseRows:
+    part = X[rows]
+    return SparseRows(torch.from_numpy(part.indices.astype(np.int64)), torch.from_numpy(part.indptr[:-1].astype(np.int64)),
+                      torch.from_numpy(part.data.astype(np.float32, copy=False)), part.shape)
+
+
 # ----------------------------------------------------------------------------------------------
 # Generic early-stopped loop
 
@@ -154,6 +199,35 @@ class StageLog:
     val_score: list = field(default_factory=list)
     best_epoch: int = 0
     seconds: float = 0.0
+    steps: int = 0                                  # optimiser steps taken
+    step_ms: list = field(default_factory=list)     # per epoch: mean ms of a step (batch, forward, backward, update)
+    ms_per_step: Optional[float] = None             # the mean of step_ms (validation excluded)
+    peak_rss_mb: Optional[float] = None             # the process's peak resident memory at the end of the stage
+    peak_cuda_mb: Optional[float] = None            # with a CUDA device: peak allocated device memory
+
+    def finish(self, t0: float, device: str) -> "StageLog":
+        self.seconds = time.perf_counter() - t0
+        self.ms_per_step = round(float(np.mean(self.step_ms)), 2) if self.step_ms else None
+        self.peak_rss_mb, self.peak_cuda_mb = peak_memory_mb(device)
+        return self
+
+
+def peak_memory_mb(device: str = "cpu") -> tuple[float, Optional[float]]:
+    """(peak resident memory of this process so far, in MB; peak allocated CUDA memory or None).
+    Linux reports the peak as VmHWM; elsewhere ru_maxrss (KB on Linux, bytes on macOS)."""
+    rss = None
+    try:
+        with open("/proc/self/status") as f:
+            rss = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), None)
+    except OSError:
+        pass
+    if rss is None:
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
+    cuda = None
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        cuda = torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    return round(float(rss), 1), None if cuda is None else round(cuda, 1)
 
 
 def stage_epochs(cfg: TrainConfig, batches_per_epoch: int, epochs: Optional[int] = None) -> tuple[int, int]:
@@ -188,17 +262,21 @@ def run_stage(name: str, modules: list[nn.Module], params, step_loss: Callable[[
     for epoch in range(1, max_epochs + 1):
         for m in modules:
             m.train()
-        total, count = 0.0, 0
+        total, count, epoch_steps = 0.0, 0, 0
+        t_epoch = time.perf_counter()
         for x, y in batches.epoch(generator):
             steps += 1
+            epoch_steps += 1
             loss = step_loss(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if after_step is not None:
                 after_step()
-            total += float(loss.detach()) * len(y)
-            count += len(y)
+            total += float(loss.detach()) * x.shape[0]   # float(): waits for the device, so the time is real
+            count += x.shape[0]
+        log.step_ms.append(1000 * (time.perf_counter() - t_epoch) / max(epoch_steps, 1))
+        log.steps = steps
         for m in modules:
             m.eval()
         with torch.no_grad():
@@ -208,7 +286,8 @@ def run_stage(name: str, modules: list[nn.Module], params, step_loss: Callable[[
         log.train_loss.append(total / max(count, 1))
         log.val_score.append(score)
         if progress is not None:
-            progress.set_postfix_str(f"loss {log.train_loss[-1]:.4f} val {score:.4f}", refresh=False)
+            progress.set_postfix_str(f"loss {log.train_loss[-1]:.4f} val {score:.4f} {log.step_ms[-1]:.0f} ms/step",
+                                     refresh=False)
             progress.update(1)
         if steps < warmup_steps:
             continue
@@ -222,19 +301,47 @@ def run_stage(name: str, modules: list[nn.Module], params, step_loss: Callable[[
     if best_state is not None:
         for m, s in zip(modules, best_state):
             m.load_state_dict(s)
-    log.seconds = time.perf_counter() - t0
-    return log
+    return log.finish(t0, cfg.device)
 
 
 # ----------------------------------------------------------------------------------------------
 # Scores for early stopping and per-label model choice
 
 @torch.no_grad()
-def predict(backbone: nn.Module, classifier: nn.Module, batches: Batches) -> np.ndarray:
+def score_blocks(backbone: nn.Module, classifier: nn.Module, batches: Batches,
+                 losses: Optional[list] = None, loss_fn: Optional[Callable] = None) -> Iterator[np.ndarray]:
+    """Sigmoid scores of the rows of `batches`, in row order, one float32 [b, L] block per batch
+    (the [n, L] matrix is never formed). With `loss_fn`, appends loss_fn(logits, labels) × b of
+    every batch to `losses`."""
     backbone.eval()
     classifier.eval()
-    out = [torch.sigmoid(classifier(backbone(x))).cpu().numpy() for x, _ in batches.epoch(None)]
-    return np.concatenate(out).astype(np.float64)
+    for x, y in batches.epoch(None):
+        logits = classifier(backbone(x))
+        if loss_fn is not None:
+            losses.append(float(loss_fn(logits, y)) * x.shape[0])
+        yield torch.sigmoid(logits).cpu().numpy()
+
+
+def predict(backbone: nn.Module, classifier: nn.Module, batches: Batches) -> np.ndarray:
+    """Dense [n, L] float64 scores: for small label spaces (and inspection); training and
+    evaluation go through `score_model`, which never forms this matrix."""
+    return np.concatenate(list(score_blocks(backbone, classifier, batches))).astype(np.float64)
+
+
+def score_model(backbone: nn.Module, classifier: nn.Module, X, Y: sp.csr_matrix, cfg: TrainConfig, most: int,
+                *, tune: bool = False, thresholds=None, loss_fn: Optional[Callable] = None
+                ) -> tuple[ScoreStream, Optional[float]]:
+    """Score the rows of (X, Y) in blocks of `most` rows (fewer at large L, `block_rows`) and
+    reduce them to every metric (`ScoreStream`, its two passes); with `loss_fn`, also the mean of
+    that loss over the rows. `tune`: keep the counts that choose per-label thresholds."""
+    batches = Batches(X, Y, block_rows(Y.shape[1], most), cfg.device)
+    stream = ScoreStream(Y, tune=tune, thresholds=thresholds)
+    losses: list = []
+    for block in score_blocks(backbone, classifier, batches, losses, loss_fn):
+        stream.add(block)
+    for block in score_blocks(backbone, classifier, batches):
+        stream.add_again(block)
+    return stream, (sum(losses) / max(batches.n, 1) if loss_fn is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +364,8 @@ def _contrastive_module(cfg: TrainConfig, num_labels: int) -> MultiLabelContrast
 def _contrastive_features(backbone, head, x: Tensor, cfg: TrainConfig, gen: torch.Generator, sparse: bool) -> Tensor:
     if cfg.views == 1:
         return head(backbone(x))
-    v = make_views(x.cpu(), cfg.views, cfg.aug_drop, 0.0 if sparse else cfg.aug_noise, gen).to(x.device)
+    dense = x.to_dense() if isinstance(x, SparseRows) else x   # augmentation works on dense rows (batch-sized)
+    v = make_views(dense.cpu(), cfg.views, cfg.aug_drop, 0.0 if sparse else cfg.aug_noise, gen).to(dense.device)
     B, V, d = v.shape
     return head(backbone(v.reshape(B * V, d))).reshape(B, V, -1)
 
@@ -274,7 +382,7 @@ def pretrain(split: Split, cfg: TrainConfig, progress=None) -> tuple[Backbone, S
     val = Batches(split.X_val, split.Y_val, cfg.batch_size, cfg.device)
 
     def val_score() -> float:
-        losses = [float(crit(head(backbone(x)), y)) * len(y) for x, y in val.epoch(None)]
+        losses = [float(crit(head(backbone(x)), y)) * x.shape[0] for x, y in val.epoch(None)]
         return -sum(losses) / max(val.n, 1)
 
     step, after_step = (lambda x, y: crit(_contrastive_features(backbone, head, x, cfg, gen, sparse), y)), None
@@ -338,7 +446,6 @@ def train_supervised(split: Split, cfg: TrainConfig, backbone: Optional[Backbone
     bce_scale = joint_bce_scale(split.Y_train) if joint else 1.0
     sparse = sp.issparse(split.X_train)
     train = Batches(split.X_train, split.Y_train, cfg.batch_size, cfg.device)
-    val = Batches(split.X_val, split.Y_val, cfg.batch_size, cfg.device)
 
     def step(x: Tensor, y: Tensor) -> Tensor:
         if not joint:
@@ -357,9 +464,9 @@ def train_supervised(split: Split, cfg: TrainConfig, backbone: Optional[Backbone
         # smooth but saturates on easy sets while a fresh head is still uncalibrated; validation
         # loss alone stops BCE on rare-label data long before its ranking and F1 peak; validation
         # F1 is too noisy on small validation slices.
-        ap = macro_map(split.Y_val, predict(backbone, classifier, val))
-        loss = sum(float(supervised(classifier(backbone(x)), y)) * len(y) for x, y in val.epoch(None)) / max(val.n, 1)
-        return round(ap, 3), -loss
+        stream, loss = score_model(backbone, classifier, split.X_val, split.Y_val, cfg, cfg.batch_size,
+                                   loss_fn=supervised)
+        return round(stream.macro_map(), 3), -loss
 
     # a fresh head on a tiny validation slice can score its best AP after a handful of steps,
     # while its probabilities still sit at the label priors: hence the warm-up
@@ -406,51 +513,74 @@ def linear_probe(split: Split, cfg: TrainConfig, backbone: Backbone, progress=No
     strengths are trained at once; each label keeps the (strength, epoch) with its lowest
     validation BCE, as the paper chose probe settings per label on validation. (Validation AP
     would stop rare labels while their probabilities are still near the prior, leaving the 0.5
-    threshold meaningless.)"""
+    threshold meaningless.)
+
+    All L labels and G strengths are one [G, D, L] weight tensor trained by matrix products (no
+    loop over labels); the per-label choice is a masked copy into one [D, L] tensor. Targets are
+    made dense a batch at a time and validation is scored in blocks of rows, so memory is
+    O(G·D·L) for the weights and their Adam state plus a batch's [batch, L] activations."""
     torch.manual_seed(cfg.seed + 2)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     F_tr, F_val = _frozen_features(backbone, split.X_train, cfg), _frozen_features(backbone, split.X_val, cfg)
     mu, sd = F_tr.mean(0), F_tr.std(0).clamp(min=1e-6)
     F_tr, F_val = (F_tr - mu) / sd, (F_val - mu) / sd
-    Y_tr = torch.from_numpy(split.Y_train.toarray().astype(np.float32)).to(cfg.device)
-    Y_val = torch.from_numpy(split.Y_val.toarray().astype(np.float32)).to(cfg.device)
+    Y_tr, Y_val = _canonical_csr(split.Y_train), _canonical_csr(split.Y_val)
     G, D, L = len(PROBE_L2), F_tr.shape[1], split.num_labels
     W = torch.zeros(G, D, L, device=cfg.device, requires_grad=True)
     b = prior_logits(split.Y_train).to(cfg.device).expand(G, 1, L).clone().requires_grad_(True)
-    l2 = torch.tensor(PROBE_L2, device=cfg.device).view(G, 1, 1)
     opt = torch.optim.Adam([W, b], lr=1e-2)
     best_score = np.full((G, L), -np.inf)                                       # -validation BCE
-    best_W, best_b = W.detach().clone(), b.detach().clone()
+    # each label's weights at its best (strength, epoch) so far: the label's final choice is the
+    # argmax over strengths of their best scores, and a strength's best score only rises, so the
+    # final choice was the argmax when its weights were last improved; [D, L] instead of [G, D, L]
+    best_W, best_b = torch.zeros(D, L, device=cfg.device), b.detach()[0, 0].clone()
+    labels = np.arange(L)
     log = StageLog("probe")
     t0, stale, best_mean = time.perf_counter(), 0, -math.inf
-    n = F_tr.shape[0]
+    n, n_val = F_tr.shape[0], F_val.shape[0]
+    val_rows = block_rows(G * L, max(n_val, 1))          # validation logits are [G, rows, L]
     max_epochs, patience = stage_epochs(cfg, math.ceil(n / cfg.batch_size), cfg.probe_epochs)
     _start_bar(progress, "probe", max_epochs)
     for epoch in range(1, max_epochs + 1):
-        total = 0.0
+        total, epoch_steps = 0.0, 0
+        t_epoch = time.perf_counter()
         for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-            logits = torch.einsum("nd,gdl->gnl", F_tr[idx], W) + b
-            loss = F.binary_cross_entropy_with_logits(logits, Y_tr[idx].expand(G, -1, -1), reduction="sum") / len(idx) \
-                + (l2 * W.pow(2)).sum()
+            target = dense_targets(Y_tr, idx.numpy(), cfg.device)
+            features = F_tr[idx]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # one L2 strength at a time: the G losses are independent, and [batch, L] activations
+            # instead of [G, batch, L] cut the step's peak memory by G
+            for g in range(G):
+                logits = features @ W[g] + b[g]
+                loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(idx) \
+                    + PROBE_L2[g] * W[g].pow(2).sum()
+                loss.backward()
+                total += float(loss.detach()) * len(idx) / G
             opt.step()
-            total += float(loss.detach()) * len(idx) / G
+            epoch_steps += 1
+        log.step_ms.append(1000 * (time.perf_counter() - t_epoch) / max(epoch_steps, 1))
+        log.steps += epoch_steps
         with torch.no_grad():
-            val_logits = torch.einsum("nd,gdl->gnl", F_val, W) + b
-            score = -F.binary_cross_entropy_with_logits(val_logits, Y_val.expand(G, -1, -1), reduction="none") \
-                .mean(1).cpu().numpy()
+            bce = torch.zeros(G, L, device=cfg.device)
+            for s in range(0, n_val, val_rows):
+                val_logits = torch.einsum("nd,gdl->gnl", F_val[s:s + val_rows], W) + b
+                target = dense_targets(Y_val, np.arange(s, min(s + val_rows, n_val)), cfg.device)
+                bce += F.binary_cross_entropy_with_logits(val_logits, target.expand(G, -1, -1), reduction="none").sum(1)
+            score = (-bce / n_val).cpu().numpy()
         better = score > best_score + 1e-9
         if better.any():
-            m = torch.from_numpy(better).to(cfg.device)
-            best_W = torch.where(m[:, None, :], W.detach(), best_W)
-            best_b = torch.where(m[:, None, :], b.detach(), best_b)
             best_score = np.where(better, score, best_score)
+            choice = best_score.argmax(axis=0)
+            now = np.flatnonzero(better[choice, labels])        # labels whose best is this epoch's weights
+            if now.size:
+                g_t, l_t = (torch.from_numpy(a).to(cfg.device) for a in (choice[now], now))
+                best_W[:, l_t] = W.detach()[g_t, :, l_t].T
+                best_b[l_t] = b.detach()[g_t, 0, l_t]
         mean_best = float(best_score.max(axis=0).mean())
         log.train_loss.append(total / n)
         log.val_score.append(mean_best)
         if progress is not None:
-            progress.set_postfix_str(f"val loss {-mean_best:.4f}", refresh=False)
+            progress.set_postfix_str(f"val loss {-mean_best:.4f} {log.step_ms[-1]:.0f} ms/step", refresh=False)
             progress.update(1)
         if mean_best > best_mean + 1e-6:
             best_mean, stale, log.best_epoch = mean_best, 0, epoch
@@ -458,9 +588,7 @@ def linear_probe(split: Split, cfg: TrainConfig, backbone: Backbone, progress=No
             stale += 1
             if stale >= patience:
                 break
-    choice = torch.from_numpy(best_score.argmax(axis=0)).to(cfg.device)            # [L]
-    W_lab = best_W[choice, :, torch.arange(L, device=cfg.device)]                 # [L, D]
-    b_lab = best_b[choice, 0, torch.arange(L, device=cfg.device)]                 # [L]
+    W_lab, b_lab = best_W.T, best_b                                                # [L, D], [L]
     # fold the feature standardisation into one linear layer on the raw backbone output
     classifier = nn.Linear(D, L).to(cfg.device)
     with torch.no_grad():
@@ -468,8 +596,7 @@ def linear_probe(split: Split, cfg: TrainConfig, backbone: Backbone, progress=No
         classifier.bias.copy_(b_lab - (W_lab * (mu / sd)[None, :]).sum(1))
     for p in backbone.parameters():
         p.requires_grad_(False)
-    log.seconds = time.perf_counter() - t0
-    return Parts(backbone, None, classifier, None), log
+    return Parts(backbone, None, classifier, None), log.finish(t0, cfg.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,6 +611,7 @@ class RunResult:
     stages: list
     seconds: float
     backend: str
+    resources: dict = field(default_factory=dict)   # peak memory after evaluation, evaluation seconds
     parts: Optional[Parts] = None
 
     def to_json(self) -> dict:
@@ -515,17 +643,21 @@ def run(split: Split, cfg: TrainConfig, pretrained: Optional[tuple[Backbone, Sta
                 p.requires_grad_(True)
             parts, log = train_supervised(split, cfg, backbone, progress)
     stages.append(log)
-    val_b = Batches(split.X_val, split.Y_val, 1024, cfg.device)
-    test_b = Batches(split.X_test, split.Y_test, 1024, cfg.device)
-    s_val = predict(parts.backbone, parts.classifier, val_b)
-    s_test = predict(parts.backbone, parts.classifier, test_b)
-    thr = tune_thresholds(split.Y_val, s_val)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sklearn warns about labels absent from a split
-        test_m = evaluate(split.Y_test, s_test, thr, inv_propensity=split.inv_propensity)
-        val_m = evaluate(split.Y_val, s_val, thr, inv_propensity=split.inv_propensity)
+    # validation and test scored a block at a time (1024 rows, fewer at large L); the per-label
+    # thresholds come from validation counts, and the validation metrics at them from the same counts
+    t_eval = time.perf_counter()
+    val_s, _ = score_model(parts.backbone, parts.classifier, split.X_val, split.Y_val, cfg, 1024, tune=True)
+    thr = val_s.tuned_thresholds()
+    test_s, _ = score_model(parts.backbone, parts.classifier, split.X_test, split.Y_test, cfg, 1024, thresholds=thr)
+    test_m = test_s.metrics(thr, inv_propensity=split.inv_propensity)
+    val_m = val_s.metrics(thr, inv_propensity=split.inv_propensity)
+    eval_seconds = time.perf_counter() - t_eval
+    peak_rss, peak_cuda = peak_memory_mb(cfg.device)
+    resources = {"peak_rss_mb": peak_rss, "eval_seconds": round(eval_seconds, 3)}
+    if peak_cuda is not None:
+        resources["peak_cuda_mb"] = peak_cuda
     return RunResult(asdict(cfg), test_m, val_m, thr.tolist(), [asdict(s) for s in stages],
-                     time.perf_counter() - t0, _backend_name(cfg), parts)
+                     time.perf_counter() - t0, _backend_name(cfg), resources, parts)
 
 
 def _backend_name(cfg: TrainConfig) -> str:

@@ -27,3 +27,24 @@ def metrics_table(results: list[dict], metrics: Sequence[str] = TABLE_METRICS) -
     header = ["method"] + [METRIC_LABELS[m] for m in metrics] + ["seconds"]
     rows = [[r["method"]] + [fmt(r["test"].get(m)) for m in metrics] + [f"{r['seconds']:.1f}"] for r in results]
     return markdown_table(header, rows)
+
+
+def training_log(record: dict) -> str:
+    """The training log of one run (RunResult.to_json()): per stage its epochs, optimiser steps,
+    mean ms per step and the process's peak resident memory at its end; then the evaluation."""
+    lines = []
+    for st in record["stages"]:
+        cuda = "" if st.get("peak_cuda_mb") is None else f", peak CUDA {st['peak_cuda_mb']:.0f} MB"
+        lines.append(f"{record['method']} {st['name']}: {len(st['train_loss'])} epochs, {st.get('steps', 0)} steps, "
+                     f"{fmt_number(st.get('ms_per_step'))} ms/step, {st['seconds']:.1f} s, "
+                     f"peak RSS {fmt_number(st.get('peak_rss_mb'), 0)} MB{cuda}")
+    res = record.get("resources") or {}
+    if res:
+        cuda = "" if res.get("peak_cuda_mb") is None else f", peak CUDA {res['peak_cuda_mb']:.0f} MB"
+        lines.append(f"{record['method']} evaluation: {fmt_number(res.get('eval_seconds'))} s; "
+                     f"peak RSS {fmt_number(res.get('peak_rss_mb'), 0)} MB{cuda}")
+    return "\n".join(lines)
+
+
+def fmt_number(value, decimals: int = 1) -> str:
+    return "—" if value is None else f"{value:.{decimals}f}"

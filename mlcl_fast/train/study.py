@@ -1,6 +1,7 @@
 """The study: a grid of datasets × methods × seeds, written incrementally and resumable.
 
-Layout of the output folder:
+Layout of the output folder (<dataset>: the name as given, or for a path or a synth: spec the
+name with '/', '?', '&', ':' ... replaced by '_', files.dataset_key):
   runs/<dataset>/<method>/seed<k>.json   one finished cell (skipped when present)
   cache/<dataset>/<preset>/seed<k>.pt    a contrastive pre-training, shared by probe and finetune
   results.csv                            every finished cell, one row each
@@ -23,12 +24,13 @@ import torch
 from . import tuning
 from .api import config_from, progress_bar, seed_everything
 from .data import load_dataset, prepare_split
-from .files import atomic_open, ensure_output_folder, load_record, read_cached, torch_save, write_json, write_text
+from .files import (atomic_open, dataset_key, ensure_output_folder, load_record, read_cached, torch_save, write_json,
+                    write_text)
 from .metrics import METRIC_LABELS
 from .models import Backbone
 from .plots import f1_vs_labels, training_curves
 from .protocols import BASELINES, StageLog, TrainConfig, pretrain, run
-from .report import TABLE_METRICS, fmt, markdown_table
+from .report import TABLE_METRICS, fmt, fmt_number, markdown_table
 
 STUDY_DATASETS = ("emotions", "scene", "yeast", "medical", "genbase", "bibtex", "tmc2007_500", "delicious")
 STUDY_PRESETS = ("reg", "reg_noreg", "msc", "mulsupcon", "jaccard", "supcon_any")
@@ -48,7 +50,7 @@ def parse_method(method: str) -> tuple[str, str]:
 
 
 def cell_path(out: Path, dataset: str, method: str, seed: int) -> Path:
-    return out / "runs" / dataset / method.replace("/", "__") / f"seed{seed}.json"
+    return out / "runs" / dataset_key(dataset) / method.replace("/", "__") / f"seed{seed}.json"
 
 
 def run_study(out: str, datasets: Sequence[str] = STUDY_DATASETS, methods: Sequence[str] = STUDY_METHODS,
@@ -89,7 +91,8 @@ def run_study(out: str, datasets: Sequence[str] = STUDY_DATASETS, methods: Seque
                 write_json(cell_path(out, name, method, seed), record)
                 log(f"{time.strftime('%H:%M:%S')} {name:12s} {method:22s} seed {seed}: Macro-F1 {record['test']['macro_f1']:.3f} "
                     f"(tuned {record['test']['macro_f1_tuned']:.3f}), mAP {record['test']['map']:.3f}, "
-                    f"{record['wall_s']:.1f}s")
+                    f"P@1 {record['test']['p@1']:.3f}, {record['wall_s']:.1f}s, {_step_times(record)}, "
+                    f"peak RSS {fmt_number((record.get('resources') or {}).get('peak_rss_mb'), 0)} MB")
         summarise(out, datasets, methods, seeds)
     return summarise(out, datasets, methods, seeds)
 
@@ -157,7 +160,7 @@ def _pretraining_key(cfg: TrainConfig) -> str:
 
 def pretraining_path(out: Path, dataset: str, cfg: TrainConfig) -> Path:
     key = _pretraining_key(cfg)
-    folder = Path(out) / "cache" / dataset / cfg.loss
+    folder = Path(out) / "cache" / dataset_key(dataset) / cfg.loss
     return folder / f"seed{cfg.seed}.pt" if key == "default" else folder / key / f"seed{cfg.seed}.pt"
 
 
@@ -231,6 +234,8 @@ def summarise(out, datasets: Sequence[str] = (), methods: Sequence[str] = (), se
     for (dataset, method), cs in groups.items():
         row = {"dataset": dataset, "method": method, "num_labels": cs[0]["num_labels"], "seeds": len(cs),
                "n_train": cs[0].get("n_train"), "seconds_mean": float(np.mean([c["wall_s"] for c in cs]))}
+        peaks = [(c.get("resources") or {}).get("peak_rss_mb") for c in cs]
+        row["peak_rss_mb_max"] = max((p for p in peaks if p is not None), default=None)
         for m in TABLE_METRICS + ("micro_f1_tuned", "hamming_tuned"):
             vals = [c["test"][m] for c in cs if c["test"].get(m) is not None and not math.isnan(c["test"][m])]
             row[f"{m}_mean"] = float(np.mean(vals)) if vals else None
@@ -264,7 +269,7 @@ def summarise(out, datasets: Sequence[str] = (), methods: Sequence[str] = (), se
         stages = [dict(s, name=f"{c['method']}: {s['name']}") for c in shown for s in c["stages"]
                   if not (c["method"] == "reg/probe" and s["name"] == "pretrain")]  # shared with reg/finetune
         if stages:
-            training_curves(stages, out / f"curves_{dataset}.png", f"{dataset}, seed {shown[0]['seed']}")
+            training_curves(stages, out / f"curves_{dataset_key(dataset)}.png", f"{dataset}, seed {shown[0]['seed']}")
     return summary
 
 
@@ -332,12 +337,20 @@ def summary_markdown(summary: list[dict], datasets, methods, n_seeds: Optional[i
     return "\n".join(parts)
 
 
+def _step_times(cell: dict) -> str:
+    """ms per optimiser step of each stage, e.g. "pretrain 41.2 + probe 8.0 ms/step"."""
+    return " + ".join(f"{s['name']} {fmt_number(s.get('ms_per_step'))}" for s in cell["stages"]) + " ms/step"
+
+
 def _flat(cell: dict) -> dict:
     row = {k: cell[k] for k in ("dataset", "method", "seed", "num_labels", "n_train", "n_val", "n_test", "wall_s",
                                 "backend")}
     row.update({f"test_{k}": v for k, v in cell["test"].items()})
     row.update({f"val_{k}": v for k, v in cell["val"].items()})
     row["epochs"] = "+".join(str(len(s["train_loss"])) for s in cell["stages"])
+    # cells written before step times and memory were recorded leave these empty
+    row["ms_per_step"] = "+".join(fmt_number(s.get("ms_per_step")) for s in cell["stages"])
+    row["peak_rss_mb"] = (cell.get("resources") or {}).get("peak_rss_mb")
     return row
 
 

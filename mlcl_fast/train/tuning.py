@@ -14,7 +14,7 @@ import itertools
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .files import load_json_object, load_record, read_cached, write_json
+from .files import dataset_key, load_json_object, load_record, read_cached, write_json
 from .protocols import BASELINES
 
 # What each protocol family searches. Every stage trained with BCE gets the same learning rates
@@ -51,7 +51,7 @@ def score(record: dict) -> tuple:
 
 
 def candidate_path(out: Path, dataset: str, method: str, options: dict) -> Path:
-    return Path(out) / "tuning" / dataset / method.replace("/", "__") / f"{candidate_key(options)}.json"
+    return Path(out) / "tuning" / dataset_key(dataset) / method.replace("/", "__") / f"{candidate_key(options)}.json"
 
 
 def tune_method(out: Path, dataset: str, method: str, loss: str, protocol: str,
