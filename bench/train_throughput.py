@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .sweep import available_memory_bytes
+from .timing import peak_rss_bytes, rss_bytes
+
 HEADS = ("reg", "bce", "zlpr")
 FULL = dict(labels=(10_000, 100_000, 1_000_000), batch=256, hidden=256, proj_dim=128, features=135_909, steps=5,
             timeout=900.0)
@@ -50,34 +53,12 @@ FIELDS = ("head", "labels", "batch", "hidden", "proj_dim", "features", "backend"
           "ms", "ms_p20", "ms_p80", "samples_per_s", "peak_MB", "step_MB", "predicted_MB")
 
 
-def available_bytes() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def predicted_bytes(head: str, L: int, batch: int, hidden: int, proj_dim: int, features: int) -> int:
     """Parameters (with gradient and AdamW's two moments: 16 bytes each), the head's [batch, L]
     activations and the first layer's transients; the backbone's [features, hidden] layer counts."""
     backbone = features * hidden + hidden * hidden
     head_params = L * hidden if head in ("bce", "zlpr") else hidden * hidden + hidden * proj_dim + L * proj_dim
     return 16 * (backbone + head_params) + ACTIVATION_BYTES[head] * batch * L + 8 * features * hidden
-
-
-def _rss_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def measure(head: str, L: int, batch: int, hidden: int, proj_dim: int, features: int, steps: int,
@@ -127,17 +108,17 @@ def measure(head: str, L: int, batch: int, hidden: int, proj_dim: int, features:
         float(loss.detach())                                # waits for the device
         return (time.perf_counter() - t) * 1000
 
-    before = _rss_kib("VmRSS")
+    before = rss_bytes()
     step(0)                                                 # warm-up: optimiser state, allocator, kernels
     times = [step(k) for k in range(1, steps + 1)]
-    peak = _rss_kib("VmHWM")
+    peak = peak_rss_bytes()
     q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
     ms = statistics.median(times)
     return {"backend": backend, "threads": torch.get_num_threads(), "status": "ok", "steps": steps,
             "ms": round(ms, 2), "ms_p20": round(q[0], 2), "ms_p80": round(q[-1], 2),
             "samples_per_s": round(batch / (ms / 1000), 1),
-            "peak_MB": None if peak is None else round(peak / 1024, 1),
-            "step_MB": None if peak is None or before is None else round((peak - before) / 1024, 1)}
+            "peak_MB": None if peak is None else round(peak / 2**20, 1),
+            "step_MB": None if peak is None or before is None else round((peak - before) / 2**20, 1)}
 
 
 def _warm_up() -> None:
@@ -235,7 +216,7 @@ def main(argv=None) -> int:
     if opts.mem_budget_gb is not None:
         budget = int(opts.mem_budget_gb * 2**30)
     else:
-        avail = available_bytes()
+        avail = available_memory_bytes()
         budget = None if avail is None else int(0.7 * avail)
     print(f"one training step (batch {opts.batch}, backbone {opts.features:,} sparse features -> {opts.hidden} x 2, "
           f"AdamW); median of {opts.steps} steps; memory budget "
