@@ -4,7 +4,7 @@ where the torch formulation issues four operations forward and eight backward (e
 on a GPU; tests/test_triton.py counts them).
 
 No overflow or underflow for any finite row: the sum of squares is taken of x / m, m the row's
-largest magnitude (every term <= 1), and y = (x / m) / max(r, NORM_EPS / m) with r = ||x / m||, so
+largest magnitude (every term <= 1; both in one pass over the row, rescaled as m grows), and y = (x / m) / max(r, NORM_EPS / m) with r = ||x / m||, so
 neither the norm m r (which may exceed the fp32 range) nor its square is ever formed. The sums are
 fp32 (the torch formulation's are fp64): the rows agree to a few fp32 ulps. The backward is the
 closed form dx = (g - y (y . g) [||x|| >= NORM_EPS]) / max(||x||, NORM_EPS).
@@ -25,35 +25,41 @@ _HALF_OR_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _block(ptr, rows, rmask, cols, d, stride):
+    """[BLOCK_R, BLOCK_D] of rows `rows`, columns `cols` (zeros outside), as fp32."""
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=rmask[:, None] & (cols < d)[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def unit_rows_kernel(x_ptr, y_ptr, inv_ptr, radial_ptr, R, d, stride_x, stride_y, eps,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     offs = tl.arange(0, BLOCK_D)
+    # One pass for the largest magnitude m and the sum of squares of x / m: as m grows, the sum so
+    # far is rescaled by (m_old / m_new)^2 (every term stays <= 1, as in an online log-sum-exp).
     m = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for start in range(0, d, BLOCK_D):
-        cols = start + offs
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=rmask[:, None] & (cols < d)[None, :],
-                    other=0.0).to(tl.float32)
-        m = tl.maximum(m, tl.max(tl.abs(x), axis=1))
-    safe = tl.where(m > 0, m, 1.0)
     ss = tl.zeros([BLOCK_R], dtype=tl.float32)
     for start in range(0, d, BLOCK_D):
-        cols = start + offs
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=rmask[:, None] & (cols < d)[None, :],
-                    other=0.0).to(tl.float32)
-        u = x / safe[:, None]
-        ss += tl.sum(u * u, axis=1)
+        x = _block(x_ptr, rows, rmask, start + offs, d, stride_x)
+        m_new = tl.maximum(m, tl.max(tl.abs(x), axis=1))
+        safe_new = tl.where(m_new > 0, m_new, 1.0)
+        u = x / safe_new[:, None]
+        shrink = m / safe_new
+        ss = ss * shrink * shrink + tl.sum(u * u, axis=1)
+        m = m_new
+    safe = tl.where(m > 0, m, 1.0)
     r = tl.sqrt(ss)
     floor = eps / safe                      # ||x|| >= eps  <=>  r >= eps / m
     radial = (r >= floor) & (m > 0)
     unit = tl.maximum(r, floor)             # max(||x||, eps) / m
     for start in range(0, d, BLOCK_D):
         cols = start + offs
-        cmask = rmask[:, None] & (cols < d)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=cmask, other=0.0).to(tl.float32)
+        x = _block(x_ptr, rows, rmask, cols, d, stride_x)
         y = (x / safe[:, None]) / unit[:, None]
-        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=cmask)
+        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & (cols < d)[None, :])
     # 1 / max(||x||, eps) = (1 / m) / unit: tiny (even subnormal) for huge rows, never inf or nan.
     tl.store(inv_ptr + rows, (1.0 / safe) / unit, mask=rmask)
     tl.store(radial_ptr + rows, radial.to(tl.float32), mask=rmask)
@@ -68,20 +74,18 @@ def unit_rows_backward_kernel(g_ptr, y_ptr, inv_ptr, radial_ptr, dx_ptr, R, d, s
     along = tl.zeros([BLOCK_R], dtype=tl.float32)
     for start in range(0, d, BLOCK_D):
         cols = start + offs
-        cmask = rmask[:, None] & (cols < d)[None, :]
-        g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=cmask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=cmask, other=0.0).to(tl.float32)
-        along += tl.sum(y * g, axis=1)
+        along += tl.sum(_block(y_ptr, rows, rmask, cols, d, stride_y) * _block(g_ptr, rows, rmask, cols, d, stride_g),
+                        axis=1)
     # Below the floor the map is x / eps: no radial part.
     along = along * tl.load(radial_ptr + rows, mask=rmask, other=0.0)
     inv = tl.load(inv_ptr + rows, mask=rmask, other=0.0)
     for start in range(0, d, BLOCK_D):
         cols = start + offs
-        cmask = rmask[:, None] & (cols < d)[None, :]
-        g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=cmask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + rows[:, None] * stride_y + cols[None, :], mask=cmask, other=0.0).to(tl.float32)
+        g = _block(g_ptr, rows, rmask, cols, d, stride_g)
+        y = _block(y_ptr, rows, rmask, cols, d, stride_y)
         dx = (g - y * along[:, None]) * inv[:, None]
-        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=cmask)
+        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & (cols < d)[None, :])
 
 
 def _blocks(d: int) -> tuple[int, int]:
