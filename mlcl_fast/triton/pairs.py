@@ -300,10 +300,16 @@ def _(q, k, self_col, a_index, a_count, c_index, c_count, num_samples, col_lo, n
     P = torch.library.get_ctx().new_dynamic_size()
     width = tl_labels.dense_width(head_width) if head_width else 0
     per_anchor = lambda: q.new_empty(M, dtype=torch.float32)  # noqa: E731
-    z_width = width if head_width and weighting == WEIGHTING_CODES["label"] else 1
-    return (per_anchor(), per_anchor(), per_anchor(), per_anchor(), q.new_empty(M, z_width, dtype=torch.float32),
+    return (per_anchor(), per_anchor(), per_anchor(), per_anchor(),
+            q.new_empty(M, _inv_z_width(width, weighting), dtype=torch.float32),
             q.new_empty(P, dtype=torch.int64), q.new_empty(P, dtype=torch.int64), q.new_empty(P, dtype=torch.float32),
             q.new_empty(M, width, dtype=torch.float16), k.new_empty(k.shape[0], width, dtype=torch.float16))
+
+
+def _inv_z_width(head_rows_width: int, weighting: int) -> int:
+    """Columns of the sweeps' label normalisers: the head labels' for label-centric weights with a
+    head, else one placeholder column."""
+    return head_rows_width if head_rows_width and weighting == WEIGHTING_CODES["label"] else 1
 
 
 def _check_backward(q, k, self_col, a_count, c_count, lse, w_tot, scale, inv_z, a_head, c_head, pi, pj, coef, g_up,
@@ -322,8 +328,7 @@ def _check_backward(q, k, self_col, a_count, c_count, lse, w_tot, scale, inv_z, 
         raise ValueError(f"a_head: expected 0/1 head rows of a power-of-two width in [16, "
                          f"{configs.DENSE_MAX_LABELS}] (or none), got {width}")
     # The sweeps read the head labels' 1/Z_ih (label-centric weights with a head), else nothing.
-    args.tensor("inv_z", inv_z, (args.M, width if width and weighting == WEIGHTING_CODES["label"] else 1),
-                (torch.float32,))
+    args.tensor("inv_z", inv_z, (args.M, _inv_z_width(width, weighting)), (torch.float32,))
     args.tensor("pi", pi, (None,), (torch.int64,))
     P = pi.shape[0]
     args.tensor("pj", pj, (P,), (torch.int64,))
