@@ -63,7 +63,7 @@ PROPENSITY_CONSTANTS = {
 Repository (and used by its evaluation code, pyxclib, and by napkinxc)."""
 
 
-def _truth_csr(Y) -> sp.csr_matrix:
+def truth_csr(Y) -> sp.csr_matrix:
     """Multi-hot truth as a canonical CSR matrix (sorted, no duplicates, no stored zeros)."""
     if not sp.issparse(Y):
         return sp.csr_matrix(np.asarray(Y).astype(bool))
@@ -154,7 +154,7 @@ def inverse_propensity(Y_train, A: float = PROPENSITY_A, B: float = PROPENSITY_B
     = 1 / (1 + C (N_l + B)^{-A}), C = (log N - 1)(B + 1)^A, N the number of training rows, N_l those
     with label l, log natural (pyxclib's `compute_inv_propesity`, napkinxc's
     `Jain_et_al_inverse_propensity`). A and B depend on the data set: PROPENSITY_CONSTANTS."""
-    Y = _truth_csr(Y_train)
+    Y = truth_csr(Y_train)
     N, L = Y.shape
     if N < 3:
         raise ValueError(f"propensities need at least 3 training rows (log N > 1), got {N}")
@@ -187,7 +187,7 @@ def ranking_metrics(Y, topk: np.ndarray, ks: Sequence[int] = RANK_KS, *, scores:
     Y: truth [n, L], scipy sparse (kept sparse) or dense. topk: [n, m] label indices, best first,
     distinct within a row; -1 marks an empty slot; ranks beyond m count as misses. `scores`
     ([n, m], optional): reorder each row by descending score first (for unsorted top-k)."""
-    Y = _truth_csr(Y)
+    Y = truth_csr(Y)
     n, L = Y.shape
     idx = np.asarray(topk)
     if idx.ndim != 2 or idx.shape[0] != n:
@@ -313,7 +313,7 @@ def _count_metrics(tp: np.ndarray, predicted: np.ndarray, positives: np.ndarray,
 def threshold_metrics(Y, pred) -> dict:
     """Micro-F1, Macro-F1 and Hamming loss of a boolean prediction matrix [n, L] against the truth
     (dense or scipy sparse)."""
-    Y = _truth_csr(Y)
+    Y = truth_csr(Y)
     pred = np.asarray(pred, dtype=bool)
     rows = np.repeat(np.arange(Y.shape[0]), np.diff(Y.indptr))
     tp = np.bincount(Y.indices, weights=pred[rows, Y.indices], minlength=Y.shape[1])
@@ -347,7 +347,7 @@ class ScoreStream:
 
     def __init__(self, Y, *, k: int = max(RANK_KS), thresholds=None, tune: bool = False,
                  grid=THRESHOLD_GRID, chunk_elements: int = TOPK_CHUNK_ELEMENTS):
-        self.Y = Y = _truth_csr(Y)
+        self.Y = Y = truth_csr(Y)
         self.n, self.L = n, L = Y.shape
         self.k = max(1, min(int(k), L))
         self.chunk_elements = chunk_elements

@@ -50,7 +50,7 @@ from ..labels import LabelSets
 from ..loss import MultiLabelContrastiveLoss
 from ..presets import PRESETS
 from .data import Split
-from .metrics import ScoreStream, block_rows
+from .metrics import ScoreStream, block_rows, truth_csr
 from .models import Backbone, ProjectionHead, SparseRows, make_views
 
 BASELINES = ("bce", "zlpr", "asl")
@@ -130,7 +130,7 @@ class Batches:
     BCE / ZLPR / ASL heads expand them to a [batch, L] target, batch-sized."""
 
     def __init__(self, X, Y: sp.csr_matrix, batch_size: int, device: str):
-        self.X, self.Y, self.bs, self.device = X, _canonical_csr(Y), batch_size, device
+        self.X, self.Y, self.bs, self.device = X, truth_csr(Y), batch_size, device
         self.n = Y.shape[0]
         self._dense_x = None if sp.issparse(X) else torch.from_numpy(np.ascontiguousarray(X))
         self._sparse_x = sp.csr_matrix(X) if sp.issparse(X) else None
@@ -155,15 +155,6 @@ class Batches:
 
     def __len__(self) -> int:
         return len(self._starts())
-
-
-def _canonical_csr(Y) -> sp.csr_matrix:
-    """CSR with each row's ids sorted and unique (what LabelSets and SparseRows rows need)."""
-    Y = sp.csr_matrix(Y)
-    if not Y.has_canonical_format:
-        Y = Y.copy()
-        Y.sum_duplicates()
-    return Y
 
 
 def label_sets(Y: sp.csr_matrix, rows) -> LabelSets:
@@ -524,7 +515,7 @@ def linear_probe(split: Split, cfg: TrainConfig, backbone: Backbone, progress=No
     F_tr, F_val = _frozen_features(backbone, split.X_train, cfg), _frozen_features(backbone, split.X_val, cfg)
     mu, sd = F_tr.mean(0), F_tr.std(0).clamp(min=1e-6)
     F_tr, F_val = (F_tr - mu) / sd, (F_val - mu) / sd
-    Y_tr, Y_val = _canonical_csr(split.Y_train), _canonical_csr(split.Y_val)
+    Y_tr, Y_val = truth_csr(split.Y_train), truth_csr(split.Y_val)
     G, D, L = len(PROBE_L2), F_tr.shape[1], split.num_labels
     W = torch.zeros(G, D, L, device=cfg.device, requires_grad=True)
     b = prior_logits(split.Y_train).to(cfg.device).expand(G, 1, L).clone().requires_grad_(True)
