@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 import mlcl_fast
-from mlcl_fast import reference
+from mlcl_fast import memory, reference
 from mlcl_fast.inputs import l2_normalize
 from mlcl_fast.labels import LabelSets
 from mlcl_fast.presets import LossConfig, resolve_config
@@ -28,7 +28,6 @@ from mlcl_fast.reduction import mean_loss
 
 from . import published
 
-MiB = 1 << 20
 
 
 @dataclass
@@ -112,15 +111,11 @@ class Provider:
 
 
 def _fused_bytes(shape: Shape) -> int:
-    """SPEC's bound for fused backends, O((N + L)·(d + K)), with a generous constant."""
-    return 16 * (shape.N + shape.L) * (shape.d + shape.K) * 4 + 64 * MiB
+    return memory.fused_bytes(shape.N, shape.L, shape.d, shape.K)
 
 
 def _reference_bytes(shape: Shape) -> int:
-    """The reference holds about a dozen live |A| x |C| matrices at its peak (logits, masks,
-    overlap, weights, log-probabilities, autograd buffers), plus dense [|C|, L] label rows."""
-    rc = shape.anchors * shape.columns
-    return 14 * rc * 4 + 2 * shape.columns * (shape.L + 1) + _fused_bytes(shape)
+    return memory.reference_bytes(shape.anchors, shape.columns, shape.N, shape.L, shape.d, shape.K)
 
 
 class BackendProvider(Provider):

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from mlcl_fast.memory import available_memory_bytes
 from mlcl_fast.presets import resolve_config
 
 from . import grid as grid_mod
@@ -48,17 +49,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def available_memory_bytes() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def git_commit() -> str:

@@ -1,17 +1,10 @@
-"""Timers and memory probes: wall clock + RSS on the CPU, CUDA events + allocator stats on the GPU.
+"""Timers (wall clock on the CPU, CUDA events on the GPU) and the matmul rate.
 
-CPU memory is the process's resident set (Linux /proc/self/status). Peak RSS (VmHWM) can be
-reset through /proc/self/clear_refs, so one process measures each mode's own peak. glibc keeps
-freed blocks below its mmap threshold in the heap, which would hide a later call's allocations
-from the peak; `exact_malloc()` makes every block of 64 KiB and up a fresh mapping for the memory
-pass, and `steady_malloc()` restores a large threshold (the steady state that glibc's dynamic
-threshold reaches on its own) before the timing pass, so timings see no extra page faults.
+CPU memory (resident set, its resettable peak, glibc's allocator settings for the memory pass)
+is read through mlcl_fast.memory.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import math
 import time
 from dataclasses import dataclass
@@ -19,7 +12,6 @@ from typing import Callable, Optional
 
 import torch
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MiB = 1 << 20
 
 
@@ -99,60 +91,6 @@ def time_cuda(fn: Callable[[], object], prepare: Optional[Callable[[], object]] 
         samples.append(ms)
         spent += ms / 1e3
     return summarize(samples)
-
-
-# ---------------------------------------------------------------- CPU memory (Linux)
-
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def rss_bytes() -> Optional[int]:
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib * 1024
-
-
-def peak_rss_bytes() -> Optional[int]:
-    kib = _status_kib("VmHWM")
-    return None if kib is None else kib * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Set the peak RSS to the current RSS; False where the kernel does not allow it."""
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _mallopt(param: int, value: int) -> bool:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        return bool(ctypes.CDLL(name).mallopt(param, value))
-    except (OSError, AttributeError):
-        return False
-
-
-def exact_malloc() -> bool:
-    """Freed blocks of 64 KiB and up go back to the kernel at once (RSS follows live memory)."""
-    return _mallopt(M_MMAP_THRESHOLD, 64 * 1024) and _mallopt(M_TRIM_THRESHOLD, 128 * 1024)
-
-
-def steady_malloc() -> bool:
-    """Reuse freed blocks up to 32 MiB from the heap, as glibc settles to by itself."""
-    return _mallopt(M_MMAP_THRESHOLD, 32 * MiB) and _mallopt(M_TRIM_THRESHOLD, 64 * MiB)
 
 
 # ---------------------------------------------------------------- matmul rate (the roofline's ceiling)

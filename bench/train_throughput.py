@@ -35,8 +35,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .sweep import available_memory_bytes
-from .timing import peak_rss_bytes, rss_bytes
+from mlcl_fast.memory import available_memory_bytes, peak_rss_bytes, rss_bytes
 
 HEADS = ("reg", "bce", "zlpr")
 FULL = dict(labels=(10_000, 100_000, 1_000_000), batch=256, hidden=256, proj_dim=128, features=135_909, steps=5,

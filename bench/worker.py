@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from mlcl_fast import memory
+
 from . import timing
 from .labels import make_labels, to_label_sets
 from .providers import Inputs, Runner, get_provider
@@ -111,7 +113,7 @@ def _measure(spec: dict, cuda: bool, report) -> None:
     if shapes:  # before anything of the point is allocated; the heap stays in its usual state for it
         common["matmul_before"] = list(timing.matmul_rates(spec["device"], shapes, DTYPES[spec["dtype"]]))
     if not cuda:
-        timing.exact_malloc()
+        memory.exact_malloc()
     inputs = build_inputs(spec)
     common["K"] = inputs.labels.width
     t0 = time.perf_counter()
@@ -125,9 +127,9 @@ def _measure(spec: dict, cuda: bool, report) -> None:
             report(mode, status=f"timeout (first call {common['setup_s']:.0f} s)", **common)
         return
 
-    memory = _memory_pass(runner, cuda, modes)
+    peaks = _memory_pass(runner, cuda, modes)
     if not cuda:
-        timing.steady_malloc()
+        memory.steady_malloc()
     for mode in modes:
         t = _time_mode(runner, mode, cuda, spec)
         extra = {}
@@ -135,14 +137,14 @@ def _measure(spec: dict, cuda: bool, report) -> None:
             # the same machine state as the provider's timing, so the two can be compared
             extra["matmul_after"] = list(timing.matmul_rates(spec["device"], shapes, DTYPES[spec["dtype"]]))
         report(mode, status="ok", median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, repeats=t.repeats,
-               min_ms=t.min_ms, samples_ms=list(t.samples_ms), **memory[mode], **common, **extra)
+               min_ms=t.min_ms, samples_ms=list(t.samples_ms), **peaks[mode], **common, **extra)
 
 
 def _memory_pass(runner: Runner, cuda: bool, modes=MODES) -> dict[str, dict]:
     """Peak working memory of each mode, one call each, above the memory in use just before the
     mode (bwd: its forward runs first, so the peak includes the live autograd graph)."""
     out = {}
-    if not cuda and (timing.rss_bytes() is None or not timing.reset_peak_rss()):
+    if not cuda and (memory.rss_bytes() is None or not memory.reset_peak_rss()):
         return {mode: {} for mode in modes}  # no /proc here: time only
     for mode in modes:
         gc.collect()
@@ -167,7 +169,7 @@ def _current(cuda: bool) -> int:
     if cuda:
         torch.cuda.synchronize()
         return torch.cuda.memory_allocated()
-    return timing.rss_bytes()
+    return memory.rss_bytes()
 
 
 def _reset_peak(cuda: bool) -> None:
@@ -175,14 +177,14 @@ def _reset_peak(cuda: bool) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     else:
-        timing.reset_peak_rss()
+        memory.reset_peak_rss()
 
 
 def _peak(cuda: bool):
     if cuda:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    return timing.peak_rss_bytes()
+    return memory.peak_rss_bytes()
 
 
 def _time_mode(runner: Runner, mode: str, cuda: bool, spec: dict) -> timing.Timing:

@@ -16,6 +16,7 @@ import mlcl_fast
 from bench import grid as grid_mod
 from bench import labels as bl
 from bench import providers, published, records, sweep, timing, worker
+from mlcl_fast import memory
 from mlcl_fast.presets import resolve_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -365,7 +366,7 @@ def test_points_in_forked_processes():
 
 def test_memory_pass_sees_a_large_temporary():
     """The RSS peak of a mode must include memory that was allocated and freed inside the call."""
-    timing.exact_malloc()
+    memory.exact_malloc()
     try:
         def forward():
             big = torch.ones(64 * 2 ** 20 // 4)               # 64 MiB, freed before returning
@@ -373,7 +374,7 @@ def test_memory_pass_sees_a_large_temporary():
         runner = providers.Runner(forward, lambda loss: None)
         out = worker._memory_pass(runner, cuda=False)
     finally:
-        timing.steady_malloc()
+        memory.steady_malloc()
     if not out["fwd"]:
         pytest.skip("no /proc peak-RSS here")
     assert 60 < out["fwd"]["peak_MB"] < 200

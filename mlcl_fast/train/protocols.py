@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import copy
 import math
-import resource
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -48,6 +46,7 @@ from torch import Tensor, nn
 from ..baselines import asl_loss, bce_loss, zlpr_loss
 from ..labels import LabelSets
 from ..loss import MultiLabelContrastiveLoss
+from ..memory import peak_memory_mb
 from ..presets import PRESETS
 from .data import Split
 from .metrics import ScoreStream, block_rows, truth_csr
@@ -201,24 +200,6 @@ class StageLog:
         self.ms_per_step = round(float(np.mean(self.step_ms)), 2) if self.step_ms else None
         self.peak_rss_mb, self.peak_cuda_mb = peak_memory_mb(device)
         return self
-
-
-def peak_memory_mb(device: str = "cpu") -> tuple[float, Optional[float]]:
-    """(peak resident memory of this process so far, in MB; peak allocated CUDA memory or None).
-    Linux reports the peak as VmHWM; elsewhere ru_maxrss (KB on Linux, bytes on macOS)."""
-    rss = None
-    try:
-        with open("/proc/self/status") as f:
-            rss = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), None)
-    except OSError:
-        pass
-    if rss is None:
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rss = maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
-    cuda = None
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        cuda = torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
-    return round(float(rss), 1), None if cuda is None else round(cuda, 1)
 
 
 def stage_epochs(cfg: TrainConfig, batches_per_epoch: int, epochs: Optional[int] = None) -> tuple[int, int]:
