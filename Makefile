@@ -1,5 +1,5 @@
 # Two entry points, both self-contained on a fresh machine (venv, deps, extension build):
-#   make run    the main job on the bundled default dataset
+#   make run    the main job: a many-label set (generated, no download), then the loss alone at large L
 #   make test   the test suite (what CI runs)
 # Both are quick the second time: each step reruns only when its inputs changed.
 

@@ -458,3 +458,26 @@ def test_cli_rejects_out_of_range_labels_before_training(tmp_path, monkeypatch, 
     np.savez(tmp_path / "bad.npz", **arrays)
     assert main(["train", "--dataset", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "out"), *FAST]) == 2
     assert "bad.npz: Y_train_indices[1] (row 1) is -1; expected a column index in [0, 3)" in capsys.readouterr().err
+
+
+def test_main_job_trains_then_measures_the_loss_alone(tmp_path, capsys):
+    """`run` (the main job) on its default kind of data, a synthetic XMC-like set: the ranking
+    table of extreme classification, then the loss-alone table, where the reference runs at the
+    small L (measured, within its predicted need) and is refused at the large one, with why."""
+    out = tmp_path / "main"
+    assert main(["run", "--dataset", "synth:eurlex4k?scale=0.02", "--methods", "bce", "reg/probe",
+                 "--loss-labels", "40", "5000", "--loss-budget-gb", "1", "--out", str(out), *FAST]) == 0
+    text = capsys.readouterr().out
+    assert "| method" in text and "| PSP@5" in text and "nDCG@5" in text  # >= 1000 labels: XMC metrics
+    assert "best P@1: " in text
+    for method in ("bce", "reg__probe"):
+        assert (out / method / "metrics.json").exists()
+    steps = json.loads((out / "loss_scale.json").read_text())
+    assert [(s["labels"], s["backend"]) for s in steps] == [(40, "cpp"), (40, "reference"), (5000, "cpp"),
+                                                            (5000, "reference")]
+    small_ref, big_ref = steps[1], steps[3]
+    assert small_ref["status"] == "measured" and small_ref["ms"] > 0
+    assert big_ref["ms"] is None and big_ref["status"].startswith("not run: predicted")
+    assert big_ref["predicted_mb"] > 1024 > small_ref["predicted_mb"]  # 5,512 x 5,512 pairs: ~1.7 GB
+    assert steps[2]["status"] == "measured" and steps[2]["ms"] > 0
+    assert "not run: predicted" in text and "| 5,000 |" in text

@@ -7,6 +7,16 @@ from typing import Iterable, Sequence
 from .metrics import METRIC_LABELS
 
 TABLE_METRICS = ("micro_f1", "macro_f1", "macro_f1_tuned", "hamming", "map", "p@1", "p@3", "p@5")
+# Label spaces from this size on are read as extreme classification does: ranking metrics first
+# (with thousands of rare labels, Macro-F1 at threshold 0.5 and the Hamming loss are close to 0 for
+# every method and say little), propensity-scored ones for the tail.
+XMC_LABELS = 1000
+XMC_TABLE_METRICS = ("p@1", "p@3", "p@5", "ndcg@5", "psp@1", "psp@5", "map", "micro_f1", "macro_f1_tuned")
+
+
+def table_metrics(num_labels: int) -> tuple[tuple[str, ...], str]:
+    """(the metrics of a results table, the headline one that names the best run)."""
+    return (XMC_TABLE_METRICS, "p@1") if num_labels >= XMC_LABELS else (TABLE_METRICS, "macro_f1")
 
 
 def fmt(value, std=None) -> str:
