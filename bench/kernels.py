@@ -127,7 +127,7 @@ def record_point(preset: str, dtype: torch.dtype, dim: int, num_labels: int, sam
     from mlcl_fast.inputs import prepare
     from mlcl_fast.presets import resolve_config
     from mlcl_fast.reduction import mean_loss
-    from mlcl_fast.triton import configs, driver, launch, normalize, recording
+    from mlcl_fast.triton import canonical, configs, driver, launch, normalize, recording
 
     if launch.INTERPRETED:
         raise RuntimeError("bench.kernels compiles for a GPU: run it without TRITON_INTERPRET")
@@ -151,6 +151,9 @@ def record_point(preset: str, dtype: torch.dtype, dim: int, num_labels: int, sam
             # would refuse a GPU backend on the CPU).
             problem = prepare(feats, index, protos, cfg, 0.1, num_labels, "indices", native_half=True,
                               unit_rows=normalize.unit_rows)
+            # The label canonicaliser of the check_values=False path (the host path above reads
+            # values instead): recorded here, its outputs unused.
+            canonical.canonical_index_rows(index, num_labels)
             losses, valid = driver.anchor_losses(problem)
             mean_loss(problem, losses, valid).backward()
     finally:

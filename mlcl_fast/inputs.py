@@ -195,12 +195,13 @@ def temperature_scale(temperature, value: float, device) -> Optional[Tensor]:
 
 def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labels: Optional[int] = None,
             label_format: str = "auto", native_half: bool = False, check_values: bool = True,
-            keys=None, key_labels=None, unit_rows: Optional[Callable] = None) -> Problem:
+            keys=None, key_labels=None, unit_rows: Optional[Callable] = None,
+            canonical_indices: Optional[Callable] = None) -> Problem:
     """Validate everything and build the backend's Problem (normalised rows, canonical labels).
     `check_values=False`: no check reads tensor values on the host (labels.as_label_sets); a
     temperature given as a tensor is read all the same. A temperature tensor that requires grad
     gets its gradient through `temperature_scale`. `unit_rows`: the backend's row normaliser
-    (l2_normalize)."""
+    (l2_normalize); `canonical_indices`: its canonicaliser of padded indices (labels.as_label_sets)."""
     learnable = temperature
     temperature = check_temperature(temperature)
     if not isinstance(check_values, bool):
@@ -211,7 +212,7 @@ def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labe
     if prototypes is not None and num_labels is None and isinstance(prototypes, Tensor) and prototypes.dim() == 2:
         num_labels = prototypes.shape[0]
     label_sets = as_label_sets(labels, batch, num_labels, label_format, device=features.device,
-                               check_values=check_values)
+                               check_values=check_values, canonical_indices=canonical_indices)
     prototypes = check_prototypes(prototypes, cfg, dim, label_sets.num_labels, features.device, check_values)
     if cfg.uses_prototypes and label_sets.num_labels != prototypes.shape[0]:
         raise ValueError(f"labels: label space of size {label_sets.num_labels} but {prototypes.shape[0]} prototypes")

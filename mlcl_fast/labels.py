@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -77,7 +77,8 @@ class LabelSets:
 
 
 def as_label_sets(labels, batch_size: int, num_labels: Optional[int] = None, label_format: str = "auto",
-                  device=None, check_values: bool = True) -> LabelSets:
+                  device=None, check_values: bool = True,
+                  canonical_indices: Optional[Callable[[Tensor, int], LabelSets]] = None) -> LabelSets:
     """Validate `labels` (any accepted form) and return its canonical LabelSets.
 
     `num_labels` is L when known from elsewhere (prototypes, the module); it must then agree with
@@ -85,7 +86,8 @@ def as_label_sets(labels, batch_size: int, num_labels: Optional[int] = None, lab
     num_labels, or LabelSets): no host synchronisation; the label values are then checked on the
     device (torch._assert_async: a bad value fails the device's stream, not with a ValueError),
     and the canonical width stays K instead of the largest label count. A LabelSets is checked to
-    be canonical like any other input (_check_label_sets), never trusted.
+    be canonical like any other input (_check_label_sets), never trusted. `canonical_indices`:
+    a backend's own form of `from_indices_on_device` for that path (same result, fewer launches).
     """
     if label_format not in LABEL_FORMATS:
         raise ValueError(f"label_format: expected one of {list(LABEL_FORMATS)}, got {label_format!r}")
@@ -106,7 +108,7 @@ def as_label_sets(labels, batch_size: int, num_labels: Optional[int] = None, lab
             if label_format != "indices" or num_labels is None:
                 raise ValueError("check_values: False needs labels as padded indices with label_format='indices' "
                                  "and a known num_labels (or a LabelSets): other forms read label values on the host")
-            out = _from_indices_on_device(labels, num_labels)
+            out = (canonical_indices or from_indices_on_device)(labels, num_labels)
         elif fmt == "sparse":
             out = _from_sparse(labels, num_labels)
         elif fmt == "dense":
@@ -253,17 +255,20 @@ def _from_indices(labels: Tensor, num_labels: Optional[int]) -> LabelSets:
     return _from_pairs(rows[keep], labels[keep], labels.shape[0], num_labels)
 
 
-def _from_indices_on_device(labels: Tensor, num_labels: int) -> LabelSets:
+INDEX_RANGE_MESSAGE = "labels: padded label indices must be in [0, num_labels), or -1 for padding"
+
+
+def from_indices_on_device(labels: Tensor, num_labels: int) -> LabelSets:
     """Padded indices -> canonical form with static shapes and no host synchronisation: each row
     sorted, repeats replaced by padding, padding moved to the end; width K. Values outside
-    [-1, num_labels) fail a device-side assertion."""
+    [-1, num_labels) fail a device-side assertion. (A backend may do this in its own kernels:
+    as_label_sets' `canonical_indices`.)"""
     _check_2d(labels, "padded label indices")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels: padded label indices must be an integer tensor, got {labels.dtype}")
     labels = labels.long()
     if labels.numel():
-        torch._assert_async(((labels >= -1) & (labels < num_labels)).all(),
-                            "labels: padded label indices must be in [0, num_labels), or -1 for padding")
+        torch._assert_async(((labels >= -1) & (labels < num_labels)).all(), INDEX_RANGE_MESSAGE)
     pad = num_labels  # sorts after every label
     keyed = labels.masked_fill(labels < 0, pad).sort(dim=1).values
     repeat = torch.nn.functional.pad(keyed[:, 1:] == keyed[:, :-1], (1, 0), value=False)

@@ -10,6 +10,7 @@ below run instead (all dtypes, large shapes, torch.compile).
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -322,7 +323,7 @@ class _DeviceOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @cpu_only
-@pytest.mark.parametrize("preset,L,limit", [("reg_noreg", 300, 76), ("reg", 20, 75), ("mulsupcon", 50, 58)])
+@pytest.mark.parametrize("preset,L,limit", [("reg_noreg", 300, 64), ("reg", 20, 63), ("mulsupcon", 50, 46)])
 def test_public_call_device_operations_are_counted(preset, L, limit):
     """The whole public call (check_values=False, padded indices), forward and backward, issues at
     most `limit` torch operations that launch device work besides the Triton kernels: each one
@@ -340,11 +341,88 @@ def test_public_call_device_operations_are_counted(preset, L, limit):
         loss = multilabel_contrastive_loss(feats, index, protos, preset=preset, num_labels=L, label_format="indices",
                                            backend="triton", check_values=False)
         loss.backward()
-    assert "stats_kernel" in launched and "sort" in counter.ops  # the counter sees inside the operators
+    assert "stats_kernel" in launched and "sort" in counter.ops  # the counter sees inside the operators (prep)
     # The rows are normalised by the backend's two kernels, not by torch operations.
     assert "unit_rows_kernel" in launched and "unit_rows_backward_kernel" in launched
     assert "linalg_vector_norm" not in counter.ops
+    # The padded indices are canonicalised by the backend's kernel, not by torch sorts.
+    assert launched[0] == "canonical_rows_kernel"
     assert len(counter.ops) <= limit, (len(counter.ops), sorted(counter.ops))
+
+
+# ------------------------------------------------------------------- the label canonicaliser
+@cpu_only
+@pytest.mark.parametrize("K,dtype", [(K, dtype) for K in (1, 2, 5, 16, 17)
+                                     for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8)]
+                         + [(64, torch.int64)])
+def test_canonical_kernel_matches_the_torch_formulation(K, dtype):
+    """canonical.canonical_indices against labels.from_indices_on_device (itself tested against
+    the host path in tests/test_labels.py): random rows with repeats, padding anywhere, empty and
+    full rows, a row of one label repeated, strided input; every width up to MAX_WIDTH."""
+    from mlcl_fast.labels import from_indices_on_device
+    from mlcl_fast.triton import canonical
+
+    gen = torch.Generator().manual_seed(fresh_seed("canonical", str(K), str(dtype)))
+    L = 300 if dtype == torch.uint8 else 1000   # uint8 rows hold 0..255, all labels here
+    low = 0 if dtype == torch.uint8 else -1  # uint8 holds no padding value
+    # one program per row at K = 64 (the interpreter's cost): fewer rows there
+    for B in ((1, 37) if K < 64 else (1, 9)):
+        raw = torch.randint(low, min(L, 12), (B, K), generator=gen)   # few labels: many repeats
+        raw[B // 2] = low
+        raw[-1] = raw[-1, 0]
+        wide = torch.randint(low, L, (B, K), generator=gen)
+        for x in (raw, wide):
+            x = x.to(dtype)
+            expected = from_indices_on_device(x, L)
+            for inp in (x, x.t().contiguous().t()):                      # row and column strides
+                got = canonical.canonical_indices(inp, L)
+                assert got.index.dtype == got.count.dtype == torch.int64 and got.num_labels == L
+                assert torch.equal(got.index, expected.index) and torch.equal(got.count, expected.count), (x, got.index)
+    # mutation check: the comparison above sees a wrong repeat rule
+    one = torch.tensor([[3, 3, -1, 2]], dtype=torch.int64)
+    assert canonical.canonical_indices(one, 5).index.tolist() == [[2, 3, -1, -1]]
+
+
+@cpu_only
+def test_canonical_kernel_refuses_out_of_range_values_and_keeps_wide_inputs_on_torch():
+    from mlcl_fast.labels import INDEX_RANGE_MESSAGE
+    from mlcl_fast.triton import canonical, recording
+
+    for bad in ([[0, 9]], [[-2, 1]], [[1, 2], [3, 9]]):
+        with pytest.raises(RuntimeError, match=re.escape(INDEX_RANGE_MESSAGE)):
+            canonical.canonical_indices(torch.tensor(bad), 9)
+    index, count = canonical.canonical_index_rows(torch.tensor([[1, 2], [3, 9]]), 9)
+    assert count.tolist() == [2, -1]                                     # the row at fault is marked
+    launched = []
+    with recording.recording(lambda kernel, grid, args, meta: launched.append(kernel.__name__)):
+        canonical.canonical_indices(torch.tensor([[0, 1]]), 9)
+        canonical.canonical_indices(torch.zeros(3, canonical.MAX_WIDTH + 1, dtype=torch.int64), 9)
+        canonical.canonical_indices(torch.zeros(3, 0, dtype=torch.int64), 9)
+    assert launched == ["canonical_rows_kernel"]                         # wider and empty inputs: torch
+    empty = canonical.canonical_indices(torch.zeros(0, 4, dtype=torch.int64), 9)
+    assert empty.index.shape == (0, 4) and empty.count.shape == (0,)
+    for wrong in (torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool), torch.zeros(3, dtype=torch.int64)):
+        with pytest.raises((TypeError, ValueError), match="^labels"):
+            canonical.canonical_indices(wrong, 9)
+
+
+@cpu_only
+def test_public_call_canonicalises_with_the_kernel_only_without_host_checks():
+    from mlcl_fast.triton import recording
+
+    index = torch.tensor([[0, 2, 2, -1], [1, -1, -1, -1], [2, 0, 1, 1]])
+    feats = torch.randn(3, 2, 8)
+    for check_values in (False, True):
+        launched = []
+        with recording.recording(lambda kernel, grid, args, meta: launched.append(kernel.__name__)):
+            multilabel_contrastive_loss(feats, index, preset="supcon_any", num_labels=3, label_format="indices",
+                                        backend="triton", check_values=check_values)
+        assert ("canonical_rows_kernel" in launched) == (not check_values)
+    a = multilabel_contrastive_loss(feats, index, preset="supcon_any", num_labels=3, label_format="indices",
+                                    backend="triton", check_values=False)
+    b = multilabel_contrastive_loss(feats, index, preset="supcon_any", num_labels=3, label_format="indices",
+                                    backend="reference")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------ the row normaliser

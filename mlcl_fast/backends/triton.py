@@ -55,6 +55,14 @@ def unit_rows(x, out_dtype):
     return run(x, out_dtype)
 
 
+def canonical_indices(labels, num_labels):
+    """The padded-index canonicaliser of labels.as_label_sets (check_values=False): one kernel
+    instead of about sixteen torch operations (mlcl_fast/triton/canonical.py)."""
+    from ..triton.canonical import canonical_indices as run
+
+    return run(labels, num_labels)
+
+
 def anchor_losses(problem):
     from ..triton.driver import anchor_losses as run
 
