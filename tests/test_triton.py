@@ -407,6 +407,32 @@ def test_canonical_kernel_refuses_out_of_range_values_and_keeps_wide_inputs_on_t
 
 
 @cpu_only
+def test_canonical_operator_schema():
+    from mlcl_fast.triton import canonical
+
+    torch.library.opcheck(canonical.canonical_index_rows, (torch.tensor([[2, -1, 2], [0, 1, -1]]), 4),
+                          test_utils=("test_schema",))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_canonical_kernel_matches_the_torch_formulation_and_compiles():
+    """On the device: the kernel against labels.from_indices_on_device for widths up to
+    MAX_WIDTH, and under torch.compile(fullgraph=True)."""
+    from mlcl_fast.labels import from_indices_on_device
+    from mlcl_fast.triton import canonical
+
+    gen = torch.Generator().manual_seed(fresh_seed("canonical_gpu"))
+    for K in (1, 3, 16, 33, 64):
+        raw = torch.randint(-1, 50, (300, K), generator=gen).cuda()
+        got, want = canonical.canonical_indices(raw, 50), from_indices_on_device(raw, 50)
+        assert torch.equal(got.index, want.index) and torch.equal(got.count, want.count)
+    compiled = torch.compile(lambda x: canonical.canonical_index_rows(x, 50), fullgraph=True)
+    raw = torch.randint(-1, 50, (64, 7), generator=gen).cuda()
+    assert torch.equal(compiled(raw)[0], from_indices_on_device(raw, 50).index)
+
+
+@cpu_only
 def test_public_call_canonicalises_with_the_kernel_only_without_host_checks():
     from mlcl_fast.triton import recording
 
