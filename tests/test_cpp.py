@@ -340,6 +340,63 @@ def test_device_side_value_checks_give_the_same_results():
         assert torch.equal(exact, asserted)
 
 
+@pytest.mark.parametrize("preset,B,V,L,density", [("reg", 150, 2, 40, 0.1), ("supcon_any", 220, 2, 12, 0.2),
+                                                   ("msc", 450, 1, 30, 0.1), ("jaccard", 220, 2, 25, 0.15)])
+def test_combined_backward_gives_the_same_embedding_gradients(preset, B, V, L, density):
+    """combine_self=True (anchors and their own columns are one embedding): the backward sweeps
+    the anchor x anchor block once per pair of blocks (csrc/cpu/backward.cpp) and may return an
+    anchor's gradient and its column's in one place. Per embedding, grad_rows[i] +
+    grad_cols[self_col[i]] (and every other column's gradient) must equal the one-directional
+    backward's, in float64 to rounding; with more than 256 valid anchors, so the pairing runs."""
+    case = random_case(fresh_seed("cpp-combined", preset), preset, B=B, V=V, d=7, L=L, density=density)
+    problem = _problem(case)
+    args = _op_args(problem)
+    outputs = torch.ops.mlcl_fast.anchor_loss_forward(*args)
+    grad = torch.rand(args[0].shape[0], dtype=args[0].dtype, generator=torch.Generator().manual_seed(1))
+    grad[::5] = 0.0                                   # anchors without a gradient are skipped either way
+    assert int((outputs[1] & (grad != 0)).sum()) >= 256  # enough anchors for the pairing (2 blocks)
+    bwd = (grad, args[0], args[1], *args[2:5], *outputs[2:], *args[5:])
+    split_rows, split_cols = torch.ops.mlcl_fast.anchor_loss_backward(*bwd, combine_self=False)
+    rows, cols = torch.ops.mlcl_fast.anchor_loss_backward(*bwd, combine_self=True)
+    self_col = args[4]
+
+    def per_embedding(g_rows, g_cols):
+        return g_cols.clone().index_add_(0, self_col, g_rows)
+
+    expected = per_embedding(split_rows, split_cols)
+    torch.testing.assert_close(per_embedding(rows, cols), expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+    # the pairing did run: the own columns of the anchors with a gradient received nothing there
+    paired = self_col[outputs[1] & (grad != 0)]
+    assert float(cols[paired].abs().max()) == 0.0 and float(split_cols[paired].abs().max()) > 0.0
+    # MLCL_FAST_CPU_SYMMETRIC=off keeps the one-directional backward
+    import os
+    os.environ["MLCL_FAST_CPU_SYMMETRIC"] = "off"
+    try:
+        off_rows, off_cols = torch.ops.mlcl_fast.anchor_loss_backward(*bwd, combine_self=True)
+    finally:
+        del os.environ["MLCL_FAST_CPU_SYMMETRIC"]
+    assert torch.equal(off_rows, split_rows) and torch.equal(off_cols, split_cols)
+
+
+def test_combined_backward_is_deterministic_per_thread_count():
+    case = random_case(fresh_seed("cpp-combined-det"), "reg", B=200, V=2, d=9, L=30, density=0.1,
+                       dtype=torch.float32)
+    problem = _problem(case)
+    args = _op_args(problem)
+    outputs = torch.ops.mlcl_fast.anchor_loss_forward(*args)
+    grad = torch.ones(args[0].shape[0])
+    bwd = (grad, args[0], args[1], *args[2:5], *outputs[2:], *args[5:])
+    threads = torch.get_num_threads()
+    try:
+        for n in sorted({1, 2, threads}):
+            torch.set_num_threads(n)
+            first = torch.ops.mlcl_fast.anchor_loss_backward(*bwd, combine_self=True)
+            again = torch.ops.mlcl_fast.anchor_loss_backward(*bwd, combine_self=True)
+            assert all(torch.equal(a, b) for a, b in zip(first, again))
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------- torch.library integration
 def test_opcheck():
     case = random_case(fresh_seed("cpp-opcheck"), "reg", B=10, V=2, d=6, L=5, density=0.3)

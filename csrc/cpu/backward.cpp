@@ -2,12 +2,22 @@
 // G_ij = g_i (W_i p_ij - w_ij - r_ij) in place, and push it through two GEMMs. Row gradients
 // belong to one block; column gradients are summed per partition of blocks into separate
 // buffers and reduced in partition order, so results are deterministic for a thread count.
+//
+// With `combine_self` (the caller needs only grad_rows[i] + grad_cols[self_col[i]]: row i and its
+// own column are the same embedding), the anchors whose own column is a softmax column holding
+// their row ("symmetric" anchors, S) are swept against each other once per unordered pair of
+// blocks: one tile S_IJ gives G_IJ and G_JI (s_ij = s_ji), and H = G_IJ + G_JI^T feeds
+// dx_I += H x_J and dx_J += H^T x_I: 3 products per pair of blocks instead of 6. The other
+// columns (and anchors outside S) take the one-directional sweep above.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros_like.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "blocks.h"
@@ -18,59 +28,132 @@ namespace mlcl_fast {
 
 namespace {
 
-template <typename T>
-void backward_typed(const T* grad_loss, const T* rows, const T* cols, int64_t dim, const int64_t* self,
-                    const LabelContext& labels, const LossOptions& opt, const double* lse,
-                    const double* total_weight, const double* norm, int64_t width, T* grad_rows, T* grad_cols) {
-  const int64_t anchors = labels.row_sets.rows();
-  const int64_t num_cols = labels.num_cols;
-  std::vector<int64_t> active;  // anchors whose loss has a gradient
-  for (int64_t i = 0; i < anchors; ++i) {
-    if (total_weight[i] > 0.0 && grad_loss[i] != T(0)) active.push_back(i);
-  }
-  const std::vector<ColumnTile> tiles = column_tiles(opt, num_cols);
-  const int64_t blocks = (static_cast<int64_t>(active.size()) + kRowBlock - 1) / kRowBlock;
-  // Partitions are contiguous runs of blocks, each summed by one thread into its own C x d
-  // column-gradient buffer. Two per thread, taken dynamically, keep a thread slowed by other load
-  // from holding up the rest; their number is capped so that the buffers take at most
-  // max(1 GiB, 4 buffers).
+// Partitions of `blocks` consecutive tasks, 2 per thread (1 with one thread), taken dynamically
+// so that a thread slowed by other load holds nobody up; their number is capped so that their
+// buffers (`buffer_bytes` each) take at most max(1 GiB, 4 buffers).
+inline int64_t partition_count(int64_t blocks, double buffer_bytes) {
   const int64_t threads = thread_count();
-  const double buffer_bytes = static_cast<double>(num_cols) * dim * sizeof(T);
   const double budget = std::max(double(1 << 30), 4.0 * buffer_bytes);
   const int64_t max_parts = 1 + static_cast<int64_t>(budget / std::max(buffer_bytes, 1.0));
-  const int64_t parts = std::max<int64_t>(1, std::min({threads == 1 ? 1 : 2 * threads, blocks, max_parts}));
-  // Partition 0 accumulates straight into grad_cols; the others into their own buffers.
-  std::vector<T> partial(static_cast<size_t>((parts - 1) * num_cols * dim), T(0));
-  const T inv_tau = static_cast<T>(1.0 / opt.temperature);
+  return std::max<int64_t>(1, std::min({threads == 1 ? 1 : 2 * threads, blocks, max_parts}));
+}
 
+// Per-anchor positives (column positions in some column list, ascending; weights).
+struct PositiveLists {
+  std::vector<std::vector<int32_t>> col;
+  std::vector<std::vector<double>> w;
+  explicit PositiveLists(size_t anchors) : col(anchors), w(anchors) {}
+};
+
+// The symmetric anchors' positives, once: split into those among the other columns (`rest_at`:
+// column -> position in the rest list) and those among the symmetric anchors' own columns
+// (`sym_at`: column -> position in `sym`).
+inline void split_positives(const LabelContext& labels, const LossOptions& opt, const int64_t* self,
+                            const double* norm, int64_t width, const std::vector<int64_t>& sym,
+                            const std::vector<int32_t>& sym_at, const std::vector<int32_t>& rest_at,
+                            PositiveLists& rest, PositiveLists& own) {
+  const int64_t m = static_cast<int64_t>(sym.size());
+#pragma omp parallel num_threads(thread_count())
+  {
+    PositiveFinder finder(labels, opt);
+    std::vector<int32_t> all_col;
+    std::vector<double> all_w;
+#pragma omp for schedule(dynamic, 64)
+    for (int64_t p = 0; p < m; ++p) {
+      const int64_t i = sym[p];
+      all_col.clear();
+      all_w.clear();
+      finder.positives(i, self[i], norm + i * width, all_col, all_w);
+      own.col[p].reserve(all_col.size());
+      own.w[p].reserve(all_col.size());
+      for (size_t q = 0; q < all_col.size(); ++q) {
+        const int32_t s = sym_at[all_col[q]], r = rest_at[all_col[q]];
+        if (s >= 0) {
+          own.col[p].push_back(s);
+          own.w[p].push_back(all_w[q]);
+        } else if (r >= 0) {
+          rest.col[p].push_back(r);
+          rest.w[p].push_back(all_w[q]);
+        }
+      }
+    }
+  }
+}
+
+// One-directional sweep of `anchors` against the columns `ids` (ascending): row gradients added
+// into grad_rows, column gradients added into grad_cols at `ids`.
+template <typename T>
+void sweep_columns(const T* grad_loss, const T* rows, const T* cols, int64_t dim, const int64_t* self,
+                   const LabelContext& labels, const LossOptions& opt, const double* lse, const double* total_weight,
+                   const double* norm, int64_t width, const std::vector<int64_t>& anchors,
+                   const std::vector<int64_t>& ids, T* grad_rows, T* grad_cols,
+                   const PositiveLists* lists = nullptr) {
+  const int64_t m = static_cast<int64_t>(ids.size());
+  if (anchors.empty() || m == 0) return;
+  const int64_t num_cols = labels.num_cols;
+  std::vector<int32_t> where(num_cols, -1);
+  std::vector<T> gathered(static_cast<size_t>(m * dim));
+  for (int64_t t = 0; t < m; ++t) {
+    where[ids[t]] = static_cast<int32_t>(t);
+    std::copy(cols + ids[t] * dim, cols + (ids[t] + 1) * dim, gathered.data() + t * dim);
+  }
+  // tiles of the gathered columns; beta is uniform inside a tile (ids < n are sample columns)
+  std::vector<ColumnTile> tiles;
+  const int64_t split = std::lower_bound(ids.begin(), ids.end(), opt.num_sample_cols) - ids.begin();
+  const double log_beta_samples = opt.beta > 0.0 ? std::log(opt.beta) : 0.0;
+  for (int64_t c = 0; c < split; c += kColTile) tiles.push_back({c, std::min(split, c + kColTile), log_beta_samples});
+  for (int64_t c = split; c < m; c += kColTile) tiles.push_back({c, std::min(m, c + kColTile), 0.0});
+
+  const int64_t blocks = (static_cast<int64_t>(anchors.size()) + kRowBlock - 1) / kRowBlock;
+  const int64_t parts = partition_count(blocks, static_cast<double>(m) * dim * sizeof(T));
+  std::vector<T> partial(static_cast<size_t>(parts * m * dim), T(0));
+  const T inv_tau = static_cast<T>(1.0 / opt.temperature);
+  const int64_t threads = thread_count();
 #pragma omp parallel num_threads(std::min(threads, parts))
   {
     PositiveFinder finder(labels, opt);
     BlockPositives pos;
+    std::vector<int32_t> all_col;
+    std::vector<double> all_w;
     std::vector<T> block_rows(kRowBlock * dim), block_grad(kRowBlock * dim), sim(kRowBlock * kColTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t part = 0; part < parts; ++part) {
-      T* gcols = part == 0 ? grad_cols : partial.data() + (part - 1) * num_cols * dim;
+      T* gcols = partial.data() + part * m * dim;
       for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; ++b) {
-        const int64_t* ids = active.data() + b * kRowBlock;
-        const int64_t nb = std::min<int64_t>(kRowBlock, static_cast<int64_t>(active.size()) - b * kRowBlock);
+        const int64_t* idx = anchors.data() + b * kRowBlock;
+        const int64_t nb = std::min<int64_t>(kRowBlock, static_cast<int64_t>(anchors.size()) - b * kRowBlock);
         pos.reset(nb);
         for (int64_t r = 0; r < nb; ++r) {
-          const int64_t i = ids[r];
+          const int64_t i = idx[r];
           std::copy(rows + i * dim, rows + (i + 1) * dim, block_rows.data() + r * dim);
-          finder.positives(i, self[i], norm + i * width, pos.col, pos.w);
+          if (lists != nullptr) {  // positions in `ids` already
+            const int64_t k = b * kRowBlock + r;
+            pos.col.insert(pos.col.end(), lists->col[k].begin(), lists->col[k].end());
+            pos.w.insert(pos.w.end(), lists->w[k].begin(), lists->w[k].end());
+          } else {
+            all_col.clear();
+            all_w.clear();
+            finder.positives(i, self[i], norm + i * width, all_col, all_w);
+            for (size_t p = 0; p < all_col.size(); ++p) {
+              const int32_t at = where[all_col[p]];
+              if (at >= 0) {
+                pos.col.push_back(at);
+                pos.w.push_back(all_w[p]);
+              }
+            }
+          }
           pos.close_anchor();
         }
         pos.rewind();
         std::fill(block_grad.begin(), block_grad.begin() + nb * dim, T(0));
         for (const ColumnTile& tile : tiles) {
           const int64_t n = tile.end - tile.begin;
-          gemm_abt<T>(nb, n, dim, inv_tau, block_rows.data(), dim, cols + tile.begin * dim, dim, sim.data(), n);
+          gemm_abt<T>(nb, n, dim, inv_tau, block_rows.data(), dim, gathered.data() + tile.begin * dim, dim,
+                      sim.data(), n);
           for (int64_t r = 0; r < nb; ++r) {
-            const int64_t i = ids[r];
+            const int64_t i = idx[r];
             T* s = sim.data() + r * n;
             const double g = static_cast<double>(grad_loss[i]);
-            // log p_ij = s_ij + log beta_j - lse_i
             const double shift = lse[i] - tile.log_beta;
             const auto [p0, p1] = pos.advance(r, tile.end);
             for (int64_t p = p0; p < p1; ++p) {
@@ -83,28 +166,205 @@ void backward_typed(const T* grad_loss, const T* rows, const T* cols, int64_t di
               pos.s[p] = g * delta;
             }
             scaled_exp(s, n, static_cast<T>(shift), static_cast<T>(g * total_weight[i]));
-            const int64_t own = self[i] - tile.begin;
+            const int64_t own = (self[i] >= 0 && self[i] < num_cols ? where[self[i]] : -1) - tile.begin;
             if (own >= 0 && own < n) s[own] = T(0);
             for (int64_t p = p0; p < p1; ++p) s[pos.col[p] - tile.begin] -= static_cast<T>(pos.s[p]);
           }
-          gemm_ab_acc<T>(nb, dim, n, inv_tau, sim.data(), n, cols + tile.begin * dim, dim, block_grad.data(), dim);
+          gemm_ab_acc<T>(nb, dim, n, inv_tau, sim.data(), n, gathered.data() + tile.begin * dim, dim,
+                         block_grad.data(), dim);
           gemm_atb_acc<T>(n, dim, nb, inv_tau, sim.data(), n, block_rows.data(), dim, gcols + tile.begin * dim, dim);
         }
         for (int64_t r = 0; r < nb; ++r) {
-          std::copy(block_grad.data() + r * dim, block_grad.data() + (r + 1) * dim, grad_rows + ids[r] * dim);
+          T* out = grad_rows + idx[r] * dim;
+          const T* add = block_grad.data() + r * dim;
+          for (int64_t e = 0; e < dim; ++e) out[e] += add[e];
         }
       }
     }
   }
-  if (parts > 1) {
-    const int64_t total = num_cols * dim;
-    at::parallel_for(0, total, 1 << 14, [&](int64_t lo, int64_t hi) {
-      for (int64_t part = 1; part < parts; ++part) {
-        const T* src = partial.data() + (part - 1) * total;
-        for (int64_t e = lo; e < hi; ++e) grad_cols[e] += src[e];
+  // partitions in order, then into the columns
+  at::parallel_for(0, m, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      T* out = grad_cols + ids[t] * dim;
+      for (int64_t part = 0; part < parts; ++part) {
+        const T* src = partial.data() + (part * m + t) * dim;
+        for (int64_t e = 0; e < dim; ++e) out[e] += src[e];
       }
-    });
+    }
+  });
+}
+
+// The one-directional backward: every anchor with a gradient against every softmax column.
+template <typename T>
+void backward_typed(const T* grad_loss, const T* rows, const T* cols, int64_t dim, const int64_t* self,
+                    const LabelContext& labels, const LossOptions& opt, const double* lse,
+                    const double* total_weight, const double* norm, int64_t width, T* grad_rows, T* grad_cols) {
+  std::vector<int64_t> active, ids;  // anchors whose loss has a gradient; the softmax columns
+  for (int64_t i = 0; i < labels.row_sets.rows(); ++i) {
+    if (total_weight[i] > 0.0 && grad_loss[i] != T(0)) active.push_back(i);
   }
+  for (int64_t j = 0; j < labels.num_cols; ++j) {
+    if (j >= opt.num_sample_cols || opt.beta > 0.0) ids.push_back(j);
+  }
+  sweep_columns<T>(grad_loss, rows, cols, dim, self, labels, opt, lse, total_weight, norm, width, active, ids,
+                   grad_rows, grad_cols);
+}
+
+// The symmetric anchors against each other: unordered pairs of blocks (I <= J); the combined
+// gradient of each symmetric anchor lands in grad_rows.
+template <typename T>
+void sweep_symmetric(const T* grad_loss, const T* rows, int64_t dim, const int64_t* self, const LossOptions& opt,
+                     const double* lse, const double* total_weight,
+                     const std::vector<int64_t>& sym, const PositiveLists& own, T* grad_rows) {
+  const int64_t m = static_cast<int64_t>(sym.size());
+  const T inv_tau = static_cast<T>(1.0 / opt.temperature);
+  const double log_beta_samples = opt.beta > 0.0 ? std::log(opt.beta) : 0.0;
+  std::vector<T> x(static_cast<size_t>(m * dim));
+  std::vector<double> lb(m);
+  for (int64_t p = 0; p < m; ++p) {
+    std::copy(rows + sym[p] * dim, rows + (sym[p] + 1) * dim, x.data() + p * dim);
+    lb[p] = self[sym[p]] < opt.num_sample_cols ? log_beta_samples : 0.0;
+  }
+  const std::vector<std::vector<int32_t>>& pcol = own.col;
+  const std::vector<std::vector<double>>& pw = own.w;
+  const int64_t threads = thread_count();
+  const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
+  // Row block I pairs with the blocks J >= I: partitions of contiguous I with equal work.
+  const int64_t parts = partition_count(blocks, static_cast<double>(m) * dim * sizeof(T));
+  std::vector<int64_t> bound(parts + 1, blocks);
+  {
+    const double total = 0.5 * static_cast<double>(blocks) * (blocks + 1);
+    double done = 0.0;
+    int64_t part = 1;
+    bound[0] = 0;
+    for (int64_t b = 0; b < blocks && part < parts; ++b) {
+      done += static_cast<double>(blocks - b);
+      while (part < parts && done >= total * part / parts) bound[part++] = b + 1;
+    }
+  }
+  std::vector<T> partial(static_cast<size_t>(parts * m * dim), T(0));
+#pragma omp parallel num_threads(std::min(threads, parts))
+  {
+    std::vector<T> sim(kRowBlock * kRowBlock), h(kRowBlock * kRowBlock);
+    std::vector<T> lb_j(kRowBlock), lse_j(kRowBlock), coef_j(kRowBlock);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t part = 0; part < parts; ++part) {
+      T* dx = partial.data() + part * m * dim;
+      for (int64_t bi = bound[part]; bi < bound[part + 1]; ++bi) {
+        const int64_t i0 = bi * kRowBlock, ni = std::min<int64_t>(kRowBlock, m - i0);
+        for (int64_t bj = bi; bj < blocks; ++bj) {
+          const int64_t j0 = bj * kRowBlock, nj = std::min<int64_t>(kRowBlock, m - j0);
+          gemm_abt<T>(ni, nj, dim, inv_tau, x.data() + i0 * dim, dim, x.data() + j0 * dim, dim, sim.data(), nj);
+          for (int64_t c = 0; c < nj; ++c) {
+            const int64_t j = sym[j0 + c];
+            lb_j[c] = static_cast<T>(lb[j0 + c]);
+            lse_j[c] = static_cast<T>(lse[j]);
+            coef_j[c] = static_cast<T>(static_cast<double>(grad_loss[j]) * total_weight[j]);
+          }
+          // H = G_IJ + G_JI^T: p_ic = beta_c exp(s - lse_i), p_cr = beta_r exp(s - lse_c)
+          for (int64_t r = 0; r < ni; ++r) {
+            const int64_t i = sym[i0 + r];
+            pair_exp<T>(sim.data() + r * nj, lb_j.data(), lse_j.data(), coef_j.data(), h.data() + r * nj, nj,
+                        static_cast<T>(static_cast<double>(grad_loss[i]) * total_weight[i]), static_cast<T>(lse[i]),
+                        static_cast<T>(lb[i0 + r]));
+          }
+          if (bi == bj) {
+            for (int64_t r = 0; r < ni; ++r) h[r * nj + r] = T(0);  // s_ii is in no softmax
+          }
+          // positives: rows I against the columns of J, and rows J against the columns of I
+          auto correct = [&](int64_t a, int64_t lo, int64_t hi, bool rows_side) {
+            const int64_t i = sym[a];
+            const double g = static_cast<double>(grad_loss[i]);
+            const std::vector<int32_t>& cl = pcol[a];
+            const std::vector<double>& wl = pw[a];
+            auto it = std::lower_bound(cl.begin(), cl.end(), static_cast<int32_t>(lo));
+            for (size_t q = it - cl.begin(); q < cl.size() && cl[q] < hi; ++q) {
+              const int64_t r = rows_side ? a - i0 : cl[q] - i0;
+              const int64_t c = rows_side ? cl[q] - j0 : a - j0;
+              double delta = wl[q];
+              if (opt.reg) {
+                const double prob =
+                    static_cast<double>(exp_tile(static_cast<T>(sim[r * nj + c] - static_cast<T>(lse[i] - lb[cl[q]]))));
+                delta += std::max(prob - wl[q], 0.0);
+              }
+              h[r * nj + c] -= static_cast<T>(g * delta);
+            }
+          };
+          // (on a diagonal block both loops are needed too: H[r][c] holds G_rc and G_cr)
+          for (int64_t r = 0; r < ni; ++r) correct(i0 + r, j0, j0 + nj, true);
+          for (int64_t c = 0; c < nj; ++c) correct(j0 + c, i0, i0 + ni, false);
+          gemm_ab_acc<T>(ni, dim, nj, inv_tau, h.data(), nj, x.data() + j0 * dim, dim, dx + i0 * dim, dim);
+          if (bi != bj) {
+            gemm_atb_acc<T>(nj, dim, ni, inv_tau, h.data(), nj, x.data() + i0 * dim, dim, dx + j0 * dim, dim);
+          }
+        }
+      }
+    }
+  }
+  at::parallel_for(0, m, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      T* out = grad_rows + sym[p] * dim;
+      for (int64_t part = 0; part < parts; ++part) {
+        const T* src = partial.data() + (part * m + p) * dim;
+        for (int64_t e = 0; e < dim; ++e) out[e] += src[e];
+      }
+    }
+  });
+}
+
+// MLCL_FAST_CPU_SYMMETRIC = auto | off (default auto): off keeps the one-directional sweep even
+// when the caller allows combining (for measurements and tests).
+bool symmetric_enabled() {
+  const char* env = std::getenv("MLCL_FAST_CPU_SYMMETRIC");
+  if (env == nullptr || std::string(env).empty() || std::string(env) == "auto") return true;
+  TORCH_CHECK(std::string(env) == "off", "MLCL_FAST_CPU_SYMMETRIC: expected auto or off, got ", env);
+  return false;
+}
+
+// Returns false (nothing written) where too few anchors are symmetric for the pairing to pay.
+template <typename T>
+bool backward_combined(const T* grad_loss, const T* rows, const T* cols, int64_t dim, const int64_t* self,
+                       const LabelContext& labels, const LossOptions& opt, const double* lse,
+                       const double* total_weight, const double* norm, int64_t width, T* grad_rows, T* grad_cols) {
+  const int64_t anchors = labels.row_sets.rows();
+  const int64_t num_cols = labels.num_cols;
+  const int64_t n = opt.num_sample_cols;
+  auto in_softmax = [&](int64_t j) { return j >= n || opt.beta > 0.0; };
+  std::vector<int64_t> active, sym, others;
+  std::vector<int32_t> sym_at(num_cols, -1);
+  for (int64_t i = 0; i < anchors; ++i) {
+    if (!(total_weight[i] > 0.0 && grad_loss[i] != T(0))) continue;
+    active.push_back(i);
+    const int64_t c = self[i];
+    if (c >= 0 && c < num_cols && in_softmax(c) && sym_at[c] < 0 &&
+        std::equal(rows + i * dim, rows + (i + 1) * dim, cols + c * dim)) {
+      sym_at[c] = 0;  // claimed; positions are set below, in column order
+      sym.push_back(i);
+    } else {
+      others.push_back(i);
+    }
+  }
+  if (static_cast<int64_t>(sym.size()) < 2 * kRowBlock) return false;
+  std::sort(sym.begin(), sym.end(), [&](int64_t a, int64_t b) { return self[a] < self[b]; });
+  for (size_t p = 0; p < sym.size(); ++p) sym_at[self[sym[p]]] = static_cast<int32_t>(p);
+  std::vector<int64_t> all_cols, rest;
+  std::vector<int32_t> rest_at(num_cols, -1);
+  for (int64_t j = 0; j < num_cols; ++j) {
+    if (!in_softmax(j)) continue;
+    all_cols.push_back(j);
+    if (sym_at[j] < 0) {
+      rest_at[j] = static_cast<int32_t>(rest.size());
+      rest.push_back(j);
+    }
+  }
+  PositiveLists rest_lists(sym.size()), own_lists(sym.size());
+  split_positives(labels, opt, self, norm, width, sym, sym_at, rest_at, rest_lists, own_lists);
+  sweep_columns<T>(grad_loss, rows, cols, dim, self, labels, opt, lse, total_weight, norm, width, others, all_cols,
+                   grad_rows, grad_cols);
+  sweep_columns<T>(grad_loss, rows, cols, dim, self, labels, opt, lse, total_weight, norm, width, sym, rest,
+                   grad_rows, grad_cols, &rest_lists);
+  sweep_symmetric<T>(grad_loss, rows, dim, self, opt, lse, total_weight, sym, own_lists, grad_rows);
+  return true;
 }
 
 }  // namespace
@@ -113,18 +373,33 @@ std::pair<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss, cons
                                                const at::Tensor& cols, const at::Tensor& self_col,
                                                const LabelContext& labels, const LossOptions& opt,
                                                const at::Tensor& lse, const at::Tensor& total_weight,
-                                               const at::Tensor& normalizer) {
+                                               const at::Tensor& normalizer, bool combine_self) {
   auto grad_rows = at::zeros_like(rows);
   auto grad_cols = at::zeros_like(cols);
   if (rows.size(0) == 0 || cols.size(0) == 0) return {grad_rows, grad_cols};
   const auto g = grad_loss.to(rows.scalar_type()).contiguous();
   const int64_t width = normalizer.size(1);
+  const bool combine = combine_self && symmetric_enabled();
   if (rows.scalar_type() == at::kFloat) {
+    if (combine && backward_combined<float>(g.data_ptr<float>(), rows.data_ptr<float>(), cols.data_ptr<float>(),
+                                            rows.size(1), self_col.data_ptr<int64_t>(), labels, opt,
+                                            lse.data_ptr<double>(), total_weight.data_ptr<double>(),
+                                            normalizer.data_ptr<double>(), width, grad_rows.data_ptr<float>(),
+                                            grad_cols.data_ptr<float>())) {
+      return {grad_rows, grad_cols};
+    }
     backward_typed<float>(g.data_ptr<float>(), rows.data_ptr<float>(), cols.data_ptr<float>(), rows.size(1),
                           self_col.data_ptr<int64_t>(), labels, opt, lse.data_ptr<double>(),
                           total_weight.data_ptr<double>(), normalizer.data_ptr<double>(), width,
                           grad_rows.data_ptr<float>(), grad_cols.data_ptr<float>());
   } else {
+    if (combine && backward_combined<double>(g.data_ptr<double>(), rows.data_ptr<double>(),
+                                             cols.data_ptr<double>(), rows.size(1), self_col.data_ptr<int64_t>(),
+                                             labels, opt, lse.data_ptr<double>(), total_weight.data_ptr<double>(),
+                                             normalizer.data_ptr<double>(), width, grad_rows.data_ptr<double>(),
+                                             grad_cols.data_ptr<double>())) {
+      return {grad_rows, grad_cols};
+    }
     backward_typed<double>(g.data_ptr<double>(), rows.data_ptr<double>(), cols.data_ptr<double>(), rows.size(1),
                            self_col.data_ptr<int64_t>(), labels, opt, lse.data_ptr<double>(),
                            total_weight.data_ptr<double>(), normalizer.data_ptr<double>(), width,

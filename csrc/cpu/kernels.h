@@ -20,10 +20,12 @@ ForwardResult forward_cpu(const at::Tensor& rows, const at::Tensor& cols, const 
                           const LabelContext& labels, const LossOptions& opt, int64_t normalizer_width);
 
 // Returns (grad_rows [R, d], grad_cols [C, d]) for the per-anchor loss gradient grad_loss [R].
+// `combine_self`: the caller needs only grad_rows[i] + grad_cols[self_col[i]] (row i and its own
+// column are one embedding), so that sum may be returned in grad_rows alone (backward.cpp).
 std::pair<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss, const at::Tensor& rows,
                                                const at::Tensor& cols, const at::Tensor& self_col,
                                                const LabelContext& labels, const LossOptions& opt,
                                                const at::Tensor& lse, const at::Tensor& total_weight,
-                                               const at::Tensor& normalizer);
+                                               const at::Tensor& normalizer, bool combine_self = false);
 
 }  // namespace mlcl_fast

@@ -19,7 +19,7 @@ ForwardTuple anchor_loss_forward(const at::Tensor& rows, const at::Tensor& cols,
                                  const at::Tensor& col_labels, const at::Tensor& self_col, int64_t num_sample_cols,
                                  int64_t num_labels, double temperature, double beta, c10::string_view weighting,
                                  c10::string_view pair_factor, double alpha, bool reg,
-                                 bool check_values) {
+                                 bool check_values, bool /*combine_self: a backward option*/) {
   const LossOptions opt = parse_options(num_sample_cols, num_labels, temperature, beta, std::string(weighting),
                                         std::string(pair_factor), alpha, reg);
   check_inputs(rows, cols, row_labels, col_labels, self_col, opt, check_values);
@@ -40,7 +40,8 @@ std::tuple<at::Tensor, at::Tensor> anchor_loss_backward(
     const at::Tensor& grad_loss, const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,
     const at::Tensor& col_labels, const at::Tensor& self_col, const at::Tensor& lse, const at::Tensor& total_weight,
     const at::Tensor& normalizer, int64_t num_sample_cols, int64_t num_labels, double temperature, double beta,
-    c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg, bool check_values) {
+    c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg, bool check_values,
+    bool combine_self) {
   const LossOptions opt = parse_options(num_sample_cols, num_labels, temperature, beta, std::string(weighting),
                                         std::string(pair_factor), alpha, reg);
   check_inputs(rows, cols, row_labels, col_labels, self_col, opt, check_values);
@@ -53,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> anchor_loss_backward(
   const auto c = cols.contiguous();
   const LabelContext labels = build_label_context(row_labels, col_labels, opt, c.size(0), positives_strategy_from_env());
   auto [grad_rows, grad_cols] = backward_cpu(grad_loss, r, c, self_col.contiguous(), labels, opt, lse.contiguous(),
-                                             total_weight.contiguous(), normalizer.contiguous());
+                                             total_weight.contiguous(), normalizer.contiguous(), combine_self);
   return {grad_rows, grad_cols};
 }
 
@@ -63,13 +64,13 @@ TORCH_LIBRARY(mlcl_fast, m) {
   m.def(
       "anchor_loss_forward(Tensor rows, Tensor cols, Tensor row_labels, Tensor col_labels, Tensor self_col, "
       "int num_sample_cols, int num_labels, float temperature, float beta, str weighting, str pair_factor, "
-      "float alpha, bool reg, bool check_values=True) "
+      "float alpha, bool reg, bool check_values=True, bool combine_self=False) "
       "-> (Tensor loss, Tensor valid, Tensor lse, Tensor total_weight, Tensor normalizer)");
   m.def(
       "anchor_loss_backward(Tensor grad_loss, Tensor rows, Tensor cols, Tensor row_labels, Tensor col_labels, "
       "Tensor self_col, Tensor lse, Tensor total_weight, Tensor normalizer, int num_sample_cols, int num_labels, "
       "float temperature, float beta, str weighting, str pair_factor, float alpha, bool reg, "
-      "bool check_values=True) -> (Tensor grad_rows, Tensor grad_cols)");
+      "bool check_values=True, bool combine_self=False) -> (Tensor grad_rows, Tensor grad_cols)");
 }
 
 TORCH_LIBRARY_IMPL(mlcl_fast, CPU, m) {

@@ -98,7 +98,28 @@ inline void scaled_exp(T* s, int64_t n, T shift, T coef) {
   for (int64_t j = 0; j < n; ++j) s[j] = coef * exp_tile(s[j] - shift);
 }
 
+// h_c = ci * exp(s_c - a + lb_c) + cj_c * exp(s_c - sh_c + b): one entry of G_IJ + G_JI^T before
+// the positives' corrections (backward.cpp, symmetric tiles)
+template <typename T>
+inline void pair_exp(const T* s, const T* lb, const T* sh, const T* cj, T* h, int64_t n, T ci, T a, T b) {
+  for (int64_t c = 0; c < n; ++c) h[c] = ci * exp_tile(s[c] - a + lb[c]) + cj[c] * exp_tile(s[c] - sh[c] + b);
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
+template <>
+inline void pair_exp<float>(const float* s, const float* lb, const float* sh, const float* cj, float* h, int64_t n,
+                            float ci, float a, float b) {
+  const __m256 vci = _mm256_set1_ps(ci), va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256 vs = _mm256_loadu_ps(s + c);
+    const __m256 e1 = exp_tile8(_mm256_add_ps(_mm256_sub_ps(vs, va), _mm256_loadu_ps(lb + c)));
+    const __m256 e2 = exp_tile8(_mm256_add_ps(_mm256_sub_ps(vs, _mm256_loadu_ps(sh + c)), vb));
+    _mm256_storeu_ps(h + c, _mm256_fmadd_ps(vci, e1, _mm256_mul_ps(_mm256_loadu_ps(cj + c), e2)));
+  }
+  for (; c < n; ++c) h[c] = ci * exp_tile(s[c] - a + lb[c]) + cj[c] * exp_tile(s[c] - sh[c] + b);
+}
+
 template <>
 inline float row_max<float>(const float* s, int64_t n) {
   __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());

@@ -49,7 +49,8 @@ void check_cuda_device(const at::Tensor& rows) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> anchor_loss_forward_cuda(
     const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels, const at::Tensor& col_labels,
     const at::Tensor& self_col, int64_t num_sample_cols, int64_t num_labels, double temperature, double beta,
-    c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg, bool check_values) {
+    c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg, bool check_values,
+    bool /*combine_self*/) {
   const LossOptions opt = parse_options(num_sample_cols, num_labels, temperature, beta, std::string(weighting),
                                         std::string(pair_factor), alpha, reg);
   check_cuda_device(rows);
@@ -62,7 +63,8 @@ std::tuple<at::Tensor, at::Tensor> anchor_loss_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,
     const at::Tensor& col_labels, const at::Tensor& self_col, const at::Tensor& lse, const at::Tensor& total_weight,
     const at::Tensor& normalizer, int64_t num_sample_cols, int64_t num_labels, double temperature, double beta,
-    c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg, bool check_values) {
+    c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg, bool check_values,
+    bool /*combine_self: the blocked kernels return both gradients as they are, which is allowed*/) {
   const LossOptions opt = parse_options(num_sample_cols, num_labels, temperature, beta, std::string(weighting),
                                         std::string(pair_factor), alpha, reg);
   check_cuda_device(rows);

@@ -31,18 +31,21 @@ def ops_available() -> tuple[bool, str]:
     return True, ""
 
 
-def op_inputs(problem: Problem, dtype=None, check_values: bool = False) -> tuple:
+def op_inputs(problem: Problem, dtype=None, check_values: bool = False, combine_self: bool = False) -> tuple:
     """Forward op arguments; embeddings in `dtype` (default: as prepared by mlcl_fast.inputs).
 
     The Problem's labels are canonical (mlcl_fast.labels validated them on the host, or asserted
     them on their device with check_values=False), so by default the ops check label values with
     device-side assertions only, and make no host synchronisation; `check_values=True` asks for
-    the ops' exact host-side checks (one device-to-host copy per op on a GPU)."""
+    the ops' exact host-side checks (one device-to-host copy per op on a GPU). `combine_self`:
+    the anchor rows and the columns are cut from the same embeddings (Problem.embeddings), so
+    the backward may return an anchor's gradient and its own column's in one place
+    (csrc/README.md)."""
     cfg = problem.config
     rows, cols = problem.embeddings(dtype)
     return (rows, cols, problem.anchor_labels().index, problem.column_labels().index, problem.anchor_columns(),
             problem.num_sample_columns, problem.labels.num_labels, problem.temperature, cfg.beta, cfg.weighting, cfg.f,
-            cfg.alpha, cfg.reg, check_values)
+            cfg.alpha, cfg.reg, check_values, combine_self)
 
 
 def anchor_losses(problem: Problem, dtype=None) -> tuple[Tensor, Tensor]:
@@ -54,7 +57,7 @@ def anchor_losses(problem: Problem, dtype=None) -> tuple[Tensor, Tensor]:
     prototypes of labels absent from the batch), and the blocked CUDA kernels would sweep each of
     them against every column. Finding them costs one host read (the number of candidates), so it
     is done when the caller allows host reads (check_values=True) and outside torch.compile."""
-    args = op_inputs(problem, dtype)
+    args = op_inputs(problem, dtype, combine_self=True)
     if not problem.check_values or torch.compiler.is_compiling() or problem.num_anchors == 0:
         return torch.ops.mlcl_fast.anchor_loss_forward(*args)[:2]
     keep = problem.candidate_anchors().nonzero().squeeze(1)
@@ -80,7 +83,7 @@ def _normalizer_width(row_labels: Tensor, weighting: str) -> int:
 
 
 def _forward_fake(rows, cols, row_labels, col_labels, self_col, num_sample_cols, num_labels, temperature, beta,
-                  weighting, pair_factor, alpha, reg, check_values=True):
+                  weighting, pair_factor, alpha, reg, check_values=True, combine_self=False):
     r = rows.shape[0]
     stats = dict(dtype=stats_dtype(rows.device), device=rows.device)
     loss_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32  # half rows: fp32 loss
@@ -90,7 +93,7 @@ def _forward_fake(rows, cols, row_labels, col_labels, self_col, num_sample_cols,
 
 def _backward_fake(grad_loss, rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer,
                    num_sample_cols, num_labels, temperature, beta, weighting, pair_factor, alpha, reg,
-                   check_values=True):
+                   check_values=True, combine_self=False):
     return torch.empty_like(rows), torch.empty_like(cols)
 
 
