@@ -28,58 +28,6 @@ namespace mlcl_fast {
 
 namespace {
 
-// Partitions of `blocks` consecutive tasks, 2 per thread (1 with one thread), taken dynamically
-// so that a thread slowed by other load holds nobody up; their number is capped so that their
-// buffers (`buffer_bytes` each) take at most max(1 GiB, 4 buffers).
-inline int64_t partition_count(int64_t blocks, double buffer_bytes) {
-  const int64_t threads = thread_count();
-  const double budget = std::max(double(1 << 30), 4.0 * buffer_bytes);
-  const int64_t max_parts = 1 + static_cast<int64_t>(budget / std::max(buffer_bytes, 1.0));
-  return std::max<int64_t>(1, std::min({threads == 1 ? 1 : 2 * threads, blocks, max_parts}));
-}
-
-// Per-anchor positives (column positions in some column list, ascending; weights).
-struct PositiveLists {
-  std::vector<std::vector<int32_t>> col;
-  std::vector<std::vector<double>> w;
-  explicit PositiveLists(size_t anchors) : col(anchors), w(anchors) {}
-};
-
-// The symmetric anchors' positives, once: split into those among the other columns (`rest_at`:
-// column -> position in the rest list) and those among the symmetric anchors' own columns
-// (`sym_at`: column -> position in `sym`).
-inline void split_positives(const LabelContext& labels, const LossOptions& opt, const int64_t* self,
-                            const double* norm, int64_t width, const std::vector<int64_t>& sym,
-                            const std::vector<int32_t>& sym_at, const std::vector<int32_t>& rest_at,
-                            PositiveLists& rest, PositiveLists& own) {
-  const int64_t m = static_cast<int64_t>(sym.size());
-#pragma omp parallel num_threads(thread_count())
-  {
-    PositiveFinder finder(labels, opt);
-    std::vector<int32_t> all_col;
-    std::vector<double> all_w;
-#pragma omp for schedule(dynamic, 64)
-    for (int64_t p = 0; p < m; ++p) {
-      const int64_t i = sym[p];
-      all_col.clear();
-      all_w.clear();
-      finder.positives(i, self[i], norm + i * width, all_col, all_w);
-      own.col[p].reserve(all_col.size());
-      own.w[p].reserve(all_col.size());
-      for (size_t q = 0; q < all_col.size(); ++q) {
-        const int32_t s = sym_at[all_col[q]], r = rest_at[all_col[q]];
-        if (s >= 0) {
-          own.col[p].push_back(s);
-          own.w[p].push_back(all_w[q]);
-        } else if (r >= 0) {
-          rest.col[p].push_back(r);
-          rest.w[p].push_back(all_w[q]);
-        }
-      }
-    }
-  }
-}
-
 // One-directional sweep of `anchors` against the columns `ids` (ascending): row gradients added
 // into grad_rows, column gradients added into grad_cols at `ids`.
 template <typename T>
@@ -326,42 +274,18 @@ template <typename T>
 bool backward_combined(const T* grad_loss, const T* rows, const T* cols, int64_t dim, const int64_t* self,
                        const LabelContext& labels, const LossOptions& opt, const double* lse,
                        const double* total_weight, const double* norm, int64_t width, T* grad_rows, T* grad_cols) {
-  const int64_t anchors = labels.row_sets.rows();
-  const int64_t num_cols = labels.num_cols;
-  const int64_t n = opt.num_sample_cols;
-  auto in_softmax = [&](int64_t j) { return j >= n || opt.beta > 0.0; };
-  std::vector<int64_t> active, sym, others;
-  std::vector<int32_t> sym_at(num_cols, -1);
-  for (int64_t i = 0; i < anchors; ++i) {
-    if (!(total_weight[i] > 0.0 && grad_loss[i] != T(0))) continue;
-    active.push_back(i);
-    const int64_t c = self[i];
-    if (c >= 0 && c < num_cols && in_softmax(c) && sym_at[c] < 0 &&
-        std::equal(rows + i * dim, rows + (i + 1) * dim, cols + c * dim)) {
-      sym_at[c] = 0;  // claimed; positions are set below, in column order
-      sym.push_back(i);
-    } else {
-      others.push_back(i);
-    }
+  std::vector<int64_t> active;  // anchors whose loss has a gradient
+  for (int64_t i = 0; i < labels.row_sets.rows(); ++i) {
+    if (total_weight[i] > 0.0 && grad_loss[i] != T(0)) active.push_back(i);
   }
-  if (static_cast<int64_t>(sym.size()) < 2 * kRowBlock) return false;
-  std::sort(sym.begin(), sym.end(), [&](int64_t a, int64_t b) { return self[a] < self[b]; });
-  for (size_t p = 0; p < sym.size(); ++p) sym_at[self[sym[p]]] = static_cast<int32_t>(p);
-  std::vector<int64_t> all_cols, rest;
-  std::vector<int32_t> rest_at(num_cols, -1);
-  for (int64_t j = 0; j < num_cols; ++j) {
-    if (!in_softmax(j)) continue;
-    all_cols.push_back(j);
-    if (sym_at[j] < 0) {
-      rest_at[j] = static_cast<int32_t>(rest.size());
-      rest.push_back(j);
-    }
-  }
+  const SymmetricSplit split = split_symmetric<T>(rows, cols, dim, self, opt, labels.num_cols, active);
+  const std::vector<int64_t>& sym = split.sym;
+  if (static_cast<int64_t>(sym.size()) < kMinSymmetric) return false;
   PositiveLists rest_lists(sym.size()), own_lists(sym.size());
-  split_positives(labels, opt, self, norm, width, sym, sym_at, rest_at, rest_lists, own_lists);
-  sweep_columns<T>(grad_loss, rows, cols, dim, self, labels, opt, lse, total_weight, norm, width, others, all_cols,
-                   grad_rows, grad_cols);
-  sweep_columns<T>(grad_loss, rows, cols, dim, self, labels, opt, lse, total_weight, norm, width, sym, rest,
+  split_positives(labels, opt, self, norm, width, sym, split.sym_at, split.rest_at, rest_lists, own_lists);
+  sweep_columns<T>(grad_loss, rows, cols, dim, self, labels, opt, lse, total_weight, norm, width, split.others,
+                   split.softmax, grad_rows, grad_cols);
+  sweep_columns<T>(grad_loss, rows, cols, dim, self, labels, opt, lse, total_weight, norm, width, sym, split.rest,
                    grad_rows, grad_cols, &rest_lists);
   sweep_symmetric<T>(grad_loss, rows, dim, self, opt, lse, total_weight, sym, own_lists, grad_rows);
   return true;

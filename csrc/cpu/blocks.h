@@ -68,4 +68,98 @@ struct BlockPositives {
 
 inline int64_t thread_count() { return std::max<int64_t>(1, at::get_num_threads()); }
 
+// Partitions of `blocks` consecutive tasks, 2 per thread (1 with one thread), taken dynamically
+// so that a thread slowed by other load holds nobody up; their number is capped so that their
+// buffers (`buffer_bytes` each) take at most max(1 GiB, 4 buffers).
+inline int64_t partition_count(int64_t blocks, double buffer_bytes) {
+  const int64_t threads = thread_count();
+  const double budget = std::max(double(1 << 30), 4.0 * buffer_bytes);
+  const int64_t max_parts = 1 + static_cast<int64_t>(budget / std::max(buffer_bytes, 1.0));
+  return std::max<int64_t>(1, std::min({threads == 1 ? 1 : 2 * threads, blocks, max_parts}));
+}
+
+// Per-anchor positives (column positions in some column list, ascending; weights).
+struct PositiveLists {
+  std::vector<std::vector<int32_t>> col;
+  std::vector<std::vector<double>> w;
+  explicit PositiveLists(size_t anchors) : col(anchors), w(anchors) {}
+};
+
+// The symmetric anchors' positives, once: split into those among the other columns (`rest_at`:
+// column -> position in the rest list) and those among the symmetric anchors' own columns
+// (`sym_at`: column -> position in `sym`).
+inline void split_positives(const LabelContext& labels, const LossOptions& opt, const int64_t* self,
+                            const double* norm, int64_t width, const std::vector<int64_t>& sym,
+                            const std::vector<int32_t>& sym_at, const std::vector<int32_t>& rest_at,
+                            PositiveLists& rest, PositiveLists& own) {
+  const int64_t m = static_cast<int64_t>(sym.size());
+#pragma omp parallel num_threads(thread_count())
+  {
+    PositiveFinder finder(labels, opt);
+    std::vector<int32_t> all_col;
+    std::vector<double> all_w;
+#pragma omp for schedule(dynamic, 64)
+    for (int64_t p = 0; p < m; ++p) {
+      const int64_t i = sym[p];
+      all_col.clear();
+      all_w.clear();
+      finder.positives(i, self[i], norm + i * width, all_col, all_w);
+      own.col[p].reserve(all_col.size());
+      own.w[p].reserve(all_col.size());
+      for (size_t q = 0; q < all_col.size(); ++q) {
+        const int32_t s = sym_at[all_col[q]], r = rest_at[all_col[q]];
+        if (s >= 0) {
+          own.col[p].push_back(s);
+          own.w[p].push_back(all_w[q]);
+        } else if (r >= 0) {
+          rest.col[p].push_back(r);
+          rest.w[p].push_back(all_w[q]);
+        }
+      }
+    }
+  }
+}
+
+// The symmetric anchors of `candidates` (ascending): those whose own column is a softmax column
+// holding their row, each column claimed once, sorted by that column; `sym_at` maps a column to
+// its anchor's position in `sym` (or -1). The softmax columns no symmetric anchor owns are `rest`
+// (ascending, `rest_at` likewise); the other candidates are `others`.
+struct SymmetricSplit {
+  std::vector<int64_t> sym, others, rest, softmax;
+  std::vector<int32_t> sym_at, rest_at;
+};
+
+template <typename T>
+SymmetricSplit split_symmetric(const T* rows, const T* cols, int64_t dim, const int64_t* self, const LossOptions& opt,
+                               int64_t num_cols, const std::vector<int64_t>& candidates) {
+  SymmetricSplit out;
+  auto in_softmax = [&](int64_t j) { return j >= opt.num_sample_cols || opt.beta > 0.0; };
+  out.sym_at.assign(num_cols, -1);
+  out.rest_at.assign(num_cols, -1);
+  for (int64_t i : candidates) {
+    const int64_t c = self[i];
+    if (c >= 0 && c < num_cols && in_softmax(c) && out.sym_at[c] < 0 &&
+        std::equal(rows + i * dim, rows + (i + 1) * dim, cols + c * dim)) {
+      out.sym_at[c] = 0;  // claimed; positions below, in column order
+      out.sym.push_back(i);
+    } else {
+      out.others.push_back(i);
+    }
+  }
+  std::sort(out.sym.begin(), out.sym.end(), [&](int64_t a, int64_t b) { return self[a] < self[b]; });
+  for (size_t p = 0; p < out.sym.size(); ++p) out.sym_at[self[out.sym[p]]] = static_cast<int32_t>(p);
+  for (int64_t j = 0; j < num_cols; ++j) {
+    if (!in_softmax(j)) continue;
+    out.softmax.push_back(j);
+    if (out.sym_at[j] < 0) {
+      out.rest_at[j] = static_cast<int32_t>(out.rest.size());
+      out.rest.push_back(j);
+    }
+  }
+  return out;
+}
+
+// Fewer symmetric anchors than this: the pairing does not pay (one block pairs with itself only).
+constexpr int64_t kMinSymmetric = 2 * kRowBlock;
+
 }  // namespace mlcl_fast
