@@ -378,6 +378,37 @@ def test_combined_backward_gives_the_same_embedding_gradients(preset, B, V, L, d
     assert torch.equal(off_rows, split_rows) and torch.equal(off_cols, split_cols)
 
 
+@pytest.mark.parametrize("preset,overrides,B,V,L,density,dtype,tau,pairs",
+                         [("reg", {}, 150, 2, 40, 0.1, torch.float64, 0.1, True),
+                          ("reg", {"beta": 0.3}, 150, 2, 40, 0.1, torch.float32, 0.1, True),
+                          ("supcon_any", {}, 220, 2, 12, 0.2, torch.float64, 0.1, True),
+                          ("jaccard", {}, 220, 2, 25, 0.15, torch.float64, 0.01, True),
+                          # sample columns outside the softmax: only the 30 prototypes could pair
+                          ("msc", {"beta": 0.0, "prototype_mode": "rows"}, 300, 1, 30, 0.1, torch.float64, 0.1, False),
+                          # fp32 at tau = 0.01: logits span more than the fixed shift allows
+                          ("jaccard", {}, 220, 2, 25, 0.15, torch.float32, 0.01, False)])
+def test_symmetric_forward_gives_the_same_statistics(monkeypatch, preset, overrides, B, V, L, density, dtype, tau,
+                                                      pairs):
+    """The forward's pairing of symmetric anchor blocks (forward.cpp: fixed shifts only) against
+    the one-directional sweep (MLCL_FAST_CPU_SYMMETRIC=off): loss, validity, lse, W_i and
+    normalisers to rounding, with per-column beta (0.3 on sample columns); where it cannot pair
+    (too few symmetric anchors, no fixed shift) the results are the same bits."""
+    case = random_case(fresh_seed("cpp-symmetric-forward", preset), preset, overrides, B=B, V=V, d=7, L=L,
+                       density=density, dtype=dtype, temperature=tau)
+    args = _op_args(_problem(case))
+    monkeypatch.setenv("MLCL_FAST_CPU_SYMMETRIC", "off")
+    ref = torch.ops.mlcl_fast.anchor_loss_forward(*args)
+    monkeypatch.setenv("MLCL_FAST_CPU_SYMMETRIC", "auto")
+    got = torch.ops.mlcl_fast.anchor_loss_forward(*args)
+    assert int(ref[1].sum()) >= 256
+    assert torch.equal(ref[1], got[1])
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    for a, b in zip(ref[:1] + ref[2:], got[:1] + got[2:]):
+        torch.testing.assert_close(b, a, **tol)
+    # where the pairing ran, the sums were added in another order
+    assert torch.equal(ref[2], got[2]) != pairs
+
+
 def test_combined_backward_is_deterministic_per_thread_count():
     case = random_case(fresh_seed("cpp-combined-det"), "reg", B=200, V=2, d=9, L=30, density=0.1,
                        dtype=torch.float32)

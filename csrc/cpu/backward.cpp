@@ -260,15 +260,6 @@ void sweep_symmetric(const T* grad_loss, const T* rows, int64_t dim, const int64
   });
 }
 
-// MLCL_FAST_CPU_SYMMETRIC = auto | off (default auto): off keeps the one-directional sweep even
-// when the caller allows combining (for measurements and tests).
-bool symmetric_enabled() {
-  const char* env = std::getenv("MLCL_FAST_CPU_SYMMETRIC");
-  if (env == nullptr || std::string(env).empty() || std::string(env) == "auto") return true;
-  TORCH_CHECK(std::string(env) == "off", "MLCL_FAST_CPU_SYMMETRIC: expected auto or off, got ", env);
-  return false;
-}
-
 // Returns false (nothing written) where too few anchors are symmetric for the pairing to pay.
 template <typename T>
 bool backward_combined(const T* grad_loss, const T* rows, const T* cols, int64_t dim, const int64_t* self,

@@ -4,8 +4,12 @@
 
 #include <ATen/Parallel.h>
 
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "options.h"
@@ -157,6 +161,15 @@ SymmetricSplit split_symmetric(const T* rows, const T* cols, int64_t dim, const 
     }
   }
   return out;
+}
+
+// MLCL_FAST_CPU_SYMMETRIC = auto | off (default auto): off keeps the one-directional sweeps of
+// the forward and backward (for measurements and tests).
+inline bool symmetric_enabled() {
+  const char* env = std::getenv("MLCL_FAST_CPU_SYMMETRIC");
+  if (env == nullptr || std::string(env).empty() || std::string(env) == "auto") return true;
+  TORCH_CHECK(std::string(env) == "off", "MLCL_FAST_CPU_SYMMETRIC: expected auto or off, got ", env);
+  return false;
 }
 
 // Fewer symmetric anchors than this: the pairing does not pay (one block pairs with itself only).

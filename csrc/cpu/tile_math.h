@@ -105,6 +105,42 @@ inline void pair_exp(const T* s, const T* lb, const T* sh, const T* cj, T* h, in
   for (int64_t c = 0; c < n; ++c) h[c] = ci * exp_tile(s[c] - a + lb[c]) + cj[c] * exp_tile(s[c] - sh[c] + b);
 }
 
+// sum_c exp(s_c - a + lb_c), and col_c += exp(s_c - m_c + b) for every c: the row and column
+// softmax sums of one symmetric tile row (forward.cpp); col may be null (row sums only)
+template <typename T>
+inline T pair_sums(const T* s, const T* lb, const T* m, T* col, int64_t n, T a, T b) {
+  T acc = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    acc += exp_tile(s[c] - a + lb[c]);
+    if (col != nullptr) col[c] += exp_tile(s[c] - m[c] + b);
+  }
+  return acc;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+template <>
+inline float pair_sums<float>(const float* s, const float* lb, const float* m, float* col, int64_t n, float a,
+                              float b) {
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256 vs = _mm256_loadu_ps(s + c);
+    acc = _mm256_add_ps(acc, exp_tile8(_mm256_add_ps(_mm256_sub_ps(vs, va), _mm256_loadu_ps(lb + c))));
+    if (col != nullptr) {
+      const __m256 e = exp_tile8(_mm256_add_ps(_mm256_sub_ps(vs, _mm256_loadu_ps(m + c)), vb));
+      _mm256_storeu_ps(col + c, _mm256_add_ps(_mm256_loadu_ps(col + c), e));
+    }
+  }
+  float out = horizontal_sum(acc);
+  for (; c < n; ++c) {
+    out += exp_tile(s[c] - a + lb[c]);
+    if (col != nullptr) col[c] += exp_tile(s[c] - m[c] + b);
+  }
+  return out;
+}
+#endif
+
 #if defined(__AVX2__) && defined(__FMA__)
 template <>
 inline void pair_exp<float>(const float* s, const float* lb, const float* sh, const float* cj, float* h, int64_t n,
