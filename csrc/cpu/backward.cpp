@@ -130,16 +130,7 @@ void sweep_columns(const T* grad_loss, const T* rows, const T* cols, int64_t dim
       }
     }
   }
-  // partitions in order, then into the columns
-  at::parallel_for(0, m, 64, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      T* out = grad_cols + ids[t] * dim;
-      for (int64_t part = 0; part < parts; ++part) {
-        const T* src = partial.data() + (part * m + t) * dim;
-        for (int64_t e = 0; e < dim; ++e) out[e] += src[e];
-      }
-    }
-  });
+  add_partitions(partial, parts, m, dim, ids, grad_cols);
 }
 
 // The one-directional backward: every anchor with a gradient against every softmax column.
@@ -179,17 +170,7 @@ void sweep_symmetric(const T* grad_loss, const T* rows, int64_t dim, const int64
   const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
   // Row block I pairs with the blocks J >= I: partitions of contiguous I with equal work.
   const int64_t parts = partition_count(blocks, static_cast<double>(m) * dim * sizeof(T));
-  std::vector<int64_t> bound(parts + 1, blocks);
-  {
-    const double total = 0.5 * static_cast<double>(blocks) * (blocks + 1);
-    double done = 0.0;
-    int64_t part = 1;
-    bound[0] = 0;
-    for (int64_t b = 0; b < blocks && part < parts; ++b) {
-      done += static_cast<double>(blocks - b);
-      while (part < parts && done >= total * part / parts) bound[part++] = b + 1;
-    }
-  }
+  const std::vector<int64_t> bound = pair_partitions(blocks, parts);
   std::vector<T> partial(static_cast<size_t>(parts * m * dim), T(0));
 #pragma omp parallel num_threads(std::min(threads, parts))
   {
@@ -249,15 +230,7 @@ void sweep_symmetric(const T* grad_loss, const T* rows, int64_t dim, const int64
       }
     }
   }
-  at::parallel_for(0, m, 64, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) {
-      T* out = grad_rows + sym[p] * dim;
-      for (int64_t part = 0; part < parts; ++part) {
-        const T* src = partial.data() + (part * m + p) * dim;
-        for (int64_t e = 0; e < dim; ++e) out[e] += src[e];
-      }
-    }
-  });
+  add_partitions(partial, parts, m, dim, sym, grad_rows);
 }
 
 // Returns false (nothing written) where too few anchors are symmetric for the pairing to pay.

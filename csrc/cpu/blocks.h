@@ -82,6 +82,36 @@ inline int64_t partition_count(int64_t blocks, double buffer_bytes) {
   return std::max<int64_t>(1, std::min({threads == 1 ? 1 : 2 * threads, blocks, max_parts}));
 }
 
+// Boundaries [parts + 1] of contiguous runs of row blocks with about equal numbers of block
+// pairs (I, J >= I): the symmetric sweeps' partitions.
+inline std::vector<int64_t> pair_partitions(int64_t blocks, int64_t parts) {
+  std::vector<int64_t> bound(parts + 1, blocks);
+  const double total = 0.5 * static_cast<double>(blocks) * (blocks + 1);
+  double done = 0.0;
+  int64_t part = 1;
+  bound[0] = 0;
+  for (int64_t b = 0; b < blocks && part < parts; ++b) {
+    done += static_cast<double>(blocks - b);
+    while (part < parts && done >= total * part / parts) bound[part++] = b + 1;
+  }
+  return bound;
+}
+
+// out[ids[t]] += partial[part][t] for every part in partition order (deterministic), rows of `dim`.
+template <typename T>
+void add_partitions(const std::vector<T>& partial, int64_t parts, int64_t rows, int64_t dim,
+                    const std::vector<int64_t>& ids, T* out) {
+  at::parallel_for(0, rows, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      T* o = out + ids[t] * dim;
+      for (int64_t part = 0; part < parts; ++part) {
+        const T* src = partial.data() + (part * rows + t) * dim;
+        for (int64_t e = 0; e < dim; ++e) o[e] += src[e];
+      }
+    }
+  });
+}
+
 // Per-anchor positives (column positions in some column list, ascending; weights).
 struct PositiveLists {
   std::vector<std::vector<int32_t>> col;

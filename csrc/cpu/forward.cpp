@@ -222,17 +222,7 @@ bool stream_symmetric(const T* rows, const T* cols, int64_t dim, const int64_t* 
   // (b) pairs of symmetric blocks
   const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
   const int64_t parts = partition_count(blocks, static_cast<double>(m) * sizeof(double));
-  std::vector<int64_t> bound(parts + 1, blocks);
-  {
-    const double total = 0.5 * static_cast<double>(blocks) * (blocks + 1);
-    double done = 0.0;
-    int64_t part = 1;
-    bound[0] = 0;
-    for (int64_t b = 0; b < blocks && part < parts; ++b) {
-      done += static_cast<double>(blocks - b);
-      while (part < parts && done >= total * part / parts) bound[part++] = b + 1;
-    }
-  }
+  const std::vector<int64_t> bound = pair_partitions(blocks, parts);
   std::vector<double> acc(static_cast<size_t>(parts * m), 0.0);
   std::vector<T> shift_t(m);
   for (int64_t p = 0; p < m; ++p) shift_t[p] = static_cast<T>(shift[p]);
