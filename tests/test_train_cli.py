@@ -481,3 +481,23 @@ def test_main_job_trains_then_measures_the_loss_alone(tmp_path, capsys):
     assert big_ref["predicted_mb"] > 1024 > small_ref["predicted_mb"]  # 5,512 x 5,512 pairs: ~1.7 GB
     assert steps[2]["status"] == "measured" and steps[2]["ms"] > 0
     assert "not run: predicted" in text and "| 5,000 |" in text
+
+
+def test_study_summary_adds_ranking_tables_for_many_label_sets():
+    """summary.md carries P@k, nDCG@5 and PSP@k tables for the data sets with XMC_LABELS labels
+    or more (and only those), from the cells' means."""
+    from mlcl_fast.train.report import XMC_LABELS
+    from mlcl_fast.train.study import _ranking_markdown
+
+    def row(dataset, L, method, p1):
+        r = {"dataset": dataset, "method": method, "num_labels": L, "seeds": 1}
+        for m in ("p@1", "p@5", "ndcg@5", "psp@1", "psp@5"):
+            r[f"{m}_mean"], r[f"{m}_std"] = (p1 if m == "p@1" else 0.1), 0.0
+        return r
+
+    summary = [row("small", 10, "bce", 0.5), row("big", XMC_LABELS, "bce", 0.25), row("big", XMC_LABELS, "zlpr", 0.75)]
+    text = _ranking_markdown(summary, ["small", "big"], ["bce", "zlpr"], 1)
+    assert text.count("## ") == 5 and "## P@1 (data sets with 1,000+ labels)" in text
+    assert "big (1000)" in text and "small" not in text
+    assert "| **0.750** " in text and "| 0.250 " in text
+    assert _ranking_markdown([row("small", 10, "bce", 0.5)], ["small"], ["bce"], 1) == ""

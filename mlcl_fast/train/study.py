@@ -30,7 +30,7 @@ from .metrics import METRIC_LABELS
 from .models import Backbone
 from .plots import f1_vs_labels, training_curves
 from .protocols import BASELINES, StageLog, TrainConfig, pretrain, run
-from .report import TABLE_METRICS, fmt, fmt_number, markdown_table
+from .report import TABLE_METRICS, XMC_LABELS, XMC_TABLE_METRICS, fmt, fmt_number, markdown_table
 
 STUDY_DATASETS = ("emotions", "scene", "yeast", "medical", "genbase", "bibtex", "tmc2007_500", "delicious")
 STUDY_PRESETS = ("reg", "reg_noreg", "msc", "mulsupcon", "jaccard", "supcon_any")
@@ -236,7 +236,7 @@ def summarise(out, datasets: Sequence[str] = (), methods: Sequence[str] = (), se
                "n_train": cs[0].get("n_train"), "seconds_mean": float(np.mean([c["wall_s"] for c in cs]))}
         peaks = [(c.get("resources") or {}).get("peak_rss_mb") for c in cs]
         row["peak_rss_mb_max"] = max((p for p in peaks if p is not None), default=None)
-        for m in TABLE_METRICS + ("micro_f1_tuned", "hamming_tuned"):
+        for m in dict.fromkeys(TABLE_METRICS + XMC_TABLE_METRICS + ("micro_f1_tuned", "hamming_tuned")):
             vals = [c["test"][m] for c in cs if c["test"].get(m) is not None and not math.isnan(c["test"][m])]
             row[f"{m}_mean"] = float(np.mean(vals)) if vals else None
             row[f"{m}_std"] = float(np.std(vals)) if vals else None
@@ -258,6 +258,7 @@ def summarise(out, datasets: Sequence[str] = (), methods: Sequence[str] = (), se
         + overview_markdown(summary, all_datasets, all_methods, "macro_f1_tuned", n_seeds)
         + "\n\n## Micro-F1 at threshold 0.5\n\n" + overview_markdown(summary, all_datasets, all_methods, "micro_f1", n_seeds)
         + "\n\n## macro mAP\n\n" + overview_markdown(summary, all_datasets, all_methods, "map", n_seeds)
+        + _ranking_markdown(summary, all_datasets, all_methods, n_seeds)
         + "\n\n## Per dataset\n\n" + summary_markdown(summary, all_datasets, all_methods, n_seeds)
         + _choices_markdown(out, all_datasets, all_methods))
     f1_vs_labels(summary, out / "macro_f1_vs_labels.png")
@@ -271,6 +272,17 @@ def summarise(out, datasets: Sequence[str] = (), methods: Sequence[str] = (), se
         if stages:
             training_curves(stages, out / f"curves_{dataset_key(dataset)}.png", f"{dataset}, seed {shown[0]['seed']}")
     return summary
+
+
+def _ranking_markdown(summary: list[dict], datasets, methods, n_seeds: Optional[int]) -> str:
+    """Extreme classification's ranking metrics, for the datasets with at least XMC_LABELS labels
+    (report.table_metrics says why): empty when there are none."""
+    xmc = [d for d in datasets if any(r["dataset"] == d and r["num_labels"] >= XMC_LABELS for r in summary)]
+    if not xmc:
+        return ""
+    return "".join(f"\n\n## {METRIC_LABELS[m]} (data sets with {XMC_LABELS:,}+ labels)\n\n"
+                   + overview_markdown(summary, xmc, methods, m, n_seeds)
+                   for m in ("p@1", "p@5", "ndcg@5", "psp@1", "psp@5"))
 
 
 def overview_markdown(summary: list[dict], datasets, methods, metric: str, n_seeds: Optional[int]) -> str:
