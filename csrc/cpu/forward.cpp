@@ -36,6 +36,39 @@ std::vector<int64_t> anchor_normalizers(const LabelContext& labels, const LossOp
   return active;
 }
 
+// |s_ij| <= |x_i| max_j |x_j| / tau bounds every logit, so when that range (and the spread of
+// log beta_j) fits the exponent range, a fixed per-anchor shift replaces the running maximum
+// (one pass over each tile, and sums from different tiles add without rescaling).
+template <typename T>
+struct FixedShifts {
+  double col_norm = 0.0;
+  double log_beta_hi = -std::numeric_limits<double>::infinity(), log_beta_lo = -log_beta_hi;
+  double temperature;
+
+  FixedShifts(const T* cols, int64_t dim, const LabelContext& labels, const LossOptions& opt)
+      : temperature(opt.temperature) {
+    for (int64_t j = labels.first_col; j < labels.num_cols; ++j) {
+      double sq = 0.0;
+      for (int64_t e = 0; e < dim; ++e) sq += static_cast<double>(cols[j * dim + e]) * cols[j * dim + e];
+      col_norm = std::max(col_norm, std::sqrt(sq));
+    }
+    for (const ColumnTile& tile : column_tiles(opt, labels.num_cols)) {
+      log_beta_hi = std::max(log_beta_hi, tile.log_beta);
+      log_beta_lo = std::min(log_beta_lo, tile.log_beta);
+    }
+  }
+
+  // The row's shift (its bound on s_ij + log beta_j), or -inf where it needs a running maximum.
+  double of(const T* row, int64_t dim) const {
+    double sq = 0.0;
+    for (int64_t e = 0; e < dim; ++e) sq += static_cast<double>(row[e]) * row[e];
+    const double bound = std::sqrt(sq) * col_norm / temperature;
+    const double range = std::is_same_v<T, float> ? 50.0 : 600.0;
+    return 2.0 * bound + (log_beta_hi - log_beta_lo) <= range ? bound + log_beta_hi
+                                                              : -std::numeric_limits<double>::infinity();
+  }
+};
+
 template <typename T>
 void stream_blocks(const T* rows, const T* cols, int64_t dim, const int64_t* self, const LabelContext& labels,
                    const LossOptions& opt, int64_t width, const std::vector<int64_t>& active, const double* norm,
@@ -44,20 +77,7 @@ void stream_blocks(const T* rows, const T* cols, int64_t dim, const int64_t* sel
   const int64_t blocks = (static_cast<int64_t>(active.size()) + kRowBlock - 1) / kRowBlock;
   const T inv_tau = static_cast<T>(1.0 / opt.temperature);
   const double neg_inf = -std::numeric_limits<double>::infinity();
-  // |s_ij| <= |x_i| max_j |x_j| / tau bounds every logit, so when that range fits the exponent
-  // range a fixed per-anchor shift replaces the running maximum (one pass over each tile).
-  double col_norm = 0.0;
-  for (int64_t j = labels.first_col; j < labels.num_cols; ++j) {
-    double sq = 0.0;
-    for (int64_t e = 0; e < dim; ++e) sq += static_cast<double>(cols[j * dim + e]) * cols[j * dim + e];
-    col_norm = std::max(col_norm, std::sqrt(sq));
-  }
-  double log_beta_hi = neg_inf, log_beta_lo = -neg_inf;
-  for (const ColumnTile& tile : tiles) {
-    log_beta_hi = std::max(log_beta_hi, tile.log_beta);
-    log_beta_lo = std::min(log_beta_lo, tile.log_beta);
-  }
-  const double shift_range = std::is_same_v<T, float> ? 50.0 : 600.0;
+  const FixedShifts<T> shifts(cols, dim, labels, opt);
   const double log_beta_samples = opt.beta > 0.0 ? std::log(opt.beta) : 0.0;
   const int64_t threads = thread_count();
 #pragma omp parallel num_threads(threads)
@@ -77,11 +97,8 @@ void stream_blocks(const T* rows, const T* cols, int64_t dim, const int64_t* sel
         std::copy(rows + i * dim, rows + (i + 1) * dim, block_rows.data() + r * dim);
         total_weight[i] = finder.positives(i, self[i], norm + i * width, pos.col, pos.w);
         pos.close_anchor();
-        double sq = 0.0;
-        for (int64_t e = 0; e < dim; ++e) sq += static_cast<double>(rows[i * dim + e]) * rows[i * dim + e];
-        const double bound = std::sqrt(sq) * col_norm / opt.temperature;
-        fixed_shift[r] = 2.0 * bound + (log_beta_hi - log_beta_lo) <= shift_range;
-        run_max[r] = fixed_shift[r] ? bound + log_beta_hi : neg_inf;
+        run_max[r] = shifts.of(rows + i * dim, dim);
+        fixed_shift[r] = run_max[r] > neg_inf;
         run_sum[r] = 0.0;
       }
       pos.rewind();
@@ -148,23 +165,11 @@ bool stream_symmetric(const T* rows, const T* cols, int64_t dim, const int64_t* 
   const int64_t n_samples = opt.num_sample_cols;
   const double log_beta_samples = opt.beta > 0.0 ? std::log(opt.beta) : 0.0;
   auto col_lb = [&](int64_t j) { return j < n_samples ? log_beta_samples : 0.0; };
-  double col_norm = 0.0, lb_hi = -std::numeric_limits<double>::infinity(), lb_lo = -lb_hi;
-  for (int64_t j : split.softmax) {
-    double sq = 0.0;
-    for (int64_t e = 0; e < dim; ++e) sq += static_cast<double>(cols[j * dim + e]) * cols[j * dim + e];
-    col_norm = std::max(col_norm, std::sqrt(sq));
-    lb_hi = std::max(lb_hi, col_lb(j));
-    lb_lo = std::min(lb_lo, col_lb(j));
-  }
-  const double shift_range = std::is_same_v<T, float> ? 50.0 : 600.0;
+  const FixedShifts<T> shifts(cols, dim, labels, opt);
   std::vector<double> shift(m);
   for (int64_t p = 0; p < m; ++p) {
-    const int64_t i = sym[p];
-    double sq = 0.0;
-    for (int64_t e = 0; e < dim; ++e) sq += static_cast<double>(rows[i * dim + e]) * rows[i * dim + e];
-    const double bound = std::sqrt(sq) * col_norm / opt.temperature;
-    if (2.0 * bound + (lb_hi - lb_lo) > shift_range) return false;  // an online maximum is needed
-    shift[p] = bound + lb_hi;
+    shift[p] = shifts.of(rows + sym[p] * dim, dim);
+    if (shift[p] == -std::numeric_limits<double>::infinity()) return false;  // a running maximum is needed
   }
   PositiveLists rest_l(m), own_l(m);
   split_positives(labels, opt, self, norm, width, sym, split.sym_at, split.rest_at, rest_l, own_l);
