@@ -326,7 +326,8 @@ class _DeviceOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @cpu_only
-@pytest.mark.parametrize("preset,L,limit", [("reg_noreg", 300, 64), ("reg", 20, 63), ("mulsupcon", 50, 46)])
+@pytest.mark.parametrize("preset,L,limit", [("reg_noreg", 300, 64), ("reg", 20, 63), ("reg", 200, 72),
+                                            ("mulsupcon", 50, 46)])
 def test_public_call_device_operations_are_counted(preset, L, limit):
     """The whole public call (check_values=False, padded indices), forward and backward, issues at
     most `limit` torch operations that launch device work besides the Triton kernels: each one
@@ -905,8 +906,8 @@ def test_gpu_torch_compile_fullgraph(monkeypatch, preset, grad_mode):
 
 
 def _closed_gpu_case(preset, L=12):
-    """A GPU case of the closed form: L=12, the columns carry few labels (no tail list); L=300,
-    reg also lists the pairs that share labels outside the head."""
+    """A GPU case of the closed form: L=12, the columns carry few labels (no tail labels); L=300,
+    reg also corrects the pairs that share labels outside the head (tail.py)."""
     case = _case("closed_gpu", preset, None, B=128, V=2, d=128, L=L, density=0.3 if L < 50 else 0.02,
                  dtype=torch.bfloat16, device="cuda")
     index = cases.to_padded(case.labels, seed=case.seed).cuda()
@@ -1078,29 +1079,33 @@ def test_padded_indices_canonicalised_on_the_device_match_the_host_path():
 
 
 @cpu_only
-def test_closed_form_tail_budget_falls_back_to_an_in_tile_regime(monkeypatch):
-    """reg with labels outside the head: the tail list's size is counted first; above the budget
-    the call takes an in-tile regime instead (same values), below it the closed form."""
-    from mlcl_fast.triton import configs, prep
+def test_closed_form_takes_any_number_of_tail_pairs(monkeypatch):
+    """reg with labels outside the head: the closed form whatever the number of pairs sharing a
+    tail label (its tail kernels keep no list: nothing to count or size), and the tail kernels
+    contribute (their value is not 0 on this case: near-duplicate rows sharing tail labels),
+    matching the reference and the fp64 oracle."""
+    from mlcl_fast.triton import configs, prep, tail
 
     monkeypatch.setattr(configs, "HEAD_LABELS", 16)
     monkeypatch.setattr(configs, "HEAD_LABELS_WIDE", 16)
-    case = _case("tail_budget", "reg", None, B=13, d=10, L=70, density=0.08, empty_rows=1)
-    calls = []
-    original = prep.prepare
+    case = _shared_tail_case()
+    # Near-duplicate rows: p_ij well above w_ij, so the tail labels change r on their pairs.
+    gen = torch.Generator().manual_seed(case.seed)
+    case.features[1:4] = case.features[0] + 0.01 * torch.randn(3, case.features.shape[1], generator=gen)
+    case = cases.replace(case, temperature=0.05)
+    calls, values = [], []
+    original, original_tail = prep.prepare, tail.tail_forward
     monkeypatch.setattr(prep, "prepare", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(tail, "tail_forward", lambda *a, **kw: values.append(original_tail(*a, **kw)) or values[-1])
     assert_backend_matches("triton", case, **FP32)
-    assert calls, "under the budget: the closed form"
-    calls.clear()
-    monkeypatch.setattr(configs, "TAIL_MAX_PER_ROW", 0)
-    assert_backend_matches("triton", case, **FP32)
-    assert not calls, "over the budget: an in-tile regime"
+    assert calls, "the closed form"
+    assert values and all(bool((v != 0).any()) for v in values), "the tail kernels corrected some pair"
 
 
-def test_tail_count_bounds_the_tail_list():
+def test_positive_triples_leave_out_the_head():
     """positive_triples(..., skip_most_frequent) counts the triples of anchor labels outside the
-    head (ties to the smaller label, as the closed form chooses its head): the exact capacity of
-    the tail list."""
+    head (ties to the smaller label, as the closed form and the pairs regime choose their heads):
+    the exact length of the pairs regime's list."""
     from mlcl_fast.triton import labels as tl_labels
 
     gen = torch.Generator().manual_seed(fresh_seed("tail_count"))
@@ -1129,8 +1134,8 @@ def _shared_tail_case(B=12, L=28):
 @cpu_only
 @pytest.mark.parametrize("preset,overrides", [("reg", {}), ("mulsupcon", {"reg": True})])
 def test_closed_form_tail_pairs_sharing_several_tail_labels(monkeypatch, preset, overrides):
-    """The regulariser's tail list against the reference and the fp64 brute force, the list sized
-    exactly (host count) and, with check_values=False, from shapes: the same values."""
+    """The regulariser's tail pairs (several shared tail labels per pair: each pair corrected once)
+    against the reference and the fp64 brute force, with and without check_values: the same values."""
     from mlcl_fast.triton import closed, configs
 
     monkeypatch.setattr(configs, "HEAD_LABELS", 16)
@@ -1153,30 +1158,6 @@ def test_closed_form_tail_pairs_sharing_several_tail_labels(monkeypatch, preset,
     for a, b in zip(*runs):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
-@cpu_only
-def test_closed_form_tail_overflow_is_an_error_not_a_wrong_value(monkeypatch):
-    """Sized from shapes (check_values=False), a tail list longer than its capacity fails with an
-    error naming the setting that raises the capacity; a bad setting is refused by name."""
-    from mlcl_fast.triton import configs
-
-    monkeypatch.setattr(configs, "HEAD_LABELS", 16)
-    monkeypatch.setattr(configs, "HEAD_LABELS_WIDE", 16)
-    case = _shared_tail_case()
-    index = cases.to_padded(case.labels, seed=case.seed)
-    kwargs = dict(preset="reg", num_labels=case.num_labels, label_format="indices", backend="triton",
-                  check_values=False)
-    with monkeypatch.context() as m:
-        m.setattr(configs, "tail_capacity", lambda anchors, columns: 3)
-        with pytest.raises(RuntimeError, match=configs.TAIL_CAPACITY_ENV):
-            multilabel_contrastive_loss(case.features, index, case.prototypes, **kwargs)
-    for bad in ("0", "many"):
-        monkeypatch.setenv(configs.TAIL_CAPACITY_ENV, bad)
-        with pytest.raises(ValueError, match=configs.TAIL_CAPACITY_ENV):
-            configs.tail_capacity(4, 5)
-    monkeypatch.setenv(configs.TAIL_CAPACITY_ENV, "3")
-    assert configs.tail_capacity(4, 5) == 27
 
 
 @cpu_only

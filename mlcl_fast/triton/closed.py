@@ -22,9 +22,9 @@ is formed before the gradient product (so nothing large cancels where p_ij ~ w_i
 other ("tail") labels' -w part comes from the sums above.
 
 The regulariser r_ij = max(p_ij - w_ij, 0) needs all of w_ij on a pair: the sweeps use w^H, and
-pairs that share a tail label are listed (tail.py: a fixed-capacity list, none at all when the
-columns carry at most HB labels, known from the shapes) and corrected by r(w^H + w^T) - r(w^H):
-exact.
+pairs that share a tail label are found through the label indexes and corrected by
+r(w^H + w^T) - r(w^H) (tail.py: no list, nothing to size; nothing at all when the columns carry
+at most HB labels, known from the shapes): exact.
 
 The label-sum structures have static shapes (nothing depends on label values but their
 contents), are built on the device without a host synchronisation, and every sum is a CSR
@@ -182,7 +182,7 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     lse2 [M] (base 2), V^T [M, d] fp32 (the tail labels' V), then what the backward and
     tail_forward reuse: u^T [M, Ka] (the tail labels' u_ik), ubar^T [M], col_cid [C, Kc],
     slot_ptr [U+1], slot_sorted [M*Ka], col_owner [C], head_u [M, 2*HB], head_y [C, HB],
-    row_scale [M], a_cid [M, Ka], col_ptr [U+1], col_sorted [C*Kc], tail_len [M*Ka],
+    row_scale [M], a_cid [M, Ka], col_ptr [U+1], col_sorted [C*Kc], top [min(HB, U)] (the head),
     dq_unit [M or 0, d] (the anchor-row gradient for G = 1, tail labels included), visit order
     [M], visit live [1]).
 
@@ -224,7 +224,7 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
             dq_unit = dq_unit - inv_tau * v_tail  # the tail labels' -w part: dq_i -= G_i V^T_i / tau
     return (loss, pre.w_tot, lse2, v_tail, pre.u_tail, pre.ubar_tail, pre.col_cid, pre.slot_ptr, pre.slot_sorted,
             pre.col_owner, pre.head_u, pre.head_y, pre.row_scale, pre.a_cid, pre.col_ptr, pre.col_sorted,
-            pre.tail_len, dq_unit, *visit)
+            pre.top, dq_unit, *visit)
 
 
 @triton_op("mlcl_fast::triton_closed_backward", mutates_args=())

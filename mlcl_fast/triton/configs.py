@@ -46,18 +46,9 @@ PAIRS_HEAD_LABELS = DENSE_MAX_LABELS
 # Head labels of the closed form: the columns' most frequent labels, as a dense [columns, HB]
 # 0/1 tile (HB <= HEAD_LABELS, or HEAD_LABELS_WIDE for d > 128, where the 256-wide gradient
 # accumulator leaves no registers for a 64-wide head: the static report shows spills); the other
-# labels go through the closed form and, for the regulariser, pair lists.
+# labels go through the closed form and, for the regulariser, tail.py's pair kernels.
 HEAD_LABELS = 64
 HEAD_LABELS_WIDE = 32
-# The closed form's tail list (reg with labels outside the head) holds O(T_tail) integers; above
-# this many entries per row of the O((|A|+|C|)(d+K)) working set the call takes an in-tile regime.
-TAIL_MAX_PER_ROW = 16
-# Without a host read of label values (check_values=False, torch.compile, CUDA graphs) the tail
-# list's length is unknown when its buffers are allocated: it gets this many entries per anchor
-# and per column (12 bytes each), and a longer list fails the stream with an error naming the
-# environment variable that raises it.
-TAIL_CAPACITY_PER_ROW = 64
-TAIL_CAPACITY_ENV = "MLCL_FAST_TRITON_TAIL_CAPACITY"
 
 # The kernels' logits are in base 2 (exp2 per pair): one definition of the conversions.
 LOG2E = 1.4426950408889634
@@ -184,22 +175,6 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
     if owner == "columns":
         return TileConfig(block_m=32, block_n=32, block_k=chunk, block_d=chunk, num_warps=4, num_stages=2)
     return TileConfig(block_m=16, block_n=64, block_k=chunk, block_d=chunk, num_warps=4, num_stages=2)
-
-
-def tail_capacity(num_anchors: int, num_columns: int) -> int:
-    """Entries of the closed form's tail list when its length cannot be read on the host:
-    TAIL_CAPACITY_PER_ROW (or MLCL_FAST_TRITON_TAIL_CAPACITY) per anchor and per column."""
-    text = os.environ.get(TAIL_CAPACITY_ENV)
-    per_row = TAIL_CAPACITY_PER_ROW
-    if text is not None:
-        try:
-            per_row = int(text)
-        except ValueError:
-            per_row = -1
-        if per_row < 1:
-            raise ValueError(f"{TAIL_CAPACITY_ENV}: expected a positive integer (entries per anchor and column), "
-                             f"got {text!r}")
-    return per_row * (num_anchors + num_columns)
 
 
 def forced_tile(chunk: int) -> TileConfig | None:

@@ -70,16 +70,8 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
     regime = regime or configs.forced_regime()
     # Values may be read on the host (one synchronisation) only when the caller allows it.
     may_read = problem.check_values and not torch.compiler.is_compiling()
-    tail_capacity = None  # from shapes (configs.tail_capacity) unless counted here
     # The closed form's kernels read the canonical int64 labels and counts as they are.
     c_index = labels.padded_index(column_sets, torch.int64) if closed_ok else column_sets.index
-    if closed_ok and cfg.reg and may_read and regime in (None, "closed") and \
-            closed.has_tail(c_index, anchor_sets.num_labels, q.shape[1]):
-        # The regulariser's tail list: sized exactly; beyond the working-set budget an in-tile regime.
-        hb = closed.head_width(c_index, anchor_sets.num_labels, q.shape[1])
-        tail_capacity = labels.positive_triples(anchor_sets, column_sets, col_lo, skip_most_frequent=hb)
-        budget = configs.TAIL_MAX_PER_ROW * (q.shape[0] + k.shape[0]) * (q.shape[1] + anchor_sets.width)
-        closed_ok = regime == "closed" or tail_capacity <= budget
     head_width = configs.pairs_head_width(anchor_sets.num_labels)
     if regime is None:
         triples = None
@@ -114,13 +106,12 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
                                     validated=True)
         loss, w_tot, lse2, u_tail = out[0], out[1], out[2], out[4]
         if cfg.reg and closed.has_tail(c_index, num_labels, q.shape[1]):
-            head_u, head_y, row_scale, a_cid, col_ptr, col_sorted, tail_len = out[10:17]
-            if tail_capacity is None:
-                tail_capacity = configs.tail_capacity(q.shape[0], k.shape[0])
-            value, *_ = tail.tail_forward(q, k, self_col, a_long, c_index, a_cid, col_ptr, col_sorted, tail_len,
-                                          lse2.detach(), u_tail.detach(), head_u, head_y, row_scale, n, log_beta,
-                                          inv_tau, tail_capacity, validated=True)
-            loss = loss + value
+            # The regulariser of the pairs sharing a label outside the head (tail.py).
+            col_cid, slot_ptr, slot_sorted = out[6:9]
+            head_u, head_y, row_scale, a_cid, col_ptr, col_sorted, top = out[10:17]
+            loss = loss + tail.tail_forward(q, k, self_col, a_long, c_index, a_cid, col_ptr, col_sorted,
+                                            lse2.detach(), u_tail.detach(), head_u, head_y, row_scale, col_cid,
+                                            slot_ptr, slot_sorted, top, n, log_beta, inv_tau, validated=True)
         return loss, w_tot > 0
 
     a_index = labels.padded_index(anchor_sets)

@@ -36,7 +36,7 @@ def bitsets(sets: LabelSets) -> Tensor:
 
 def most_frequent(counts: Tensor, k: int) -> Tensor:
     """Indices of the k largest integer counts, ties to the smaller index: one deterministic
-    choice, shared by the closed form's head (prep.py) and the count of its tail list."""
+    choice, shared by the closed form's head (prep.py) and the pairs regime's (pairs.py)."""
     n = counts.numel()
     key = counts.to(torch.int64) * n - torch.arange(n, device=counts.device)  # distinct keys
     return torch.topk(key, min(k, n)).indices
@@ -87,10 +87,9 @@ def positive_triples(anchor_sets: LabelSets, column_sets: LabelSets, col_lo: int
                      ) -> int:
     """Number of (anchor, label, column) triples with the column in [col_lo, |C|) carrying the
     anchor's label (the anchor's own column included): the size of the sparse regime's lists.
-    `skip_most_frequent` leaves out the labels carried by most of those columns (the closed
-    form's head, ties to the smaller label as there: the count bounds its tail list's length,
-    which leaves out labels whose only column is the anchor's own). Reads label data back to the
-    host (one synchronisation)."""
+    `skip_most_frequent` leaves out the labels carried by most of those columns (the pairs
+    regime's head, ties to the smaller label as there: the count of its list of pairs sharing a
+    label outside the head). Reads label data back to the host (one synchronisation)."""
     idx = column_sets.index[col_lo:]
     freq = torch.bincount(idx[idx >= 0], minlength=column_sets.num_labels)
     if skip_most_frequent:

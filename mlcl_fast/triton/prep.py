@@ -70,14 +70,13 @@ def label_ids_kernel(sorted_keys, order, run, first, cid_sorted, col_cid, to_cid
 
 @triton.jit
 def anchor_prep_kernel(a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u_out, u_tail_out, w_out, ubar_out,
-                       ubar_tail_out, head_u, row_scale, invalid, live, slot_keys, tail_len, col_owner,
+                       ubar_tail_out, head_u, row_scale, invalid, live, slot_keys, col_owner,
                        M, KA, L, U, col_lo, n_top, stride_hu,
                        BLOCK_M: tl.constexpr, KA_P2: tl.constexpr, HB: tl.constexpr):
     """Per anchor: compact ids of its labels, u_ik = 1 / (a_i Z_ik) (Z_ik: the columns of the
     label, less the own column), W_i, ubar_i (own column in range, else 0), the head part of u
-    as a row-scaled fp16 hi/lo pair, the tail part (and each tail slot's column count: the
-    length of its part of the tail list), the visiting flag, the slots' sort keys, and the
-    anchor that owns each column (its own column)."""
+    as a row-scaled fp16 hi/lo pair, the tail part, the visiting flag, the slots' sort keys, and
+    the anchor that owns each column (its own column)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     slots = tl.arange(0, KA_P2)
@@ -113,7 +112,6 @@ def anchor_prep_kernel(a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, 
     tl.store(a_cid + flat, cid.to(tl.int64), mask=m2)
     tl.store(u_out + flat, u, mask=m2)
     tl.store(u_tail_out + flat, u_tail, mask=m2)
-    tl.store(tail_len + flat, tl.where(u_tail > 0, cnt, 0), mask=m2)
     # Sort keys of the slots by compact label: cid * M * KA + slot (distinct), padding last.
     slot = flat.to(tl.int64)
     key = tl.where(has, cid.to(tl.int64) * M * KA + slot, U.to(tl.int64) * M * KA + slot)
@@ -163,7 +161,7 @@ class Prepared(NamedTuple):
     slot_ptr: Tensor     # [U+1] int64: anchor slots grouped by compact label (backward), over ...
     slot_sorted: Tensor  # [M*Ka] int64: ... their sort keys cid * M * Ka + slot, ascending
     col_owner: Tensor    # [C] int32: the anchor whose own column it is, or -1
-    tail_len: Tensor     # [M*Ka] int64: columns of each tail slot's label (0 for other slots)
+    top: Tensor          # [min(HB, U)] int64: the head's compact ids, most frequent first
 
 
 def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor, col_lo: int, num_labels: int,
@@ -191,7 +189,7 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     col_ptr = torch.searchsorted(cid_sorted, torch.arange(U + 1, device=dev))
 
     # The head: the compact labels carried by most columns, ties to the smaller label (compact
-    # ids follow the labels' order), as labels.positive_triples counts the tail list.
+    # ids follow the labels' order).
     n_top = min(hb, U)
     top = most_frequent(col_ptr[1:] - col_ptr[:-1], hb)
 
@@ -199,7 +197,6 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     u = torch.empty(M, ka, dtype=torch.float32, device=dev)
     u_tail = torch.empty_like(u)
     slot_keys = torch.empty(M, ka, dtype=torch.int64, device=dev)
-    tail_len = torch.empty(M * ka, dtype=torch.int64, device=dev)
     col_owner = torch.full((C,), -1, dtype=torch.int32, device=dev)
     w_tot, ubar, ubar_tail, row_scale = (torch.empty(M, dtype=torch.float32, device=dev) for _ in range(4))
     head_u = torch.empty(M, 2 * hb, dtype=torch.float16, device=dev)
@@ -210,7 +207,7 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     bm = 16 if interpret else max(1, min(64, 8192 // (ka_p2 * hb)))
     launch(anchor_prep_kernel, (triton.cdiv(M, bm),),
            (a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u, u_tail, w_tot, ubar, ubar_tail, head_u,
-            row_scale, invalid, live, slot_keys, tail_len, col_owner, M, ka, L, U, col_lo, n_top, head_u.stride(0)),
+            row_scale, invalid, live, slot_keys, col_owner, M, ka, L, U, col_lo, n_top, head_u.stride(0)),
            dict(BLOCK_M=bm, KA_P2=ka_p2, HB=hb), wrap)
     head_y = torch.empty(C, hb, dtype=torch.float16, device=dev)
     kc_p2 = configs.pow2(kc)
@@ -225,4 +222,4 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     slot_sorted = torch.sort(slot_keys.flatten()).values
     slot_ptr = torch.searchsorted(slot_sorted, torch.arange(0, (U + 1) * slots, slots, device=dev))
     return Prepared(col_ptr, col_sorted, col_cid, a_cid, u, u_tail, w_tot, ubar, ubar_tail, head_u, head_y,
-                    row_scale, visit_order, live, slot_ptr, slot_sorted, col_owner, tail_len)
+                    row_scale, visit_order, live, slot_ptr, slot_sorted, col_owner, top)

@@ -1,21 +1,30 @@
-"""The closed form's tail list: the regulariser of the pairs that share a label outside the head.
+"""The closed form's tail pairs: the regulariser of the pairs that share a label outside the head.
 
 The closed form's sweeps see the head labels' part w^H_ij of the weights only (closed.py); the
 regulariser r_ij = max(p_ij - w_ij, 0) of a pair that also shares a tail label needs the rest,
-w^T_ij = sum_{k in y_i ∩ y_j, k in tail} u_ik. Those pairs are listed and corrected by
+w^T_ij = sum_{k in y_i ∩ y_j, k in tail} u_ik. Those pairs are corrected by
 delta_ij = r(w^H + w^T) - r(w^H): the value gains -sum_j delta_ij s_ij, the gradient
 -G_i delta_ij / tau on the pair (delta is a constant of the gradient, like r).
 
-One kernel builds the list and computes everything on it (`tail_pairs_kernel`): a program per
-anchor label slot (i, t) whose label is in the tail walks the columns carrying that label (the
-closed form's CSR label index) and writes them at the slot's offset, an exclusive prefix sum of
-the slots' column counts. A pair sharing several tail labels appears once per shared label; only
-the entry of its first shared tail label (lowest slot) carries delta, the others are 0, so no
-sort or unique is needed. The list has a fixed capacity (static shapes: torch.compile and CUDA
-graphs capture it) and its true length is checked on the device: more entries than the capacity
-fail the stream with an error naming configs.TAIL_CAPACITY_ENV (torch._assert_async), never a
-silently wrong value. The driver sizes the capacity exactly (one host read) while it may read
-label values, else from shapes (configs.tail_capacity).
+No list of those pairs is built: each kernel finds them through the closed form's label indexes
+(O(nnz) integers, built by prep.py) and recomputes the pair's logit, p, w^H and w^T on the spot,
+so memory and every shape are independent of how many pairs share a tail label (nothing to size,
+no capacity to overflow, no host read), and the forward + backward is three launches:
+
+- `tail_anchor_kernel`, a program per anchor (and, for the gradient, per feature chunk): for each
+  of the anchor's tail label slots, the columns carrying that label (the CSR label -> columns);
+  it sums the value's -delta_ij s_ij (forward) or dq_i's -G_i delta_ij k_j / tau (backward);
+- `tail_column_kernel`, a program per column and feature chunk: for each of the column's labels
+  outside the head, the anchor slots of that label (the CSR label -> anchor slots); it sums
+  dk_j's -G_i delta_ij q_i / tau.
+
+A pair sharing several tail labels is met once per shared label; only the meeting through its
+first shared tail label (the anchor's lowest such slot) counts, so no sort or unique is needed.
+Every output has one owner summing in a fixed order: deterministic, no atomics.
+
+The pairs' work runs on CUDA cores (a d-long dot per pair and direction, gathered rows), so its
+cost is O(T_tail d), T_tail the anchor-column pairs met through tail labels; the head (the HB
+most frequent labels, inside the tensor-core sweeps) keeps T_tail small on heavy-head label sets.
 
 The operators check their arguments (checks.py); `validated=True` (the driver, and the autograd
 backward) leaves out the device-side assertions on the values the caller checked.
@@ -28,177 +37,255 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import checks, configs, launch, recording, sparse
+from . import checks, configs, launch
 from .recording import launch as _launch
 
 
 @triton.jit
-def tail_pairs_kernel(q_ptr, k_ptr, a_index, a_cid, u_tail, c_index, col_ptr, col_s, self_col, lse2, head_u,
-                      head_y, row_scale, start, pi_out, pj_out, delta_out, value_out,
-                      d, KA, KC, num_samples, cap, scale2, log2_beta, inv_tau,
-                      stride_q, stride_k, stride_hu, stride_hy,
-                      BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, KA_P2: tl.constexpr, KC_P2: tl.constexpr,
-                      HB: tl.constexpr):
-    slot = tl.program_id(0)
-    i = slot // KA
-    t = slot % KA
-    u_t = tl.load(u_tail + slot)
+def _delta(dot, lse2_i, j, w_head, w_tail, keep, num_samples, scale2, log2_beta):
+    """r(w^H + w^T) - r(w^H) of the kept pairs (0 elsewhere), r(w) = max(p - w, 0) where w > 0."""
+    s2 = dot * scale2 + tl.where(j < num_samples, log2_beta, 0.0)
+    p = tl.exp2(s2 - lse2_i)
+    w_full = w_head + w_tail
+    r_full = tl.where(w_full > 0, tl.maximum(p - w_full, 0.0), 0.0)
+    r_head = tl.where(w_head > 0, tl.maximum(p - w_head, 0.0), 0.0)
+    return tl.where(keep, r_full - r_head, 0.0)
+
+
+@triton.jit
+def tail_anchor_kernel(q_ptr, k_ptr, a_index, a_cid, u_tail, c_index, col_ptr, col_s, self_col, lse2, head_u,
+                       head_y, row_scale, g_up, out, d, KA, KC, num_samples, scale2, log2_beta, inv_tau,
+                       stride_q, stride_k, stride_hu, stride_hy, stride_o,
+                       BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, KC_P2: tl.constexpr, HB: tl.constexpr,
+                       GRAD: tl.constexpr):
+    """Anchor i's tail pairs: out[i] = -sum_j delta_ij s_ij, or (GRAD) out[i, chunk] =
+    -G_i / tau sum_j delta_ij k_j[chunk]."""
+    i = tl.program_id(0)
+    oo = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    omask = oo < d
+    own = tl.load(self_col + i)
+    lse_i = tl.load(lse2 + i)
+    rs = tl.load(row_scale + i)
+    hcol = tl.arange(0, HB)
+    unit = tl.load(head_u + i * stride_hu + hcol).to(tl.float32) + \
+        tl.load(head_u + i * stride_hu + HB + hcol).to(tl.float32)
+    cslots = tl.arange(0, KC_P2)
     total = tl.zeros([BLOCK_J], dtype=tl.float32)
-    if u_t > 0:
-        cid = tl.load(a_cid + slot)
-        lo = tl.load(col_ptr + cid)
-        hi = tl.load(col_ptr + cid + 1)
-        base = tl.load(start + slot)
-        own = tl.load(self_col + i)
-        lse_i = tl.load(lse2 + i)
-        rs = tl.load(row_scale + i)
-        slots = tl.arange(0, KA_P2)
-        smask = slots < KA
-        a_lab = tl.load(a_index + i * KA + slots, mask=smask, other=-2)
-        u_row = tl.load(u_tail + i * KA + slots, mask=smask, other=0.0)
-        tail_slot = u_row > 0
-        hcol = tl.arange(0, HB)
-        unit = tl.load(head_u + i * stride_hu + hcol).to(tl.float32) + \
-            tl.load(head_u + i * stride_hu + HB + hcol).to(tl.float32)
-        cslots = tl.arange(0, KC_P2)
-        for e0 in range(lo, hi, BLOCK_J):
-            e = e0 + tl.arange(0, BLOCK_J)
-            emask = e < hi
-            j = tl.load(col_s + e, mask=emask, other=0)
-            dot = tl.zeros([BLOCK_J], dtype=tl.float32)
-            for d0 in range(0, d, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                dmask = dd < d
-                qi = tl.load(q_ptr + i * stride_q + dd, mask=dmask, other=0.0).to(tl.float32)
-                kj = tl.load(k_ptr + j[:, None] * stride_k + dd[None, :], mask=emask[:, None] & dmask[None, :],
+    acc = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
+    for t in range(KA):
+        u_t = tl.load(u_tail + i * KA + t)
+        if u_t > 0:
+            cid = tl.load(a_cid + i * KA + t)
+            lo = tl.load(col_ptr + cid)
+            hi = tl.load(col_ptr + cid + 1)
+            for e0 in range(lo, hi, BLOCK_J):
+                e = e0 + tl.arange(0, BLOCK_J)
+                emask = e < hi
+                j = tl.load(col_s + e, mask=emask, other=0)
+                dot = tl.zeros([BLOCK_J], dtype=tl.float32)
+                for d0 in range(0, d, BLOCK_D):
+                    dd = d0 + tl.arange(0, BLOCK_D)
+                    dmask = dd < d
+                    qi = tl.load(q_ptr + i * stride_q + dd, mask=dmask, other=0.0).to(tl.float32)
+                    kj = tl.load(k_ptr + j[:, None] * stride_k + dd[None, :],
+                                 mask=emask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                    dot += tl.sum(kj * qi[None, :], axis=1)
+                # The column's labels against the anchor's tail labels: w^T and the first shared slot.
+                c_lab = tl.load(c_index + j[:, None] * KC + cslots[None, :],
+                                mask=emask[:, None] & (cslots[None, :] < KC), other=-1)
+                w_tail = tl.zeros([BLOCK_J], dtype=tl.float32)
+                first = tl.zeros([BLOCK_J], dtype=tl.int32) + KA
+                for t2 in range(KA):
+                    u2 = tl.load(u_tail + i * KA + t2)
+                    # A slot outside the tail (u = 0) matches no column label (ids >= -1).
+                    lab2 = tl.where(u2 > 0, tl.load(a_index + i * KA + t2), -2)
+                    hit = tl.max((c_lab == lab2).to(tl.int32), axis=1) > 0
+                    w_tail += tl.where(hit, u2, 0.0)
+                    first = tl.minimum(first, tl.where(hit, t2, KA))
+                hy = tl.load(head_y + j[:, None] * stride_hy + hcol[None, :], mask=emask[:, None], other=0.0)
+                w_head = tl.sum(hy.to(tl.float32) * unit[None, :], axis=1) * rs
+                keep = emask & (first == t) & (j != own)
+                delta = _delta(dot, lse_i, j, w_head, w_tail, keep, num_samples, scale2, log2_beta)
+                if GRAD:
+                    ko = tl.load(k_ptr + j[:, None] * stride_k + oo[None, :], mask=emask[:, None] & omask[None, :],
+                                 other=0.0).to(tl.float32)
+                    acc += delta[:, None] * ko
+                else:
+                    total += delta * dot * inv_tau
+    if GRAD:
+        g = tl.load(g_up + i)
+        tl.store(out + i * stride_o + oo, -inv_tau * g * tl.sum(acc, axis=0), mask=omask)
+    else:
+        tl.store(out + i, -tl.sum(total, axis=0))
+
+
+@triton.jit
+def tail_column_kernel(q_ptr, k_ptr, a_index, u_tail, c_index, col_cid, slot_ptr, slot_s, top, self_col, lse2,
+                       head_u, head_y, row_scale, g_up, out, d, KA, KC, S, n_top, num_samples, scale2, log2_beta,
+                       inv_tau, stride_q, stride_k, stride_hu, stride_hy, stride_o,
+                       BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, KA_P2: tl.constexpr, HB: tl.constexpr):
+    """Column j's tail pairs: out[j, chunk] = -1/tau sum_i G_i delta_ij q_i[chunk], over the anchor
+    slots of j's labels outside the head (keys cid * S + slot in slot_s, S = M * KA)."""
+    j = tl.program_id(0)
+    oo = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    omask = oo < d
+    hcol = tl.arange(0, HB)
+    hy = tl.load(head_y + j * stride_hy + hcol).to(tl.float32)
+    head_ids = tl.load(top + hcol, mask=hcol < n_top, other=-2)
+    aslots = tl.arange(0, KA_P2)
+    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    for s in range(KC):
+        cid = tl.load(col_cid + j * KC + s)
+        in_head = tl.max((head_ids == cid).to(tl.int32), axis=0)
+        if (cid >= 0) & (in_head == 0):
+            lo = tl.load(slot_ptr + cid)
+            hi = tl.load(slot_ptr + cid + 1)
+            for e0 in range(lo, hi, BLOCK_P):
+                e = e0 + tl.arange(0, BLOCK_P)
+                emask = e < hi
+                slot = tl.load(slot_s + e, mask=emask, other=0) % S
+                i = slot // KA
+                t = slot % KA
+                m2 = emask[:, None] & (aslots[None, :] < KA)
+                a_lab = tl.load(a_index + i[:, None] * KA + aslots[None, :], mask=m2, other=-2)
+                u_row = tl.load(u_tail + i[:, None] * KA + aslots[None, :], mask=m2, other=0.0)
+                hit = a_lab != a_lab  # all false
+                for s2 in range(KC):
+                    hit = hit | (a_lab == tl.load(c_index + j * KC + s2))
+                hit = hit & (u_row > 0)
+                w_tail = tl.sum(tl.where(hit, u_row, 0.0), axis=1)
+                first = tl.min(tl.where(hit, aslots[None, :], KA_P2), axis=1)
+                unit = tl.load(head_u + i[:, None] * stride_hu + hcol[None, :], mask=emask[:, None],
+                               other=0.0).to(tl.float32) + \
+                    tl.load(head_u + i[:, None] * stride_hu + HB + hcol[None, :], mask=emask[:, None],
+                            other=0.0).to(tl.float32)
+                rs = tl.load(row_scale + i, mask=emask, other=0.0)
+                w_head = tl.sum(unit * hy[None, :], axis=1) * rs
+                dot = tl.zeros([BLOCK_P], dtype=tl.float32)
+                for d0 in range(0, d, BLOCK_D):
+                    dd = d0 + tl.arange(0, BLOCK_D)
+                    dmask = dd < d
+                    kj = tl.load(k_ptr + j * stride_k + dd, mask=dmask, other=0.0).to(tl.float32)
+                    qi = tl.load(q_ptr + i[:, None] * stride_q + dd[None, :], mask=emask[:, None] & dmask[None, :],
+                                 other=0.0).to(tl.float32)
+                    dot += tl.sum(qi * kj[None, :], axis=1)
+                own = tl.load(self_col + i, mask=emask, other=-1)
+                lse_i = tl.load(lse2 + i, mask=emask, other=0.0)
+                keep = emask & (first == t) & (own != j)
+                delta = _delta(dot, lse_i, j, w_head, w_tail, keep, num_samples, scale2, log2_beta)
+                g = tl.load(g_up + i, mask=emask, other=0.0)
+                qo = tl.load(q_ptr + i[:, None] * stride_q + oo[None, :], mask=emask[:, None] & omask[None, :],
                              other=0.0).to(tl.float32)
-                dot += tl.sum(kj * qi[None, :], axis=1)
-            # The column's labels against the anchor's tail labels: w^T and the first shared slot.
-            c_lab = tl.load(c_index + j[:, None] * KC + cslots[None, :],
-                            mask=emask[:, None] & (cslots[None, :] < KC), other=-1)
-            hit = tl.max((c_lab[:, None, :] == a_lab[None, :, None]).to(tl.int32), axis=2) > 0
-            hit = hit & tail_slot[None, :]
-            w_tail = tl.sum(tl.where(hit, u_row[None, :], 0.0), axis=1)
-            first = tl.min(tl.where(hit, slots[None, :], KA_P2), axis=1)
-            hy = tl.load(head_y + j[:, None] * stride_hy + hcol[None, :], mask=emask[:, None], other=0.0)
-            w_head = tl.sum(hy.to(tl.float32) * unit[None, :], axis=1) * rs
-            s2 = dot * scale2 + tl.where(j < num_samples, log2_beta, 0.0)
-            p = tl.exp2(s2 - lse_i)
-            w_full = w_head + w_tail
-            r_full = tl.where(w_full > 0, tl.maximum(p - w_full, 0.0), 0.0)
-            r_head = tl.where(w_head > 0, tl.maximum(p - w_head, 0.0), 0.0)
-            keep = emask & (first == t) & (j != own)
-            delta = tl.where(keep, r_full - r_head, 0.0)
-            pos = base + (e - lo)
-            ok = emask & (pos < cap)
-            tl.store(pi_out + pos, tl.zeros([BLOCK_J], dtype=tl.int32) + i, mask=ok)
-            tl.store(pj_out + pos, j.to(tl.int32), mask=ok)
-            tl.store(delta_out + pos, delta, mask=ok)
-            total += delta * dot * inv_tau
-    tl.store(value_out + slot, -tl.sum(total, axis=0))
+                acc += (delta * g)[:, None] * qo
+    tl.store(out + j * stride_o + oo, -inv_tau * tl.sum(acc, axis=0), mask=omask)
 
 
-@triton_op("mlcl_fast::triton_closed_tail_forward", mutates_args=())
-def tail_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, c_index: Tensor, a_cid: Tensor,
-                 col_ptr: Tensor, col_sorted: Tensor, tail_len: Tensor, lse2: Tensor, u_tail: Tensor, head_u: Tensor,
-                 head_y: Tensor, row_scale: Tensor, num_samples: int, log_beta: float, inv_tau: float, capacity: int,
-                 validated: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(-sum_j delta_ij s_ij [M], pi [cap], pj [cap] (-1 past the list), delta [cap],
-    row_ptr [M+1]): the tail pairs of every anchor, in the order of its label slots."""
-    args = checks.common(q, k, self_col, num_samples, 0, inv_tau, log_beta, validated)
+def _block_d(d: int) -> int:
+    return 16 if launch.INTERPRETED else max(16, min(configs.pow2(d), 128))
+
+
+def _check(args: checks.Arguments, a_index: Tensor, c_index: Tensor, a_cid: Tensor, col_ptr: Tensor,
+           col_sorted: Tensor, lse2: Tensor, u_tail: Tensor, head_u: Tensor, head_y: Tensor, row_scale: Tensor,
+           col_cid: Tensor, slot_ptr: Tensor, slot_sorted: Tensor, top: Tensor) -> tuple[int, int, int]:
+    """The label indexes' checks (both operators take them): (Ka, Kc, HB)."""
     M, C = args.M, args.C
     ka = args.label_lists("a_index", a_index, M)
     kc = args.label_lists("c_index", c_index, C)
     args.tensor("a_cid", a_cid, (M, ka), (torch.int64,))
     U = args.offsets("col_ptr", col_ptr, C * kc)
     args.tensor("col_sorted", col_sorted, (C * kc,), (torch.int64,))
-    args.tensor("tail_len", tail_len, (M * ka,), (torch.int64,))
     args.tensor("lse2", lse2, (M,), (torch.float32,))
     args.tensor("u_tail", u_tail, (M, ka), (torch.float32,))
     args.tensor("row_scale", row_scale, (M,), (torch.float32,))
     hb = args.head("head_u", head_u, M, 2)
     args.tensor("head_y", head_y, (C, hb), (torch.float16,))
-    args.integer("capacity", capacity, 0)
-    # The kernel compares label ids only; it addresses col_ptr by compact id, k and c_index by the
-    # listed columns, and the list by the prefix sums of tail_len.
+    args.tensor("col_cid", col_cid, (C, kc), (torch.int64,))
+    args.offsets("slot_ptr", slot_ptr, M * ka, segments=U)
+    args.tensor("slot_sorted", slot_sorted, (M * ka,), (torch.int64,))
+    args.tensor("top", top, (min(hb, U),), (torch.int64,))
+    # The kernels compare label ids only; they address col_ptr and slot_ptr by compact id, k and
+    # c_index by the listed columns, q and the anchors' rows by the listed slots.
     args.label_rows("a_index", a_index, None)
     args.label_rows("c_index", c_index, None)
     args.ids("a_cid", a_cid, -1, U, "compact label ids (-1: none)")
+    args.ids("col_cid", col_cid, -1, U, "compact label ids (-1: none)")
+    args.ids("top", top, 0, U, "compact label ids")
     args.ids("col_sorted", col_sorted, -1, C, "column indices (-1 past the listed ones)")
-    if not validated:
+    if not args.validated:
         listed = torch.arange(col_sorted.numel(), device=col_sorted.device) < col_ptr[-1]
         args.assert_values("col_sorted", (col_sorted >= 0) | ~listed, f"column indices in [0, {C}) up to col_ptr[-1]")
-    args.ids("tail_len", tail_len, 0, C + 1, "column counts")
-    cap = max(1, capacity)
-    end = torch.cumsum(tail_len, 0)
-    start = end - tail_len
-    # The list's length (0 without anchor slots: no entry to read it from).
-    total = end[-1:] if M * ka else torch.zeros(1, dtype=end.dtype, device=end.device)
-    if not recording.active():  # recorded launches leave the lengths uninitialised
-        torch._assert_async(total[0] <= cap, f"closed-form tail list: more pairs than its capacity of {cap}; "
-                                             f"set {configs.TAIL_CAPACITY_ENV} higher (entries per anchor and column)")
-    pi = torch.zeros(cap, dtype=torch.int32, device=q.device)
-    pj = torch.full((cap,), -1, dtype=torch.int32, device=q.device)
-    delta = torch.zeros(cap, dtype=torch.float32, device=q.device)
-    value = torch.empty(M * ka, dtype=torch.float32, device=q.device)
-    interpret = launch.INTERPRETED
-    bd = 16 if interpret else max(16, min(configs.pow2(q.shape[1]), 128))
-    if M * ka:
-        _launch(tail_pairs_kernel, (M * ka,),
+    args.ids("slot_sorted", slot_sorted, 0, (U + 1) * max(1, M * ka), "slot keys (compact id * M * Ka + slot)")
+    return ka, kc, hb
+
+
+@triton_op("mlcl_fast::triton_closed_tail_forward", mutates_args=())
+def tail_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, c_index: Tensor, a_cid: Tensor,
+                 col_ptr: Tensor, col_sorted: Tensor, lse2: Tensor, u_tail: Tensor, head_u: Tensor, head_y: Tensor,
+                 row_scale: Tensor, col_cid: Tensor, slot_ptr: Tensor, slot_sorted: Tensor, top: Tensor,
+                 num_samples: int, log_beta: float, inv_tau: float, validated: bool = False) -> Tensor:
+    """-sum_j delta_ij s_ij [M]: the tail labels' part of every anchor's regulariser value."""
+    args = checks.common(q, k, self_col, num_samples, 0, inv_tau, log_beta, validated)
+    ka, kc, hb = _check(args, a_index, c_index, a_cid, col_ptr, col_sorted, lse2, u_tail, head_u, head_y, row_scale,
+                        col_cid, slot_ptr, slot_sorted, top)
+    M = args.M
+    value = torch.zeros(M, dtype=torch.float32, device=q.device)
+    if M and ka:
+        _launch(tail_anchor_kernel, (M, 1),
                 (q, k, a_index, a_cid, u_tail, c_index, col_ptr, col_sorted, self_col, lse2, head_u, head_y,
-                 row_scale, start, pi, pj, delta, value, q.shape[1], ka, kc, num_samples, cap,
-                 inv_tau * configs.LOG2E, log_beta * configs.LOG2E, inv_tau,
-                 q.stride(0), k.stride(0), head_u.stride(0), head_y.stride(0)),
-                dict(BLOCK_J=16 if interpret else 32, BLOCK_D=bd, KA_P2=configs.pow2(ka), KC_P2=configs.pow2(kc),
-                     HB=hb, num_warps=4), wrap_triton)
-    row_ptr = torch.cat([start.view(M, ka)[:, 0], total]).clamp(max=cap)
-    return value.view(M, ka).sum(dim=1), pi, pj, delta, row_ptr
+                 row_scale, lse2, value, q.shape[1], ka, kc, num_samples, inv_tau * configs.LOG2E,
+                 log_beta * configs.LOG2E, inv_tau, q.stride(0), k.stride(0), head_u.stride(0), head_y.stride(0),
+                 0),
+                dict(BLOCK_J=16 if launch.INTERPRETED else 32, BLOCK_D=_block_d(q.shape[1]),
+                     KC_P2=configs.pow2(kc), HB=hb, GRAD=False, num_warps=4), wrap_triton)
+    return value
 
 
 @triton_op("mlcl_fast::triton_closed_tail_backward", mutates_args=())
-def tail_backward(q: Tensor, k: Tensor, pi: Tensor, pj: Tensor, delta: Tensor, row_ptr: Tensor, g_up: Tensor,
-                  inv_tau: float, validated: bool = False) -> tuple[Tensor, Tensor]:
-    """d(-delta_ij s_ij)/ds_ij = -delta_ij: per anchor from the list's order, per column after one
-    stable sort of the list by column (entries past the list sort last)."""
-    args = checks.Arguments(q, k, validated)
-    M, C = args.M, args.C
-    cap = pi.numel()
-    args.tensor("pi", pi, (cap,), (torch.int32,))
-    args.tensor("pj", pj, (cap,), (torch.int32,))
-    args.tensor("delta", delta, (cap,), (torch.float32,))
-    args.offsets("row_ptr", row_ptr, cap, segments=M)
-    args.tensor("g_up", g_up, (M,), (torch.float32,))
-    args.number("inv_tau", inv_tau, positive=True)
-    # Entries past the list hold pi = 0 (no anchor to read when there are none), pj = -1.
-    args.ids("pi", pi, 0, max(M, 1), "anchor indices")
-    args.ids("pj", pj, -1, C, "column indices (-1 past the list)")
-    if M == 0:
-        return torch.zeros_like(q), torch.zeros_like(k)
-    interpret = launch.INTERPRETED
-    corr = -delta * g_up[pi.long()] * inv_tau
-    dq = sparse.csr_rows(row_ptr, pj, corr, k, interpret, wrap_triton)
-    by_col, order = torch.sort(torch.where(pj >= 0, pj, C), stable=True)
-    col_ptr = torch.searchsorted(by_col, torch.arange(C + 1, dtype=by_col.dtype, device=q.device))
-    dk = sparse.csr_rows(col_ptr, pi[order], corr[order], q, interpret, wrap_triton)
+def tail_backward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, c_index: Tensor, a_cid: Tensor,
+                  col_ptr: Tensor, col_sorted: Tensor, lse2: Tensor, u_tail: Tensor, head_u: Tensor, head_y: Tensor,
+                  row_scale: Tensor, col_cid: Tensor, slot_ptr: Tensor, slot_sorted: Tensor, top: Tensor,
+                  g_up: Tensor, num_samples: int, log_beta: float, inv_tau: float, validated: bool = False
+                  ) -> tuple[Tensor, Tensor]:
+    """d(-delta_ij s_ij)/ds_ij = -delta_ij, times the upstream G_i: (dq [M, d], dk [C, d])."""
+    args = checks.common(q, k, self_col, num_samples, 0, inv_tau, log_beta, validated)
+    ka, kc, hb = _check(args, a_index, c_index, a_cid, col_ptr, col_sorted, lse2, u_tail, head_u, head_y, row_scale,
+                        col_cid, slot_ptr, slot_sorted, top)
+    args.tensor("g_up", g_up, (args.M,), (torch.float32,))
+    M, C, d = args.M, args.C, args.d
+    dq = torch.zeros(M, d, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(C, d, dtype=torch.float32, device=q.device)
+    if M and C and d and ka:
+        bd = _block_d(d)
+        scalars = (num_samples, inv_tau * configs.LOG2E, log_beta * configs.LOG2E, inv_tau, q.stride(0), k.stride(0),
+                   head_u.stride(0), head_y.stride(0))
+        _launch(tail_anchor_kernel, (M, triton.cdiv(d, bd)),
+                (q, k, a_index, a_cid, u_tail, c_index, col_ptr, col_sorted, self_col, lse2, head_u, head_y,
+                 row_scale, g_up, dq, d, ka, kc, *scalars, dq.stride(0)),
+                dict(BLOCK_J=16 if launch.INTERPRETED else 32, BLOCK_D=bd, KC_P2=configs.pow2(kc), HB=hb, GRAD=True,
+                     num_warps=4), wrap_triton)
+        _launch(tail_column_kernel, (C, triton.cdiv(d, bd)),
+                (q, k, a_index, u_tail, c_index, col_cid, slot_ptr, slot_sorted, top, self_col, lse2, head_u, head_y,
+                 row_scale, g_up, dk, d, ka, kc, M * ka, top.numel(), *scalars, dk.stride(0)),
+                # 16 anchor slots per step: 32 spill registers at d = 256 (the static report).
+                dict(BLOCK_P=16, BLOCK_D=bd, KA_P2=configs.pow2(ka), HB=hb,
+                     num_warps=4), wrap_triton)
     return dq.to(q.dtype), dk.to(k.dtype)
 
 
+_TAIL_TENSORS = 17   # tail_forward's tensor arguments (q ... top), the backward's first ones
+_TAIL_INPUTS = 21    # all of tail_forward's arguments, validated included
+
+
 def _tail_setup(ctx, inputs, output):
-    q, k = inputs[:2]
-    _, pi, pj, delta, row_ptr = output
-    ctx.inv_tau = inputs[16]
-    ctx.save_for_backward(q, k, pi, pj, delta, row_ptr)
-    ctx.set_materialize_grads(False)  # only the value is differentiated
+    ctx.scalars = dict(num_samples=inputs[17], log_beta=inputs[18], inv_tau=inputs[19])
+    ctx.save_for_backward(*inputs[:_TAIL_TENSORS])
 
 
-_TAIL_INPUTS = 19  # tail_forward's arguments, validated included
-
-
-def _tail_backward(ctx, g_value, *_unused):
+def _tail_backward(ctx, g_value):
     if g_value is None:
         return (None,) * _TAIL_INPUTS
-    # The list is the forward's output: no value assertions again.
-    dq, dk = tail_backward(*ctx.saved_tensors, g_value.to(torch.float32).contiguous(), ctx.inv_tau, validated=True)
+    # The saved tensors are the forward's checked inputs: no value assertions again.
+    dq, dk = tail_backward(*ctx.saved_tensors, g_value.to(torch.float32).contiguous(), **ctx.scalars, validated=True)
     return (dq, dk) + (None,) * (_TAIL_INPUTS - 2)
 
 
