@@ -71,7 +71,7 @@ def measure(head: str, L: int, batch: int, hidden: int, proj_dim: int, features:
     from mlcl_fast.backends import resolve_backend
     from mlcl_fast.data_synth import generate, make_config
     from mlcl_fast.train.models import Backbone, ProjectionHead
-    from mlcl_fast.train.protocols import label_sets, sparse_rows
+    from mlcl_fast.train.protocols import adam, label_sets, sparse_rows
 
     if threads:
         torch.set_num_threads(threads)
@@ -94,7 +94,7 @@ def measure(head: str, L: int, batch: int, hidden: int, proj_dim: int, features:
         loss_fn = bce_loss if head == "bce" else zlpr_loss
         modules = [backbone, classifier]
         step_loss = lambda x, y: loss_fn(classifier(backbone(x)), y)
-    opt = torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=1e-3)
+    opt = adam([p for m in modules for p in m.parameters()], 1e-3, weight_decay=0.01)  # the training's optimiser
 
     def step(k: int) -> float:
         idx = np.arange(k * batch, (k + 1) * batch)
@@ -126,11 +126,11 @@ def _warm_up() -> None:
     torch's thread pool: a process forked after the pool has run can deadlock in it."""
     import torch
 
-    import mlcl_fast.train.protocols  # noqa: F401
+    import mlcl_fast.train.protocols
     from mlcl_fast.backends import resolve_backend
 
     p = torch.nn.Parameter(torch.zeros(2))
-    opt = torch.optim.AdamW([p])
+    opt = mlcl_fast.train.protocols.adam([p], 1e-3, weight_decay=0.01)
     p.grad = torch.ones(2)
     opt.step()
     resolve_backend("auto", torch.device("cpu"))

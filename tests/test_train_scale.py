@@ -165,3 +165,35 @@ def test_train_throughput_benchmark_quick(tmp_path):
                           env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 0 and "skipped: memory" in proc.stdout and "samples/s" not in proc.stdout
     assert list(csv.DictReader(csv_path.open()))[0]["samples_per_s"] == ""
+
+
+def test_adam_is_fused_where_torch_can_and_updates_as_the_plain_one():
+    """protocols.adam: torch's fused Adam/AdamW for floating parameters on one CPU or CUDA device
+    (the 100,000-label model's update in one pass per tensor), the same update as the unfused
+    optimiser up to rounding; mixed devices or dtypes it cannot fuse keep the default."""
+    import torch
+
+    from mlcl_fast.train.protocols import adam
+
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(50, 8, generator=gen), torch.randn(8, generator=gen)]
+    grads = [[torch.randn(t.shape, generator=gen) for t in start] for _ in range(10)]
+    for decay in (None, 0.05):
+        fused = [t.clone().requires_grad_(True) for t in start]
+        plain = [t.clone().requires_grad_(True) for t in start]
+        opt = adam(fused, 1e-2, decay)
+        assert opt.defaults["fused"] is True
+        assert isinstance(opt, torch.optim.AdamW if decay is not None else torch.optim.Adam)
+        ref = (torch.optim.Adam(plain, lr=1e-2) if decay is None
+               else torch.optim.AdamW(plain, lr=1e-2, weight_decay=decay))
+        for step in grads:
+            for params, o in ((fused, opt), (plain, ref)):
+                for p, g in zip(params, step):
+                    p.grad = g.clone()
+                o.step()
+        for a, b, s in zip(fused, plain, start):
+            assert (b - s).abs().max() > 1e-2                     # the parameters moved
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    groups = [{"params": [torch.zeros(3, requires_grad=True)]}, {"params": [torch.zeros(2, requires_grad=True)]}]
+    assert adam(groups, 1e-3, 0.01).defaults["fused"] is True
+    assert not adam([torch.zeros(2, dtype=torch.float64, device="meta", requires_grad=True)], 1e-3).defaults["fused"]

@@ -216,6 +216,22 @@ def _start_bar(progress, name: str, total: int) -> None:
         progress.set_description(name)
 
 
+def adam(params, lr: float, weight_decay: Optional[float] = None) -> torch.optim.Optimizer:
+    """AdamW (with `weight_decay`) or Adam over `params` (tensors or parameter groups): torch's
+    fused implementation where it has one for them (floating tensors all on one CPU or CUDA
+    device), which updates each tensor in one pass instead of a dozen elementwise ones: 0.49 ->
+    0.064 s per step for the 60 M parameters of a 100,000-label model on 2 CPU threads
+    (docs/TRAINING.md). The same update up to rounding."""
+    params = list(params)
+    tensors = [t for g in params for t in (g["params"] if isinstance(g, dict) else [g])]
+    devices = {t.device for t in tensors}
+    fused = (len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
+             and all(t.is_floating_point() for t in tensors)) or None
+    if weight_decay is None:
+        return torch.optim.Adam(params, lr=lr, fused=fused)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
 def run_stage(name: str, modules: list[nn.Module], params, step_loss: Callable[[Tensor, Tensor], Tensor],
               val_score: Callable[[], "float | tuple"], batches: Batches, cfg: TrainConfig, lr: float,
               generator: torch.Generator, progress=None, warmup_steps: int = 0,
@@ -225,7 +241,7 @@ def run_stage(name: str, modules: list[nn.Module], params, step_loss: Callable[[
     `warmup_steps` optimiser steps are neither selected nor counted toward the patience.
     `after_step` runs after every optimiser step (a momentum encoder's update)."""
     log = StageLog(name)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    opt = adam(params, lr, cfg.weight_decay)
     best, best_state, stale = (-math.inf,), None, 0
     t0 = time.perf_counter()
     max_epochs, patience = stage_epochs(cfg, len(batches))
@@ -503,7 +519,7 @@ def linear_probe(split: Split, cfg: TrainConfig, backbone: Backbone, progress=No
     W = [torch.zeros(D, L, device=cfg.device, requires_grad=True) for _ in range(G)]
     prior = prior_logits(split.Y_train).to(cfg.device).reshape(1, L)
     b = [prior.clone().requires_grad_(True) for _ in range(G)]
-    opt = torch.optim.Adam([*W, *b], lr=1e-2)
+    opt = adam([*W, *b], 1e-2)
     best_score = np.full((G, L), -np.inf)                                       # -validation BCE
     # each label's weights at its best (strength, epoch) so far: the label's final choice is the
     # argmax over strengths of their best scores, and a strength's best score only rises, so the
