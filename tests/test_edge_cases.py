@@ -212,9 +212,11 @@ def test_normalisation_is_scale_invariant(backend, dtype, scale):
     if backend not in mlcl_fast.available_backends("cpu"):
         pytest.skip(f"{backend} unavailable")
     case = random_case(fresh_seed("scale", repr(dtype), scale), "reg", B=5, V=2, d=6, L=4, dtype=torch.float64)
-    # unit-scale entries whose largest is 1, so the scaled copy is exactly representable up to rounding
-    feats = (case.features / case.features.abs().amax()).to(dtype)
-    protos = (case.prototypes / case.prototypes.abs().amax()).to(dtype)
+    # unit-scale rows whose largest entry is 1 (so every row's norm is >= 1: scaled by 1e-11 it stays
+    # above the 1e-12 floor, which a row of small entries scaled by a global maximum could not),
+    # and the scaled copy is exactly representable up to rounding
+    feats = (case.features / case.features.abs().amax(-1, keepdim=True)).to(dtype)
+    protos = (case.prototypes / case.prototypes.abs().amax(-1, keepdim=True)).to(dtype)
     values, grads = [], []
     for s in (1.0, scale):
         x = (feats.double() * s).to(dtype).requires_grad_(True)
