@@ -1,7 +1,7 @@
 """Argument checks of the Triton backend (kernels under the Triton interpreter, as in
 tests/test_triton.py, which explains the TRITON_INTERPRET setting below).
 
-- Every custom operator (dense, closed-form, tail-pair and pair-list forwards and backwards)
+- Every custom operator (dense, closed-form and pair-list forwards and backwards)
   refuses each bad argument with an error whose message starts with the argument's name: wrong
   dtype, shape, device or strides of every tensor, an out-of-range value of every scalar
   (checked on the host), and out-of-range or non-canonical values of the index tensors (device-side
@@ -44,7 +44,6 @@ pytestmark = [pytest.mark.usefixtures("single_thread"),
 OPS = {
     "dense_forward": ("ops", "bits"), "dense_backward": ("ops", "bits"),
     "closed_forward": ("closed", "closed"), "closed_backward": ("closed", "closed"),
-    "tail_forward": ("tail", "closed"), "tail_backward": ("tail", "closed"),
     "pairs_forward": ("pairs", "pairs"), "pairs_backward": ("pairs", "pairs"),
 }
 # (preset, forced regime) of the public calls whose operator arguments are recorded. "closed": reg
@@ -282,22 +281,19 @@ VALUE_CASES = [
      _replace("head_y", lambda a: torch.cat([a["head_y"]] * 2, 1))),
     ("closed_backward", "closed", "v_tail", "fewer features",
      _replace("v_tail", lambda a: a["v_tail"][:, 1:].contiguous())),
-    ("tail_forward", "closed", "self_col", "column C", _set("self_col", 0, C)),
-    ("tail_forward", "closed", "a_index", "unsorted", _unsort("a_index")),
-    ("tail_forward", "closed", "a_cid", "compact id U", _set("a_cid", (0, 0), lambda a: a["col_ptr"].numel() - 1)),
-    ("tail_forward", "closed", "col_ptr", "past the list", _set("col_ptr", -1, lambda a: a["col_sorted"].numel() + 1)),
-    ("tail_forward", "closed", "col_sorted", "column C", _set("col_sorted", 0, C)),
-    ("tail_forward", "closed", "col_sorted", "-1 inside the list", _set("col_sorted", 0, -1)),
-    ("tail_forward", "closed", "u_tail", "other slots", _replace("u_tail", lambda a: torch.cat([a["u_tail"]] * 2, 1))),
-    ("tail_forward", "closed", "col_cid", "compact id U",
-     _set("col_cid", (0, 0), lambda a: a["slot_ptr"].numel() - 1)),
-    ("tail_forward", "closed", "slot_ptr", "past the slots",
-     _set("slot_ptr", -1, lambda a: a["slot_sorted"].numel() + 1)),
-    ("tail_forward", "closed", "slot_sorted", "a negative key", _set("slot_sorted", 0, -1)),
-    ("tail_forward", "closed", "top", "compact id U", _set("top", 0, lambda a: a["slot_ptr"].numel() - 1)),
-    ("tail_forward", "closed", "top", "another head width", _replace("top", lambda a: a["top"][:-1].contiguous())),
-    ("tail_backward", "closed", "col_ptr", "decreasing", _set("col_ptr", 1, lambda a: a["col_ptr"][2] + 1)),
-    ("tail_backward", "closed", "g_up", "fewer anchors", _replace("g_up", lambda a: a["g_up"][1:].contiguous())),
+    ("closed_backward", "closed", "a_index", "unsorted", _unsort("a_index")),
+    ("closed_backward", "closed", "c_index", "other label slots",
+     _replace("c_index", lambda a: torch.cat([a["c_index"]] * 2, 1))),
+    ("closed_backward", "closed", "a_cid", "compact id U",
+     _set("a_cid", (0, 0), lambda a: a["col_ptr"].numel() - 1)),
+    ("closed_backward", "closed", "col_ptr", "past the list",
+     _set("col_ptr", -1, lambda a: a["col_sorted"].numel() + 1)),
+    ("closed_backward", "closed", "col_ptr", "decreasing", _set("col_ptr", 1, lambda a: a["col_ptr"][2] + 1)),
+    ("closed_backward", "closed", "col_sorted", "column C", _set("col_sorted", 0, C)),
+    ("closed_backward", "closed", "col_sorted", "-1 inside the list", _set("col_sorted", 0, -1)),
+    ("closed_backward", "closed", "top", "compact id U", _set("top", 0, lambda a: a["slot_ptr"].numel() - 1)),
+    ("closed_backward", "closed", "top", "another head width",
+     _replace("top", lambda a: a["top"][:-1].contiguous())),
     ("pairs_forward", "pairs", "self_col", "below -1", _set("self_col", 0, -2)),
     ("pairs_forward", "pairs", "a_index", "label num_labels",
      _set("a_index", (slice(None), -1), lambda a: a["num_labels"])),

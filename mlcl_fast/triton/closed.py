@@ -44,6 +44,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import checks, configs, launch, prep, sparse
+from . import tail as tail_pairs  # `tail`: closed_backward's flag
 from .recording import launch as launch_kernel
 
 
@@ -172,15 +173,20 @@ def column_label_grad(col_cid: Tensor, f: Tensor, col_owner: Tensor, g_up: Tenso
                    dk.stride(0)), dict(KC_P2=configs.pow2(kc), BLOCK_D=bd), wrap_triton)
 
 
+def _tail_labels(self_col: Tensor, a_index: Tensor, c_index: Tensor, pre) -> tail_pairs.Labels:
+    return tail_pairs.Labels(self_col, a_index, c_index, pre.a_cid, pre.col_ptr, pre.col_sorted, pre.u_tail, pre.head_u,
+                       pre.head_y, pre.row_scale, pre.col_cid, pre.slot_ptr, pre.slot_sorted, pre.top)
+
+
 @triton_op("mlcl_fast::triton_closed_forward", mutates_args=())
 def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_count: Tensor, c_index: Tensor,
                    c_count: Tensor, num_samples: int, col_lo: int, num_labels: int, inv_tau: float,
                    log_beta: float, reg: bool, fp32_precision: str, grad_in_forward: bool, validated: bool = False
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                               Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss [M] (with the head labels' regulariser; tail.tail_forward adds the rest), W [M],
-    lse2 [M] (base 2), V^T [M, d] fp32 (the tail labels' V), then what the backward and
-    tail_forward reuse: u^T [M, Ka] (the tail labels' u_ik), ubar^T [M], col_cid [C, Kc],
+    """(loss [M] (regulariser included: the tail labels' part from tail.py), W [M],
+    lse2 [M] (base 2), V^T [M, d] fp32 (the tail labels' V), then what the backward
+    reuses: u^T [M, Ka] (the tail labels' u_ik), ubar^T [M], col_cid [C, Kc],
     slot_ptr [U+1], slot_sorted [M*Ka], col_owner [C], head_u [M, 2*HB], head_y [C, HB],
     row_scale [M], a_cid [M, Ka], col_ptr [U+1], col_sorted [C*Kc], top [min(HB, U)] (the head),
     dq_unit [M or 0, d] (the anchor-row gradient for G = 1, tail labels included), visit order
@@ -222,6 +228,11 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
             dq_unit = q.new_empty(0, q.shape[1], dtype=torch.float32)
         elif has_tail(c_index, num_labels, q.shape[1]):
             dq_unit = dq_unit - inv_tau * v_tail  # the tail labels' -w part: dq_i -= G_i V^T_i / tau
+        if reg and has_tail(c_index, num_labels, q.shape[1]):
+            # The regulariser of the pairs sharing a tail label: the value, and dq for G = 1 with it.
+            t = _tail_labels(self_col, a_index, c_index, pre)
+            tail_pairs.add_anchor_terms(q, k, t, lse2, num_samples, log_beta, inv_tau, wrap_triton, value=loss,
+                                  dq=dq_unit if dq_unit.shape[0] else None)
     return (loss, pre.w_tot, lse2, v_tail, pre.u_tail, pre.ubar_tail, pre.col_cid, pre.slot_ptr, pre.slot_sorted,
             pre.col_owner, pre.head_u, pre.head_y, pre.row_scale, pre.a_cid, pre.col_ptr, pre.col_sorted,
             pre.top, dq_unit, *visit)
@@ -231,7 +242,8 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
 def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_count: Tensor, lse2: Tensor,
                     w_tot: Tensor, v_tail: Tensor, u_tail: Tensor, ubar_tail: Tensor, col_cid: Tensor,
                     slot_ptr: Tensor, slot_sorted: Tensor, col_owner: Tensor, head_u: Tensor, head_y: Tensor,
-                    row_scale: Tensor, dq_unit: Tensor, order: Tensor, live: Tensor, g_up: Tensor,
+                    row_scale: Tensor, a_index: Tensor, c_index: Tensor, a_cid: Tensor, col_ptr: Tensor,
+                    col_sorted: Tensor, top: Tensor, dq_unit: Tensor, order: Tensor, live: Tensor, g_up: Tensor,
                     num_samples: int, col_lo: int,
                     inv_tau: float, log_beta: float, reg: bool, tail: bool,
                     fp32_precision: str, validated: bool = False) -> tuple[Tensor, Tensor]:
@@ -257,6 +269,11 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
     args.ids("col_cid", col_cid, -1, U, "compact label ids (-1: none)")
     args.ids("slot_sorted", slot_sorted, 0, (U + 1) * max(1, M * ka), "slot keys (compact id * M * Ka + slot)")
     args.ids("col_owner", col_owner, -1, M, "anchor indices (-1: none)")
+    # The tail kernels' label indexes (the regulariser of pairs sharing a tail label).
+    for name, t, width, like in (("a_index", a_index, ka, "u_tail"), ("c_index", c_index, col_cid.shape[1], "col_cid")):
+        if t.dim() == 2 and t.shape[1] != width:
+            raise ValueError(f"{name}: expected {width} label slots per row (as {like}), got {t.shape[1]}")
+    tail_pairs.check(args, a_index, c_index, a_cid, col_ptr, col_sorted, top, U, hb)
     interpret = launch.INTERPRETED
     labels, g = launch.head_tiles(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
                                   log_beta, reg, fp32_precision)
@@ -268,12 +285,19 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
                             reg_value=False, grad=True, visit=visit)
         if tail:  # the tail labels' -w part: dq_i -= G_i V^T_i / tau
             dq = dq - (g_up * inv_tau)[:, None] * v_tail
+    pairs = tail_pairs.Labels(self_col, a_index, c_index, a_cid, col_ptr, col_sorted, u_tail, head_u, head_y, row_scale,
+                        col_cid, slot_ptr, slot_sorted, top)
+    if reg and tail and dq_unit.shape[0] != q.shape[0]:
+        # The regulariser of the pairs sharing a tail label (the forward added it to dq_unit).
+        tail_pairs.add_anchor_terms(q, k, pairs, lse2, num_samples, log_beta, inv_tau, wrap_triton, dq=dq, g_up=g_up)
     dk = launch.cols(q, k, labels, lse2, w_tot, row_scale, u_tail[:, :1], g_up, g, wrap_triton, visit)
     if tail:
         # F_u = sum over the anchor slots of compact label u of G_i u_ik q_i; each column
         # subtracts the F of its labels (less its owner's own-column term), in place.
         f = label_anchor_sums(slot_ptr, slot_sorted, u_tail, g_up, q, interpret)
         column_label_grad(col_cid, f, col_owner, g_up, ubar_tail, q, dk, inv_tau, interpret)
+        if reg:
+            tail_pairs.add_column_terms(q, k, pairs, lse2, g_up, num_samples, log_beta, inv_tau, dk, wrap_triton)
     return dq.to(q.dtype), dk.to(k.dtype)
 
 
@@ -283,15 +307,16 @@ _SCALARS = ("num_samples", "col_lo", "num_labels", "inv_tau", "log_beta", "reg",
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, self_col, _, a_count, c_index, c_count = inputs[:len(_INPUTS)]
+    q, k, self_col, a_index, a_count, c_index, c_count = inputs[:len(_INPUTS)]
     s = dict(zip(_SCALARS, inputs[len(_INPUTS):]))
     (_, w_tot, lse2, v_tail, u_tail, ubar_tail, col_cid, slot_ptr, slot_sorted, col_owner, head_u, head_y, row_scale,
-     _, _, _, _, dq_unit, order, live) = output
+     a_cid, col_ptr, col_sorted, top, dq_unit, order, live) = output
     ctx.scalars = {name: s[name] for name in ("num_samples", "col_lo", "inv_tau", "log_beta", "reg", "fp32_precision")}
     ctx.scalars["tail"] = has_tail(c_index, s["num_labels"], q.shape[1])
     ctx.set_materialize_grads(False)  # only the loss is differentiated: no zero gradients for the rest
     ctx.save_for_backward(q, k, self_col, a_count, c_count, lse2, w_tot, v_tail, u_tail, ubar_tail, col_cid,
-                          slot_ptr, slot_sorted, col_owner, head_u, head_y, row_scale, dq_unit, order, live)
+                          slot_ptr, slot_sorted, col_owner, head_u, head_y, row_scale, a_index, c_index, a_cid,
+                          col_ptr, col_sorted, top, dq_unit, order, live)
 
 
 def _backward(ctx, g_loss, *_unused):

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import reference
 from ..problem import Problem
-from . import closed, configs, labels, launch, ops, pairs, tail
+from . import closed, configs, labels, launch, ops, pairs
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -104,14 +104,7 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
         out = closed.closed_forward(q, k, self_col, a_long, a_count, c_index, c_count, n, col_lo, num_labels,
                                     inv_tau, log_beta, cfg.reg, fp32, grad_mode == "forward" and need_grad,
                                     validated=True)
-        loss, w_tot, lse2, u_tail = out[0], out[1], out[2], out[4]
-        if cfg.reg and closed.has_tail(c_index, num_labels, q.shape[1]):
-            # The regulariser of the pairs sharing a label outside the head (tail.py).
-            col_cid, slot_ptr, slot_sorted = out[6:9]
-            head_u, head_y, row_scale, a_cid, col_ptr, col_sorted, top = out[10:17]
-            loss = loss + tail.tail_forward(q, k, self_col, a_long, c_index, a_cid, col_ptr, col_sorted,
-                                            lse2.detach(), u_tail.detach(), head_u, head_y, row_scale, col_cid,
-                                            slot_ptr, slot_sorted, top, n, log_beta, inv_tau, validated=True)
+        loss, w_tot = out[0], out[1]
         return loss, w_tot > 0
 
     a_index = labels.padded_index(anchor_sets)

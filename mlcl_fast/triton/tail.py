@@ -9,33 +9,33 @@ delta_ij = r(w^H + w^T) - r(w^H): the value gains -sum_j delta_ij s_ij, the grad
 No list of those pairs is built: each kernel finds them through the closed form's label indexes
 (O(nnz) integers, built by prep.py) and recomputes the pair's logit, p, w^H and w^T on the spot,
 so memory and every shape are independent of how many pairs share a tail label (nothing to size,
-no capacity to overflow, no host read), and the forward + backward is three launches:
+no capacity to overflow, no host read). Both kernels add into outputs of the closed form's
+operators (closed.py), in place, one launch each:
 
 - `tail_anchor_kernel`, a program per anchor (and, for the gradient, per feature chunk): for each
   of the anchor's tail label slots, the columns carrying that label (the CSR label -> columns);
-  it sums the value's -delta_ij s_ij (forward) or dq_i's -G_i delta_ij k_j / tau (backward);
+  it adds the value's -sum_j delta_ij s_ij and/or dq_i's -G_i/tau sum_j delta_ij k_j (G_i = 1 in
+  the forward's anchor-row gradient, which the backward scales);
 - `tail_column_kernel`, a program per column and feature chunk: for each of the column's labels
-  outside the head, the anchor slots of that label (the CSR label -> anchor slots); it sums
-  dk_j's -G_i delta_ij q_i / tau.
+  outside the head, the anchor slots of that label (the CSR label -> anchor slots); it adds
+  dk_j's -1/tau sum_i G_i delta_ij q_i.
 
 A pair sharing several tail labels is met once per shared label; only the meeting through its
 first shared tail label (the anchor's lowest such slot) counts, so no sort or unique is needed.
-Every output has one owner summing in a fixed order: deterministic, no atomics.
+Every output block has one owner summing in a fixed order: deterministic, no atomics.
 
 The pairs' work runs on CUDA cores (a d-long dot per pair and direction, gathered rows), so its
 cost is O(T_tail d), T_tail the anchor-column pairs met through tail labels; the head (the HB
 most frequent labels, inside the tensor-core sweeps) keeps T_tail small on heavy-head label sets.
-
-The operators check their arguments (checks.py); `validated=True` (the driver, and the autograd
-backward) leaves out the device-side assertions on the values the caller checked.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
 
 from . import checks, configs, launch
 from .recording import launch as _launch
@@ -54,12 +54,13 @@ def _delta(dot, lse2_i, j, w_head, w_tail, keep, num_samples, scale2, log2_beta)
 
 @triton.jit
 def tail_anchor_kernel(q_ptr, k_ptr, a_index, a_cid, u_tail, c_index, col_ptr, col_s, self_col, lse2, head_u,
-                       head_y, row_scale, g_up, out, d, KA, KC, num_samples, scale2, log2_beta, inv_tau,
-                       stride_q, stride_k, stride_hu, stride_hy, stride_o,
+                       head_y, row_scale, g_up, value_out, dq_out, d, KA, KC, num_samples, scale2, log2_beta,
+                       inv_tau, stride_q, stride_k, stride_hu, stride_hy, stride_o,
                        BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, KC_P2: tl.constexpr, HB: tl.constexpr,
-                       GRAD: tl.constexpr):
-    """Anchor i's tail pairs: out[i] = -sum_j delta_ij s_ij, or (GRAD) out[i, chunk] =
-    -G_i / tau sum_j delta_ij k_j[chunk]."""
+                       VALUE: tl.constexpr, GRAD: tl.constexpr, SCALE_G: tl.constexpr):
+    """Anchor i's tail pairs, added in place: value_out[i] -= sum_j delta_ij s_ij (VALUE; by the
+    programs of chunk 0) and dq_out[i, chunk] -= G_i / tau sum_j delta_ij k_j[chunk] (GRAD; G_i = 1
+    unless SCALE_G)."""
     i = tl.program_id(0)
     oo = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     omask = oo < d
@@ -110,13 +111,18 @@ def tail_anchor_kernel(q_ptr, k_ptr, a_index, a_cid, u_tail, c_index, col_ptr, c
                     ko = tl.load(k_ptr + j[:, None] * stride_k + oo[None, :], mask=emask[:, None] & omask[None, :],
                                  other=0.0).to(tl.float32)
                     acc += delta[:, None] * ko
-                else:
+                if VALUE:
                     total += delta * dot * inv_tau
     if GRAD:
-        g = tl.load(g_up + i)
-        tl.store(out + i * stride_o + oo, -inv_tau * g * tl.sum(acc, axis=0), mask=omask)
-    else:
-        tl.store(out + i, -tl.sum(total, axis=0))
+        if SCALE_G:
+            coef = -inv_tau * tl.load(g_up + i)
+        else:
+            coef = -inv_tau
+        cur = tl.load(dq_out + i * stride_o + oo, mask=omask, other=0.0)
+        tl.store(dq_out + i * stride_o + oo, cur + coef * tl.sum(acc, axis=0), mask=omask)
+    if VALUE:
+        if tl.program_id(1) == 0:
+            tl.store(value_out + i, tl.load(value_out + i) - tl.sum(total, axis=0))
 
 
 @triton.jit
@@ -124,8 +130,8 @@ def tail_column_kernel(q_ptr, k_ptr, a_index, u_tail, c_index, col_cid, slot_ptr
                        head_u, head_y, row_scale, g_up, out, d, KA, KC, S, n_top, num_samples, scale2, log2_beta,
                        inv_tau, stride_q, stride_k, stride_hu, stride_hy, stride_o,
                        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, KA_P2: tl.constexpr, HB: tl.constexpr):
-    """Column j's tail pairs: out[j, chunk] = -1/tau sum_i G_i delta_ij q_i[chunk], over the anchor
-    slots of j's labels outside the head (keys cid * S + slot in slot_s, S = M * KA)."""
+    """Column j's tail pairs, added in place: out[j, chunk] -= 1/tau sum_i G_i delta_ij q_i[chunk],
+    over the anchor slots of j's labels outside the head (keys cid * S + slot in slot_s, S = M * KA)."""
     j = tl.program_id(0)
     oo = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     omask = oo < d
@@ -177,116 +183,94 @@ def tail_column_kernel(q_ptr, k_ptr, a_index, u_tail, c_index, col_cid, slot_ptr
                 qo = tl.load(q_ptr + i[:, None] * stride_q + oo[None, :], mask=emask[:, None] & omask[None, :],
                              other=0.0).to(tl.float32)
                 acc += (delta * g)[:, None] * qo
-    tl.store(out + j * stride_o + oo, -inv_tau * tl.sum(acc, axis=0), mask=omask)
+    cur = tl.load(out + j * stride_o + oo, mask=omask, other=0.0)
+    tl.store(out + j * stride_o + oo, cur - inv_tau * tl.sum(acc, axis=0), mask=omask)
 
 
 def _block_d(d: int) -> int:
     return 16 if launch.INTERPRETED else max(16, min(configs.pow2(d), 128))
 
 
-def _check(args: checks.Arguments, a_index: Tensor, c_index: Tensor, a_cid: Tensor, col_ptr: Tensor,
-           col_sorted: Tensor, lse2: Tensor, u_tail: Tensor, head_u: Tensor, head_y: Tensor, row_scale: Tensor,
-           col_cid: Tensor, slot_ptr: Tensor, slot_sorted: Tensor, top: Tensor) -> tuple[int, int, int]:
-    """The label indexes' checks (both operators take them): (Ka, Kc, HB)."""
+class Labels(NamedTuple):
+    """The label indexes the tail kernels walk (the closed form's preparation, prep.py)."""
+    self_col: Tensor     # [M] the anchors' own columns (-1: none)
+    a_index: Tensor      # [M, Ka] canonical label rows of the anchors
+    c_index: Tensor      # [C, Kc] canonical label rows of the columns
+    a_cid: Tensor        # [M, Ka] compact label id of each anchor slot (-1: none)
+    col_ptr: Tensor      # [U+1] CSR: compact label -> ...
+    col_sorted: Tensor   # [C*Kc] ... softmax columns carrying it, ascending
+    u_tail: Tensor       # [M, Ka] fp32 u_ik of the tail labels (0 elsewhere)
+    head_u: Tensor       # [M, 2*HB] fp16 the head labels' u / row_scale, hi and lo
+    head_y: Tensor       # [C, HB] fp16 the columns' head labels
+    row_scale: Tensor    # [M] fp32
+    col_cid: Tensor      # [C, Kc] compact label id of each column slot (-1: none)
+    slot_ptr: Tensor     # [U+1] CSR: compact label -> ...
+    slot_sorted: Tensor  # [M*Ka] ... anchor slot keys cid * M * Ka + slot, ascending
+    top: Tensor          # [min(HB, U)] the head's compact ids
+
+
+def check(args: checks.Arguments, a_index: Tensor, c_index: Tensor, a_cid: Tensor, col_ptr: Tensor,
+          col_sorted: Tensor, top: Tensor, U: int, hb: int) -> None:
+    """The checks of the label indexes only the tail kernels read (an operator checks the rest):
+    a_index [M, Ka] and c_index [C, Kc] as the kernels compare them, a_cid, the CSR label ->
+    columns (col_ptr over col_sorted, U segments) and the head's compact ids `top`."""
     M, C = args.M, args.C
-    ka = args.label_lists("a_index", a_index, M)
+    args.label_lists("a_index", a_index, M)
     kc = args.label_lists("c_index", c_index, C)
-    args.tensor("a_cid", a_cid, (M, ka), (torch.int64,))
-    U = args.offsets("col_ptr", col_ptr, C * kc)
+    args.tensor("a_cid", a_cid, tuple(a_index.shape), (torch.int64,))
+    args.offsets("col_ptr", col_ptr, C * kc, segments=U)
     args.tensor("col_sorted", col_sorted, (C * kc,), (torch.int64,))
-    args.tensor("lse2", lse2, (M,), (torch.float32,))
-    args.tensor("u_tail", u_tail, (M, ka), (torch.float32,))
-    args.tensor("row_scale", row_scale, (M,), (torch.float32,))
-    hb = args.head("head_u", head_u, M, 2)
-    args.tensor("head_y", head_y, (C, hb), (torch.float16,))
-    args.tensor("col_cid", col_cid, (C, kc), (torch.int64,))
-    args.offsets("slot_ptr", slot_ptr, M * ka, segments=U)
-    args.tensor("slot_sorted", slot_sorted, (M * ka,), (torch.int64,))
     args.tensor("top", top, (min(hb, U),), (torch.int64,))
-    # The kernels compare label ids only; they address col_ptr and slot_ptr by compact id, k and
-    # c_index by the listed columns, q and the anchors' rows by the listed slots.
+    # The kernels compare label ids only; they address col_ptr by compact id, k and c_index by
+    # the listed columns.
     args.label_rows("a_index", a_index, None)
     args.label_rows("c_index", c_index, None)
     args.ids("a_cid", a_cid, -1, U, "compact label ids (-1: none)")
-    args.ids("col_cid", col_cid, -1, U, "compact label ids (-1: none)")
     args.ids("top", top, 0, U, "compact label ids")
     args.ids("col_sorted", col_sorted, -1, C, "column indices (-1 past the listed ones)")
     if not args.validated:
         listed = torch.arange(col_sorted.numel(), device=col_sorted.device) < col_ptr[-1]
         args.assert_values("col_sorted", (col_sorted >= 0) | ~listed, f"column indices in [0, {C}) up to col_ptr[-1]")
-    args.ids("slot_sorted", slot_sorted, 0, (U + 1) * max(1, M * ka), "slot keys (compact id * M * Ka + slot)")
-    return ka, kc, hb
 
 
-@triton_op("mlcl_fast::triton_closed_tail_forward", mutates_args=())
-def tail_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, c_index: Tensor, a_cid: Tensor,
-                 col_ptr: Tensor, col_sorted: Tensor, lse2: Tensor, u_tail: Tensor, head_u: Tensor, head_y: Tensor,
-                 row_scale: Tensor, col_cid: Tensor, slot_ptr: Tensor, slot_sorted: Tensor, top: Tensor,
-                 num_samples: int, log_beta: float, inv_tau: float, validated: bool = False) -> Tensor:
-    """-sum_j delta_ij s_ij [M]: the tail labels' part of every anchor's regulariser value."""
-    args = checks.common(q, k, self_col, num_samples, 0, inv_tau, log_beta, validated)
-    ka, kc, hb = _check(args, a_index, c_index, a_cid, col_ptr, col_sorted, lse2, u_tail, head_u, head_y, row_scale,
-                        col_cid, slot_ptr, slot_sorted, top)
-    M = args.M
-    value = torch.zeros(M, dtype=torch.float32, device=q.device)
-    if M and ka:
-        _launch(tail_anchor_kernel, (M, 1),
-                (q, k, a_index, a_cid, u_tail, c_index, col_ptr, col_sorted, self_col, lse2, head_u, head_y,
-                 row_scale, lse2, value, q.shape[1], ka, kc, num_samples, inv_tau * configs.LOG2E,
-                 log_beta * configs.LOG2E, inv_tau, q.stride(0), k.stride(0), head_u.stride(0), head_y.stride(0),
-                 0),
-                dict(BLOCK_J=16 if launch.INTERPRETED else 32, BLOCK_D=_block_d(q.shape[1]),
-                     KC_P2=configs.pow2(kc), HB=hb, GRAD=False, num_warps=4), wrap_triton)
-    return value
+def _scalars(q: Tensor, k: Tensor, t: Labels, num_samples: int, log_beta: float, inv_tau: float) -> tuple:
+    return (num_samples, inv_tau * configs.LOG2E, log_beta * configs.LOG2E, inv_tau, q.stride(0), k.stride(0),
+            t.head_u.stride(0), t.head_y.stride(0))
 
 
-@triton_op("mlcl_fast::triton_closed_tail_backward", mutates_args=())
-def tail_backward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, c_index: Tensor, a_cid: Tensor,
-                  col_ptr: Tensor, col_sorted: Tensor, lse2: Tensor, u_tail: Tensor, head_u: Tensor, head_y: Tensor,
-                  row_scale: Tensor, col_cid: Tensor, slot_ptr: Tensor, slot_sorted: Tensor, top: Tensor,
-                  g_up: Tensor, num_samples: int, log_beta: float, inv_tau: float, validated: bool = False
-                  ) -> tuple[Tensor, Tensor]:
-    """d(-delta_ij s_ij)/ds_ij = -delta_ij, times the upstream G_i: (dq [M, d], dk [C, d])."""
-    args = checks.common(q, k, self_col, num_samples, 0, inv_tau, log_beta, validated)
-    ka, kc, hb = _check(args, a_index, c_index, a_cid, col_ptr, col_sorted, lse2, u_tail, head_u, head_y, row_scale,
-                        col_cid, slot_ptr, slot_sorted, top)
-    args.tensor("g_up", g_up, (args.M,), (torch.float32,))
-    M, C, d = args.M, args.C, args.d
-    dq = torch.zeros(M, d, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(C, d, dtype=torch.float32, device=q.device)
-    if M and C and d and ka:
-        bd = _block_d(d)
-        scalars = (num_samples, inv_tau * configs.LOG2E, log_beta * configs.LOG2E, inv_tau, q.stride(0), k.stride(0),
-                   head_u.stride(0), head_y.stride(0))
-        _launch(tail_anchor_kernel, (M, triton.cdiv(d, bd)),
-                (q, k, a_index, a_cid, u_tail, c_index, col_ptr, col_sorted, self_col, lse2, head_u, head_y,
-                 row_scale, g_up, dq, d, ka, kc, *scalars, dq.stride(0)),
-                dict(BLOCK_J=16 if launch.INTERPRETED else 32, BLOCK_D=bd, KC_P2=configs.pow2(kc), HB=hb, GRAD=True,
-                     num_warps=4), wrap_triton)
-        _launch(tail_column_kernel, (C, triton.cdiv(d, bd)),
-                (q, k, a_index, u_tail, c_index, col_cid, slot_ptr, slot_sorted, top, self_col, lse2, head_u, head_y,
-                 row_scale, g_up, dk, d, ka, kc, M * ka, top.numel(), *scalars, dk.stride(0)),
-                # 16 anchor slots per step: 32 spill registers at d = 256 (the static report).
-                dict(BLOCK_P=16, BLOCK_D=bd, KA_P2=configs.pow2(ka), HB=hb,
-                     num_warps=4), wrap_triton)
-    return dq.to(q.dtype), dk.to(k.dtype)
+def add_anchor_terms(q: Tensor, k: Tensor, t: Labels, lse2: Tensor, num_samples: int, log_beta: float,
+                     inv_tau: float, wrap, value: Tensor | None = None, dq: Tensor | None = None,
+                     g_up: Tensor | None = None) -> None:
+    """tail_anchor_kernel, one launch: value [M] -= sum_j delta_ij s_ij and/or dq [M, d] fp32 -=
+    G_i / tau sum_j delta_ij k_j (G_i = 1 without g_up), in place."""
+    M, ka = t.a_index.shape
+    d = q.shape[1]
+    if M == 0 or ka == 0 or d == 0 or (value is None and dq is None):
+        return
+    bd = _block_d(d)
+    grad = dq is not None
+    _launch(tail_anchor_kernel, (M, triton.cdiv(d, bd) if grad else 1),
+            (q, k, t.a_index, t.a_cid, t.u_tail, t.c_index, t.col_ptr, t.col_sorted, t.self_col, lse2, t.head_u,
+             t.head_y, t.row_scale, lse2 if g_up is None else g_up, lse2 if value is None else value,
+             dq if grad else lse2, d, ka, t.c_index.shape[1], *_scalars(q, k, t, num_samples, log_beta, inv_tau),
+             dq.stride(0) if grad else 0),
+            dict(BLOCK_J=16 if launch.INTERPRETED else 32, BLOCK_D=bd, KC_P2=configs.pow2(t.c_index.shape[1]),
+                 HB=t.head_y.shape[1], VALUE=value is not None, GRAD=grad, SCALE_G=g_up is not None, num_warps=4),
+            wrap)
 
 
-_TAIL_TENSORS = 17   # tail_forward's tensor arguments (q ... top), the backward's first ones
-_TAIL_INPUTS = 21    # all of tail_forward's arguments, validated included
-
-
-def _tail_setup(ctx, inputs, output):
-    ctx.scalars = dict(num_samples=inputs[17], log_beta=inputs[18], inv_tau=inputs[19])
-    ctx.save_for_backward(*inputs[:_TAIL_TENSORS])
-
-
-def _tail_backward(ctx, g_value):
-    if g_value is None:
-        return (None,) * _TAIL_INPUTS
-    # The saved tensors are the forward's checked inputs: no value assertions again.
-    dq, dk = tail_backward(*ctx.saved_tensors, g_value.to(torch.float32).contiguous(), **ctx.scalars, validated=True)
-    return (dq, dk) + (None,) * (_TAIL_INPUTS - 2)
-
-
-tail_forward.register_autograd(_tail_backward, setup_context=_tail_setup)
+def add_column_terms(q: Tensor, k: Tensor, t: Labels, lse2: Tensor, g_up: Tensor, num_samples: int,
+                     log_beta: float, inv_tau: float, dk: Tensor, wrap) -> None:
+    """tail_column_kernel, one launch: dk [C, d] fp32 -= 1/tau sum_i G_i delta_ij q_i, in place."""
+    M, ka = t.a_index.shape
+    C, kc = t.c_index.shape
+    d = q.shape[1]
+    if M == 0 or ka == 0 or C == 0 or d == 0:
+        return
+    bd = _block_d(d)
+    _launch(tail_column_kernel, (C, triton.cdiv(d, bd)),
+            (q, k, t.a_index, t.u_tail, t.c_index, t.col_cid, t.slot_ptr, t.slot_sorted, t.top, t.self_col, lse2,
+             t.head_u, t.head_y, t.row_scale, g_up, dk, d, ka, kc, M * ka, t.top.numel(),
+             *_scalars(q, k, t, num_samples, log_beta, inv_tau), dk.stride(0)),
+            # 16 anchor slots per step: 32 spill registers at d = 256 (the static report).
+            dict(BLOCK_P=16, BLOCK_D=bd, KA_P2=configs.pow2(ka), HB=t.head_y.shape[1], num_warps=4), wrap)
