@@ -1143,6 +1143,26 @@ def _shared_tail_case(B=12, L=28):
 
 
 @cpu_only
+@pytest.mark.parametrize("preset,overrides", [("reg", {"beta": 0.0}), ("reg", {"beta": 0.3}),
+                                              ("mulsupcon", {"reg": True, "beta": 0.5}), ("proto", {"reg": True})],
+                         ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
+def test_closed_form_tail_pairs_across_options(monkeypatch, preset, overrides):
+    """The tail kernels where the sample columns leave the softmax (beta = 0: the anchors' own
+    columns out of range), weigh in with log beta, or are the only columns (no prototypes), on
+    near-duplicate rows (non-zero corrections), against the reference and the fp64 oracle."""
+    from mlcl_fast.triton import configs
+
+    monkeypatch.setattr(configs, "HEAD_LABELS", 16)
+    monkeypatch.setattr(configs, "HEAD_LABELS_WIDE", 16)
+    case = _shared_tail_case(B=10, L=24)
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    case.features[2:5] = case.features[1] + 0.02 * torch.randn(3, case.features.shape[1], generator=gen)
+    case = cases.replace(case, preset=preset, overrides=overrides, temperature=0.05,
+                         prototypes=case.prototypes if cases.uses_prototypes(preset, overrides) else None)
+    assert_backend_matches("triton", case, **FP32)
+
+
+@cpu_only
 @pytest.mark.parametrize("preset,overrides", [("reg", {}), ("mulsupcon", {"reg": True})])
 def test_closed_form_tail_pairs_sharing_several_tail_labels(monkeypatch, preset, overrides):
     """The regulariser's tail pairs (several shared tail labels per pair: each pair corrected once)
