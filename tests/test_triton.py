@@ -289,7 +289,7 @@ def test_closed_form_driver_path_is_sync_free_with_few_launches(reg, grad_in_for
             torch.nonzero(out[0])  # the mode does catch synchronising calls
         with pytest.raises(DataDependentOutputException):
             float(out[0].sum())
-    prep = ["label_keys_kernel", "label_runs_kernel", "label_ids_kernel", "anchor_prep_kernel", "column_prep_kernel"]
+    prep = ["label_keys_kernel", "label_runs_kernel", "label_ids_kernel", "head_prep_kernel"]
     assert launched[:len(prep)] == prep, launched
     sweeps = [name for name in launched if name in ("stats_kernel", "rows_kernel", "cols_free_kernel")]
     # The regulariser's value needs a second sweep in the forward; without the gradient in it the
@@ -1195,7 +1195,7 @@ def test_closed_form_tail_pairs_sharing_several_tail_labels(monkeypatch, preset,
 @pytest.mark.parametrize("col_lo,L,hb", [(0, 40, 16), (5, 40, 16), (0, 9, 16), (3, 200, 32)],
                          ids=["all_columns", "beta0", "fewer_labels_than_head", "wide"])
 def test_closed_form_preparation_kernels_match_a_plain_definition(col_lo, L, hb):
-    """prep.prepare (five kernels, seven library calls) against the definitions written out in
+    """prep.prepare (four kernels, seven library calls) against the definitions written out in
     Python: compact label index, u, W, ubar, head tiles (ties to the smaller label), tail part,
     visiting order and the slots grouped by label."""
     from mlcl_fast.triton import prep

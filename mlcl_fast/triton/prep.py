@@ -5,7 +5,7 @@ columns carry, each with its columns in ascending order: a CSR), every anchor sl
 and weight u_ik = 1 / (a_i Z_ik), W_i, the head labels (the HB compact labels carried by most
 columns, ties to the smaller label) as dense fp16 tiles, the tail labels' weights, the anchors'
 visiting order and the anchor slots grouped by label for the backward. Written as torch
-operations this is ~150 small launches per call; here it is five kernels and seven library
+operations this is ~150 small launches per call; here it is four kernels and seven library
 calls (three sorts, a cumulative sum, a top-k and two searchsorted), each O(nnz) or O(U) work.
 
 Integer atomics (the live count) are exact, so every output is deterministic.
@@ -69,15 +69,33 @@ def label_ids_kernel(sorted_keys, order, run, first, cid_sorted, col_cid, to_cid
 
 
 @triton.jit
-def anchor_prep_kernel(a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u_out, u_tail_out, w_out, ubar_out,
-                       ubar_tail_out, head_u, row_scale, invalid, live, slot_keys, col_owner,
-                       M, KA, L, U, col_lo, n_top, stride_hu,
-                       BLOCK_M: tl.constexpr, KA_P2: tl.constexpr, HB: tl.constexpr):
+def head_prep_kernel(a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u_out, u_tail_out, w_out, ubar_out,
+                     ubar_tail_out, head_u, row_scale, invalid, live, slot_keys, col_owner, col_cid, head_y,
+                     M, KA, L, U, col_lo, n_top, stride_hu, anchor_programs, C, KC,
+                     BLOCK_M: tl.constexpr, KA_P2: tl.constexpr, BLOCK_C: tl.constexpr, KC_P2: tl.constexpr,
+                     HB: tl.constexpr):
+    """Both sides of the head in one launch (each only needs the head's compact ids `top`): the
+    first `anchor_programs` programs prepare blocks of anchors (_anchor_block), the others blocks
+    of columns (_column_block)."""
+    pid = tl.program_id(0)
+    if pid < anchor_programs:
+        _anchor_block(pid, a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u_out, u_tail_out, w_out,
+                      ubar_out, ubar_tail_out, head_u, row_scale, invalid, live, slot_keys, col_owner,
+                      M, KA, L, U, col_lo, n_top, stride_hu, BLOCK_M, KA_P2, HB)
+    else:
+        _column_block(pid - anchor_programs, col_cid, top, head_y, C, KC, n_top, BLOCK_C, KC_P2, HB)
+
+
+@triton.jit
+def _anchor_block(pid, a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u_out, u_tail_out, w_out, ubar_out,
+                  ubar_tail_out, head_u, row_scale, invalid, live, slot_keys, col_owner,
+                  M, KA, L, U, col_lo, n_top, stride_hu,
+                  BLOCK_M: tl.constexpr, KA_P2: tl.constexpr, HB: tl.constexpr):
     """Per anchor: compact ids of its labels, u_ik = 1 / (a_i Z_ik) (Z_ik: the columns of the
     label, less the own column), W_i, ubar_i (own column in range, else 0), the head part of u
     as a row-scaled fp16 hi/lo pair, the tail part, the visiting flag, the slots' sort keys, and
     the anchor that owns each column (its own column)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     slots = tl.arange(0, KA_P2)
     m2 = rmask[:, None] & (slots[None, :] < KA)
@@ -129,10 +147,10 @@ def anchor_prep_kernel(a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, 
 
 
 @triton.jit
-def column_prep_kernel(col_cid, top, head_y, C, KC, n_top, BLOCK_C: tl.constexpr, KC_P2: tl.constexpr,
-                       HB: tl.constexpr):
+def _column_block(pid, col_cid, top, head_y, C, KC, n_top, BLOCK_C: tl.constexpr, KC_P2: tl.constexpr,
+                  HB: tl.constexpr):
     """head_y[j, h] = 1 where column j carries the h-th head label (fp16, exact)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     slots = tl.arange(0, KC_P2)
     cid = tl.load(col_cid + cols[:, None] * KC + slots[None, :], mask=cmask[:, None] & (slots[None, :] < KC),
@@ -202,18 +220,18 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     head_u = torch.empty(M, 2 * hb, dtype=torch.float16, device=dev)
     invalid = torch.empty(M, dtype=torch.int8, device=dev)
     live = torch.zeros(1, dtype=torch.int32, device=dev)
-    ka_p2 = configs.pow2(ka)
-    # The [rows, slots, head] comparison cube stays within 8K elements per program.
-    bm = 16 if interpret else max(1, min(64, 8192 // (ka_p2 * hb)))
-    launch(anchor_prep_kernel, (triton.cdiv(M, bm),),
-           (a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u, u_tail, w_tot, ubar, ubar_tail, head_u,
-            row_scale, invalid, live, slot_keys, col_owner, M, ka, L, U, col_lo, n_top, head_u.stride(0)),
-           dict(BLOCK_M=bm, KA_P2=ka_p2, HB=hb), wrap)
     head_y = torch.empty(C, hb, dtype=torch.float16, device=dev)
-    kc_p2 = configs.pow2(kc)
+    ka_p2, kc_p2 = configs.pow2(ka), configs.pow2(kc)
+    # The [rows, slots, head] comparison cubes stay within 8K elements per program.
+    bm = 16 if interpret else max(1, min(64, 8192 // (ka_p2 * hb)))
     bc = 16 if interpret else max(1, min(64, 8192 // (kc_p2 * hb)))
-    launch(column_prep_kernel, (triton.cdiv(C, bc),), (col_cid, top, head_y, C, kc, n_top),
-           dict(BLOCK_C=bc, KC_P2=kc_p2, HB=hb), wrap)
+    anchor_programs = triton.cdiv(M, bm)
+    if anchor_programs + triton.cdiv(C, bc):
+        launch(head_prep_kernel, (anchor_programs + triton.cdiv(C, bc),),
+               (a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u, u_tail, w_tot, ubar, ubar_tail, head_u,
+                row_scale, invalid, live, slot_keys, col_owner, col_cid, head_y, M, ka, L, U, col_lo, n_top,
+                head_u.stride(0), anchor_programs, C, kc),
+               dict(BLOCK_M=bm, KA_P2=ka_p2, BLOCK_C=bc, KC_P2=kc_p2, HB=hb), wrap)
 
     # Anchors with a positive first, in their own order (a stable sort of the 0/1 flags).
     visit_order = torch.sort(invalid, stable=True).indices.to(torch.int32)
