@@ -97,7 +97,7 @@ def anchor_sums(q: Tensor, e: Tensor, pre: prep.Prepared, lse2: Tensor, inv_tau:
     base = torch.empty(M, dtype=torch.float32, device=q.device)
     v_tail = torch.empty(M, q.shape[1], dtype=torch.float32, device=q.device)
     if M:
-        bd = 16 if interpret else max(16, min(configs.pow2(q.shape[1]), 256))
+        bd = configs.block_width(q.shape[1], 256, interpret)
         launch_kernel(anchor_sums_kernel, (M,),
                       (q, e, pre.a_cid, pre.u, pre.u_tail, pre.ubar, pre.ubar_tail, pre.w_tot, lse2, base, v_tail,
                        ka, q.shape[1], inv_tau, q.stride(0), e.stride(0), v_tail.stride(0)),
@@ -153,7 +153,7 @@ def label_anchor_sums(slot_ptr: Tensor, slot_sorted: Tensor, u_tail: Tensor, g_u
     """[U, d] fp32: label_anchor_sums_kernel."""
     U, d = slot_ptr.numel() - 1, q.shape[1]
     out = torch.empty(U, d, dtype=torch.float32, device=q.device)
-    bp, bd = (16, 16) if interpret else (32, max(16, min(configs.pow2(d), 128)))
+    bp, bd = 16 if interpret else 32, configs.block_width(d, 128, interpret)
     launch_kernel(label_anchor_sums_kernel, (U, triton.cdiv(d, bd)),
                   (slot_ptr, slot_sorted, u_tail, g_up, q, out, d, u_tail.shape[1], max(1, u_tail.numel()),
                    q.stride(0), out.stride(0)), dict(BLOCK_P=bp, BLOCK_D=bd), wrap_triton)
@@ -167,15 +167,12 @@ def column_label_grad(col_cid: Tensor, f: Tensor, col_owner: Tensor, g_up: Tenso
     d = q.shape[1]
     if C == 0 or d == 0:
         return
-    bd = 16 if interpret else max(16, min(configs.pow2(d), 128))
+    bd = configs.block_width(d, 128, interpret)
     launch_kernel(column_label_grad_kernel, (C, triton.cdiv(d, bd)),
                   (col_cid, f, col_owner, g_up, ubar_tail, q, dk, kc, d, inv_tau, f.stride(0), q.stride(0),
                    dk.stride(0)), dict(KC_P2=configs.pow2(kc), BLOCK_D=bd), wrap_triton)
 
 
-def _tail_labels(self_col: Tensor, a_index: Tensor, c_index: Tensor, pre) -> tail_pairs.Labels:
-    return tail_pairs.Labels(self_col, a_index, c_index, pre.a_cid, pre.col_ptr, pre.col_sorted, pre.u_tail, pre.head_u,
-                       pre.head_y, pre.row_scale, pre.col_cid, pre.slot_ptr, pre.slot_sorted, pre.top)
 
 
 @triton_op("mlcl_fast::triton_closed_forward", mutates_args=())
@@ -206,6 +203,7 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     args.label_rows("c_index", c_index, num_labels, c_count, "c_count")
     interpret = launch.INTERPRETED
     hb = head_width(c_index, num_labels, q.shape[1])
+    tail = has_tail(c_index, num_labels, q.shape[1])
     pre = prep.prepare(a_index, a_count, c_index, self_col, col_lo, num_labels, hb, interpret, wrap_triton)
     # The statistics sweep needs no labels at all; the second sweeps carry the head tiles.
     free, g_free = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta,
@@ -226,13 +224,15 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
             loss = loss - reg_sum  # 0 for the anchors without a positive, which are not visited
         if dq_unit is None:
             dq_unit = q.new_empty(0, q.shape[1], dtype=torch.float32)
-        elif has_tail(c_index, num_labels, q.shape[1]):
+        elif tail:
             dq_unit = dq_unit - inv_tau * v_tail  # the tail labels' -w part: dq_i -= G_i V^T_i / tau
-        if reg and has_tail(c_index, num_labels, q.shape[1]):
+        if reg and tail:
             # The regulariser of the pairs sharing a tail label: the value, and dq for G = 1 with it.
-            t = _tail_labels(self_col, a_index, c_index, pre)
-            tail_pairs.add_anchor_terms(q, k, t, lse2, num_samples, log_beta, inv_tau, wrap_triton, value=loss,
-                                  dq=dq_unit if dq_unit.shape[0] else None)
+            pairs = tail_pairs.Labels(self_col, a_index, c_index, pre.a_cid, pre.col_ptr, pre.col_sorted, pre.u_tail,
+                                      pre.head_u, pre.head_y, pre.row_scale, pre.col_cid, pre.slot_ptr,
+                                      pre.slot_sorted, pre.top)
+            tail_pairs.add_anchor_terms(q, k, pairs, lse2, num_samples, log_beta, inv_tau, wrap_triton, value=loss,
+                                        dq=dq_unit if dq_unit.shape[0] else None)
     return (loss, pre.w_tot, lse2, v_tail, pre.u_tail, pre.ubar_tail, pre.col_cid, pre.slot_ptr, pre.slot_sorted,
             pre.col_owner, pre.head_u, pre.head_y, pre.row_scale, pre.a_cid, pre.col_ptr, pre.col_sorted,
             pre.top, dq_unit, *visit)
@@ -270,10 +270,7 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
     args.ids("slot_sorted", slot_sorted, 0, (U + 1) * max(1, M * ka), "slot keys (compact id * M * Ka + slot)")
     args.ids("col_owner", col_owner, -1, M, "anchor indices (-1: none)")
     # The tail kernels' label indexes (the regulariser of pairs sharing a tail label).
-    for name, t, width, like in (("a_index", a_index, ka, "u_tail"), ("c_index", c_index, col_cid.shape[1], "col_cid")):
-        if t.dim() == 2 and t.shape[1] != width:
-            raise ValueError(f"{name}: expected {width} label slots per row (as {like}), got {t.shape[1]}")
-    tail_pairs.check(args, a_index, c_index, a_cid, col_ptr, col_sorted, top, U, hb)
+    tail_pairs.check(args, a_index, c_index, a_cid, col_ptr, col_sorted, top, U, hb, ka, col_cid.shape[1])
     interpret = launch.INTERPRETED
     labels, g = launch.head_tiles(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
                                   log_beta, reg, fp32_precision)
@@ -285,8 +282,8 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
                             reg_value=False, grad=True, visit=visit)
         if tail:  # the tail labels' -w part: dq_i -= G_i V^T_i / tau
             dq = dq - (g_up * inv_tau)[:, None] * v_tail
-    pairs = tail_pairs.Labels(self_col, a_index, c_index, a_cid, col_ptr, col_sorted, u_tail, head_u, head_y, row_scale,
-                        col_cid, slot_ptr, slot_sorted, top)
+    pairs = tail_pairs.Labels(self_col, a_index, c_index, a_cid, col_ptr, col_sorted, u_tail, head_u, head_y,
+                              row_scale, col_cid, slot_ptr, slot_sorted, top)
     if reg and tail and dq_unit.shape[0] != q.shape[0]:
         # The regulariser of the pairs sharing a tail label (the forward added it to dq_unit).
         tail_pairs.add_anchor_terms(q, k, pairs, lse2, num_samples, log_beta, inv_tau, wrap_triton, dq=dq, g_up=g_up)

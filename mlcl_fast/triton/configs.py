@@ -80,6 +80,12 @@ def pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def block_width(n: int, cap: int, interpret: bool) -> int:
+    """A block over n features (or entries) of the row-gathering kernels: pow2(n) within [16, cap];
+    16 under the interpreter, so that small test shapes cross block boundaries."""
+    return 16 if interpret else max(16, min(pow2(n), cap))
+
+
 OWNERS = ("anchors", "columns")
 
 

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import configs
 from .recording import launch
 
 
@@ -67,16 +68,12 @@ def csr_rows_kernel(ptr, idx, coef, x_ptr, out, d, stride_x, stride_o,
     tl.store(out + seg * stride_o + offs_d, tl.sum(acc, axis=0), mask=dmask)
 
 
-def _block(interpret: bool, n: int, cap: int) -> int:
-    return 16 if interpret else max(16, min(triton.next_power_of_2(max(n, 1)), cap))
-
-
 def pair_dots(q: Tensor, k: Tensor, pi: Tensor, pj: Tensor, interpret: bool) -> Tensor:
     """<q[pi[p]], k[pj[p]]> in fp32."""
     P, d = pi.numel(), q.shape[1]
     out = torch.empty(P, dtype=torch.float32, device=q.device)
     if P:
-        bp, bk = (16, 16) if interpret else (128, _block(False, d, 64))
+        bp, bk = 16 if interpret else 128, configs.block_width(d, 64, interpret)
         launch(pair_dots_kernel, (triton.cdiv(P, bp),), (q, k, pi, pj, out, P, d, q.stride(0), k.stride(0)),
                dict(BLOCK_P=bp, BLOCK_K=bk))
     return out
@@ -99,7 +96,7 @@ def csr_rows(ptr: Tensor, idx: Tensor, coef: Tensor | None, x: Tensor, interpret
     if not (segs and d and idx.numel()):
         return torch.zeros(segs, d, dtype=torch.float32, device=x.device)
     out = torch.empty(segs, d, dtype=torch.float32, device=x.device)
-    bp, bd = (16, 16) if interpret else (32, _block(False, d, 128))
+    bp, bd = 16 if interpret else 32, configs.block_width(d, 128, interpret)
     unit = coef is None
     coef = idx if unit else coef.to(torch.float32).contiguous()
     launch(csr_rows_kernel, (segs, triton.cdiv(d, bd)), (ptr, idx, coef, x, out, d, x.stride(0), out.stride(0)),

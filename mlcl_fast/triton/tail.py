@@ -187,10 +187,6 @@ def tail_column_kernel(q_ptr, k_ptr, a_index, u_tail, c_index, col_cid, slot_ptr
     tl.store(out + j * stride_o + oo, cur - inv_tau * tl.sum(acc, axis=0), mask=omask)
 
 
-def _block_d(d: int) -> int:
-    return 16 if launch.INTERPRETED else max(16, min(configs.pow2(d), 128))
-
-
 class Labels(NamedTuple):
     """The label indexes the tail kernels walk (the closed form's preparation, prep.py)."""
     self_col: Tensor     # [M] the anchors' own columns (-1: none)
@@ -210,14 +206,15 @@ class Labels(NamedTuple):
 
 
 def check(args: checks.Arguments, a_index: Tensor, c_index: Tensor, a_cid: Tensor, col_ptr: Tensor,
-          col_sorted: Tensor, top: Tensor, U: int, hb: int) -> None:
+          col_sorted: Tensor, top: Tensor, U: int, hb: int, ka: int, kc: int) -> None:
     """The checks of the label indexes only the tail kernels read (an operator checks the rest):
-    a_index [M, Ka] and c_index [C, Kc] as the kernels compare them, a_cid, the CSR label ->
-    columns (col_ptr over col_sorted, U segments) and the head's compact ids `top`."""
+    a_index [M, Ka] and c_index [C, Kc] (the label slots of the operator's other label tensors) as
+    the kernels compare them, a_cid, the CSR label -> columns (col_ptr over col_sorted, U
+    segments) and the head's compact ids `top`."""
     M, C = args.M, args.C
-    args.label_lists("a_index", a_index, M)
-    kc = args.label_lists("c_index", c_index, C)
-    args.tensor("a_cid", a_cid, tuple(a_index.shape), (torch.int64,))
+    args.tensor("a_index", a_index, (M, ka), checks.INDEX_DTYPES)
+    args.tensor("c_index", c_index, (C, kc), checks.INDEX_DTYPES)
+    args.tensor("a_cid", a_cid, (M, ka), (torch.int64,))
     args.offsets("col_ptr", col_ptr, C * kc, segments=U)
     args.tensor("col_sorted", col_sorted, (C * kc,), (torch.int64,))
     args.tensor("top", top, (min(hb, U),), (torch.int64,))
@@ -247,7 +244,7 @@ def add_anchor_terms(q: Tensor, k: Tensor, t: Labels, lse2: Tensor, num_samples:
     d = q.shape[1]
     if M == 0 or ka == 0 or d == 0 or (value is None and dq is None):
         return
-    bd = _block_d(d)
+    bd = configs.block_width(d, 128, launch.INTERPRETED)
     grad = dq is not None
     _launch(tail_anchor_kernel, (M, triton.cdiv(d, bd) if grad else 1),
             (q, k, t.a_index, t.a_cid, t.u_tail, t.c_index, t.col_ptr, t.col_sorted, t.self_col, lse2, t.head_u,
@@ -267,7 +264,7 @@ def add_column_terms(q: Tensor, k: Tensor, t: Labels, lse2: Tensor, g_up: Tensor
     d = q.shape[1]
     if M == 0 or ka == 0 or C == 0 or d == 0:
         return
-    bd = _block_d(d)
+    bd = configs.block_width(d, 128, launch.INTERPRETED)
     _launch(tail_column_kernel, (C, triton.cdiv(d, bd)),
             (q, k, t.a_index, t.u_tail, t.c_index, t.col_cid, t.slot_ptr, t.slot_sorted, t.top, t.self_col, lse2,
              t.head_u, t.head_y, t.row_scale, g_up, dk, d, ka, kc, M * ka, t.top.numel(),
