@@ -139,9 +139,7 @@ inline float pair_sums<float>(const float* s, const float* lb, const float* m, f
   }
   return out;
 }
-#endif
 
-#if defined(__AVX2__) && defined(__FMA__)
 template <>
 inline void pair_exp<float>(const float* s, const float* lb, const float* sh, const float* cj, float* h, int64_t n,
                             float ci, float a, float b) {
