@@ -172,6 +172,58 @@ def test_opcheck(preset):
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+@pytest.mark.parametrize("preset", ["reg", "supcon_any", "msc"])
+def test_backward_reuses_the_forward_label_preparation(preset, monkeypatch):
+    """The forward returns its label preparation (label_prep: the columns' inverted label index,
+    label counts, int32 row labels) and the backward reads it instead of preparing again: with
+    the forward's it equals the backward that prepares for itself, bit for bit; given another
+    label set's preparation (check_values=False: not compared) it computes that set's gradient,
+    so the backward does read what it is given. The fake kernel knows its size; opcheck covers
+    the backward with it."""
+    from mlcl_fast.backends import native_ops
+
+    monkeypatch.setenv("MLCL_FAST_BLOCK_WORKSPACE_MB", WORKSPACES["few_rows"])
+    case = _case("prep", preset, None, B=12, V=2, d=6, L=7, density=0.4)
+    args = op_inputs(_problem(case))
+    rows, cols, row_labels, col_labels = args[:4]
+    out = torch.ops.mlcl_fast.anchor_loss_forward(*args)
+    prep = out[5]
+    assert prep.dtype == torch.int32
+    assert prep.numel() == native_ops.label_prep_size(rows, cols, row_labels, col_labels, case.num_labels) > 0
+    grad = torch.rand(rows.shape[0], generator=torch.Generator().manual_seed(3))
+    bwd = (grad, rows, cols, *args[2:5], *out[2:5], *args[5:])
+    fresh = torch.ops.mlcl_fast.anchor_loss_backward(*bwd)
+    reused = torch.ops.mlcl_fast.anchor_loss_backward(*bwd, label_prep=prep)
+    assert all(torch.equal(a, b) for a, b in zip(fresh, reused))
+    torch.library.opcheck(torch.ops.mlcl_fast.anchor_loss_backward.default, bwd, {"label_prep": prep},
+                          test_utils=("test_schema", "test_faketensor"))
+    # Another label set of the same shapes: its preparation drives the backward.
+    other = torch.roll(row_labels, 1, 0), torch.roll(col_labels, 1, 0)
+    other_prep = torch.ops.mlcl_fast.anchor_loss_forward(rows, cols, *other, *args[4:])[5]
+    assert not torch.equal(other_prep, prep)
+    expect = torch.ops.mlcl_fast.anchor_loss_backward(grad, rows, cols, *other, *bwd[5:])
+    given = torch.ops.mlcl_fast.anchor_loss_backward(*bwd, label_prep=other_prep)  # check_values=False
+    assert all(torch.equal(a, b) for a, b in zip(expect, given))
+    assert not torch.equal(given[0], fresh[0])
+
+
+def test_label_prep_errors_name_the_argument():
+    """A label preparation of the wrong dtype, size or device, or (check_values=True) not the
+    forward's for these labels, is refused with an error naming label_prep."""
+    case = _case("prep_errors", "reg", None, B=8, V=2, d=4, L=5)
+    args = op_inputs(_problem(case))
+    out = torch.ops.mlcl_fast.anchor_loss_forward(*args)
+    bwd = (torch.ones(args[0].shape[0]), *args[:2], *args[2:5], *out[2:5], *args[5:-2])
+    prep = out[5]
+    for bad in (prep.long(), prep[:-1], prep.view(1, -1)):
+        with pytest.raises(RuntimeError, match="label_prep: expected"):
+            torch.ops.mlcl_fast.anchor_loss_backward(*bwd, check_values=True, label_prep=bad)
+    wrong = prep.clone()
+    wrong[-1] += 1  # an int32 row label of the last anchor
+    with pytest.raises(RuntimeError, match="label_prep: not anchor_loss_forward's"):
+        torch.ops.mlcl_fast.anchor_loss_backward(*bwd, check_values=True, label_prep=wrong)
+
+
 @pytest.mark.parametrize("name,value", [("MLCL_FAST_CPU_ALGORITHM", "tiles"), ("MLCL_FAST_BLOCK_WORKSPACE_MB", "-1"),
                                         ("MLCL_FAST_BLOCK_WORKSPACE_MB", "lots")])
 def test_bad_settings_are_named(name, value, monkeypatch):

@@ -355,7 +355,7 @@ def test_combined_backward_gives_the_same_embedding_gradients(preset, B, V, L, d
     grad = torch.rand(args[0].shape[0], dtype=args[0].dtype, generator=torch.Generator().manual_seed(1))
     grad[::5] = 0.0                                   # anchors without a gradient are skipped either way
     assert int((outputs[1] & (grad != 0)).sum()) >= 256  # enough anchors for the pairing (2 blocks)
-    bwd = (grad, args[0], args[1], *args[2:5], *outputs[2:], *args[5:])
+    bwd = (grad, args[0], args[1], *args[2:5], *outputs[2:5], *args[5:])
     split_rows, split_cols = torch.ops.mlcl_fast.anchor_loss_backward(*bwd, combine_self=False)
     rows, cols = torch.ops.mlcl_fast.anchor_loss_backward(*bwd, combine_self=True)
     self_col = args[4]
@@ -416,7 +416,7 @@ def test_combined_backward_is_deterministic_per_thread_count():
     args = _op_args(problem)
     outputs = torch.ops.mlcl_fast.anchor_loss_forward(*args)
     grad = torch.ones(args[0].shape[0])
-    bwd = (grad, args[0], args[1], *args[2:5], *outputs[2:], *args[5:])
+    bwd = (grad, args[0], args[1], *args[2:5], *outputs[2:5], *args[5:])
     threads = torch.get_num_threads()
     try:
         for n in sorted({1, 2, threads}):
@@ -438,7 +438,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mlcl_fast.anchor_loss_forward.default, tuple(args))
     outputs = torch.ops.mlcl_fast.anchor_loss_forward(*[a.detach() if torch.is_tensor(a) else a for a in args])
     grad = torch.rand(args[0].shape[0], dtype=args[0].dtype)
-    bwd_args = (grad, args[0].detach(), args[1].detach(), *args[2:5], *outputs[2:], *args[5:])
+    bwd_args = (grad, args[0].detach(), args[1].detach(), *args[2:5], *outputs[2:5], *args[5:])
     torch.library.opcheck(torch.ops.mlcl_fast.anchor_loss_backward.default, bwd_args)
 
 

@@ -214,7 +214,8 @@ def test_opcheck(preset):
     torch.library.opcheck(torch.ops.mlcl_fast.anchor_loss_forward, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     outputs = torch.ops.mlcl_fast.anchor_loss_forward(*args)
-    assert [t.dtype for t in outputs[2:]] == [torch.float32] * 3
+    assert [t.dtype for t in outputs[2:5]] == [torch.float32] * 3
+    assert outputs[5].dtype == torch.int32 and outputs[5].numel() > 0  # the label preparation, reused by the backward
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

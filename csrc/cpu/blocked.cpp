@@ -32,34 +32,44 @@ int64_t workspace_bytes() {
   return std::max<int64_t>(1, static_cast<int64_t>(mib * 1048576.0));
 }
 
-// The label inputs of the block kernels and the problem that points into them.
+// The label inputs of the block kernels, packed into one int32 tensor (the forward returns it
+// and the backward reuses it: the preparation, a sort among it, runs once per forward +
+// backward): [label_ptr (L + 1) | label_cols (C * Kc) | row_count (R) | col_count (C) |
+// row_labels (R * Kr)].
+int64_t prep_size(int64_t R, int64_t C, int64_t row_width, int64_t col_width, int64_t num_labels) {
+  return num_labels + 1 + C * col_width + R + C + R * row_width;
+}
+
+at::Tensor prepare_labels(const at::Tensor& row_labels, const at::Tensor& col_labels, int64_t num_labels) {
+  const label_index::LabelIndex index = label_index::column_label_index(col_labels, num_labels);
+  return at::cat({index.ptr, index.cols, label_index::label_counts(row_labels), label_index::label_counts(col_labels),
+                  row_labels.to(at::kInt).reshape({-1})});
+}
+
+// The problem that points into a packed preparation (and the self columns).
 struct Prepared {
-  at::Tensor row_labels, row_count, col_count, self_col, label_ptr, label_cols;
+  at::Tensor packed, self_col;
   BlockProblem problem{};
 };
 
-Prepared prepare(const at::Tensor& row_labels, const at::Tensor& col_labels, const at::Tensor& self_col,
-                 int64_t num_rows, int64_t num_cols, const LossOptions& opt) {
+Prepared prepare(const at::Tensor& packed, const at::Tensor& row_labels, const at::Tensor& col_labels,
+                 const at::Tensor& self_col, int64_t num_rows, int64_t num_cols, const LossOptions& opt) {
   Prepared out;
-  out.row_labels = row_labels.to(at::kInt).contiguous();
-  out.row_count = label_index::label_counts(row_labels);
-  out.col_count = label_index::label_counts(col_labels);
+  out.packed = packed.contiguous();
   out.self_col = self_col.contiguous();
-  const label_index::LabelIndex index = label_index::column_label_index(col_labels, opt.num_labels);
-  out.label_ptr = index.ptr;
-  out.label_cols = index.cols;
-
+  int32_t* base = out.packed.data_ptr<int32_t>();
+  const int64_t L = opt.num_labels;
   BlockProblem& p = out.problem;
+  p.label_ptr = base;
+  p.label_cols = base + L + 1;
+  p.row_count = p.label_cols + num_cols * col_labels.size(1);
+  p.col_count = p.row_count + num_rows;
+  p.row_labels = p.col_count + num_cols;
   p.num_rows = num_rows;
   p.num_cols = num_cols;
   p.num_sample_cols = opt.num_sample_cols;
-  p.row_labels = out.row_labels.data_ptr<int32_t>();
-  p.row_count = out.row_count.data_ptr<int32_t>();
   p.row_width = static_cast<int32_t>(row_labels.size(1));
-  p.col_count = out.col_count.data_ptr<int32_t>();
   p.self_col = out.self_col.data_ptr<int64_t>();
-  p.label_ptr = out.label_ptr.data_ptr<int32_t>();
-  p.label_cols = out.label_cols.data_ptr<int32_t>();
   // The enums of options.h are declared in the order of the option codes (tests/test_triton.py).
   p.weighting = static_cast<int32_t>(opt.weighting);
   p.factor = static_cast<int32_t>(opt.factor);
@@ -278,11 +288,33 @@ bool cpu_blocked_requested() {
   return true;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_forward(
+void check_label_prep(const at::Tensor& label_prep, const at::Tensor& rows, const at::Tensor& cols,
+                      const at::Tensor& row_labels, const at::Tensor& col_labels, const LossOptions& opt,
+                      bool check_values) {
+  if (label_prep.numel() == 0) return;
+  const int64_t size = prep_size(rows.size(0), cols.size(0), row_labels.size(1), col_labels.size(1), opt.num_labels);
+  TORCH_CHECK(label_prep.dim() == 1 && label_prep.size(0) == size && label_prep.scalar_type() == at::kInt &&
+                  label_prep.device() == rows.device(),
+              "label_prep: expected anchor_loss_forward's int32 tensor of shape [", size, "] on ", rows.device(),
+              " (or an empty one), got ", label_prep.scalar_type(), " ", label_prep.sizes(), " on ",
+              label_prep.device());
+  if (check_values) {  // exact: it must be what the forward made of these labels (one host read)
+    TORCH_CHECK(at::equal(label_prep, prepare_labels(row_labels, col_labels, opt.num_labels)),
+                "label_prep: not anchor_loss_forward's preparation of these row_labels and col_labels");
+  }
+}
+
+int64_t blocked_prep_size(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,
+                          const at::Tensor& col_labels, int64_t num_labels) {
+  return prep_size(rows.size(0), cols.size(0), row_labels.size(1), col_labels.size(1), num_labels);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_forward(
     const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels, const at::Tensor& col_labels,
     const at::Tensor& self_col, const LossOptions& opt, const BlockKernels& kernels) {
   const int64_t R = rows.size(0), C = cols.size(0);
-  Prepared prep = prepare(row_labels, col_labels, self_col, R, C, opt);
+  const at::Tensor packed = prepare_labels(row_labels, col_labels, opt.num_labels);
+  Prepared prep = prepare(packed, row_labels, col_labels, self_col, R, C, opt);
   const BlockProblem& p = prep.problem;
   const auto f32 = rows.options().dtype(at::kFloat);
   at::Tensor normaliser = at::zeros({R, normalizer_width(opt, row_labels)}, f32);
@@ -299,20 +331,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_f
       kernels.row_stats(p, st, b);
     }
   }
-  return {loss.to(loss_dtype(rows.scalar_type())), valid, lse, total_weight, normaliser};
+  return {loss.to(loss_dtype(rows.scalar_type())), valid, lse, total_weight, normaliser, packed};
 }
 
 std::tuple<at::Tensor, at::Tensor> blocked_backward(const at::Tensor& grad_loss, const at::Tensor& rows,
                                                     const at::Tensor& cols, const at::Tensor& row_labels,
                                                     const at::Tensor& col_labels, const at::Tensor& self_col,
                                                     const at::Tensor& lse, const at::Tensor& total_weight,
-                                                    const at::Tensor& normaliser, const LossOptions& opt,
-                                                    const BlockKernels& kernels) {
+                                                    const at::Tensor& normaliser, const at::Tensor& label_prep,
+                                                    const LossOptions& opt, const BlockKernels& kernels) {
   const int64_t R = rows.size(0), C = cols.size(0), d = rows.size(1);
   const auto f32 = rows.options().dtype(at::kFloat);
   at::Tensor grad_rows = at::zeros({R, d}, f32), grad_cols = at::zeros({C, d}, f32);
   if (R > 0 && C > 0) {
-    Prepared prep = prepare(row_labels, col_labels, self_col, R, C, opt);
+    // The forward's preparation when given (checked by check_label_prep), else made here.
+    const at::Tensor packed =
+        label_prep.numel() > 0 ? label_prep : prepare_labels(row_labels, col_labels, opt.num_labels);
+    Prepared prep = prepare(packed, row_labels, col_labels, self_col, R, C, opt);
     const BlockProblem& p = prep.problem;
     // The backward's kernels read the statistics and write none of them.
     at::Tensor norm = normaliser.to(at::kFloat).contiguous(), tw = total_weight.to(at::kFloat).contiguous();

@@ -37,18 +37,31 @@ struct BlockKernels {
 };
 
 // Forward: (loss [R] fp32 (fp64 for fp64 rows), valid [R] bool, lse [R], total_weight [R],
-// normaliser [R, width]) with fp32 statistics.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_forward(
+// normaliser [R, width], label_prep [blocked_prep_size] int32) with fp32 statistics; label_prep
+// is the label preparation (the columns' inverted label index, the label counts, int32 labels)
+// for the backward to reuse.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_forward(
     const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels, const at::Tensor& col_labels,
     const at::Tensor& self_col, const LossOptions& opt, const BlockKernels& kernels);
 
 // Backward from the forward's fp32 statistics: (grad_rows, grad_cols) in the rows' dtype.
+// `label_prep`: the forward's (reused), or empty (prepared again).
 std::tuple<at::Tensor, at::Tensor> blocked_backward(const at::Tensor& grad_loss, const at::Tensor& rows,
                                                     const at::Tensor& cols, const at::Tensor& row_labels,
                                                     const at::Tensor& col_labels, const at::Tensor& self_col,
                                                     const at::Tensor& lse, const at::Tensor& total_weight,
-                                                    const at::Tensor& normaliser, const LossOptions& opt,
-                                                    const BlockKernels& kernels);
+                                                    const at::Tensor& normaliser, const at::Tensor& label_prep,
+                                                    const LossOptions& opt, const BlockKernels& kernels);
+
+// label_prep is empty, or blocked_forward's for these inputs: its shape, dtype and device always;
+// with check_values its values too (recomputed and compared: one host read).
+void check_label_prep(const at::Tensor& label_prep, const at::Tensor& rows, const at::Tensor& cols,
+                      const at::Tensor& row_labels, const at::Tensor& col_labels, const LossOptions& opt,
+                      bool check_values);
+
+// The number of int32 entries of blocked_forward's label_prep.
+int64_t blocked_prep_size(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,
+                          const at::Tensor& col_labels, int64_t num_labels);
 
 // Anchors per block for C columns at `bytes_per_pair` workspace bytes (>= 1, multiple of 64 from 64 on).
 int64_t block_rows(int64_t num_rows, int64_t num_cols, int64_t bytes_per_pair);

@@ -2,6 +2,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "blocked.h"
@@ -13,7 +14,7 @@ namespace mlcl_fast {
 
 namespace {
 
-using ForwardTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ForwardTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 ForwardTuple anchor_loss_forward(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,
                                  const at::Tensor& col_labels, const at::Tensor& self_col, int64_t num_sample_cols,
@@ -24,16 +25,17 @@ ForwardTuple anchor_loss_forward(const at::Tensor& rows, const at::Tensor& cols,
                                         std::string(pair_factor), alpha, reg);
   check_inputs(rows, cols, row_labels, col_labels, self_col, opt, check_values);
   if (cpu_blocked_requested()) {  // the CUDA backend's algorithm, on the CPU (tests)
-    auto [loss, valid, lse, total_weight, normalizer] =
+    auto [loss, valid, lse, total_weight, normalizer, label_prep] =
         blocked_forward(rows, cols, row_labels, col_labels, self_col, opt, cpu_block_kernels());
-    return {loss, valid, lse.to(at::kDouble), total_weight.to(at::kDouble), normalizer.to(at::kDouble)};
+    return {loss, valid, lse.to(at::kDouble), total_weight.to(at::kDouble), normalizer.to(at::kDouble), label_prep};
   }
   const auto r = rows.contiguous();
   const auto c = cols.contiguous();
   const auto self = self_col.contiguous();
   const LabelContext labels = build_label_context(row_labels, col_labels, opt, c.size(0), positives_strategy_from_env());
   ForwardResult out = forward_cpu(r, c, self, labels, opt, normalizer_width(opt, row_labels));
-  return {out.loss, out.valid, out.lse, out.total_weight, out.normalizer};
+  // The fused algorithm keeps no label preparation for the backward (its positives differ by regime).
+  return {out.loss, out.valid, out.lse, out.total_weight, out.normalizer, at::empty({0}, r.options().dtype(at::kInt))};
 }
 
 std::tuple<at::Tensor, at::Tensor> anchor_loss_backward(
@@ -41,14 +43,16 @@ std::tuple<at::Tensor, at::Tensor> anchor_loss_backward(
     const at::Tensor& col_labels, const at::Tensor& self_col, const at::Tensor& lse, const at::Tensor& total_weight,
     const at::Tensor& normalizer, int64_t num_sample_cols, int64_t num_labels, double temperature, double beta,
     c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg, bool check_values,
-    bool combine_self) {
+    bool combine_self, const std::optional<at::Tensor>& label_prep) {
   const LossOptions opt = parse_options(num_sample_cols, num_labels, temperature, beta, std::string(weighting),
                                         std::string(pair_factor), alpha, reg);
   check_inputs(rows, cols, row_labels, col_labels, self_col, opt, check_values);
   check_saved(grad_loss, lse, total_weight, normalizer, rows, row_labels, opt, at::kDouble);
+  const at::Tensor prep = label_prep.has_value() ? *label_prep : at::empty({0}, rows.options().dtype(at::kInt));
+  check_label_prep(prep, rows, cols, row_labels, col_labels, opt, check_values);
   if (cpu_blocked_requested()) {
     return blocked_backward(grad_loss, rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer,
-                            opt, cpu_block_kernels());
+                            prep, opt, cpu_block_kernels());
   }
   const auto r = rows.contiguous();
   const auto c = cols.contiguous();
@@ -65,12 +69,13 @@ TORCH_LIBRARY(mlcl_fast, m) {
       "anchor_loss_forward(Tensor rows, Tensor cols, Tensor row_labels, Tensor col_labels, Tensor self_col, "
       "int num_sample_cols, int num_labels, float temperature, float beta, str weighting, str pair_factor, "
       "float alpha, bool reg, bool check_values=True, bool combine_self=False) "
-      "-> (Tensor loss, Tensor valid, Tensor lse, Tensor total_weight, Tensor normalizer)");
+      "-> (Tensor loss, Tensor valid, Tensor lse, Tensor total_weight, Tensor normalizer, Tensor label_prep)");
   m.def(
       "anchor_loss_backward(Tensor grad_loss, Tensor rows, Tensor cols, Tensor row_labels, Tensor col_labels, "
       "Tensor self_col, Tensor lse, Tensor total_weight, Tensor normalizer, int num_sample_cols, int num_labels, "
       "float temperature, float beta, str weighting, str pair_factor, float alpha, bool reg, "
-      "bool check_values=True, bool combine_self=False) -> (Tensor grad_rows, Tensor grad_cols)");
+      "bool check_values=True, bool combine_self=False, Tensor? label_prep=None) "
+      "-> (Tensor grad_rows, Tensor grad_cols)");
 }
 
 TORCH_LIBRARY_IMPL(mlcl_fast, CPU, m) {

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -46,7 +47,7 @@ void check_cuda_device(const at::Tensor& rows) {
   TORCH_CHECK(rows.is_cuda(), "rows: expected a CUDA tensor, got device ", rows.device());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> anchor_loss_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> anchor_loss_forward_cuda(
     const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels, const at::Tensor& col_labels,
     const at::Tensor& self_col, int64_t num_sample_cols, int64_t num_labels, double temperature, double beta,
     c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg, bool check_values,
@@ -64,15 +65,18 @@ std::tuple<at::Tensor, at::Tensor> anchor_loss_backward_cuda(
     const at::Tensor& col_labels, const at::Tensor& self_col, const at::Tensor& lse, const at::Tensor& total_weight,
     const at::Tensor& normalizer, int64_t num_sample_cols, int64_t num_labels, double temperature, double beta,
     c10::string_view weighting, c10::string_view pair_factor, double alpha, bool reg, bool check_values,
-    bool /*combine_self: the blocked kernels return both gradients as they are, which is allowed*/) {
+    bool /*combine_self: the blocked kernels return both gradients as they are, which is allowed*/,
+    const std::optional<at::Tensor>& label_prep) {
   const LossOptions opt = parse_options(num_sample_cols, num_labels, temperature, beta, std::string(weighting),
                                         std::string(pair_factor), alpha, reg);
   check_cuda_device(rows);
   check_inputs(rows, cols, row_labels, col_labels, self_col, opt, check_values, /*half_ok=*/true);
   check_saved(grad_loss, lse, total_weight, normalizer, rows, row_labels, opt, at::kFloat);
+  const at::Tensor prep = label_prep.has_value() ? *label_prep : at::empty({0}, rows.options().dtype(at::kInt));
+  check_label_prep(prep, rows, cols, row_labels, col_labels, opt, check_values);
   const c10::cuda::CUDAGuard guard(rows.device());
-  return blocked_backward(grad_loss, rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer, opt,
-                          kKernels);
+  return blocked_backward(grad_loss, rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer, prep,
+                          opt, kKernels);
 }
 
 }  // namespace

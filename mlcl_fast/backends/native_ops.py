@@ -8,6 +8,8 @@ float32; the fake kernel follows the device.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -82,35 +84,51 @@ def _normalizer_width(row_labels: Tensor, weighting: str) -> int:
     return row_labels.shape[1] if weighting == "label" else 1
 
 
+def label_prep_size(rows: Tensor, cols: Tensor, row_labels: Tensor, col_labels: Tensor, num_labels: int) -> int:
+    """Entries of the forward's label preparation (`label_prep`, int32) where the blocked
+    algorithm runs (CUDA, or the CPU with MLCL_FAST_CPU_ALGORITHM=blocked), else 0: the columns'
+    inverted label index (num_labels + 1 offsets, C * Kc columns), the label counts (R + C) and
+    the int32 row labels (R * Kr), csrc/cpu/blocked.cpp."""
+    blocked = rows.device.type == "cuda" or os.environ.get("MLCL_FAST_CPU_ALGORITHM", "") == "blocked"
+    if not blocked:
+        return 0
+    R, C = rows.shape[0], cols.shape[0]
+    return num_labels + 1 + C * col_labels.shape[1] + R + C + R * row_labels.shape[1]
+
+
 def _forward_fake(rows, cols, row_labels, col_labels, self_col, num_sample_cols, num_labels, temperature, beta,
                   weighting, pair_factor, alpha, reg, check_values=True, combine_self=False):
     r = rows.shape[0]
     stats = dict(dtype=stats_dtype(rows.device), device=rows.device)
     loss_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32  # half rows: fp32 loss
+    prep = label_prep_size(rows, cols, row_labels, col_labels, num_labels)
     return (rows.new_empty(r, dtype=loss_dtype), rows.new_empty(r, dtype=torch.bool), rows.new_empty(r, **stats),
-            rows.new_empty(r, **stats), rows.new_empty((r, _normalizer_width(row_labels, weighting)), **stats))
+            rows.new_empty(r, **stats), rows.new_empty((r, _normalizer_width(row_labels, weighting)), **stats),
+            rows.new_empty(prep, dtype=torch.int32))
 
 
 def _backward_fake(grad_loss, rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer,
                    num_sample_cols, num_labels, temperature, beta, weighting, pair_factor, alpha, reg,
-                   check_values=True, combine_self=False):
+                   check_values=True, combine_self=False, label_prep=None):
     return torch.empty_like(rows), torch.empty_like(cols)
 
 
 def _setup_context(ctx, inputs, output):
     rows, cols, row_labels, col_labels, self_col = inputs[:5]
-    _, _, lse, total_weight, normalizer = output
-    ctx.save_for_backward(rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer)
+    _, _, lse, total_weight, normalizer, label_prep = output
+    # The label preparation (blocked algorithm) is the forward's: the backward reuses it.
+    ctx.save_for_backward(rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer, label_prep)
     ctx.options = inputs[5:]
 
 
 def _backward(ctx, grad_loss, *_other_outputs):
     # Only the loss output is differentiable: validity and the saved statistics are constants.
-    rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer = ctx.saved_tensors
+    rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer, label_prep = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = rows.new_zeros(rows.shape[0])
     grad_rows, grad_cols = torch.ops.mlcl_fast.anchor_loss_backward(
-        grad_loss, rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer, *ctx.options)
+        grad_loss, rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer, *ctx.options,
+        label_prep=label_prep)
     return (grad_rows, grad_cols) + (None,) * (3 + len(ctx.options))
 
 
