@@ -12,6 +12,8 @@ T2  the same at L = 10^6 (heavy head).
 T3  N = 1024, d = 128, L = 128, fp32 and bf16, against torch.compile(reference).
 T4  host time of one forward + backward beyond the kernels (wall time to issue the call with
     the GPU idle), and whether it synchronises (torch.cuda.set_sync_debug_mode("error")).
+Then, for the Triton provider only, T1 and T3 (bf16) again with MLCL_FAST_TRITON_GRAD=symmetric
+(the `grad` column), to choose the default gradient strategy from the measurement.
 
 Points a provider cannot hold (its memory prediction above the free memory) are recorded as
 "skip (memory)"; every point runs under the time budget and is written as soon as it is
@@ -33,7 +35,7 @@ import torch
 from . import labels as bench_labels
 from .providers import Inputs, Shape, get_provider
 
-FIELDS = ("target", "provider", "regime", "N", "L", "d", "dtype", "fp32", "valid_anchors", "columns", "status",
+FIELDS = ("target", "provider", "regime", "N", "L", "d", "dtype", "fp32", "grad", "valid_anchors", "columns", "status",
           "median_ms", "peak_MB", "limit_share", "host_ms", "syncs")
 REGIMES = {"heavy": 1.1, "xmc": 0.5}   # Zipf exponent of the label frequencies
 
@@ -47,6 +49,7 @@ class Point:
     d: int
     dtype: str
     fp32: str = "auto"   # MLCL_FAST_TRITON_FP32 of the Triton kernels (fp32 points)
+    grad: str = "default"  # MLCL_FAST_TRITON_GRAD of the Triton kernels ("default": unset)
 
 
 def points(targets: list[str], smoke: bool) -> list[Point]:
@@ -62,6 +65,13 @@ def points(targets: list[str], smoke: bool) -> list[Point]:
         out += [Point("T3", "heavy", 1024 // s, 128, 128, "float32", p) for p in ("ieee", "tf32", "tf32x3")]
     if "T4" in targets:
         out.append(Point("T4", "heavy", 1024 // s, 128, 128, "bfloat16"))
+    # The symmetric backward beside the default strategy (mlcl_fast/triton/README.md), last so
+    # that a short budget measures the targets first.
+    if "T1" in targets:
+        out += [Point("T1", r, 16384 // s, L // s, 256, "bfloat16", grad="symmetric")
+                for L in (16384, 262144) for r in REGIMES]
+    if "T3" in targets:
+        out.append(Point("T3", "heavy", 1024 // s, 128, 128, "bfloat16", grad="symmetric"))
     return out
 
 
@@ -105,7 +115,7 @@ def measure(point: Point, provider_name: str, device: str, rate: float) -> dict:
     inputs = build(point, device)
     provider = get_provider(provider_name)
     row = dict(target=point.target, provider=provider_name, regime=point.regime, N=point.N, L=point.L, d=point.d,
-               dtype=point.dtype, fp32=point.fp32)
+               dtype=point.dtype, fp32=point.fp32, grad=point.grad)
     shape = Shape("reg", point.N, point.L, point.d, inputs.labels.width, torch.finfo(getattr(torch, point.dtype)).bits // 8)
     R, C = valid_anchors(inputs), point.N + point.L
     row.update(valid_anchors=R, columns=C)
@@ -191,12 +201,16 @@ def main(argv=None) -> int:
         for name in args.providers.split(","):
             if point.target == "T2" and name in ("reference", "compile(reference)"):
                 continue  # |A| x |C| = 10^12 logits: nothing to measure
-            if point.fp32 != "auto" and name != "triton":
-                continue  # the precision setting is the Triton kernels' own
+            if (point.fp32 != "auto" or point.grad != "default") and name != "triton":
+                continue  # the precision and gradient settings are the Triton kernels' own
             if time.monotonic() - start > args.budget_s:
                 emit(dict(target=point.target, provider=name, status="not run (time budget)"))
                 continue
             os.environ["MLCL_FAST_TRITON_FP32"] = point.fp32
+            if point.grad == "default":
+                os.environ.pop("MLCL_FAST_TRITON_GRAD", None)
+            else:
+                os.environ["MLCL_FAST_TRITON_GRAD"] = point.grad
             try:
                 emit(measure(point, name, "cuda", rate))
             except Exception as err:  # one failed point must not end the run

@@ -114,16 +114,18 @@ _META_SKIP = ("num_warps", "num_stages", "NATIVE", "PRECISION")
 
 def _meta_text(meta: dict) -> str:
     keys = [k for k in meta if k.startswith("BLOCK") or k in ("MODE", "WEIGHTING", "FACTOR", "REG", "GRAD",
-                                                                "REG_VALUE", "LABELS", "PRECISION")]
+                                                                "REG_VALUE", "LABELS", "PRECISION", "SYM", "GATHER")]
     short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_D": "D", "BLOCK_P": "P", "BLOCK": "B"}
     return ",".join(f"{short.get(k, k)}={int(meta[k]) if isinstance(meta[k], bool) else meta[k]}" for k in keys)
 
 
 def record_point(preset: str, dtype: torch.dtype, dim: int, num_labels: int, samples: int,
-                 regime: str | None = None, seed: int = 0, fp32: str = "ieee") -> list[tuple]:
+                 regime: str | None = None, seed: int = 0, fp32: str = "ieee", grad: str | None = None
+                 ) -> list[tuple]:
     """(kernel, args, meta) of every launch of one forward+backward on CPU tensors, with power-law
     label sets (bench.labels: Zipf 1.1, 2 to 20 labels per sample). `fp32`: the precision of fp32
-    dots (configs.FP32_PRECISIONS), as MLCL_FAST_TRITON_FP32 selects it on a GPU."""
+    dots (configs.FP32_PRECISIONS), as MLCL_FAST_TRITON_FP32 selects it on a GPU; `grad`: the
+    gradient strategy (configs.GRAD_MODES, MLCL_FAST_TRITON_GRAD; default its default)."""
     from mlcl_fast.inputs import prepare
     from mlcl_fast.presets import resolve_config
     from mlcl_fast.reduction import mean_loss
@@ -140,7 +142,7 @@ def record_point(preset: str, dtype: torch.dtype, dim: int, num_labels: int, sam
     protos = torch.randn(num_labels, dim, generator=gen).to(dtype).requires_grad_(True) if cfg.uses_prototypes \
         else None
     launches = []
-    settings = {"MLCL_FAST_TRITON_LABELS": regime, configs.FP32_PRECISION_ENV: fp32}
+    settings = {"MLCL_FAST_TRITON_LABELS": regime, configs.FP32_PRECISION_ENV: fp32, "MLCL_FAST_TRITON_GRAD": grad}
     before = {name: os.environ.get(name) for name in settings}
     for name, value in settings.items():
         if value is not None:
@@ -196,7 +198,10 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=4096, help="N (default 4096)")
     ap.add_argument("--regime", default=None, help="force a label regime (MLCL_FAST_TRITON_LABELS)")
     ap.add_argument("--json", action="store_true", help="one JSON object per kernel instead of the table")
-    from mlcl_fast.triton.configs import FP32_PRECISIONS
+    from mlcl_fast.triton.configs import FP32_PRECISIONS, GRAD_MODES
+
+    ap.add_argument("--grad", default=None, choices=GRAD_MODES,
+                    help="gradient strategy (MLCL_FAST_TRITON_GRAD; default: its default)")
 
     ap.add_argument("--fp32", default="ieee", choices=FP32_PRECISIONS,
                     help="precision of fp32 dots (MLCL_FAST_TRITON_FP32; tf32: what torch's allow_tf32 selects)")
@@ -206,12 +211,13 @@ def main(argv=None) -> int:
         for dtype in args.dtype or ["bfloat16"]:
             for dim in args.dim or [128, 256]:
                 point = dict(preset=preset, dtype=dtype, dim=dim, labels=args.labels, samples=args.samples,
-                             fp32=args.fp32)
+                             fp32=args.fp32, grad=args.grad)
                 if not args.json:
                     print(f"# {preset} {dtype} d={dim} L={args.labels} N={args.samples} sm_{ARCH}"
-                          + (f" regime={args.regime}" if args.regime else "") + (f" fp32={args.fp32}" if dtype == "float32" else ""))
+                          + (f" regime={args.regime}" if args.regime else "") + (f" fp32={args.fp32}" if dtype == "float32" else "")
+                          + (f" grad={args.grad}" if args.grad else ""))
                 launches = record_point(preset, DTYPES[dtype], dim, args.labels, args.samples, args.regime,
-                                        fp32=args.fp32)
+                                        fp32=args.fp32, grad=args.grad)
                 for r in report(launches):
                     print(json.dumps(dict(point, **asdict(r), passes=r.passes())) if args.json else r.row())
                     ok &= r.passes()

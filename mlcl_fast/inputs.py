@@ -164,7 +164,7 @@ def l2_normalize(x: Tensor, out_dtype: Optional[torch.dtype] = None, unit_rows: 
                  ) -> Tensor:
     """x / max(||x||, NORM_EPS) per row (the last dimension) in `out_dtype` (default: fp32 for half
     rows, else x's dtype), for any finite x: the sum of squares neither overflows nor underflows.
-    fp16, bf16 and fp32 rows: `unit_rows(x, out_dtype)` when a backend provides one (its own
+    fp16, bf16 and fp32 rows: `unit_rows([x], out_dtype)` when a backend provides one (its own
     kernels, e.g. the triton backend's two launches), else _UnitRows (the norm in fp64). fp64 rows are first rescaled by a
     power of two so that their largest entry lies in [0.5, 1), which is exact: where nothing
     overflows the result is F.normalize's to the last bit, gradient included (the float64 oracle's
@@ -172,7 +172,7 @@ def l2_normalize(x: Tensor, out_dtype: Optional[torch.dtype] = None, unit_rows: 
     out_dtype = out_dtype or compute_dtype(x.dtype)
     if x.dtype != torch.float64:
         if unit_rows is not None and x.dim() == 2:
-            return unit_rows(x, out_dtype)
+            return unit_rows([x], out_dtype)
         return _UnitRows.apply(x, out_dtype)
     scale = torch.ldexp(torch.ones_like(x[..., :1]), -torch.frexp(x.detach().abs().amax(-1, keepdim=True))[1])
     scaled = x * scale
@@ -201,7 +201,10 @@ def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labe
     `check_values=False`: no check reads tensor values on the host (labels.as_label_sets); a
     temperature given as a tensor is read all the same. A temperature tensor that requires grad
     gets its gradient through `temperature_scale`. `unit_rows`: the backend's row normaliser
-    (l2_normalize); `canonical_indices`: its canonicaliser of padded indices (labels.as_label_sets)."""
+    (unit_rows(parts, out_dtype) -> the parts' rows normalised and stacked): it normalises the
+    features, keys and prototypes together into the Problem's `columns` (one launch, no
+    concatenation later), fp64 aside; `canonical_indices`: its canonicaliser of padded indices
+    (labels.as_label_sets)."""
     learnable = temperature
     temperature = check_temperature(temperature)
     if not isinstance(check_values, bool):
@@ -219,19 +222,30 @@ def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labe
     keys, key_sets = check_keys(keys, key_labels, dim, label_sets.num_labels, features.device, label_format,
                                 check_values)
     keep_half = native_half and features.dtype in (torch.float16, torch.bfloat16)
-    rows = l2_normalize(features.reshape(batch * views, dim), features.dtype if keep_half else None, unit_rows)
-    protos = None
-    if prototypes is not None:  # in the rows' dtype (fp32 prototypes stay fp32 for half rows)
-        protos = l2_normalize(prototypes, rows.dtype, unit_rows)
-    if keys is not None:  # in the rows' dtype, like the prototypes
-        keys = l2_normalize(keys, rows.dtype, unit_rows)
+    flat = features.reshape(batch * views, dim)
+    # Keys and prototypes are normalised in the rows' dtype (fp32 prototypes stay fp32 for half rows).
+    row_dtype = features.dtype if keep_half else compute_dtype(features.dtype)
+    parts = [t for t in (flat, keys, prototypes) if t is not None]
     scale = temperature_scale(learnable, temperature, features.device)
-    if scale is not None:
-        rows = rows * scale.to(rows.dtype)
-        protos = None if protos is None else protos * scale.to(protos.dtype)
-        keys = None if keys is None else keys * scale.to(keys.dtype)
+    columns = None
+    if unit_rows is not None and all(t.dtype != torch.float64 for t in parts) and row_dtype != torch.float64:
+        # The columns in their order (samples, keys, prototypes) in one tensor; the parts are views.
+        columns = unit_rows(parts, row_dtype)
+        if scale is not None:
+            columns = columns * scale.to(columns.dtype)
+        n, m = flat.shape[0], 0 if keys is None else keys.shape[0]
+        rows, keys = columns[:n], None if keys is None else columns[n:n + m]
+        protos = None if prototypes is None else columns[n + m:]
+    else:
+        rows = l2_normalize(flat, row_dtype, unit_rows)
+        protos = None if prototypes is None else l2_normalize(prototypes, rows.dtype, unit_rows)
+        keys = None if keys is None else l2_normalize(keys, rows.dtype, unit_rows)
+        if scale is not None:
+            rows = rows * scale.to(rows.dtype)
+            protos = None if protos is None else protos * scale.to(protos.dtype)
+            keys = None if keys is None else keys * scale.to(keys.dtype)
     return Problem(rows, protos, label_sets.repeat_views(views), cfg, temperature, check_values=check_values,
-                   keys=keys, key_labels=key_sets)
+                   keys=keys, key_labels=key_sets, columns=columns)
 
 
 def anchor_label_counts(problem: Problem) -> Tensor:

@@ -25,6 +25,9 @@ class Problem:
     [prototype_anchors[0], prototype_anchors[1]) when prototype_mode == "rows". By default that is
     every row and every prototype; a process of a distributed job anchors only its own share.
     Anchor i is never its own column (sample row r is column r, prototype k is column N + M + k).
+    columns     optionally, the columns as one [N + M + L, d] tensor of which samples, keys and
+                prototypes are the slices (inputs.prepare with a backend's joint normaliser), so
+                that `embeddings` needs no concatenation
     """
 
     samples: Tensor
@@ -39,6 +42,7 @@ class Problem:
     check_values: bool = True
     keys: Optional[Tensor] = None
     key_labels: Optional[LabelSets] = None
+    columns: Optional[Tensor] = None
 
     def __post_init__(self):
         if (self.keys is None) != (self.key_labels is None):
@@ -59,6 +63,11 @@ class Problem:
         if not 0 <= plo <= phi <= num_protos or (phi > plo and self.config.prototype_mode != "rows"):
             raise ValueError(f"prototype_anchors: {self.prototype_anchors} is not a range of the prototypes "
                              f"(prototype_mode={self.config.prototype_mode!r})")
+        if self.columns is not None:
+            width = self.num_sample_columns + (num_protos if self.config.uses_prototypes else 0)
+            if self.columns.shape != (width, self.samples.shape[1]) or self.columns.dtype != self.samples.dtype:
+                raise ValueError(f"columns: expected the {width} columns as one [{width}, {self.samples.shape[1]}] "
+                                 f"{self.samples.dtype} tensor, got {tuple(self.columns.shape)} {self.columns.dtype}")
 
     @property
     def num_samples(self) -> int:
@@ -77,8 +86,29 @@ class Problem:
     def num_anchors(self) -> int:
         return (self.sample_anchors[1] - self.sample_anchors[0]) + (self.prototype_anchors[1] - self.prototype_anchors[0])
 
+    def _column_range(self) -> Optional[tuple[int, int]]:
+        """The anchors' own columns as one range [start, stop), when they are one."""
+        n, s = self.num_samples, self.num_sample_columns
+        (lo, hi), (plo, phi) = self.sample_anchors, self.prototype_anchors
+        if plo == phi:
+            return lo, hi
+        if hi == n and plo == 0 and s == n:
+            return lo, n + phi
+        return None
+
     def embeddings(self, dtype=None) -> tuple[Tensor, Tensor]:
-        """(anchor rows [|A|, d], columns [|C|, d]), in `dtype` (default: the samples' dtype)."""
+        """(anchor rows [|A|, d], columns [|C|, d]), in `dtype` (default: the samples' dtype).
+        With `columns` the anchor rows are a slice of it where the anchors' own columns are one
+        range (every sample and prototype anchored, no keys): nothing is copied."""
+        if self.columns is not None:
+            cols = self.columns if dtype is None else self.columns.to(dtype)
+            span = self._column_range()
+            if span == (0, cols.shape[0]):
+                return cols, cols  # every column is an anchor: one tensor, no slice to differentiate
+            if span is not None:
+                return cols[span[0]:span[1]], cols
+            (lo, hi), (plo, phi), s = self.sample_anchors, self.prototype_anchors, self.num_sample_columns
+            return torch.cat([cols[lo:hi], cols[s + plo:s + phi]]), cols
         x = self.samples if dtype is None else self.samples.to(dtype)
         lo, hi = self.sample_anchors
         sample_cols = x if self.keys is None else torch.cat([x, self.keys.to(x.dtype)])
@@ -89,17 +119,22 @@ class Problem:
         rows = torch.cat([x[lo:hi], protos[plo:phi]]) if phi > plo else x[lo:hi]
         return rows, torch.cat([sample_cols, protos])
 
-    def anchor_columns(self) -> Tensor:
-        """[|A|] int64: the column index of each anchor itself (excluded from its softmax)."""
+    def anchor_columns(self, dtype: torch.dtype = torch.int64) -> Tensor:
+        """[|A|] (int64 by default): the column index of each anchor itself (excluded from its softmax)."""
         dev = self.samples.device
-        n, s = self.num_samples, self.num_sample_columns
+        s = self.num_sample_columns
         (lo, hi), (plo, phi) = self.sample_anchors, self.prototype_anchors
-        if plo == phi or (hi == n and plo == 0 and s == n):  # one range of columns
-            return torch.arange(lo, hi if plo == phi else n + phi, device=dev)
-        return torch.cat([torch.arange(lo, hi, device=dev), torch.arange(s + plo, s + phi, device=dev)])
+        span = self._column_range()
+        if span is not None:
+            return torch.arange(*span, device=dev, dtype=dtype)
+        return torch.cat([torch.arange(lo, hi, device=dev, dtype=dtype),
+                          torch.arange(s + plo, s + phi, device=dev, dtype=dtype)])
 
     def anchor_labels(self) -> LabelSets:
-        """Label sets of the anchors: the anchored rows' sets, then {k} for prototype anchors."""
+        """Label sets of the anchors: the anchored rows' sets, then {k} for prototype anchors
+        (the columns' own sets where every column is an anchor: built once)."""
+        if self._column_range() == (0, self.num_columns):
+            return self.column_labels()
         lo, hi = self.sample_anchors
         rows = LabelSets(self.labels.index[lo:hi], self.labels.count[lo:hi], self.labels.num_labels)
         plo, phi = self.prototype_anchors
@@ -110,11 +145,16 @@ class Problem:
         return rows.concat(protos)
 
     def column_labels(self) -> LabelSets:
-        """Label sets of the columns: every row's set, every key's set, then {k} for each prototype column."""
+        """Label sets of the columns: every row's set, every key's set, then {k} for each prototype
+        column (built on the first call, then reused: every backend asks for them more than once)."""
+        cached = self.__dict__.get("_column_sets")
+        if cached is not None and cached[0] is self.labels and cached[1] is self.key_labels:
+            return cached[2]
         sets = self.labels if self.keys is None else self.labels.concat(self.key_labels)
-        if not self.config.uses_prototypes:
-            return sets
-        return sets.concat(LabelSets.singletons(self.prototypes.shape[0], self.samples.device))
+        if self.config.uses_prototypes:
+            sets = sets.concat(LabelSets.singletons(self.prototypes.shape[0], self.samples.device))
+        self.__dict__["_column_sets"] = (self.labels, self.key_labels, sets)
+        return sets
 
     def candidate_anchors(self) -> Tensor:
         """[|A|] bool, on the problem's device, without a host read: anchors that share at least

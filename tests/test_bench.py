@@ -481,6 +481,10 @@ def test_gpu_targets_points_and_valid_anchor_count():
     assert {p.dtype for p in full if p.target == "T3"} == {"float32", "bfloat16"}
     from mlcl_fast.triton.configs import FP32_PRECISIONS
     assert {p.fp32 for p in full if p.dtype == "float32"} == {"auto", *FP32_PRECISIONS}
+    # The symmetric backward is measured at every T1 point and at T3 (bf16) beside the default.
+    sym = {(p.target, p.regime, p.L) for p in full if p.grad == "symmetric"}
+    assert {(p.target, p.regime, p.L) for p in full if p.target == "T1"} <= sym and \
+        ("T3", "heavy", 128) in sym
     for regime in gpu_targets.REGIMES:
         point = gpu_targets.Point("T1", regime, 64, 300, 8, "float32")
         inputs = gpu_targets.build(point, "cpu")

@@ -97,6 +97,21 @@ def test_tf32x3_sweeps_use_wgmma_and_none_spills():
         assert r["passes"], f"{r['kernel']} [{r['meta']}] d={r['dim']}: {r['stack']} B, {r['counts']}"
 
 
+def test_symmetric_backward_uses_wgmma_and_none_spills():
+    """MLCL_FAST_TRITON_GRAD=symmetric (reg and mulsupcon): the symmetric column kernel (a second
+    set of pair tiles and two more head dots per tile) and the anchor rows' sweep over the gathered
+    columns compile to wgmma without spills, bf16 and fp16 at d = 128 and 256."""
+    rows = _report("--preset", "reg", "--preset", "mulsupcon", "--dtype", "bfloat16", "--dtype", "float16",
+                   "--dim", "128", "--dim", "256", "--grad", "symmetric", "--samples", "1024", "--labels", "4096")
+    points = {(p, dt, d) for p in ("reg", "mulsupcon") for dt in ("bfloat16", "float16") for d in (128, 256)}
+    for kernel, flag in (("cols_free_kernel", "SYM=1"), ("rows_kernel", "GATHER=1")):
+        assert {(r["preset"], r["dtype"], r["dim"]) for r in rows if r["kernel"] == kernel and flag in r["meta"]} \
+            == points, kernel
+    bad = [f"{r['kernel']} [{r['meta']}] {r['dtype']} d={r['dim']}: {r['stack']} B, {r['counts']}"
+           for r in rows if not r["passes"]]
+    assert not bad, bad
+
+
 def test_report_tells_mma_sync_and_spills_apart():
     """The same checks fail where they should: the in-tile label modes still compile to the
     older mma.sync (HMMA) on their small tiles, and a 64 x 64 tile with label loops spills."""

@@ -345,7 +345,7 @@ TRITON_REGIMES = [("closed", "reg"), ("closed", "mulsupcon"), ("dense", "supcon_
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton does not run on CPU tensors here")
-@pytest.mark.parametrize("grad_mode", ["forward", "recompute"])
+@pytest.mark.parametrize("grad_mode", ["forward", "recompute", "symmetric"])
 @pytest.mark.parametrize("regime,preset", TRITON_REGIMES, ids=[f"{r}-{p}" for r, p in TRITON_REGIMES])
 def test_triton_regimes_take_keys(monkeypatch, regime, preset, grad_mode):
     """Every label regime of the Triton driver takes keys as sample columns."""

@@ -47,12 +47,13 @@ def supports(device) -> bool:
     return False
 
 
-def unit_rows(x, out_dtype):
-    """The row normaliser of inputs.prepare: two kernels (forward, backward) instead of a dozen
-    torch operations (mlcl_fast/triton/normalize.py)."""
+def unit_rows(parts, out_dtype):
+    """The row normaliser of inputs.prepare: features, keys and prototypes normalised into one
+    stacked tensor by one kernel each way instead of a dozen torch operations per tensor and a
+    concatenation (mlcl_fast/triton/normalize.py)."""
     from ..triton.normalize import unit_rows as run
 
-    return run(x, out_dtype)
+    return run(parts, out_dtype)
 
 
 def canonical_indices(labels, num_labels):

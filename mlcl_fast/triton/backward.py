@@ -17,8 +17,8 @@ Probabilities come from exp2 of logits scaled by log2(e)/tau (`scale2`), as in t
 import triton
 import triton.language as tl
 
-from .tiles import (_MODE_HEAD, LN2, W_LABEL, anchor_rows, dot_tile, head_weights, load_rows, pair_factor, pair_omega,
-                    positive_weights, softmax_mask, split_dot_right)
+from .tiles import (_MODE_HEAD, LN2, W_LABEL, anchor_rows, dot_tile, head_weights, load_rows, pair_factor,
+                    pair_omega, positive_weights, softmax_mask, split_dot_right)
 
 
 @triton.jit
@@ -66,7 +66,7 @@ def tile_grad(s2, rows, rmask, cols, cmask, self_c, N, C, lse_i, w_tot, scale_i,
 
 
 @triton.jit
-def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count, order, live,
+def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count, order, live, col_list, col_count,
                 lse, w_tot, scale, inv_z, g_up, dq_out, reg_out,
                 M, C, N, col_lo, d, KA, KAP, width, stride_q, stride_k, stride_dq,
                 scale2, log2_beta, alpha,
@@ -74,16 +74,23 @@ def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
                 WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr, REG: tl.constexpr,
                 NATIVE: tl.constexpr, REG_VALUE: tl.constexpr, GRAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                Q_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
+                Q_RESIDENT: tl.constexpr, PRECISION: tl.constexpr, GATHER: tl.constexpr):
     """Grid (anchor blocks, feature chunks). REG_VALUE: reg_out[i] = sum_j r_ij s_ij (written by
     the first feature chunk). GRAD: dq_out[i, chunk] = sum_j g_ij k_j. With Q_RESIDENT and one
     chunk covering d (BLOCK_D == BLOCK_K) the column tile loaded for the logits is reused for
-    the gradient product."""
+    the gradient product. GATHER: the sweep covers only the columns col_list[0 .. col_count)
+    (all >= col_lo; the symmetric backward's columns that no visited anchor owns), not
+    [col_lo, C)."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     live_n = tl.load(live)
     rows, rmask = anchor_rows(order, live_n, pid * BLOCK_M, BLOCK_M)
-    c_end = tl.where(pid * BLOCK_M < live_n, C, col_lo)
+    if GATHER:
+        c_start = 0
+        c_end = tl.where(pid * BLOCK_M < live_n, tl.load(col_count), 0)
+    else:
+        c_start = col_lo
+        c_end = tl.where(pid * BLOCK_M < live_n, C, col_lo)
     self_c, a_i, lse_i, w_i, scale_i, g_i = anchor_state(rows, rmask, self_col, a_count, lse, w_tot, scale, g_up)
     if Q_RESIDENT:
         q_res = load_rows(q_ptr, rows, rmask, d, stride_q, BLOCK_K)
@@ -95,9 +102,14 @@ def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
     reg_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     reuse_k: tl.constexpr = Q_RESIDENT and BLOCK_D == BLOCK_K
-    for start in range(col_lo, c_end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < C
+    for start in range(c_start, c_end, BLOCK_N):
+        if GATHER:
+            slot = start + tl.arange(0, BLOCK_N)
+            cmask = slot < c_end
+            cols = tl.load(col_list + slot, mask=cmask, other=0)
+        else:
+            cols = start + tl.arange(0, BLOCK_N)
+            cmask = cols < C
         if reuse_k:
             k = tl.load(k_ptr + cols[:, None] * stride_k + offs_d[None, :],
                         mask=cmask[:, None] & dmask[None, :], other=0.0)
@@ -169,15 +181,25 @@ def cols_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
 
 
 @triton.jit
-def cols_free_kernel(q_ptr, k_ptr, self_col, order, live, lse, w_tot, g_up, head_u, head_y, head_scale, dk_out,
-                     M, C, N, col_lo, d, stride_q, stride_k, stride_dk, scale2, log2_beta,
-                     HEAD: tl.constexpr, REG: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def cols_free_kernel(q_ptr, k_ptr, self_col, col_owner, order, live, lse, w_tot, g_up, head_u, head_y, head_scale,
+                     dk_out, M, C, N, col_lo, d, stride_q, stride_k, stride_dk, scale2, log2_beta,
+                     HEAD: tl.constexpr, REG: tl.constexpr, SYM: tl.constexpr, HB: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """Label-free column gradient (MODE_NONE, or MODE_HEAD with HEAD), transposed: grid (column
     blocks of [col_lo, C),). The owned column block k_j ([BLOCK_N, d], d <= BLOCK_K) stays
     resident; each anchor tile gives sT = k_j q_i^T [BLOCK_N, BLOCK_M] and dk_j += gT q_i with
     g_ij = G_i (W_i p_ij - w^H_ij - r_ij) with the head labels' weights and regulariser (HEAD;
-    r only with REG), or g_ij = G_i W_i p_ij."""
+    r only with REG), or g_ij = G_i W_i p_ij.
+
+    SYM (the symmetric backward; every anchor row is its own column's embedding, q_i = k_own(i),
+    and col_lo = 0): the same tile, read as s_oc = q_o k_c for the anchor o that owns column j
+    (col_owner) and the swept anchor i's own column c, is also that of anchor o's softmax at
+    column c. So the one gradient product adds both dk_j and anchor o's dq_o part from the columns
+    that visited anchors own, (gT_ji + g_oc) q_i with q_i = k_c: two products per tile for what
+    the anchor- and column-owned sweeps take four. The owner's part is returned in dk_j, its own
+    column's row (q and k are one embedding: only dq_o + dk_j matters); the other columns of o's
+    softmax come from rows_kernel's GATHER sweep. Owners without a positive (W_o = 0, never
+    visited, their lse not computed) add nothing."""
     pid = tl.program_id(0)
     cols = col_lo + pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < C
@@ -189,6 +211,17 @@ def cols_free_kernel(q_ptr, k_ptr, self_col, order, live, lse, w_tot, g_up, head
         offs_h = tl.arange(0, HB)
         y_res = tl.load(head_y + cols[:, None] * HB + offs_h[None, :], mask=cmask[:, None], other=0.0)
     col_shift = tl.where(cols < N, log2_beta, 0.0)
+    if SYM:
+        owner = tl.load(col_owner + cols, mask=cmask, other=-1)
+        o = tl.where(owner >= 0, owner, 0)
+        lse2_o = tl.load(lse + o, mask=owner >= 0, other=0.0)
+        w_o = tl.load(w_tot + o, mask=owner >= 0, other=0.0)
+        g_o = tl.load(g_up + o, mask=owner >= 0, other=0.0)
+        o_live = (owner >= 0) & (w_o > 0)
+        if HEAD:
+            hi_o = tl.load(head_u + o[:, None] * (2 * HB) + offs_h[None, :], mask=o_live[:, None], other=0.0)
+            lo_o = tl.load(head_u + o[:, None] * (2 * HB) + HB + offs_h[None, :], mask=o_live[:, None], other=0.0)
+            scale_o = tl.load(head_scale + o, mask=o_live, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     live_n = tl.load(live)
     for start in range(0, live_n, BLOCK_M):
@@ -212,7 +245,23 @@ def cols_free_kernel(q_ptr, k_ptr, self_col, order, live, lse, w_tot, g_up, head
             grad -= w
             if REG:
                 grad -= tl.where(w > 0, tl.maximum(p - w, 0.0), 0.0)
-        dk += tl.dot((grad * g_i[None, :]).to(q.dtype), q, input_precision=PRECISION)
+        grad = grad * g_i[None, :]
+        if SYM:
+            # Anchor o's softmax at column c = own(i): every visited anchor's own column is in it
+            # (col_lo = 0) except o's own (i == o).
+            soft_o = o_live[:, None] & rmask[None, :] & (rows[None, :] != owner[:, None])
+            shift_c = tl.where(self_c < N, log2_beta, 0.0)
+            p_o = tl.exp2(tl.where(soft_o, s2 + shift_c[None, :] - lse2_o[:, None], float("-inf")))
+            grad_o = p_o * w_o[:, None]
+            if HEAD:
+                y_c = tl.load(head_y + self_c[:, None] * HB + offs_h[None, :], mask=rmask[:, None], other=0.0)
+                w2 = (tl.dot(hi_o, tl.trans(y_c)) + tl.dot(lo_o, tl.trans(y_c))) * scale_o[:, None]
+                w2 = tl.where(soft_o, w2, 0.0)
+                grad_o -= w2
+                if REG:
+                    grad_o -= tl.where(w2 > 0, tl.maximum(p_o - w2, 0.0), 0.0)
+            grad += grad_o * g_o[:, None]
+        dk += tl.dot(grad.to(q.dtype), q, input_precision=PRECISION)
     tl.store(dk_out + cols[:, None] * stride_dk + offs_k[None, :], dk * (scale2 * LN2),
              mask=cmask[:, None] & kmask[None, :])
 

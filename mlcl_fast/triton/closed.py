@@ -178,8 +178,8 @@ def column_label_grad(col_cid: Tensor, f: Tensor, col_owner: Tensor, g_up: Tenso
 @triton_op("mlcl_fast::triton_closed_forward", mutates_args=())
 def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_count: Tensor, c_index: Tensor,
                    c_count: Tensor, num_samples: int, col_lo: int, num_labels: int, inv_tau: float,
-                   log_beta: float, reg: bool, fp32_precision: str, grad_in_forward: bool, validated: bool = False
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                   log_beta: float, reg: bool, fp32_precision: str, grad_in_forward: bool, validated: bool = False,
+                   symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                               Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss [M] (regulariser included: the tail labels' part from tail.py), W [M],
     lse2 [M] (base 2), V^T [M, d] fp32 (the tail labels' V), then what the backward
@@ -192,7 +192,12 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     The loss value takes every label from the closed form. The gradient takes the head labels'
     weights per pair inside the sweeps (g_ij = G_i (W_i p_ij - w^H_ij - r_ij), formed before the
     gradient GEMM, so near convergence, where p_ij ~ w_ij, nothing large cancels) and only the
-    tail labels from the closed form."""
+    tail labels from the closed form.
+
+    `symmetric`: the caller guarantees q[i] == k[self_col[i]] for every anchor (both cut from one
+    embedding) and sums the two gradients (only dq_i + dk_own(i) matters); the backward may then
+    take the symmetric sweep (launch.symmetric_applies: two products per tile instead of four), with
+    the anchor-row gradient for G = 1 left out of the forward."""
     args = checks.common(q, k, self_col, num_samples, col_lo, inv_tau, log_beta, validated, a_count, c_count)
     args.precision("fp32_precision", fp32_precision)
     args.integer("num_labels", num_labels, 0)
@@ -246,7 +251,7 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
                     col_sorted: Tensor, top: Tensor, dq_unit: Tensor, order: Tensor, live: Tensor, g_up: Tensor,
                     num_samples: int, col_lo: int,
                     inv_tau: float, log_beta: float, reg: bool, tail: bool,
-                    fp32_precision: str, validated: bool = False) -> tuple[Tensor, Tensor]:
+                    fp32_precision: str, validated: bool = False, symmetric: bool = False) -> tuple[Tensor, Tensor]:
     args = checks.common(q, k, self_col, num_samples, col_lo, inv_tau, log_beta, validated, a_count, c_count)
     args.precision("fp32_precision", fp32_precision)
     M, C, d = args.M, args.C, args.d
@@ -275,11 +280,16 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
     labels, g = launch.head_tiles(q, k, self_col, a_count, c_count, head_u, head_y, num_samples, col_lo, inv_tau,
                                   log_beta, reg, fp32_precision)
     visit = (order, live)
+    # The symmetric sweep (its contract: q[i] == k[self_col[i]], see closed_forward) where it applies.
+    sym = symmetric and dq_unit.shape[0] != q.shape[0] and launch.symmetric_applies(g)
     if dq_unit.shape[0] == q.shape[0]:
         dq = dq_unit * g_up[:, None]  # the anchor-row gradient is linear in G_i
     else:
+        # Symmetric: the anchor rows sweep only the columns no visited anchor owns; the owned ones
+        # come with the column sweep below.
+        columns = launch.symmetric_columns(col_owner, w_tot) if sym else None
         dq, _ = launch.rows(q, k, labels, lse2, w_tot, row_scale, u_tail[:, :1], g_up, g, wrap_triton,
-                            reg_value=False, grad=True, visit=visit)
+                            reg_value=False, grad=True, visit=visit, columns=columns)
         if tail:  # the tail labels' -w part: dq_i -= G_i V^T_i / tau
             dq = dq - (g_up * inv_tau)[:, None] * v_tail
     pairs = tail_pairs.Labels(self_col, a_index, c_index, a_cid, col_ptr, col_sorted, u_tail, head_u, head_y,
@@ -287,7 +297,8 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
     if reg and tail and dq_unit.shape[0] != q.shape[0]:
         # The regulariser of the pairs sharing a tail label (the forward added it to dq_unit).
         tail_pairs.add_anchor_terms(q, k, pairs, lse2, num_samples, log_beta, inv_tau, wrap_triton, dq=dq, g_up=g_up)
-    dk = launch.cols(q, k, labels, lse2, w_tot, row_scale, u_tail[:, :1], g_up, g, wrap_triton, visit)
+    dk = launch.cols(q, k, labels, lse2, w_tot, row_scale, u_tail[:, :1], g_up, g, wrap_triton, visit,
+                     owners=col_owner if sym else None)
     if tail:
         # F_u = sum over the anchor slots of compact label u of G_i u_ik q_i; each column
         # subtracts the F of its labels (less its owner's own-column term), in place.
@@ -300,7 +311,7 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
 
 _INPUTS = ("q", "k", "self_col", "a_index", "a_count", "c_index", "c_count")
 _SCALARS = ("num_samples", "col_lo", "num_labels", "inv_tau", "log_beta", "reg", "fp32_precision", "grad_in_forward",
-            "validated")
+            "validated", "symmetric")
 
 
 def _setup_context(ctx, inputs, output):
@@ -308,7 +319,8 @@ def _setup_context(ctx, inputs, output):
     s = dict(zip(_SCALARS, inputs[len(_INPUTS):]))
     (_, w_tot, lse2, v_tail, u_tail, ubar_tail, col_cid, slot_ptr, slot_sorted, col_owner, head_u, head_y, row_scale,
      a_cid, col_ptr, col_sorted, top, dq_unit, order, live) = output
-    ctx.scalars = {name: s[name] for name in ("num_samples", "col_lo", "inv_tau", "log_beta", "reg", "fp32_precision")}
+    ctx.scalars = {name: s.get(name, False) for name in ("num_samples", "col_lo", "inv_tau", "log_beta", "reg",
+                                                         "fp32_precision", "symmetric")}
     ctx.scalars["tail"] = has_tail(c_index, s["num_labels"], q.shape[1])
     ctx.set_materialize_grads(False)  # only the loss is differentiated: no zero gradients for the rest
     ctx.save_for_backward(q, k, self_col, a_count, c_count, lse2, w_tot, v_tail, u_tail, ubar_tail, col_cid,

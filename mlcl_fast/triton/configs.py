@@ -54,7 +54,7 @@ HEAD_LABELS_WIDE = 32
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-GRAD_MODES = ("forward", "recompute")
+GRAD_MODES = ("forward", "recompute", "symmetric")
 
 # How fp32 operands enter the kernels' tl.dot: "ieee" (FFMA, no tensor cores, exact fp32 products),
 # "tf32" (tensor cores, operands rounded to a 10-bit mantissa) or "tf32x3" (three tf32 products per
@@ -86,7 +86,7 @@ def block_width(n: int, cap: int, interpret: bool) -> int:
     return 16 if interpret else max(16, min(pow2(n), cap))
 
 
-OWNERS = ("anchors", "columns")
+OWNERS = ("anchors", "columns", "symmetric")
 
 
 # The widest feature dimension held resident (one chunk) by the label-free kernels: an anchor or
@@ -114,7 +114,8 @@ X3_CHUNK = 64
 def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "in_tile",
                 ieee: bool = False, fp32: bool = False, x3: bool = False) -> TileConfig:
     """The fixed configuration for feature dimension `dim`, a kernel whose programs own anchor
-    blocks (stats, rows) or column blocks (cols), and its label work (`kind`): "in_tile" (the
+    blocks (stats, rows) or column blocks (cols; "symmetric": the symmetric backward's column
+    kernel), and its label work (`kind`): "in_tile" (the
     bits / gather / list modes, and dense with label-centric weights), "free" (MODE_NONE: none),
     "head" (MODE_HEAD: the head-label tiles of the closed form), "dense" (MODE_DENSE with
     pair-centric weights: one overlap dot per tile) or "dense_label" (MODE_DENSE, label-centric:
@@ -166,6 +167,13 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
         # gradient accumulator takes half the registers of 8 warps, so d > 128 (and the head
         # tiles) halve the swept side.
         wide = chunk > 128 or fp32
+        if owner == "symmetric":
+            # The symmetric column kernel (backward.cols_free_kernel with SYM) holds a second
+            # set of pair tiles (the owners' probabilities and head weights): 128 owned columns
+            # over 32 anchors (16 when wide) is the largest that compiles without spills (static
+            # report, bf16 and fp16, d = 128 and 256).
+            return TileConfig(block_m=16 if wide else 32, block_n=128, block_k=chunk, block_d=chunk, num_warps=8,
+                              num_stages=2)
         if owner == "columns":
             block_m = 32 if wide and kind == "head" else 64
             return TileConfig(block_m=block_m, block_n=64 if wide else 128, block_k=chunk, block_d=chunk,
@@ -216,8 +224,10 @@ def autotune_candidates(dim: int, kind: str = "in_tile") -> list[TileConfig]:
 def grad_mode() -> str:
     """MLCL_FAST_TRITON_GRAD: 'forward' (default: when a gradient will be needed, the forward's
     second sweep also produces the anchor-row gradient; the backward runs the column kernel only)
-    or 'recompute' (the backward re-derives everything from the forward statistics). README.md
-    compares their costs."""
+    or 'recompute' (the backward re-derives everything from the forward statistics), or 'symmetric'
+    (as 'recompute', and the closed form's backward sweeps each tile once for both the column
+    gradient and the anchor rows owning those columns where launch.symmetric_applies; other regimes
+    take 'recompute'). README.md compares their costs."""
     mode = os.environ.get("MLCL_FAST_TRITON_GRAD", "forward")
     if mode not in GRAD_MODES:
         raise ValueError(f"MLCL_FAST_TRITON_GRAD: expected one of {list(GRAD_MODES)}, got {mode!r}")

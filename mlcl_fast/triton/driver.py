@@ -42,14 +42,13 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
     if x.dtype not in _HALF + (torch.float32,):
         # The kernels accumulate in fp32; a float64 request keeps its precision on the reference.
         return reference.anchor_losses(problem)
-    protos = problem.prototypes if cfg.uses_prototypes else None
-    lo, hi = problem.sample_anchors
     plo, phi = problem.prototype_anchors
-    q = torch.cat([x[lo:hi], protos[plo:phi]]) if phi > plo else x[lo:hi]
-    # Columns: samples, keys, prototypes. The kernels treat every column below `n` (here N + M)
-    # as a sample column (beta, f='union' as for samples) and take anchors' own columns from
-    # self_col, so keys are sample columns that no anchor owns.
-    k = problem.embeddings()[1]
+    # Anchor rows (the anchored samples, then the anchored prototypes) and columns (samples, keys,
+    # prototypes), cut from the same embeddings: q[i] == k[self_col[i]], the closed form's
+    # symmetric contract. The kernels treat every column below `n` (here N + M) as a sample
+    # column (beta, f='union' as for samples) and take anchors' own columns from self_col, so
+    # keys are sample columns that no anchor owns.
+    q, k = problem.embeddings()
     if launch.INTERPRETED and x.dtype == torch.bfloat16:
         # The Triton interpreter's bf16 tl.dot gives wrong results (values ~1e10): there, bf16 rows
         # are computed in fp32 (exact upcast; gradients flow back in bf16). Compiled kernels take
@@ -61,7 +60,7 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
     col_lo = n if cfg.beta == 0 else 0
     log_beta = math.log(cfg.beta) if cfg.beta > 0 else 0.0
     anchor_sets, column_sets = problem.anchor_labels(), problem.column_labels()
-    self_col = problem.anchor_columns().to(torch.int32)
+    self_col = problem.anchor_columns(torch.int32)
     fp32 = configs.fp32_precision(_allow_tf32(x.device))
     weighting = configs.WEIGHTING_CODES[cfg.weighting]
     factor = configs.FACTOR_CODES[cfg.f]
@@ -103,7 +102,7 @@ def anchor_losses(problem: Problem, regime: str | None = None, grad_mode: str | 
         inv_tau = 1.0 / problem.temperature
         out = closed.closed_forward(q, k, self_col, a_long, a_count, c_index, c_count, n, col_lo, num_labels,
                                     inv_tau, log_beta, cfg.reg, fp32, grad_mode == "forward" and need_grad,
-                                    validated=True)
+                                    validated=True, symmetric=grad_mode == "symmetric")
         loss, w_tot = out[0], out[1]
         return loss, w_tot > 0
 

@@ -18,8 +18,8 @@ and one exp2 per pair, nothing else.
 import triton
 import triton.language as tl
 
-from .tiles import (_MODE_DENSE, F_ONE, LN2, W_LABEL, anchor_rows, dense_labels, dot_tile, load_rows, member, overlap,
-                    pair_factor, pair_omega, softmax_mask, split_dot)
+from .tiles import (_MODE_DENSE, F_ONE, LN2, W_LABEL, anchor_rows, block_rows, dense_labels, dot_tile, load_rows,
+                    member, overlap, pair_factor, pair_omega, softmax_mask, split_dot)
 
 
 @triton.jit
@@ -95,6 +95,9 @@ def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_coun
 
     # An anchor without any column (a batch of one) keeps lse = 0; it has no positive either.
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+    # Every slot of the block is written, the skipped anchors' (past `live`) with the zeros they
+    # accumulated: the outputs need no zero fill before the launch.
+    rows, rmask = block_rows(order, M, pid * BLOCK_M, BLOCK_M)
     tl.store(lse_out + rows, lse, mask=rmask)
     if LABELS:
         if MODE == _MODE_DENSE:

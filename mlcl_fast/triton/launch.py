@@ -172,14 +172,26 @@ def visiting(num_anchors: int, device, visit: tuple | None = None) -> tuple[Tens
             torch.full((1,), num_anchors, dtype=torch.int32, device=device))
 
 
+# Under the interpreter the kernels' outputs start as NaN (POISON), so that the CPU tests see
+# any element a kernel leaves unwritten; compiled kernels get them uninitialised.
+POISON = INTERPRETED
+
+
+def _unfilled(*shape, device) -> Tensor:
+    """An fp32 output every element of which a kernel writes (NaN first when POISON)."""
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def stats(q, k, labels: tuple, g: Geometry, wrap, visit: tuple | None = None):
     """Forward sweep: (lse2 [M] = lse * log2(e), Z-or-Omega [M, slots], S-or-T [M, slots]), fp32
     (0 for anchors that `visit` skips)."""
     M, dev = g.num_anchors, q.device
-    alloc = torch.empty if visit is None else torch.zeros  # skipped anchors' outputs are never written
-    lse = alloc(M, dtype=torch.float32, device=dev)
-    acc_z = alloc(M, g.slots, dtype=torch.float32, device=dev)
-    acc_s = alloc(M, g.slots, dtype=torch.float32, device=dev)
+    # The kernel writes every anchor's outputs (zeros for those `visit` skips): no zero fill.
+    lse = _unfilled(M, device=dev)
+    acc_z = _unfilled(M, g.slots, device=dev)
+    acc_s = _unfilled(M, g.slots, device=dev)
     if M == 0:
         return lse, acc_z, acc_s
     cfg = _tile(g)
@@ -193,46 +205,80 @@ def stats(q, k, labels: tuple, g: Geometry, wrap, visit: tuple | None = None):
 
 
 def rows(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap, reg_value: bool, grad: bool,
-         visit: tuple | None = None):
-    """Anchor-owned second sweep: (dq [M, d] fp32 or None, sum_j r_ij s_ij [M] or None)."""
+         visit: tuple | None = None, columns: tuple | None = None):
+    """Anchor-owned second sweep: (dq [M, d] fp32 or None, sum_j r_ij s_ij [M] or None).
+    `columns`: (list [n] int64, count [1] int32): sweep only col_list[0 .. count) (the symmetric
+    backward's complement, symmetric_columns) instead of [col_lo, C)."""
     M, dev = g.num_anchors, q.device
-    alloc = torch.empty if visit is None else torch.zeros
-    dq = alloc(M if grad else 0, g.dim, dtype=torch.float32, device=dev)
-    reg = alloc(M if reg_value else 0, dtype=torch.float32, device=dev)
+    # The kernel writes the visited anchors' outputs; those `visit` skips stay zero. (Writing
+    # their zeros in the kernel, as the statistics sweep does, costs registers this kernel does not
+    # have: 8-32 spilled bytes in the static report.)
+    alloc = (lambda *shape: _unfilled(*shape, device=dev)) if visit is None else \
+        (lambda *shape: torch.zeros(shape, dtype=torch.float32, device=dev))
+    dq = alloc(M if grad else 0, g.dim)
+    reg = alloc(M if reg_value else 0)
     if M == 0 or not (grad or reg_value):
         return (dq if grad else None), (reg if reg_value else None)
     cfg = _tile(g)
     # Without a gradient to produce, one program per anchor block covers the whole of d.
     block_d = cfg.block_d if grad else 16
     d_chunks = triton.cdiv(g.dim, block_d) if grad else 1
-    args = (q, k, *labels, *visiting(M, dev, visit), lse, w_tot, scale, inv_z, g_up, dq if grad else lse,
-            reg if reg_value else lse,
+    col_list, col_count = columns if columns is not None else (labels[0], labels[0])  # unread without GATHER
+    args = (q, k, *labels, *visiting(M, dev, visit), col_list, col_count, lse, w_tot, scale, inv_z,
+            g_up, dq if grad else lse, reg if reg_value else lse,
             M, g.num_columns, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
             q.stride(0), k.stride(0), g.dim, g.scale2, g.log2_beta, g.alpha)
     meta = dict(_common(g), REG=g.reg, REG_VALUE=reg_value, GRAD=grad, BLOCK_K=cfg.block_k, BLOCK_D=block_d,
-                Q_RESIDENT=g.dim <= cfg.block_k)
+                Q_RESIDENT=g.dim <= cfg.block_k, GATHER=columns is not None)
     _launch(backward.rows_kernel, "rows", g, cfg, lambda m: (triton.cdiv(M, m["BLOCK_M"]), d_chunks), wrap, args, meta)
     return (dq if grad else None), (reg if reg_value else None)
 
 
-def cols(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap, visit: tuple | None = None):
-    """Column-owned gradient: dk [C, d] fp32 (zero for columns outside the softmax range)."""
+def symmetric_applies(g: Geometry) -> bool:
+    """Whether the symmetric backward (backward.cols_free_kernel with SYM) can run: the label-free
+    transposed column kernel (d within its resident block) over every column (col_lo = 0, so every
+    anchor's own column is swept)."""
+    return not g.labels and g.col_lo == 0 and g.dim <= _tile(g, "columns").block_k
+
+
+def symmetric_columns(col_owner: Tensor, w_tot: Tensor) -> tuple[Tensor, Tensor]:
+    """(list [C] int64, count [1] int32): the columns that no anchor with a positive owns, first, in
+    ascending order; the symmetric backward's anchor-row sweep covers them (the owned ones come
+    with their owner's column block). Static shapes, no host read."""
+    own = col_owner.long()
+    owned = (own >= 0) & (w_tot[own.clamp(min=0)] > 0)
+    col_list = torch.sort(owned.to(torch.uint8), stable=True).indices
+    return col_list, (~owned).sum(dtype=torch.int32).view(1)
+
+
+def cols(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap, visit: tuple | None = None,
+         owners: Tensor | None = None):
+    """Column-owned gradient: dk [C, d] fp32 (zero for columns outside the softmax range).
+    `owners` (col_owner [C] int32, only where symmetric_applies): the symmetric backward, which
+    also returns in dk_j the anchor-row gradient of the anchor owning column j over the columns
+    that visited anchors own (backward.cols_free_kernel)."""
     C, dev = g.num_columns, q.device
-    dk = torch.zeros(C, g.dim, dtype=torch.float32, device=dev)
     width = C - g.col_lo
+    # Every kernel below writes each column of [col_lo, C); the columns before it (beta = 0: in
+    # no softmax) get no gradient.
+    dk = _unfilled(C, g.dim, device=dev) if g.col_lo == 0 and g.num_anchors else \
+        torch.zeros(C, g.dim, dtype=torch.float32, device=dev)
     if g.num_anchors == 0 or width <= 0:
         return dk
-    cfg = _tile(g, "columns")
+    if owners is not None and not symmetric_applies(g):
+        raise ValueError("owners: the symmetric backward needs the label-free column kernel and col_lo = 0")
+    cfg = _tile(g, "columns" if owners is None else "symmetric")
     if not g.labels and g.dim <= cfg.block_k:
         # Label-free and the column block fits: the transposed kernel, one program per column block.
         # MODE_HEAD: labels[2] / labels[4] / scale are the head tiles (head_u, head_y, row scales).
         head = g.head
-        args = (q, k, labels[0], *visiting(g.num_anchors, dev, visit), lse, w_tot, g_up, labels[2], labels[4],
-                scale, dk, g.num_anchors, C,
+        args = (q, k, labels[0], labels[0] if owners is None else owners, *visiting(g.num_anchors, dev, visit), lse,
+                w_tot, g_up, labels[2], labels[4], scale, dk, g.num_anchors, C,
                 g.num_samples, g.col_lo, g.dim, q.stride(0), k.stride(0), g.dim, g.scale2, g.log2_beta)
-        meta = dict(HEAD=head, REG=g.reg, HB=g.words if head else 16, BLOCK_K=cfg.block_k, PRECISION=g.precision)
-        _launch(backward.cols_free_kernel, "cols_free", g, cfg, lambda m: (triton.cdiv(width, m["BLOCK_N"]),), wrap,
-                args, meta)
+        meta = dict(HEAD=head, REG=g.reg, SYM=owners is not None, HB=g.words if head else 16, BLOCK_K=cfg.block_k,
+                    PRECISION=g.precision)
+        _launch(backward.cols_free_kernel, "cols_free" if owners is None else "cols_sym", g, cfg,
+                lambda m: (triton.cdiv(width, m["BLOCK_N"]),), wrap, args, meta)
         return dk
     if g.mode == configs.MODE_DENSE and g.dim <= cfg.block_k:
         # The dense label mode, transposed as above: its label dots also have the owned columns as M.

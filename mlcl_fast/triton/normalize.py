@@ -1,7 +1,8 @@
 """Row normalisation x / max(||x||, NORM_EPS) as two kernels (forward, backward), the triton
-backend's form of inputs.l2_normalize for fp16/bf16/fp32 rows: one launch each way per tensor
-where the torch formulation issues four operations forward and eight backward (each is host time
-on a GPU; tests/test_triton.py counts them).
+backend's form of inputs.l2_normalize for fp16/bf16/fp32 rows: one launch each way for the
+features, keys and prototypes together, written into one stacked tensor (the Problem's columns,
+so no concatenation follows), where the torch formulation issues four operations forward and
+eight backward per tensor (each is host time on a GPU; tests/test_triton.py counts them).
 
 No overflow or underflow for any finite row: the sum of squares is taken of x / m, m the row's
 largest magnitude (every term <= 1; both in one pass over the row, rescaled as m grows), and y = (x / m) / max(r, NORM_EPS / m) with r = ||x / m||, so
@@ -11,6 +12,8 @@ closed form dx = (g - y (y . g) [||x|| >= NORM_EPS]) / max(||x||, NORM_EPS).
 
 `unit_rows` is a triton_op (torch.compile sees the kernels) with register_autograd."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -32,10 +35,12 @@ def _block(ptr, rows, rmask, cols, d, stride):
 
 
 @triton.jit
-def unit_rows_kernel(x_ptr, y_ptr, inv_ptr, radial_ptr, R, d, stride_x, stride_y, eps,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _unit_block(x_ptr, y_ptr, inv_ptr, radial_ptr, first, R, out_row, d, stride_x, stride_y, eps,
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows [first, first + BLOCK_R) of x ([R, d]) into rows out_row + ... of y, inv, radial."""
+    rows = first + tl.arange(0, BLOCK_R)
     rmask = rows < R
+    out = out_row + rows
     offs = tl.arange(0, BLOCK_D)
     # One pass for the largest magnitude m and the sum of squares of x / m: as m grows, the sum so
     # far is rescaled by (m_old / m_new)^2 (every term stays <= 1, as in an online log-sum-exp).
@@ -58,34 +63,74 @@ def unit_rows_kernel(x_ptr, y_ptr, inv_ptr, radial_ptr, R, d, stride_x, stride_y
         cols = start + offs
         x = _block(x_ptr, rows, rmask, cols, d, stride_x)
         y = (x / safe[:, None]) / unit[:, None]
-        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty),
+        tl.store(y_ptr + out[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cols < d)[None, :])
     # 1 / max(||x||, eps) = (1 / m) / unit: tiny (even subnormal) for huge rows, never inf or nan.
-    tl.store(inv_ptr + rows, (1.0 / safe) / unit, mask=rmask)
-    tl.store(radial_ptr + rows, radial.to(tl.float32), mask=rmask)
+    tl.store(inv_ptr + out, (1.0 / safe) / unit, mask=rmask)
+    tl.store(radial_ptr + out, radial.to(tl.float32), mask=rmask)
 
 
 @triton.jit
-def unit_rows_backward_kernel(g_ptr, y_ptr, inv_ptr, radial_ptr, dx_ptr, R, d, stride_g, stride_y, stride_dx,
-                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def unit_rows_kernel(x0, x1, x2, y_ptr, inv_ptr, radial_ptr, R0, R1, R2, d, stride0, stride1, stride2, stride_y, eps,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Up to three row sets (x0, x1, x2: [R_s, d], any of fp16/bf16/fp32 each) normalised into one
+    [R0 + R1 + R2, d] output, one launch: the first cdiv(R0, BLOCK_R) programs take x0's rows,
+    the next x1's, the rest x2's."""
+    pid = tl.program_id(0)
+    b0 = tl.cdiv(R0, BLOCK_R)
+    b1 = tl.cdiv(R1, BLOCK_R)
+    if pid < b0:
+        _unit_block(x0, y_ptr, inv_ptr, radial_ptr, pid * BLOCK_R, R0, 0, d, stride0, stride_y, eps,
+                    BLOCK_R, BLOCK_D)
+    elif pid < b0 + b1:
+        _unit_block(x1, y_ptr, inv_ptr, radial_ptr, (pid - b0) * BLOCK_R, R1, R0, d, stride1, stride_y, eps,
+                    BLOCK_R, BLOCK_D)
+    else:
+        _unit_block(x2, y_ptr, inv_ptr, radial_ptr, (pid - b0 - b1) * BLOCK_R, R2, R0 + R1, d, stride2, stride_y,
+                    eps, BLOCK_R, BLOCK_D)
+
+
+@triton.jit
+def _unit_block_backward(g_ptr, y_ptr, inv_ptr, radial_ptr, dx_ptr, first, R, in_row, d, stride_g, stride_y,
+                         stride_dx, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dx rows [first, first + BLOCK_R) of one row set from rows in_row + ... of g, y, inv, radial."""
+    rows = first + tl.arange(0, BLOCK_R)
     rmask = rows < R
+    src = in_row + rows
     offs = tl.arange(0, BLOCK_D)
     along = tl.zeros([BLOCK_R], dtype=tl.float32)
     for start in range(0, d, BLOCK_D):
         cols = start + offs
-        along += tl.sum(_block(y_ptr, rows, rmask, cols, d, stride_y) * _block(g_ptr, rows, rmask, cols, d, stride_g),
+        along += tl.sum(_block(y_ptr, src, rmask, cols, d, stride_y) * _block(g_ptr, src, rmask, cols, d, stride_g),
                         axis=1)
     # Below the floor the map is x / eps: no radial part.
-    along = along * tl.load(radial_ptr + rows, mask=rmask, other=0.0)
-    inv = tl.load(inv_ptr + rows, mask=rmask, other=0.0)
+    along = along * tl.load(radial_ptr + src, mask=rmask, other=0.0)
+    inv = tl.load(inv_ptr + src, mask=rmask, other=0.0)
     for start in range(0, d, BLOCK_D):
         cols = start + offs
-        g = _block(g_ptr, rows, rmask, cols, d, stride_g)
-        y = _block(y_ptr, rows, rmask, cols, d, stride_y)
+        g = _block(g_ptr, src, rmask, cols, d, stride_g)
+        y = _block(y_ptr, src, rmask, cols, d, stride_y)
         dx = (g - y * along[:, None]) * inv[:, None]
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cols < d)[None, :])
+
+
+@triton.jit
+def unit_rows_backward_kernel(g_ptr, y_ptr, inv_ptr, radial_ptr, dx0, dx1, dx2, R0, R1, R2, d, stride_g, stride_y,
+                              stride0, stride1, stride2, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The gradients of unit_rows_kernel's row sets, each in its own dtype, one launch."""
+    pid = tl.program_id(0)
+    b0 = tl.cdiv(R0, BLOCK_R)
+    b1 = tl.cdiv(R1, BLOCK_R)
+    if pid < b0:
+        _unit_block_backward(g_ptr, y_ptr, inv_ptr, radial_ptr, dx0, pid * BLOCK_R, R0, 0, d, stride_g, stride_y,
+                             stride0, BLOCK_R, BLOCK_D)
+    elif pid < b0 + b1:
+        _unit_block_backward(g_ptr, y_ptr, inv_ptr, radial_ptr, dx1, (pid - b0) * BLOCK_R, R1, R0, d, stride_g,
+                             stride_y, stride1, BLOCK_R, BLOCK_D)
+    else:
+        _unit_block_backward(g_ptr, y_ptr, inv_ptr, radial_ptr, dx2, (pid - b0 - b1) * BLOCK_R, R2, R0 + R1, d,
+                             stride_g, stride_y, stride2, BLOCK_R, BLOCK_D)
 
 
 def _blocks(d: int) -> tuple[int, int]:
@@ -102,62 +147,92 @@ def _check(name: str, t: Tensor) -> None:
                          f"{tuple(t.shape)} and strides {t.stride()}")
 
 
+def _grid(sizes, br: int) -> tuple[int]:
+    return (sum(triton.cdiv(r, br) for r in sizes),)
+
+
 @triton_op("mlcl_fast::triton_unit_rows", mutates_args=())
-def unit_rows_forward(x: Tensor, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(y [R, d] in out_dtype, 1 / max(||x||, eps) [R] fp32, [||x|| >= eps] [R] fp32)."""
-    _check("x", x)
+def unit_rows_forward(x: Tensor, x1: Optional[Tensor], x2: Optional[Tensor], out_dtype: torch.dtype
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """The rows of x, then x1's, then x2's (each optional, [R_s, d]), normalised into one
+    (y [R, d] in out_dtype, 1 / max(||x||, eps) [R] fp32, [||x|| >= eps] [R] fp32)."""
+    parts = [("x", x), ("x1", x1), ("x2", x2)]
+    for name, t in parts:
+        if t is not None:
+            _check(name, t)
+            if t.shape[1] != x.shape[1] or t.device != x.device:
+                raise ValueError(f"{name}: expected [*, {x.shape[1]}] rows on {x.device}, got {tuple(t.shape)} on "
+                                 f"{t.device}")
     if out_dtype not in _HALF_OR_SINGLE:
         raise TypeError(f"out_dtype: expected one of {list(_HALF_OR_SINGLE)}, got {out_dtype}")
-    R, d = x.shape
+    sizes = [0 if t is None else t.shape[0] for _, t in parts]
+    R, d = sum(sizes), x.shape[1]
     y = torch.empty(R, d, dtype=out_dtype, device=x.device)
     inv = torch.empty(R, dtype=torch.float32, device=x.device)
     radial = torch.empty(R, dtype=torch.float32, device=x.device)
     if R:
         br, bd = _blocks(d)
-        recording.launch(unit_rows_kernel, (triton.cdiv(R, br),),
-                         (x, y, inv, radial, R, d, x.stride(0), y.stride(0), NORM_EPS), dict(BLOCK_R=br, BLOCK_D=bd),
-                         wrap_triton)
+        src = [x if t is None else t for _, t in parts]  # an absent set has no rows: never read
+        recording.launch(unit_rows_kernel, _grid(sizes, br),
+                         (*src, y, inv, radial, *sizes, d, *(t.stride(0) for t in src), y.stride(0), NORM_EPS),
+                         dict(BLOCK_R=br, BLOCK_D=bd), wrap_triton)
     return y, inv, radial
 
 
 @triton_op("mlcl_fast::triton_unit_rows_backward", mutates_args=())
-def unit_rows_backward(g: Tensor, y: Tensor, inv: Tensor, radial: Tensor, x_dtype: torch.dtype) -> Tensor:
+def unit_rows_backward(g: Tensor, y: Tensor, inv: Tensor, radial: Tensor, sizes: list[int], dtype0: torch.dtype,
+                       dtype1: torch.dtype, dtype2: torch.dtype) -> list[Tensor]:
+    """dx of the three row sets of unit_rows_forward (`sizes` rows each, in dtype0 / 1 / 2)."""
     for name, t in (("g", g), ("y", y)):
         _check(name, t)
     if g.shape != y.shape:
         raise ValueError(f"g: expected the shape of y {tuple(y.shape)}, got {tuple(g.shape)}")
     R, d = y.shape
+    if len(sizes) != 3 or sum(sizes) != R or min(sizes) < 0:
+        raise ValueError(f"sizes: expected three row counts summing to {R}, got {sizes}")
     for name, t in (("inv", inv), ("radial", radial)):
         if t.dtype != torch.float32 or t.shape != (R,):
             raise ValueError(f"{name}: expected float32 of shape ({R},), got {t.dtype} of shape {tuple(t.shape)}")
-    dx = torch.empty(R, d, dtype=x_dtype, device=y.device)
+    for name, dt in (("dtype0", dtype0), ("dtype1", dtype1), ("dtype2", dtype2)):
+        if dt not in _HALF_OR_SINGLE:
+            raise TypeError(f"{name}: expected one of {list(_HALF_OR_SINGLE)}, got {dt}")
+    dx = [torch.empty(r, d, dtype=dt, device=y.device) for r, dt in zip(sizes, (dtype0, dtype1, dtype2))]
     if R:
         br, bd = _blocks(d)
-        recording.launch(unit_rows_backward_kernel, (triton.cdiv(R, br),),
-                         (g, y, inv, radial, dx, R, d, g.stride(0), y.stride(0), dx.stride(0)),
+        recording.launch(unit_rows_backward_kernel, _grid(sizes, br),
+                         (g, y, inv, radial, *dx, *sizes, d, g.stride(0), y.stride(0), *(t.stride(0) for t in dx)),
                          dict(BLOCK_R=br, BLOCK_D=bd), wrap_triton)
     return dx
 
 
 def _setup_context(ctx, inputs, output):
-    x, _ = inputs
+    parts = inputs[:3]
     y, inv, radial = output
-    ctx.x_dtype = x.dtype
+    ctx.present = [t is not None for t in parts]
+    ctx.sizes = [0 if t is None else t.shape[0] for t in parts]
+    ctx.dtypes = [parts[0].dtype if t is None else t.dtype for t in parts]
+    ctx.set_materialize_grads(False)  # only y is differentiated: no zero gradients for inv, radial
     ctx.save_for_backward(y, inv, radial)
 
 
 def _backward(ctx, g_y, *_unused):
+    if g_y is None:
+        return None, None, None, None
     y, inv, radial = ctx.saved_tensors
     g = g_y if g_y.stride(-1) == 1 else g_y.contiguous()
-    return unit_rows_backward(g, y, inv, radial, ctx.x_dtype), None
+    dx = unit_rows_backward(g, y, inv, radial, ctx.sizes, *ctx.dtypes)
+    return (*(d if present else None for d, present in zip(dx, ctx.present)), None)
 
 
 unit_rows_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def unit_rows(x: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """x / max(||x||, NORM_EPS) per row of a 2-D fp16/bf16/fp32 x, in out_dtype (the inputs'
-    normaliser hook, see inputs.prepare)."""
-    if x.dim() == 2 and x.shape[1] > 1 and x.stride(1) != 1:
-        x = x.contiguous()
-    return unit_rows_forward(x, out_dtype)[0]
+def unit_rows(parts: list[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """x / max(||x||, NORM_EPS) per row of each 2-D fp16/bf16/fp32 tensor of `parts` (one to
+    three), stacked into one [sum of rows, d] tensor in out_dtype by one launch each way (the
+    inputs' normaliser hook, see inputs.prepare)."""
+    if not 1 <= len(parts) <= 3:
+        raise ValueError(f"parts: expected one to three tensors, got {len(parts)}")
+    parts = [t.contiguous() if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1 else t for t in parts]
+    parts += [None] * (3 - len(parts))
+    return unit_rows_forward(*parts, out_dtype)[0]

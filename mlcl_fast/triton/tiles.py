@@ -59,6 +59,15 @@ def anchor_rows(order, live, first, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def block_rows(order, M, first, BLOCK_M: tl.constexpr):
+    """Every anchor of a block's positions [first, first + BLOCK_M) of `order`, visited or not
+    (for stores: a block writes its skipped anchors' outputs as zeros, so no zero fill is needed)."""
+    slot = first + tl.arange(0, BLOCK_M)
+    rmask = slot < M
+    return tl.load(order + slot, mask=rmask, other=0), rmask
+
+
+@triton.jit
 def load_rows(q_ptr, rows, rmask, d, stride_q, BLOCK_K: tl.constexpr):
     offs_k = tl.arange(0, BLOCK_K)
     return tl.load(q_ptr + rows[:, None] * stride_q + offs_k[None, :],
