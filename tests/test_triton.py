@@ -661,6 +661,33 @@ def test_anchor_ranges(regime, preset, sample_anchors, prototype_anchors):
             assert rel_err(g, r, 1e-6) <= 1e-4
 
 
+@cpu_only
+@pytest.mark.parametrize("grad_mode", ["forward", "symmetric"])
+@pytest.mark.parametrize("preset,sample_anchors,prototype_anchors",
+                         [("reg", (3, 11), (2, 5)), ("reg", (0, 0), (1, 6)), ("reg", (0, 18), (0, 6)),
+                          ("mulsupcon", (4, 17), None)])
+def test_closed_form_anchor_ranges(monkeypatch, grad_mode, preset, sample_anchors, prototype_anchors):
+    """The closed form on a process's share of anchors, with randomly weighted per-anchor losses
+    (so G_i differs between anchors: the symmetric backward mixes the column owners' G_o into the
+    columns' tiles), against the reference; only some columns are anchors' own."""
+    from mlcl_fast.triton import driver
+
+    monkeypatch.setenv("MLCL_FAST_TRITON_GRAD", grad_mode)
+    case = _case("closed_ranges", preset, None, B=18, d=7, L=6)
+    problem, inputs = _problem(case, sample_anchors, prototype_anchors, torch.float32)
+    losses, valid = driver.anchor_losses(problem, regime="closed")
+    ref_problem, ref_inputs = _problem(case, sample_anchors, prototype_anchors, torch.float64)
+    ref_losses, ref_valid = reference.anchor_losses(ref_problem)
+    assert torch.equal(valid, ref_valid) and bool(valid.any())
+    assert rel_err(losses, ref_losses, 1.0) <= 1e-5
+    weights = torch.rand(losses.shape[0], generator=torch.Generator().manual_seed(case.seed), dtype=torch.float64)
+    grads = torch.autograd.grad((losses * weights.float()).sum(), inputs, allow_unused=True)
+    ref_grads = torch.autograd.grad((ref_losses * weights).sum(), ref_inputs, allow_unused=True)
+    for g, r in zip(grads, ref_grads):
+        g = torch.zeros_like(r) if g is None else g
+        assert rel_err(g, r, 1e-6) <= 1e-4
+
+
 # ------------------------------------------------------------------------------ fixed vectors
 @cpu_only
 @pytest.mark.parametrize("index", range(18))
@@ -919,6 +946,19 @@ def test_gpu_closed_form_large_label_space(dtype, d, preset, overrides, _):
     assert_backend_matches("triton", case, **GPU_DTYPES[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("preset", ["reg", "mulsupcon"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_symmetric_backward(monkeypatch, dtype, d, preset):
+    """MLCL_FAST_TRITON_GRAD=symmetric on the compiled tiles (the symmetric column kernel's own
+    configuration; fp32 at d = 256 falls back to 'recompute'), L = 1500, against the reference."""
+    monkeypatch.setenv("MLCL_FAST_TRITON_GRAD", "symmetric")
+    case = _case("gpu_symmetric", preset, None, B=300, V=2, d=d, L=1500, density=0.004, dtype=dtype, device="cuda")
+    assert_backend_matches("triton", case, **GPU_DTYPES[dtype])
+
+
 def _compare_compiled_fullgraph(case, cfg, label_sets, rtol_loss: float, rtol_grad: float):
     """The backend's operators under torch.compile(fullgraph=True), from normalisation to the
     reduced loss (labels prepared outside): value and gradients as in eager mode."""
@@ -943,7 +983,7 @@ def _compare_compiled_fullgraph(case, cfg, label_sets, rtol_loss: float, rtol_gr
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("grad_mode", ["forward", "recompute"])
+@pytest.mark.parametrize("grad_mode", ["forward", "recompute", "symmetric"])
 @pytest.mark.parametrize("preset", ["reg", "supcon_any", "msc"])
 def test_gpu_torch_compile_fullgraph(monkeypatch, preset, grad_mode):
     """The backend's operators under torch.compile(fullgraph=True): from normalisation to the
@@ -969,10 +1009,14 @@ def _closed_gpu_case(preset, L=12):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("preset,L", [("reg", 12), ("reg", 300), ("reg_noreg", 12), ("mulsupcon", 12)])
-def test_gpu_closed_form_has_no_host_sync_and_replays_in_a_cuda_graph(preset, L):
+@pytest.mark.parametrize("preset,L,grad_mode", [("reg", 12, "forward"), ("reg", 300, "forward"),
+                                                ("reg_noreg", 12, "forward"), ("mulsupcon", 12, "forward"),
+                                                ("reg", 300, "symmetric"), ("mulsupcon", 12, "symmetric")])
+def test_gpu_closed_form_has_no_host_sync_and_replays_in_a_cuda_graph(monkeypatch, preset, L, grad_mode):
     """check_values=False with padded indices: no synchronising call (sync debug mode 'error'),
-    and forward + backward captured in a CUDA graph replay to the eager values."""
+    and forward + backward captured in a CUDA graph replay to the eager values (the symmetric
+    backward's gathered column list included)."""
+    monkeypatch.setenv("MLCL_FAST_TRITON_GRAD", grad_mode)
     case, index = _closed_gpu_case(preset, L)
     feats = case.features.detach().clone().requires_grad_(True)
     protos = None if case.prototypes is None else case.prototypes.detach().clone().requires_grad_(True)
