@@ -348,7 +348,10 @@ TRITON_REGIMES = [("closed", "reg"), ("closed", "mulsupcon"), ("dense", "supcon_
 @pytest.mark.parametrize("grad_mode", ["forward", "recompute", "symmetric"])
 @pytest.mark.parametrize("regime,preset", TRITON_REGIMES, ids=[f"{r}-{p}" for r, p in TRITON_REGIMES])
 def test_triton_regimes_take_keys(monkeypatch, regime, preset, grad_mode):
-    """Every label regime of the Triton driver takes keys as sample columns."""
+    """Every label regime of the Triton driver takes keys as sample columns (the symmetric
+    backward, the closed form's, with keys among the columns no anchor owns)."""
+    if grad_mode == "symmetric" and regime != "closed":
+        pytest.skip("other regimes run 'symmetric' as 'recompute'")
     monkeypatch.setenv("MLCL_FAST_TRITON_LABELS", regime)
     monkeypatch.setenv("MLCL_FAST_TRITON_GRAD", grad_mode)
     kc, oracle = draw("triton", ("regime", regime, preset, grad_mode),

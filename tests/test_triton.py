@@ -603,8 +603,21 @@ def test_small_temperature(preset, overrides):
 def test_gradient_strategies(monkeypatch, grad_mode, preset, overrides):
     """MLCL_FAST_TRITON_GRAD: the backward recomputes logits, or the forward's second sweep
     already produced the anchor-row gradient, or (closed form) the symmetric backward; the other
-    regimes take 'symmetric' as 'recompute'."""
+    regimes take 'symmetric' as 'recompute': the same launches."""
+    from mlcl_fast.triton import recording
+
     monkeypatch.setenv("MLCL_FAST_TRITON_GRAD", grad_mode)
+    if grad_mode == "symmetric" and preset != "reg":
+        case = _case("grad", preset, overrides, B=11, d=9, L=5)
+        runs = {}
+        for mode in ("recompute", "symmetric"):
+            monkeypatch.setenv("MLCL_FAST_TRITON_GRAD", mode)
+            launched = []
+            with recording.recording(lambda kernel, grid, args, meta: launched.append((kernel.__name__, meta))):
+                cases.run_loss("triton", case)
+            runs[mode] = launched
+        assert runs["symmetric"] == runs["recompute"]
+        return
     case = _case("grad", preset, overrides, B=11, d=9, L=5)
     assert_backend_matches("triton", case, **FP32)
 
