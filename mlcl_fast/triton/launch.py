@@ -172,15 +172,16 @@ def visiting(num_anchors: int, device, visit: tuple | None = None) -> tuple[Tens
             torch.full((1,), num_anchors, dtype=torch.int32, device=device))
 
 
-# Under the interpreter the kernels' outputs start as NaN (POISON), so that the CPU tests see
-# any element a kernel leaves unwritten; compiled kernels get them uninitialised.
+# Under the interpreter the kernels' outputs start as +inf (POISON), so that the CPU tests see
+# any element a kernel leaves unwritten (inf passes `> 0` tests and spreads through arithmetic,
+# where NaN would fail both silently); compiled kernels get them uninitialised.
 POISON = INTERPRETED
 
 
 def _unfilled(*shape, device) -> Tensor:
-    """An fp32 output every element of which a kernel writes (NaN first when POISON)."""
+    """An fp32 output every element of which a kernel writes (+inf first when POISON)."""
     if POISON:
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+        return torch.full(shape, float("inf"), dtype=torch.float32, device=device)
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
