@@ -107,8 +107,7 @@ class Problem:
                 return cols, cols  # every column is an anchor: one tensor, no slice to differentiate
             if span is not None:
                 return cols[span[0]:span[1]], cols
-            (lo, hi), (plo, phi), s = self.sample_anchors, self.prototype_anchors, self.num_sample_columns
-            return torch.cat([cols[lo:hi], cols[s + plo:s + phi]]), cols
+            return cols.index_select(0, self.anchor_columns()), cols
         x = self.samples if dtype is None else self.samples.to(dtype)
         lo, hi = self.sample_anchors
         sample_cols = x if self.keys is None else torch.cat([x, self.keys.to(x.dtype)])

@@ -1407,3 +1407,24 @@ def test_symmetric_backward(monkeypatch, preset, overrides, L):
     applies = resolve_config(preset, **overrides).beta != 0.0  # proto: beta = 0 by default
     assert sym and all(s == applies for s in sym), launched
     assert gather and all(g == applies for g in gather), launched
+
+
+@cpu_only
+@pytest.mark.parametrize("sample_anchors,prototype_anchors", [((3, 7), (2, 5)), ((0, 0), (1, 6)), ((0, 9), (0, 6)),
+                                                              ((4, 9), (0, 6))])
+def test_joint_columns_give_the_same_embeddings(sample_anchors, prototype_anchors):
+    """A Problem whose columns come from the backend's joint normaliser (one stacked tensor) gives
+    the same anchor rows and columns as one built from separate tensors, for any anchor ranges."""
+    from mlcl_fast.inputs import prepare
+    from mlcl_fast.triton import normalize
+
+    case = _case("joint_columns", "reg", None, B=9, d=7, L=6)
+    cfg = resolve_config("reg")
+    joint = prepare(case.features, case.labels, case.prototypes, cfg, case.temperature, unit_rows=normalize.unit_rows)
+    assert joint.columns is not None
+    plain = Problem(joint.samples.clone(), joint.prototypes.clone(), joint.labels, cfg, joint.temperature,
+                    sample_anchors, prototype_anchors)
+    ranged = Problem(joint.samples, joint.prototypes, joint.labels, cfg, joint.temperature, sample_anchors,
+                     prototype_anchors, columns=joint.columns)
+    for a, b in zip(ranged.embeddings(), plain.embeddings()):
+        assert torch.equal(a, b)

@@ -9,6 +9,7 @@ and the identity inside opaque custom ops.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import triton
@@ -214,10 +215,9 @@ def rows(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap,
     # The kernel writes the visited anchors' outputs; those `visit` skips stay zero. (Writing
     # their zeros in the kernel, as the statistics sweep does, costs registers this kernel does not
     # have: 8-32 spilled bytes in the static report.)
-    alloc = (lambda *shape: _unfilled(*shape, device=dev)) if visit is None else \
-        (lambda *shape: torch.zeros(shape, dtype=torch.float32, device=dev))
-    dq = alloc(M if grad else 0, g.dim)
-    reg = alloc(M if reg_value else 0)
+    alloc = _unfilled if visit is None else partial(torch.zeros, dtype=torch.float32)
+    dq = alloc(M if grad else 0, g.dim, device=dev)
+    reg = alloc(M if reg_value else 0, device=dev)
     if M == 0 or not (grad or reg_value):
         return (dq if grad else None), (reg if reg_value else None)
     cfg = _tile(g)
