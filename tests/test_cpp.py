@@ -409,8 +409,9 @@ def test_symmetric_forward_gives_the_same_statistics(monkeypatch, preset, overri
     assert torch.equal(ref[2], got[2]) != pairs
 
 
-def test_combined_backward_is_deterministic_per_thread_count():
-    case = random_case(fresh_seed("cpp-combined-det"), "reg", B=200, V=2, d=9, L=30, density=0.1,
+@pytest.mark.parametrize("preset", ["reg", "mulsupcon"])  # mulsupcon: the closed form's sums too
+def test_combined_backward_is_deterministic_per_thread_count(preset):
+    case = random_case(fresh_seed("cpp-combined-det", preset), preset, B=200, V=2, d=9, L=30, density=0.1,
                        dtype=torch.float32)
     problem = _problem(case)
     args = _op_args(problem)
@@ -426,6 +427,74 @@ def test_combined_backward_is_deterministic_per_thread_count():
             assert all(torch.equal(a, b) for a, b in zip(first, again))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("preset,overrides,B,anchors,odd_self", [
+    ("mulsupcon", {}, 40, None, False),
+    ("mulsupcon", {"V": 1, "L": 200, "density": 0.02}, 40, None, False),               # labels no other column carries (Z_ik = 0)
+    ("mulsupcon", {"prototype_mode": "rows"}, 40, None, True),
+    ("proto", {}, 40, None, False),                                  # beta = 0: samples outside the softmax
+    ("proto", {"prototype_mode": "rows"}, 40, ((3, 30), (1, 5)), False),
+    ("reg_noreg", {}, 40, None, True),
+    ("reg_noreg", {"beta": 0.3}, 40, ((0, 25), (2, 9)), False),
+    ("msc", {"f": "one"}, 40, None, False),
+    ("reg_noreg", {}, 150, None, False),                             # > 256 valid anchors: the pairing runs
+])
+def test_closed_form_matches_the_listed_positives(monkeypatch, preset, overrides, B, anchors, odd_self):
+    """Label-centric weights with f = 1 and no regulariser take the closed form
+    (csrc/cpu/closed.h: W_i, sum_j w_ij s_ij and the weights' gradient from per-label sums of
+    embeddings; the sweeps label-free). Against the same ops with the positives listed
+    (MLCL_FAST_CPU_CLOSED=off), in float64: every forward output and the per-embedding
+    gradients, with and without combine_self, to rounding. odd_self: own columns that carry other
+    labels than their anchor, and two anchors sharing one (a direct op call allows both)."""
+    shape = dict(V=2, L=9, density=0.3)
+    overrides = dict(overrides)
+    shape.update({k: overrides.pop(k) for k in shape if k in overrides})
+    case = random_case(fresh_seed("cpp-closed", preset, B, shape["V"]), preset, overrides, B=B, d=7, **shape)
+    args = list(_op_args(_problem(case, *(anchors or (None, None)))))
+    if odd_self:
+        self_col = args[4].clone()
+        self_col[0] = self_col[1]
+        self_col[2] = (self_col[2] + 5) % args[1].shape[0]
+        args[4] = self_col
+    grad = torch.rand(args[0].shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grad[::7] = 0.0
+
+    def run():
+        out = torch.ops.mlcl_fast.anchor_loss_forward(*args)
+        bwd = (grad, args[0], args[1], *args[2:5], *out[2:5], *args[5:])
+        per_embedding = []
+        for combine in ((False,) if odd_self else (False, True)):
+            g_rows, g_cols = torch.ops.mlcl_fast.anchor_loss_backward(*bwd, combine_self=combine)
+            per_embedding.append((g_cols.clone().index_add_(0, args[4], g_rows), g_rows if not combine else None))
+        return out, per_embedding
+
+    monkeypatch.setenv("MLCL_FAST_CPU_CLOSED", "off")
+    listed, listed_grads = run()
+    monkeypatch.setenv("MLCL_FAST_CPU_CLOSED", "auto")
+    closed, closed_grads = run()
+    assert int(listed[1].sum()) > (256 if B > 100 else 10)
+    assert torch.equal(listed[1], closed[1])
+    if shape["V"] == 1:  # some valid anchor carries a label no other softmax column carries
+        z = listed[4]
+        assert bool(((z == 0) & (args[2] >= 0) & listed[1][:, None]).any())
+    for a, b in zip(listed[:1] + listed[2:5], closed[:1] + closed[2:5]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12 * (1.0 + float(a.abs().max())))
+    # the closed form ran: its loss sums came in another order
+    assert not torch.equal(listed[0], closed[0])
+    for (want, want_rows), (got, got_rows) in zip(listed_grads, closed_grads):
+        tol = 1e-12 * float(want.abs().max())
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=tol)
+        if want_rows is not None:  # without combine_self the rows' own part is separate too
+            torch.testing.assert_close(got_rows, want_rows, rtol=1e-10, atol=tol)
+
+
+def test_closed_form_switch_is_checked(monkeypatch):
+    case = random_case(fresh_seed("cpp-closed-env"), "mulsupcon", B=6, V=2, d=4, L=4)
+    args = _op_args(_problem(case))
+    monkeypatch.setenv("MLCL_FAST_CPU_CLOSED", "sometimes")
+    with pytest.raises(RuntimeError, match="MLCL_FAST_CPU_CLOSED"):
+        torch.ops.mlcl_fast.anchor_loss_forward(*args)
 
 
 # ----------------------------------------------------------------- torch.library integration

@@ -18,9 +18,11 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "blocks.h"
+#include "closed.h"
 #include "kernels.h"
 #include "tile_math.h"
 
@@ -268,7 +270,16 @@ std::pair<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss, cons
   const auto g = grad_loss.to(rows.scalar_type()).contiguous();
   const int64_t width = normalizer.size(1);
   const bool combine = combine_self && symmetric_enabled();
+  // With a closed form the sweeps below give the label-free part, closed_backward the weights'.
+  auto closed_part = [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    if (!labels.closed) return;
+    closed_backward<T>(g.data_ptr<T>(), rows.data_ptr<T>(), cols.data_ptr<T>(), rows.size(1),
+                       self_col.data_ptr<int64_t>(), labels, opt, normalizer.data_ptr<double>(), width,
+                       total_weight.data_ptr<double>(), grad_rows.data_ptr<T>(), grad_cols.data_ptr<T>());
+  };
   if (rows.scalar_type() == at::kFloat) {
+    closed_part(static_cast<float*>(nullptr));
     if (combine && backward_combined<float>(g.data_ptr<float>(), rows.data_ptr<float>(), cols.data_ptr<float>(),
                                             rows.size(1), self_col.data_ptr<int64_t>(), labels, opt,
                                             lse.data_ptr<double>(), total_weight.data_ptr<double>(),
@@ -281,6 +292,7 @@ std::pair<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss, cons
                           total_weight.data_ptr<double>(), normalizer.data_ptr<double>(), width,
                           grad_rows.data_ptr<float>(), grad_cols.data_ptr<float>());
   } else {
+    closed_part(static_cast<double*>(nullptr));
     if (combine && backward_combined<double>(g.data_ptr<double>(), rows.data_ptr<double>(),
                                              cols.data_ptr<double>(), rows.size(1), self_col.data_ptr<int64_t>(),
                                              labels, opt, lse.data_ptr<double>(), total_weight.data_ptr<double>(),

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "blocks.h"
+#include "closed.h"
 #include "kernels.h"
 #include "tile_math.h"
 
@@ -323,6 +324,18 @@ void forward_typed(const at::Tensor& rows, const at::Tensor& cols, const at::Ten
                            out.total_weight.data_ptr<double>())) {
     stream_blocks<T>(rows.data_ptr<T>(), cols.data_ptr<T>(), rows.size(1), self, labels, opt, width, active, norm,
                      out.loss.data_ptr<T>(), out.lse.data_ptr<double>(), out.total_weight.data_ptr<double>());
+  }
+  if (labels.closed) {  // the sweeps listed no positive: W_i and sum_j w_ij s_ij from the closed form
+    std::vector<double> dot(static_cast<size_t>(anchors), 0.0);
+    closed_dots<T>(rows.data_ptr<T>(), cols.data_ptr<T>(), rows.size(1), self, labels, norm, width, active,
+                   dot.data());
+    T* loss = out.loss.data_ptr<T>();
+    const double* lse = out.lse.data_ptr<double>();
+    double* total_weight = out.total_weight.data_ptr<double>();
+    for (int64_t i : active) {
+      total_weight[i] = closed_total_weight(labels, i, norm + i * width);
+      loss[i] = static_cast<T>(total_weight[i] * lse[i] - dot[i] / opt.temperature);
+    }
   }
 }
 

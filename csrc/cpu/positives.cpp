@@ -1,5 +1,7 @@
 #include "positives.h"
 
+#include "closed.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -57,6 +59,7 @@ LabelContext build_label_context(const at::Tensor& row_labels, const at::Tensor&
   ctx.first_col = opt.first_column();
   ctx.num_cols = num_cols;
   ctx.num_labels = opt.num_labels;
+  ctx.closed = closed_form_applies(opt);
 
   // Counting sort of the (column, label) incidences by label keeps each list ascending in column.
   ctx.inv_start.assign(ctx.num_labels + 1, 0);
@@ -75,7 +78,7 @@ LabelContext build_label_context(const at::Tensor& row_labels, const at::Tensor&
   bool dense = false;
   if (strategy == "dense") {
     dense = true;
-  } else if (strategy == "auto" && ctx.num_labels <= kMaxDenseLabels) {
+  } else if (strategy == "auto" && !ctx.closed && ctx.num_labels <= kMaxDenseLabels) {
     // Work of each enumeration: every (anchor label, column carrying it) visit for the inverted
     // index, against every (anchor, column, word) step for bitsets.
     double sparse_work = 0.0;
@@ -246,6 +249,7 @@ double PositiveFinder::positives(int64_t i, int64_t self, const double* norm, st
                                  std::vector<double>& pos_w) {
   const int32_t ai = ctx_.row_sets.count(i);
   if (ai == 0) return 0.0;
+  if (ctx_.closed) return closed_total_weight(ctx_, i, norm);
   double total = 0.0;
   if (opt_.label_centric()) {
     const bool unit = opt_.unit_factor();

@@ -34,6 +34,8 @@ struct LabelContext {
   LabelLists row_sets, col_sets;
   int64_t first_col = 0, num_cols = 0, num_labels = 0;
   Strategy strategy = Strategy::Sparse;
+  // The weights have a closed form (closed.h): no positive pair is ever listed.
+  bool closed = false;
   // sparse: label -> columns in [first_col, num_cols) carrying it, ascending
   std::vector<int64_t> inv_start;
   std::vector<int32_t> inv_col;
@@ -61,7 +63,7 @@ class PositiveFinder {
   bool normalizer(int64_t i, int64_t self, double* norm);
 
   // Appends anchor i's positives with w_ij > 0 in ascending column order, given its normaliser;
-  // returns W_i = sum_j w_ij.
+  // returns W_i = sum_j w_ij. With a closed form (ctx.closed) it lists none and returns W_i.
   double positives(int64_t i, int64_t self, const double* norm, std::vector<int32_t>& pos_col,
                    std::vector<double>& pos_w);
 
