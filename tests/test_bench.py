@@ -630,3 +630,21 @@ def test_cpu_targets_quick_end_to_end():
     for key in ct.TARGETS:
         assert key in text
 
+
+
+def test_closed_form_ab_quick():
+    """bench.closed_form --quick: both modes timed for every preset it names, and the closed form
+    gives the listed positives' loss and gradients to fp32 rounding."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "bench.closed_form", "--quick", "--json", "--rounds", "2"],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout)
+    assert [r["preset"] for r in res["presets"]] == ["mulsupcon", "reg_noreg", "proto"]
+    for r in res["presets"]:
+        for mode in ("auto", "off"):
+            assert len(r[mode]["runs_ms"]) == 2 and 0 < r[mode]["quietest_ms"] <= r[mode]["median_ms"]
+        assert r["loss_rel_diff"] < 1e-5 and r["grad_rel_diff"] < 1e-4
