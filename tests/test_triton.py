@@ -1365,9 +1365,9 @@ def test_closed_form_preparation_kernels_match_a_plain_definition(col_lo, L, hb)
     valid = [i for i in range(M) if pre.w_tot[i] > 0]
     assert pre.order.tolist() == valid + [i for i in range(M) if i not in valid] and pre.live.tolist() == [len(valid)]
     slots = sorted((pre.a_cid.flatten()[s].item(), s // ka, s) for s in range(M * ka) if pre.a_cid.flatten()[s] >= 0)
-    S = M * ka
-    assert pre.slot_sorted.tolist()[:len(slots)] == [n * S + s for n, _, s in slots]
-    assert all(key >= U * S for key in pre.slot_sorted.tolist()[len(slots):])
+    # the slots by compact label, each label's in slot order, then the padding slots in order
+    padding = [s for s in range(M * ka) if pre.a_cid.flatten()[s] < 0]
+    assert pre.slot_sorted.tolist() == [s for _, _, s in slots] + padding
     owner = [-1] * C
     for i, j in enumerate(self_col.tolist()):
         owner[j] = i

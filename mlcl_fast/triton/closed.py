@@ -106,10 +106,10 @@ def anchor_sums(q: Tensor, e: Tensor, pre: prep.Prepared, lse2: Tensor, inv_tau:
 
 
 @triton.jit
-def label_anchor_sums_kernel(slot_ptr, slot_sorted, u_tail, g_up, q_ptr, out, d, KA, S, stride_q, stride_o,
+def label_anchor_sums_kernel(slot_ptr, slot_sorted, u_tail, g_up, q_ptr, out, d, KA, stride_q, stride_o,
                              BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """F_u = sum over the anchor slots of compact label u (keys cid * S + slot, S = M * KA, in
-    slot order) of G_i u^T_ik q_i: one program per label and feature chunk, a fixed order."""
+    """F_u = sum over the anchor slots of compact label u (flat anchor * KA + slot, in slot
+    order) of G_i u^T_ik q_i: one program per label and feature chunk, a fixed order."""
     seg = tl.program_id(0)
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dd < d
@@ -119,7 +119,7 @@ def label_anchor_sums_kernel(slot_ptr, slot_sorted, u_tail, g_up, q_ptr, out, d,
     for start in range(lo, hi, BLOCK_P):
         offs = start + tl.arange(0, BLOCK_P)
         pmask = offs < hi
-        slot = tl.load(slot_sorted + offs, mask=pmask, other=0) % S
+        slot = tl.load(slot_sorted + offs, mask=pmask, other=0)
         row = slot // KA
         c = tl.load(u_tail + slot, mask=pmask, other=0.0) * tl.load(g_up + row, mask=pmask, other=0.0)
         x = tl.load(q_ptr + row[:, None] * stride_q + dd[None, :], mask=pmask[:, None] & dmask[None, :],
@@ -155,8 +155,7 @@ def label_anchor_sums(slot_ptr: Tensor, slot_sorted: Tensor, u_tail: Tensor, g_u
     out = torch.empty(U, d, dtype=torch.float32, device=q.device)
     bp, bd = 16 if interpret else 32, configs.block_width(d, 128, interpret)
     launch_kernel(label_anchor_sums_kernel, (U, triton.cdiv(d, bd)),
-                  (slot_ptr, slot_sorted, u_tail, g_up, q, out, d, u_tail.shape[1], max(1, u_tail.numel()),
-                   q.stride(0), out.stride(0)), dict(BLOCK_P=bp, BLOCK_D=bd), wrap_triton)
+                  (slot_ptr, slot_sorted, u_tail, g_up, q, out, d, u_tail.shape[1], q.stride(0), out.stride(0)), dict(BLOCK_P=bp, BLOCK_D=bd), wrap_triton)
     return out
 
 
@@ -261,7 +260,7 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
     args.tensor("v_tail", v_tail, (M, d), (torch.float32,))
     ka = args.label_lists("u_tail", u_tail, M, (torch.float32,))
     args.label_lists("col_cid", col_cid, C, (torch.int64,))
-    # The anchor slots of each compact label (slot_ptr, over slot_sorted's keys cid * M * Ka + slot).
+    # The anchor slots of each compact label (slot_ptr, over slot_sorted's flat slots).
     U = args.offsets("slot_ptr", slot_ptr, M * ka)
     args.tensor("slot_sorted", slot_sorted, (M * ka,), (torch.int64,))
     args.tensor("col_owner", col_owner, (C,), (torch.int32,))
@@ -272,7 +271,7 @@ def closed_backward(q: Tensor, k: Tensor, self_col: Tensor, a_count: Tensor, c_c
     # What else the kernels address memory with: anchors (col_owner, slot_sorted's slots) and
     # compact labels (col_cid).
     args.ids("col_cid", col_cid, -1, U, "compact label ids (-1: none)")
-    args.ids("slot_sorted", slot_sorted, 0, (U + 1) * max(1, M * ka), "slot keys (compact id * M * Ka + slot)")
+    args.ids("slot_sorted", slot_sorted, 0, max(1, M * ka), "anchor slots (anchor * Ka + slot)")
     args.ids("col_owner", col_owner, -1, M, "anchor indices (-1: none)")
     # The tail kernels' label indexes (the regulariser of pairs sharing a tail label).
     tail_pairs.check(args, a_index, c_index, a_cid, col_ptr, col_sorted, top, U, hb, ka, col_cid.shape[1])

@@ -25,40 +25,36 @@ from .recording import launch
 
 
 @triton.jit
-def label_keys_kernel(c_index, keys, n, KC, C, L, col_lo, BLOCK: tl.constexpr):
-    """Sort keys of the column label slots: label * C + column, padding and columns outside the
-    softmax last (L * C + column): distinct keys, so any sort gives one order."""
+def label_keys_kernel(c_index, keys, n, KC, L, col_lo, BLOCK: tl.constexpr):
+    """Sort keys of the column label slots: the label, or L for padding and columns outside the
+    softmax. Slot p is column p // KC's, so a stable sort keeps each label's columns ascending."""
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = p < n
-    lab = tl.load(c_index + p, mask=m, other=-1).to(tl.int64)
-    col = (p // KC).to(tl.int64)
-    valid = (lab >= 0) & (col >= col_lo)
-    tl.store(keys + p, tl.where(valid, lab * C + col, L * C + col), mask=m)
+    lab = tl.load(c_index + p, mask=m, other=-1)
+    valid = (lab >= 0) & (p // KC >= col_lo)
+    tl.store(keys + p, tl.where(valid, lab, L).to(keys.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def label_runs_kernel(sorted_keys, first, col_sorted, n, C, L, BLOCK: tl.constexpr):
+def label_runs_kernel(sorted_keys, order, first, col_sorted, n, KC, L, BLOCK: tl.constexpr):
     """first[p] = 1 where a label's run of sorted slots starts; col_sorted: the slot's column."""
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = p < n
-    key = tl.load(sorted_keys + p, mask=m, other=0)
-    prev = tl.load(sorted_keys + p - 1, mask=m & (p > 0), other=-1)
-    lab = key // C
+    lab = tl.load(sorted_keys + p, mask=m, other=0).to(tl.int64)
+    prev = tl.load(sorted_keys + p - 1, mask=m & (p > 0), other=-1).to(tl.int64)
     valid = lab < L
-    prev_lab = tl.where(p > 0, prev // C, -1)
-    tl.store(first + p, (valid & (lab != prev_lab)).to(tl.int32), mask=m)
-    tl.store(col_sorted + p, tl.where(valid, key % C, -1), mask=m)
+    tl.store(first + p, (valid & (lab != prev)).to(tl.int32), mask=m)
+    col = tl.load(order + p, mask=m, other=0) // KC
+    tl.store(col_sorted + p, tl.where(valid, col, -1), mask=m)
 
 
 @triton.jit
-def label_ids_kernel(sorted_keys, order, run, first, cid_sorted, col_cid, to_cid, n, C, L, U,
-                     BLOCK: tl.constexpr):
+def label_ids_kernel(sorted_keys, order, run, first, cid_sorted, col_cid, to_cid, n, L, U, BLOCK: tl.constexpr):
     """Compact ids: run number - 1 of the sorted slot (U past the valid slots), scattered back to
     the slots' places (col_cid) and, once per label, into the label -> compact id map."""
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = p < n
-    key = tl.load(sorted_keys + p, mask=m, other=0)
-    lab = key // C
+    lab = tl.load(sorted_keys + p, mask=m, other=0).to(tl.int64)
     valid = lab < L
     cid = tl.where(valid, tl.load(run + p, mask=m, other=1) - 1, U)
     tl.store(cid_sorted + p, cid, mask=m)
@@ -130,10 +126,8 @@ def _anchor_block(pid, a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, 
     tl.store(a_cid + flat, cid.to(tl.int64), mask=m2)
     tl.store(u_out + flat, u, mask=m2)
     tl.store(u_tail_out + flat, u_tail, mask=m2)
-    # Sort keys of the slots by compact label: cid * M * KA + slot (distinct), padding last.
-    slot = flat.to(tl.int64)
-    key = tl.where(has, cid.to(tl.int64) * M * KA + slot, U.to(tl.int64) * M * KA + slot)
-    tl.store(slot_keys + flat, key, mask=m2)
+    # Sort keys of the slots: the compact label, U for padding (a stable sort keeps slot order).
+    tl.store(slot_keys + flat, tl.where(has, cid, U).to(slot_keys.dtype.element_ty), mask=m2)
     tl.store(w_out + rows, w, mask=rmask)
     tl.store(ubar_out + rows, ubar, mask=rmask)
     tl.store(ubar_tail_out + rows, ubar_tail, mask=rmask)
@@ -177,7 +171,7 @@ class Prepared(NamedTuple):
     order: Tensor        # [M] int32: anchors with a positive first (the sweeps' visiting order)
     live: Tensor         # [1] int32: how many have one
     slot_ptr: Tensor     # [U+1] int64: anchor slots grouped by compact label (backward), over ...
-    slot_sorted: Tensor  # [M*Ka] int64: ... their sort keys cid * M * Ka + slot, ascending
+    slot_sorted: Tensor  # [M*Ka] int64: ... the slots (flat anchor * Ka + slot), by label, each label's ascending
     col_owner: Tensor    # [C] int32: the anchor whose own column it is, or -1
     top: Tensor          # [min(HB, U)] int64: the head's compact ids, most frequent first
 
@@ -192,17 +186,20 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     n = C * kc
     block = 16 if interpret else 1024
     grid = (triton.cdiv(max(n, 1), block),)
-    keys = torch.empty(n, dtype=torch.int64, device=dev)
-    launch(label_keys_kernel, grid, (c_index, keys, n, kc, C, L, col_lo), dict(BLOCK=block), wrap)
-    sorted_keys, order = torch.sort(keys)
+    # Stable sorts of 32-bit keys (labels, compact ids): a radix sort then makes half the passes
+    # of one over 64-bit keys, and the order it returns holds the slots themselves.
+    key_dtype = torch.int32 if L < 2**31 - 1 else torch.int64
+    keys = torch.empty(n, dtype=key_dtype, device=dev)
+    launch(label_keys_kernel, grid, (c_index, keys, n, kc, L, col_lo), dict(BLOCK=block), wrap)
+    sorted_keys, order = torch.sort(keys, stable=True)
     first = torch.empty(n, dtype=torch.int32, device=dev)
     col_sorted = torch.empty(n, dtype=torch.int64, device=dev)
-    launch(label_runs_kernel, grid, (sorted_keys, first, col_sorted, n, C, L), dict(BLOCK=block), wrap)
+    launch(label_runs_kernel, grid, (sorted_keys, order, first, col_sorted, n, kc, L), dict(BLOCK=block), wrap)
     run = torch.cumsum(first, 0)
     cid_sorted = torch.empty(n, dtype=torch.int64, device=dev)
     col_cid = torch.empty(C, kc, dtype=torch.int64, device=dev)
     to_cid = torch.full((L + 1,), -1, dtype=torch.int64, device=dev)  # entry L: padding
-    launch(label_ids_kernel, grid, (sorted_keys, order, run, first, cid_sorted, col_cid, to_cid, n, C, L, U),
+    launch(label_ids_kernel, grid, (sorted_keys, order, run, first, cid_sorted, col_cid, to_cid, n, L, U),
            dict(BLOCK=block), wrap)
     col_ptr = torch.searchsorted(cid_sorted, torch.arange(U + 1, device=dev))
 
@@ -214,7 +211,7 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     a_cid = torch.empty(M, ka, dtype=torch.int64, device=dev)
     u = torch.empty(M, ka, dtype=torch.float32, device=dev)
     u_tail = torch.empty_like(u)
-    slot_keys = torch.empty(M, ka, dtype=torch.int64, device=dev)
+    slot_keys = torch.empty(M, ka, dtype=key_dtype, device=dev)
     col_owner = torch.full((C,), -1, dtype=torch.int32, device=dev)
     w_tot, ubar, ubar_tail, row_scale = (torch.empty(M, dtype=torch.float32, device=dev) for _ in range(4))
     head_u = torch.empty(M, 2 * hb, dtype=torch.float16, device=dev)
@@ -235,9 +232,8 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
 
     # Anchors with a positive first, in their own order (a stable sort of the 0/1 flags).
     visit_order = torch.sort(invalid, stable=True).indices.to(torch.int32)
-    # Anchor slots by compact label (keys cid * M * Ka + slot are distinct; padding sorts last).
-    slots = max(1, M * ka)
-    slot_sorted = torch.sort(slot_keys.flatten()).values
-    slot_ptr = torch.searchsorted(slot_sorted, torch.arange(0, (U + 1) * slots, slots, device=dev))
+    # Anchor slots by compact label (padding, keyed U, sorts last), each label's in slot order.
+    slot_cid, slot_sorted = torch.sort(slot_keys.flatten(), stable=True)
+    slot_ptr = torch.searchsorted(slot_cid, torch.arange(U + 1, device=dev, dtype=key_dtype))
     return Prepared(col_ptr, col_sorted, col_cid, a_cid, u, u_tail, w_tot, ubar, ubar_tail, head_u, head_y,
                     row_scale, visit_order, live, slot_ptr, slot_sorted, col_owner, top)

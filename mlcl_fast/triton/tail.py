@@ -127,11 +127,11 @@ def tail_anchor_kernel(q_ptr, k_ptr, a_index, a_cid, u_tail, c_index, col_ptr, c
 
 @triton.jit
 def tail_column_kernel(q_ptr, k_ptr, a_index, u_tail, c_index, col_cid, slot_ptr, slot_s, top, self_col, lse2,
-                       head_u, head_y, row_scale, g_up, out, d, KA, KC, S, n_top, num_samples, scale2, log2_beta,
+                       head_u, head_y, row_scale, g_up, out, d, KA, KC, n_top, num_samples, scale2, log2_beta,
                        inv_tau, stride_q, stride_k, stride_hu, stride_hy, stride_o,
                        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, KA_P2: tl.constexpr, HB: tl.constexpr):
     """Column j's tail pairs, added in place: out[j, chunk] -= 1/tau sum_i G_i delta_ij q_i[chunk],
-    over the anchor slots of j's labels outside the head (keys cid * S + slot in slot_s, S = M * KA)."""
+    over the anchor slots of j's labels outside the head (flat anchor * KA + slot in slot_s)."""
     j = tl.program_id(0)
     oo = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     omask = oo < d
@@ -149,7 +149,7 @@ def tail_column_kernel(q_ptr, k_ptr, a_index, u_tail, c_index, col_cid, slot_ptr
             for e0 in range(lo, hi, BLOCK_P):
                 e = e0 + tl.arange(0, BLOCK_P)
                 emask = e < hi
-                slot = tl.load(slot_s + e, mask=emask, other=0) % S
+                slot = tl.load(slot_s + e, mask=emask, other=0)
                 i = slot // KA
                 t = slot % KA
                 m2 = emask[:, None] & (aslots[None, :] < KA)
@@ -201,7 +201,7 @@ class Labels(NamedTuple):
     row_scale: Tensor    # [M] fp32
     col_cid: Tensor      # [C, Kc] compact label id of each column slot (-1: none)
     slot_ptr: Tensor     # [U+1] CSR: compact label -> ...
-    slot_sorted: Tensor  # [M*Ka] ... anchor slot keys cid * M * Ka + slot, ascending
+    slot_sorted: Tensor  # [M*Ka] ... anchor slots (anchor * Ka + slot), each label's ascending
     top: Tensor          # [min(HB, U)] the head's compact ids
 
 
@@ -267,7 +267,7 @@ def add_column_terms(q: Tensor, k: Tensor, t: Labels, lse2: Tensor, g_up: Tensor
     bd = configs.block_width(d, 128, launch.INTERPRETED)
     _launch(tail_column_kernel, (C, triton.cdiv(d, bd)),
             (q, k, t.a_index, t.u_tail, t.c_index, t.col_cid, t.slot_ptr, t.slot_sorted, t.top, t.self_col, lse2,
-             t.head_u, t.head_y, t.row_scale, g_up, dk, d, ka, kc, M * ka, t.top.numel(),
+             t.head_u, t.head_y, t.row_scale, g_up, dk, d, ka, kc, t.top.numel(),
              *_scalars(q, k, t, num_samples, log_beta, inv_tau), dk.stride(0)),
             # 16 anchor slots per step: 32 spill registers at d = 256 (the static report).
             dict(BLOCK_P=16, BLOCK_D=bd, KA_P2=configs.pow2(ka), HB=t.head_y.shape[1], num_warps=4), wrap)
