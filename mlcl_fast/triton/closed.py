@@ -43,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import checks, configs, launch, prep, sparse
+from . import checks, configs, launch, prep
 from . import tail as tail_pairs  # `tail`: closed_backward's flag
 from .recording import launch as launch_kernel
 
@@ -208,7 +208,7 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     interpret = launch.INTERPRETED
     hb = head_width(c_index, num_labels, q.shape[1])
     tail = has_tail(c_index, num_labels, q.shape[1])
-    pre = prep.prepare(a_index, a_count, c_index, self_col, col_lo, num_labels, hb, interpret, wrap_triton)
+    pre = prep.prepare(a_index, a_count, c_index, self_col, col_lo, num_labels, hb, k, interpret, wrap_triton)
     # The statistics sweep needs no labels at all; the second sweeps carry the head tiles.
     free, g_free = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta,
                                      fp32_precision)
@@ -216,8 +216,7 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     lse2, _, _ = launch.stats(q, k, free, g_free, wrap_triton, visit)
     labels, g = launch.head_tiles(q, k, self_col, a_count, c_count, pre.head_u, pre.head_y, num_samples, col_lo,
                                   inv_tau, log_beta, reg, fp32_precision)
-    e = sparse.csr_rows(pre.col_ptr, pre.col_sorted, None, k, interpret, wrap_triton)
-    loss, v_tail = anchor_sums(q, e, pre, lse2, inv_tau, interpret, wrap_triton)
+    loss, v_tail = anchor_sums(q, pre.e, pre, lse2, inv_tau, interpret, wrap_triton)
     dq_unit = q.new_empty(0, q.shape[1], dtype=torch.float32)
     if reg or grad_in_forward:
         # The second sweep: the head regulariser's value and/or the anchor-row gradient for G = 1.

@@ -1,4 +1,5 @@
-"""The closed form's label preparation in a few kernels (static shapes, no host synchronisation).
+"""The closed form's label preparation in a few kernels (static shapes, no host synchronisation),
+and its label sums E_k in the last of them.
 
 What closed.py needs from the labels, per call: the compact label index (labels the softmax
 columns carry, each with its columns in ascending order: a CSR), every anchor slot's compact id
@@ -22,6 +23,7 @@ from torch import Tensor
 from . import configs
 from .labels import most_frequent
 from .recording import launch
+from .sparse import csr_blocks, csr_row_chunk
 
 
 @triton.jit
@@ -67,19 +69,27 @@ def label_ids_kernel(sorted_keys, order, run, first, cid_sorted, col_cid, to_cid
 @triton.jit
 def head_prep_kernel(a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u_out, u_tail_out, w_out, ubar_out,
                      ubar_tail_out, head_u, row_scale, invalid, live, slot_keys, col_owner, col_cid, head_y,
-                     M, KA, L, U, col_lo, n_top, stride_hu, anchor_programs, C, KC,
+                     col_sorted, k_ptr, e_out, M, KA, L, U, col_lo, n_top, stride_hu, anchor_programs,
+                     column_programs, d_chunks, C, KC, d, stride_k, stride_e,
                      BLOCK_M: tl.constexpr, KA_P2: tl.constexpr, BLOCK_C: tl.constexpr, KC_P2: tl.constexpr,
-                     HB: tl.constexpr):
-    """Both sides of the head in one launch (each only needs the head's compact ids `top`): the
-    first `anchor_programs` programs prepare blocks of anchors (_anchor_block), the others blocks
-    of columns (_column_block)."""
+                     HB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Everything that needs only the compact label index, in one launch: the first
+    `anchor_programs` programs prepare blocks of anchors (_anchor_block), the next
+    `column_programs` blocks of columns (_column_block; both sides of the head only need its
+    compact ids `top`), and the rest, U * d_chunks of them, the closed form's label sums
+    E_k = sum of the softmax columns carrying k (sparse.csr_row_chunk over col_sorted), one
+    label and feature chunk each."""
     pid = tl.program_id(0)
     if pid < anchor_programs:
         _anchor_block(pid, a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u_out, u_tail_out, w_out,
                       ubar_out, ubar_tail_out, head_u, row_scale, invalid, live, slot_keys, col_owner,
                       M, KA, L, U, col_lo, n_top, stride_hu, BLOCK_M, KA_P2, HB)
-    else:
+    elif pid < anchor_programs + column_programs:
         _column_block(pid - anchor_programs, col_cid, top, head_y, C, KC, n_top, BLOCK_C, KC_P2, HB)
+    else:
+        r = pid - anchor_programs - column_programs
+        csr_row_chunk(r // d_chunks, r % d_chunks, col_ptr, col_sorted, col_sorted, k_ptr, e_out, d, stride_k,
+                      stride_e, BLOCK_P, BLOCK_D, True)
 
 
 @triton.jit
@@ -174,10 +184,11 @@ class Prepared(NamedTuple):
     slot_sorted: Tensor  # [M*Ka] int64: ... the slots (flat anchor * Ka + slot), by label, each label's ascending
     col_owner: Tensor    # [C] int32: the anchor whose own column it is, or -1
     top: Tensor          # [min(HB, U)] int64: the head's compact ids, most frequent first
+    e: Tensor            # [U, d] fp32: E_k, the sum of the softmax columns carrying compact label k
 
 
 def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor, col_lo: int, num_labels: int,
-            hb: int, interpret: bool, wrap) -> Prepared:
+            hb: int, k: Tensor, interpret: bool, wrap) -> Prepared:
     dev = c_index.device
     C, kc = c_index.shape
     M, ka = a_index.shape
@@ -222,13 +233,19 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     # The [rows, slots, head] comparison cubes stay within 8K elements per program.
     bm = 16 if interpret else max(1, min(64, 8192 // (ka_p2 * hb)))
     bc = 16 if interpret else max(1, min(64, 8192 // (kc_p2 * hb)))
-    anchor_programs = triton.cdiv(M, bm)
-    if anchor_programs + triton.cdiv(C, bc):
-        launch(head_prep_kernel, (anchor_programs + triton.cdiv(C, bc),),
+    d = k.shape[1]
+    e = torch.empty(U, d, dtype=torch.float32, device=dev)
+    bp, bd = csr_blocks(d, interpret)
+    d_chunks = triton.cdiv(d, bd)
+    anchor_programs, column_programs = triton.cdiv(M, bm), triton.cdiv(C, bc)
+    programs = anchor_programs + column_programs + U * d_chunks
+    if programs:
+        launch(head_prep_kernel, (programs,),
                (a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u, u_tail, w_tot, ubar, ubar_tail, head_u,
-                row_scale, invalid, live, slot_keys, col_owner, col_cid, head_y, M, ka, L, U, col_lo, n_top,
-                head_u.stride(0), anchor_programs, C, kc),
-               dict(BLOCK_M=bm, KA_P2=ka_p2, BLOCK_C=bc, KC_P2=kc_p2, HB=hb), wrap)
+                row_scale, invalid, live, slot_keys, col_owner, col_cid, head_y, col_sorted, k, e, M, ka, L, U, col_lo,
+                n_top, head_u.stride(0), anchor_programs, column_programs, d_chunks, C, kc, d, k.stride(0),
+                e.stride(0)),
+               dict(BLOCK_M=bm, KA_P2=ka_p2, BLOCK_C=bc, KC_P2=kc_p2, HB=hb, BLOCK_P=bp, BLOCK_D=bd), wrap)
 
     # Anchors with a positive first, in their own order (a stable sort of the 0/1 flags).
     visit_order = torch.sort(invalid, stable=True).indices.to(torch.int32)
@@ -236,4 +253,4 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     slot_cid, slot_sorted = torch.sort(slot_keys.flatten(), stable=True)
     slot_ptr = torch.searchsorted(slot_cid, torch.arange(U + 1, device=dev, dtype=key_dtype))
     return Prepared(col_ptr, col_sorted, col_cid, a_cid, u, u_tail, w_tot, ubar, ubar_tail, head_u, head_y,
-                    row_scale, visit_order, live, slot_ptr, slot_sorted, col_owner, top)
+                    row_scale, visit_order, live, slot_ptr, slot_sorted, col_owner, top, e)

@@ -45,10 +45,18 @@ def segment_sum_kernel(values, ptr, out, BLOCK: tl.constexpr):
 def csr_rows_kernel(ptr, idx, coef, x_ptr, out, d, stride_x, stride_o,
                     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, UNIT: tl.constexpr):
     """out[s, chunk] = sum_{p in [ptr[s], ptr[s+1])} coef[p] * x[idx[p], chunk] (coef = 1 when
-    UNIT); entries with idx[p] < 0 are skipped (no load), so padded slot lists cost no memory
-    traffic. Every (s, chunk) is written, empty segments as 0."""
-    seg = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    UNIT): csr_row_chunk for segment program_id(0) and feature chunk program_id(1)."""
+    csr_row_chunk(tl.program_id(0), tl.program_id(1), ptr, idx, coef, x_ptr, out, d, stride_x, stride_o,
+                  BLOCK_P, BLOCK_D, UNIT)
+
+
+@triton.jit
+def csr_row_chunk(seg, chunk, ptr, idx, coef, x_ptr, out, d, stride_x, stride_o,
+                  BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, UNIT: tl.constexpr):
+    """One segment's sum over one feature chunk, in entry order: entries with idx[p] < 0 are
+    skipped (no load), so padded slot lists cost no memory traffic; an empty segment writes 0.
+    Also a role of prep.head_prep_kernel (the closed form's label sums E_k in that launch)."""
+    offs_d = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < d
     lo = tl.load(ptr + seg)
     hi = tl.load(ptr + seg + 1)
@@ -89,6 +97,11 @@ def segment_sum(values: Tensor, ptr: Tensor, interpret: bool) -> Tensor:
     return out
 
 
+def csr_blocks(d: int, interpret: bool) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_D) of csr_row_chunk: entries per step, features per program."""
+    return (16 if interpret else 32), configs.block_width(d, 128, interpret)
+
+
 def csr_rows(ptr: Tensor, idx: Tensor, coef: Tensor | None, x: Tensor, interpret: bool, wrap=None) -> Tensor:
     """[S, d] fp32: row s = sum over its entries p of coef[p] * x[idx[p]] (idx < 0: skipped;
     coef None: all 1). `wrap`: torch.library.wrap_triton inside triton_op bodies."""
@@ -96,7 +109,7 @@ def csr_rows(ptr: Tensor, idx: Tensor, coef: Tensor | None, x: Tensor, interpret
     if not (segs and d and idx.numel()):
         return torch.zeros(segs, d, dtype=torch.float32, device=x.device)
     out = torch.empty(segs, d, dtype=torch.float32, device=x.device)
-    bp, bd = 16 if interpret else 32, configs.block_width(d, 128, interpret)
+    bp, bd = csr_blocks(d, interpret)
     unit = coef is None
     coef = idx if unit else coef.to(torch.float32).contiguous()
     launch(csr_rows_kernel, (segs, triton.cdiv(d, bd)), (ptr, idx, coef, x, out, d, x.stride(0), out.stride(0)),
