@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <limits>
 #include <tuple>
 
 namespace mlcl_fast {
@@ -27,13 +28,14 @@ struct LabelIndex {
 
 inline LabelIndex column_label_index(const at::Tensor& col_labels, int64_t num_labels) {
   const int64_t width = col_labels.size(1);
+  // 32-bit keys where the labels fit: a GPU radix sort then makes half the passes.
+  const auto key_type = num_labels < std::numeric_limits<int32_t>::max() ? at::kInt : at::kLong;
   const at::Tensor keys =
-      at::where(col_labels < 0, at::full({}, num_labels, col_labels.options()), col_labels).reshape({-1});
+      at::where(col_labels < 0, at::full({}, num_labels, col_labels.options()), col_labels).reshape({-1}).to(key_type);
   const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   LabelIndex index;
   index.cols = at::div(std::get<1>(sorted), std::max<int64_t>(width, 1), "floor").to(at::kInt).contiguous();
-  index.ptr = at::searchsorted(std::get<0>(sorted), at::arange(num_labels + 1, col_labels.options()),
-                               /*out_int32=*/true)
+  index.ptr = at::searchsorted(std::get<0>(sorted), at::arange(num_labels + 1, keys.options()), /*out_int32=*/true)
                   .contiguous();
   return index;
 }
