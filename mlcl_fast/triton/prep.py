@@ -27,14 +27,19 @@ from .sparse import csr_blocks, csr_row_chunk
 
 
 @triton.jit
-def label_keys_kernel(c_index, keys, n, KC, L, col_lo, BLOCK: tl.constexpr):
+def label_keys_kernel(c_index, keys, to_cid, col_owner, live, n, KC, L, C, col_lo, BLOCK: tl.constexpr):
     """Sort keys of the column label slots: the label, or L for padding and columns outside the
-    softmax. Slot p is column p // KC's, so a stable sort keeps each label's columns ascending."""
+    softmax. Slot p is column p // KC's, so a stable sort keeps each label's columns ascending.
+    Also the initial values of what later launches fill in: to_cid [L + 1] and col_owner [C]
+    -1 (none), the live count 0 (instead of three fill operations)."""
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = p < n
     lab = tl.load(c_index + p, mask=m, other=-1)
     valid = (lab >= 0) & (p // KC >= col_lo)
     tl.store(keys + p, tl.where(valid, lab, L).to(keys.dtype.element_ty), mask=m)
+    tl.store(to_cid + p, tl.full([BLOCK], -1, tl.int64), mask=p < L + 1)
+    tl.store(col_owner + p, tl.full([BLOCK], -1, tl.int32), mask=p < C)
+    tl.store(live + p, tl.zeros([BLOCK], tl.int32), mask=p < 1)
 
 
 @triton.jit
@@ -201,7 +206,11 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     # of one over 64-bit keys, and the order it returns holds the slots themselves.
     key_dtype = torch.int32 if L < 2**31 - 1 else torch.int64
     keys = torch.empty(n, dtype=key_dtype, device=dev)
-    launch(label_keys_kernel, grid, (c_index, keys, n, kc, L, col_lo), dict(BLOCK=block), wrap)
+    to_cid = torch.empty(L + 1, dtype=torch.int64, device=dev)  # entry L: padding
+    col_owner = torch.empty(C, dtype=torch.int32, device=dev)
+    live = torch.empty(1, dtype=torch.int32, device=dev)
+    launch(label_keys_kernel, (triton.cdiv(max(n, L + 1, C), block),),
+           (c_index, keys, to_cid, col_owner, live, n, kc, L, C, col_lo), dict(BLOCK=block), wrap)
     sorted_keys, order = torch.sort(keys, stable=True)
     first = torch.empty(n, dtype=torch.int32, device=dev)
     col_sorted = torch.empty(n, dtype=torch.int64, device=dev)
@@ -209,7 +218,6 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     run = torch.cumsum(first, 0)
     cid_sorted = torch.empty(n, dtype=torch.int64, device=dev)
     col_cid = torch.empty(C, kc, dtype=torch.int64, device=dev)
-    to_cid = torch.full((L + 1,), -1, dtype=torch.int64, device=dev)  # entry L: padding
     launch(label_ids_kernel, grid, (sorted_keys, order, run, first, cid_sorted, col_cid, to_cid, n, L, U),
            dict(BLOCK=block), wrap)
     col_ptr = torch.searchsorted(cid_sorted, torch.arange(U + 1, device=dev))
@@ -223,11 +231,9 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     u = torch.empty(M, ka, dtype=torch.float32, device=dev)
     u_tail = torch.empty_like(u)
     slot_keys = torch.empty(M, ka, dtype=key_dtype, device=dev)
-    col_owner = torch.full((C,), -1, dtype=torch.int32, device=dev)
     w_tot, ubar, ubar_tail, row_scale = (torch.empty(M, dtype=torch.float32, device=dev) for _ in range(4))
     head_u = torch.empty(M, 2 * hb, dtype=torch.float16, device=dev)
     invalid = torch.empty(M, dtype=torch.int8, device=dev)
-    live = torch.zeros(1, dtype=torch.int32, device=dev)
     head_y = torch.empty(C, hb, dtype=torch.float16, device=dev)
     ka_p2, kc_p2 = configs.pow2(ka), configs.pow2(kc)
     # The [rows, slots, head] comparison cubes stay within 8K elements per program.
