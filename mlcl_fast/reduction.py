@@ -13,7 +13,7 @@ def mean_terms(problem: Problem, losses: Tensor, valid: Tensor) -> tuple[Tensor,
     labels -> (Σ a_i l_i, Σ_{i in A} a_i). Invalid anchors have l_i = 0. The numerator is the
     loss of reduction="sum"."""
     if problem.config.anchor_weight == "uniform":
-        return losses.sum(), valid.sum().to(losses.dtype)
+        return losses.sum(), valid.sum(dtype=losses.dtype)
     counts = anchor_label_counts(problem).to(losses.dtype)
     return (counts * losses).sum(), counts.sum()
 
