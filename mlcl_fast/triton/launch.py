@@ -247,7 +247,9 @@ def symmetric_columns(col_owner: Tensor, w_tot: Tensor) -> tuple[Tensor, Tensor]
     ascending order; the symmetric backward's anchor-row sweep covers them (the owned ones come
     with their owner's column block). Static shapes, no host read."""
     own = col_owner.long()
-    owned = (own >= 0) & (w_tot[own.clamp(min=0)] > 0)
+    # Owners lie in [-1, M); the upper bound only keeps a recorded call (no kernel ran, so the
+    # owners hold no values: recording.py) in range.
+    owned = (own >= 0) & (w_tot[own.clamp(0, max(w_tot.numel() - 1, 0))] > 0)
     col_list = torch.sort(owned.to(torch.uint8), stable=True).indices
     return col_list, (~owned).sum(dtype=torch.int32).view(1)
 
