@@ -288,10 +288,11 @@ bool cpu_blocked_requested() {
   return true;
 }
 
-void check_label_prep(const at::Tensor& label_prep, const at::Tensor& rows, const at::Tensor& cols,
-                      const at::Tensor& row_labels, const at::Tensor& col_labels, const LossOptions& opt,
-                      bool check_values) {
-  if (label_prep.numel() == 0) return;
+at::Tensor checked_label_prep(const std::optional<at::Tensor>& given, const at::Tensor& rows,
+                              const at::Tensor& cols, const at::Tensor& row_labels, const at::Tensor& col_labels,
+                              const LossOptions& opt, bool check_values) {
+  if (!given.has_value() || given->numel() == 0) return at::empty({0}, rows.options().dtype(at::kInt));
+  const at::Tensor& label_prep = *given;
   const int64_t size = prep_size(rows.size(0), cols.size(0), row_labels.size(1), col_labels.size(1), opt.num_labels);
   TORCH_CHECK(label_prep.dim() == 1 && label_prep.size(0) == size && label_prep.scalar_type() == at::kInt &&
                   label_prep.device() == rows.device(),
@@ -302,6 +303,7 @@ void check_label_prep(const at::Tensor& label_prep, const at::Tensor& rows, cons
     TORCH_CHECK(at::equal(label_prep, prepare_labels(row_labels, col_labels, opt.num_labels)),
                 "label_prep: not anchor_loss_forward's preparation of these row_labels and col_labels");
   }
+  return label_prep;
 }
 
 int64_t blocked_prep_size(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,
@@ -344,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor> blocked_backward(const at::Tensor& grad_loss,
   const auto f32 = rows.options().dtype(at::kFloat);
   at::Tensor grad_rows = at::zeros({R, d}, f32), grad_cols = at::zeros({C, d}, f32);
   if (R > 0 && C > 0) {
-    // The forward's preparation when given (checked by check_label_prep), else made here.
+    // The forward's preparation when given (checked by checked_label_prep), else made here.
     const at::Tensor packed =
         label_prep.numel() > 0 ? label_prep : prepare_labels(row_labels, col_labels, opt.num_labels);
     Prepared prep = prepare(packed, row_labels, col_labels, self_col, R, C, opt);

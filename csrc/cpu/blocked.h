@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 #include "block_math.h"
@@ -53,11 +54,12 @@ std::tuple<at::Tensor, at::Tensor> blocked_backward(const at::Tensor& grad_loss,
                                                     const at::Tensor& normaliser, const at::Tensor& label_prep,
                                                     const LossOptions& opt, const BlockKernels& kernels);
 
-// label_prep is empty, or blocked_forward's for these inputs: its shape, dtype and device always;
-// with check_values its values too (recomputed and compared: one host read).
-void check_label_prep(const at::Tensor& label_prep, const at::Tensor& rows, const at::Tensor& cols,
-                      const at::Tensor& row_labels, const at::Tensor& col_labels, const LossOptions& opt,
-                      bool check_values);
+// The backward's label_prep argument, checked: absent or empty (an empty tensor is returned), or
+// blocked_forward's for these inputs: its shape, dtype and device always; with check_values its
+// values too (recomputed and compared: one host read).
+at::Tensor checked_label_prep(const std::optional<at::Tensor>& label_prep, const at::Tensor& rows,
+                              const at::Tensor& cols, const at::Tensor& row_labels, const at::Tensor& col_labels,
+                              const LossOptions& opt, bool check_values);
 
 // The number of int32 entries of blocked_forward's label_prep.
 int64_t blocked_prep_size(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& row_labels,

@@ -34,11 +34,6 @@ int64_t own_softmax_column(const LabelContext& labels, int64_t self) {
   return self >= labels.first_col && self < labels.num_cols ? self : -1;
 }
 
-bool carries(const LabelContext& labels, int64_t col, int32_t k) {
-  const int32_t* b = labels.col_sets.begin(col);
-  return std::binary_search(b, b + labels.col_sets.count(col), k);
-}
-
 // u_ik per label slot of anchor i (0 where Z_ik = 0) and ubar_i (the u of the labels its own
 // softmax column carries); returns the own softmax column or -1.
 int64_t anchor_weights(const LabelContext& labels, int64_t i, int64_t self, const double* norm_i, double* u,
@@ -49,7 +44,7 @@ int64_t anchor_weights(const LabelContext& labels, int64_t i, int64_t self, cons
   ubar = 0.0;
   for (int32_t t = 0; t < a; ++t) {
     u[t] = norm_i[t] > 0.0 ? 1.0 / (static_cast<double>(a) * norm_i[t]) : 0.0;
-    if (own >= 0 && u[t] > 0.0 && carries(labels, own, labs[t])) ubar += u[t];
+    if (own >= 0 && u[t] > 0.0 && labels.carries(own, labs[t])) ubar += u[t];
   }
   return own;
 }

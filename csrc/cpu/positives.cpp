@@ -162,11 +162,7 @@ void PositiveFinder::touch(int32_t j) {
 int64_t PositiveFinder::slot_columns(int64_t i, int64_t self, int32_t slot) const {
   const int32_t k = ctx_.row_sets.begin(i)[slot];
   int64_t n = ctx_.frequency(k);
-  if (self >= ctx_.first_col) {
-    const int32_t* b = ctx_.col_sets.begin(self);
-    const int32_t* e = b + ctx_.col_sets.count(self);
-    if (std::binary_search(b, e, k)) --n;
-  }
+  if (self >= ctx_.first_col && ctx_.carries(self, k)) --n;
   return n;
 }
 

@@ -8,6 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -44,6 +45,11 @@ struct LabelContext {
   std::vector<uint64_t> row_bits, col_bits;
 
   int64_t frequency(int32_t k) const { return inv_start[k + 1] - inv_start[k]; }
+  // Whether column `col` carries label k (its sorted list).
+  bool carries(int64_t col, int32_t k) const {
+    const int32_t* b = col_sets.begin(col);
+    return std::binary_search(b, b + col_sets.count(col), k);
+  }
 };
 
 // `strategy`: "auto" picks from label statistics (estimated work of each enumeration).

@@ -72,8 +72,7 @@ std::tuple<at::Tensor, at::Tensor> anchor_loss_backward_cuda(
   check_cuda_device(rows);
   check_inputs(rows, cols, row_labels, col_labels, self_col, opt, check_values, /*half_ok=*/true);
   check_saved(grad_loss, lse, total_weight, normalizer, rows, row_labels, opt, at::kFloat);
-  const at::Tensor prep = label_prep.has_value() ? *label_prep : at::empty({0}, rows.options().dtype(at::kInt));
-  check_label_prep(prep, rows, cols, row_labels, col_labels, opt, check_values);
+  const at::Tensor prep = checked_label_prep(label_prep, rows, cols, row_labels, col_labels, opt, check_values);
   const c10::cuda::CUDAGuard guard(rows.device());
   return blocked_backward(grad_loss, rows, cols, row_labels, col_labels, self_col, lse, total_weight, normalizer, prep,
                           opt, kKernels);
