@@ -43,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import checks, configs, launch, prep
+from . import checks, configs, launch, prep, sparse
 from . import tail as tail_pairs  # `tail`: closed_backward's flag
 from .recording import launch as launch_kernel
 
@@ -153,9 +153,10 @@ def label_anchor_sums(slot_ptr: Tensor, slot_sorted: Tensor, u_tail: Tensor, g_u
     """[U, d] fp32: label_anchor_sums_kernel."""
     U, d = slot_ptr.numel() - 1, q.shape[1]
     out = torch.empty(U, d, dtype=torch.float32, device=q.device)
-    bp, bd = 16 if interpret else 32, configs.block_width(d, 128, interpret)
+    bp, bd = sparse.csr_blocks(d, interpret)
     launch_kernel(label_anchor_sums_kernel, (U, triton.cdiv(d, bd)),
-                  (slot_ptr, slot_sorted, u_tail, g_up, q, out, d, u_tail.shape[1], q.stride(0), out.stride(0)), dict(BLOCK_P=bp, BLOCK_D=bd), wrap_triton)
+                  (slot_ptr, slot_sorted, u_tail, g_up, q, out, d, u_tail.shape[1], q.stride(0), out.stride(0)),
+                  dict(BLOCK_P=bp, BLOCK_D=bd), wrap_triton)
     return out
 
 

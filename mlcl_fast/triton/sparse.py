@@ -43,11 +43,11 @@ def segment_sum_kernel(values, ptr, out, BLOCK: tl.constexpr):
 
 @triton.jit
 def csr_rows_kernel(ptr, idx, coef, x_ptr, out, d, stride_x, stride_o,
-                    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, UNIT: tl.constexpr):
-    """out[s, chunk] = sum_{p in [ptr[s], ptr[s+1])} coef[p] * x[idx[p], chunk] (coef = 1 when
-    UNIT): csr_row_chunk for segment program_id(0) and feature chunk program_id(1)."""
+                    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[s, chunk] = sum_{p in [ptr[s], ptr[s+1])} coef[p] * x[idx[p], chunk]: csr_row_chunk
+    for segment program_id(0) and feature chunk program_id(1)."""
     csr_row_chunk(tl.program_id(0), tl.program_id(1), ptr, idx, coef, x_ptr, out, d, stride_x, stride_o,
-                  BLOCK_P, BLOCK_D, UNIT)
+                  BLOCK_P, BLOCK_D, False)
 
 
 @triton.jit
@@ -98,22 +98,22 @@ def segment_sum(values: Tensor, ptr: Tensor, interpret: bool) -> Tensor:
 
 
 def csr_blocks(d: int, interpret: bool) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_D) of csr_row_chunk: entries per step, features per program."""
+    """(BLOCK_P, BLOCK_D) of the segment-sum kernels (csr_row_chunk, closed.label_anchor_sums_kernel):
+    entries per step, features per program."""
     return (16 if interpret else 32), configs.block_width(d, 128, interpret)
 
 
-def csr_rows(ptr: Tensor, idx: Tensor, coef: Tensor | None, x: Tensor, interpret: bool, wrap=None) -> Tensor:
-    """[S, d] fp32: row s = sum over its entries p of coef[p] * x[idx[p]] (idx < 0: skipped;
-    coef None: all 1). `wrap`: torch.library.wrap_triton inside triton_op bodies."""
+def csr_rows(ptr: Tensor, idx: Tensor, coef: Tensor, x: Tensor, interpret: bool) -> Tensor:
+    """[S, d] fp32: row s = sum over its entries p of coef[p] * x[idx[p]] (idx < 0: skipped).
+    (Unit coefficients, the closed form's E_k, run in prep.head_prep_kernel's launch.)"""
     segs, d = ptr.numel() - 1, x.shape[1]
     if not (segs and d and idx.numel()):
         return torch.zeros(segs, d, dtype=torch.float32, device=x.device)
     out = torch.empty(segs, d, dtype=torch.float32, device=x.device)
     bp, bd = csr_blocks(d, interpret)
-    unit = coef is None
-    coef = idx if unit else coef.to(torch.float32).contiguous()
+    coef = coef.to(torch.float32).contiguous()
     launch(csr_rows_kernel, (segs, triton.cdiv(d, bd)), (ptr, idx, coef, x, out, d, x.stride(0), out.stride(0)),
-           dict(BLOCK_P=bp, BLOCK_D=bd, UNIT=unit), wrap)
+           dict(BLOCK_P=bp, BLOCK_D=bd))
     return out
 
 
