@@ -62,50 +62,6 @@ def has_tail(c_index: Tensor, num_labels: int, dim: int) -> bool:
 
 
 @triton.jit
-def anchor_sums_kernel(q_ptr, e_ptr, a_cid, u, u_tail, ubar, ubar_tail, w_tot, lse2, base_out, v_tail_out,
-                       KA, d, inv_tau, stride_q, stride_e, stride_v,
-                       KA_P2: tl.constexpr, BLOCK_D: tl.constexpr, LN2: tl.constexpr):
-    """Per anchor i: V_i = sum_k u_ik E_k - ubar_i q_i (the own column holds q_i itself), the
-    loss without the regulariser W_i lse_i - <q_i, V_i> / tau (0 without a positive), and the
-    tail labels' V^T_i for the backward."""
-    i = tl.program_id(0)
-    slots = tl.arange(0, KA_P2)
-    smask = slots < KA
-    cid = tl.load(a_cid + i * KA + slots, mask=smask, other=-1)
-    has = cid >= 0
-    w_u = tl.load(u + i * KA + slots, mask=smask, other=0.0)
-    w_t = tl.load(u_tail + i * KA + slots, mask=smask, other=0.0)
-    own = tl.load(ubar + i)
-    own_t = tl.load(ubar_tail + i)
-    weighted = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, d, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < d
-        e = tl.load(e_ptr + cid[:, None] * stride_e + dd[None, :], mask=has[:, None] & dmask[None, :], other=0.0)
-        qi = tl.load(q_ptr + i * stride_q + dd, mask=dmask, other=0.0).to(tl.float32)
-        v = tl.sum(w_u[:, None] * e, axis=0) - own * qi
-        weighted += qi * v
-        tl.store(v_tail_out + i * stride_v + dd, tl.sum(w_t[:, None] * e, axis=0) - own_t * qi, mask=dmask)
-    w = tl.load(w_tot + i)
-    base = w * tl.load(lse2 + i) * LN2 - tl.sum(weighted, axis=0) * inv_tau
-    tl.store(base_out + i, tl.where(w > 0, base, 0.0))
-
-
-def anchor_sums(q: Tensor, e: Tensor, pre: prep.Prepared, lse2: Tensor, inv_tau: float, interpret: bool, wrap):
-    """(loss without the regulariser [M], V^T [M, d] fp32): anchor_sums_kernel."""
-    M, ka = pre.a_cid.shape
-    base = torch.empty(M, dtype=torch.float32, device=q.device)
-    v_tail = torch.empty(M, q.shape[1], dtype=torch.float32, device=q.device)
-    if M:
-        bd = configs.block_width(q.shape[1], 256, interpret)
-        launch_kernel(anchor_sums_kernel, (M,),
-                      (q, e, pre.a_cid, pre.u, pre.u_tail, pre.ubar, pre.ubar_tail, pre.w_tot, lse2, base, v_tail,
-                       ka, q.shape[1], inv_tau, q.stride(0), e.stride(0), v_tail.stride(0)),
-                      dict(KA_P2=configs.pow2(ka), BLOCK_D=bd, LN2=configs.LN2), wrap)
-    return base, v_tail
-
-
-@triton.jit
 def label_anchor_sums_kernel(slot_ptr, slot_sorted, u_tail, g_up, q_ptr, out, d, KA, stride_q, stride_o,
                              BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """F_u = sum over the anchor slots of compact label u (flat anchor * KA + slot, in slot
@@ -214,10 +170,11 @@ def closed_forward(q: Tensor, k: Tensor, self_col: Tensor, a_index: Tensor, a_co
     free, g_free = launch.label_free(q, k, self_col, a_count, c_count, num_samples, col_lo, inv_tau, log_beta,
                                      fp32_precision)
     visit = (pre.order, pre.live)
-    lse2, _, _ = launch.stats(q, k, free, g_free, wrap_triton, visit)
+    # The anchors' label sums V_i (and the loss without the regulariser) in the same programs.
+    sums = (pre.a_cid, pre.u, pre.u_tail, pre.ubar, pre.ubar_tail, pre.w_tot, pre.e)
+    lse2, _, _, loss, v_tail = launch.stats(q, k, free, g_free, wrap_triton, visit, sums=sums)
     labels, g = launch.head_tiles(q, k, self_col, a_count, c_count, pre.head_u, pre.head_y, num_samples, col_lo,
                                   inv_tau, log_beta, reg, fp32_precision)
-    loss, v_tail = anchor_sums(q, pre.e, pre, lse2, inv_tau, interpret, wrap_triton)
     dq_unit = q.new_empty(0, q.shape[1], dtype=torch.float32)
     if reg or grad_in_forward:
         # The second sweep: the head regulariser's value and/or the anchor-row gradient for G = 1.

@@ -13,7 +13,9 @@ exp2 is the only transcendental per pair. The saved statistic is the base-2 log-
 lse2_i = lse_i * log2(e), which the second sweeps subtract from base-2 logits as it is (a lone
 softmax column then has p = exp2(0) = 1 exactly); callers take lse_i = lse2_i * ln(2).
 Without labels (MODE_NONE: the closed-form and pair-list regimes) the sweep is the logit GEMM
-and one exp2 per pair, nothing else.
+and one exp2 per pair, nothing else. The closed form's per-anchor label sums (SUMS: V_i and the
+loss without the regulariser, closed.py) follow in the same programs once the log-sum-exp is
+final: O(K_a d) per anchor, no launch of their own.
 """
 import triton
 import triton.language as tl
@@ -25,9 +27,10 @@ from .tiles import (_MODE_DENSE, F_ONE, LN2, W_LABEL, anchor_rows, block_rows, d
 @triton.jit
 def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count, order, live,
                  lse_out, acc_z, acc_s,
+                 s_cid, s_u, s_u_tail, s_ubar, s_ubar_tail, s_w, e_ptr, base_out, v_tail_out,
                  M, C, N, col_lo, d, KA, KAP, width, stride_q, stride_k,
-                 scale2, log2_beta, alpha,
-                 LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
+                 scale2, log2_beta, alpha, KS, inv_tau, stride_e, stride_v,
+                 SUMS: tl.constexpr, BLOCK_DS: tl.constexpr, LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
                  WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr, NATIVE: tl.constexpr,
                  SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  Q_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
@@ -99,6 +102,10 @@ def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_coun
     # accumulated: the outputs need no zero fill before the launch.
     rows, rmask = block_rows(order, M, pid * BLOCK_M, BLOCK_M)
     tl.store(lse_out + rows, lse, mask=rmask)
+    if SUMS:
+        visited = pid * BLOCK_M + tl.arange(0, BLOCK_M) < live_n
+        anchor_sums(q_ptr, rows, rmask, visited, lse, d, stride_q, s_cid, s_u, s_u_tail, s_ubar, s_ubar_tail, s_w,
+                    e_ptr, base_out, v_tail_out, KS, inv_tau, stride_e, stride_v, BLOCK_M, BLOCK_DS)
     if LABELS:
         if MODE == _MODE_DENSE:
             if WEIGHTING == W_LABEL:
@@ -108,3 +115,34 @@ def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_coun
         out = rows[:, None] * SLOTS + slots[None, :]
         tl.store(acc_z + out, z_acc, mask=rmask[:, None])
         tl.store(acc_s + out, s_acc, mask=rmask[:, None])
+
+
+@triton.jit
+def anchor_sums(q_ptr, rows, rmask, visited, lse2, d, stride_q, a_cid, u, u_tail, ubar, ubar_tail, w_tot, e_ptr,
+                base_out, v_tail_out, KA, inv_tau, stride_e, stride_v, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The closed form's per-anchor sums for the block's anchors `rows` (closed.py):
+    V_i = sum_k u_ik E_k - ubar_i q_i (the own column holds q_i itself), the loss without the
+    regulariser W_i lse_i - <q_i, V_i> / tau (0 without a positive), and the tail labels' V^T_i
+    (u^T, ubar^T) for the backward. An anchor that is not `visited` has no positive, so u_i = 0
+    and everything it gets is 0: its rows are written without a load."""
+    live = rmask & visited
+    own = tl.load(ubar + rows, mask=live, other=0.0)
+    own_t = tl.load(ubar_tail + rows, mask=live, other=0.0)
+    weighted = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        dmask = (dd < d)[None, :]
+        qi = tl.load(q_ptr + rows[:, None] * stride_q + dd[None, :], mask=live[:, None] & dmask,
+                     other=0.0).to(tl.float32)
+        v = -own[:, None] * qi
+        v_t = -own_t[:, None] * qi
+        for t in range(KA):
+            cid = tl.load(a_cid + rows * KA + t, mask=live, other=-1)
+            e = tl.load(e_ptr + cid[:, None] * stride_e + dd[None, :], mask=(cid >= 0)[:, None] & dmask, other=0.0)
+            v += tl.load(u + rows * KA + t, mask=live, other=0.0)[:, None] * e
+            v_t += tl.load(u_tail + rows * KA + t, mask=live, other=0.0)[:, None] * e
+        weighted += tl.sum(qi * v, axis=1)
+        tl.store(v_tail_out + rows[:, None] * stride_v + dd[None, :], v_t, mask=rmask[:, None] & dmask)
+    w = tl.load(w_tot + rows, mask=live, other=0.0)
+    base = w * lse2 * LN2 - weighted * inv_tau
+    tl.store(base_out + rows, tl.where(w > 0, base, 0.0), mask=rmask)

@@ -186,24 +186,38 @@ def _unfilled(*shape, device) -> Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def stats(q, k, labels: tuple, g: Geometry, wrap, visit: tuple | None = None):
+def stats(q, k, labels: tuple, g: Geometry, wrap, visit: tuple | None = None, sums: tuple | None = None):
     """Forward sweep: (lse2 [M] = lse * log2(e), Z-or-Omega [M, slots], S-or-T [M, slots]), fp32
-    (0 for anchors that `visit` skips)."""
+    (0 for anchors that `visit` skips). `sums` (the closed form's a_cid [M, Ka], u, u^T [M, Ka],
+    ubar, ubar^T, W [M], E [U, d]): the same programs also give (forward.anchor_sums) the loss
+    without the regulariser [M] and V^T [M, d], appended to the result."""
     M, dev = g.num_anchors, q.device
     # The kernel writes every anchor's outputs (zeros for those `visit` skips): no zero fill.
     lse = _unfilled(M, device=dev)
     acc_z = _unfilled(M, g.slots, device=dev)
     acc_s = _unfilled(M, g.slots, device=dev)
+    out = (lse, acc_z, acc_s)
+    if sums is not None:
+        a_cid, u, u_tail, ubar, ubar_tail, w_tot, e = sums
+        base, v_tail = _unfilled(M, device=dev), _unfilled(M, g.dim, device=dev)
+        out += (base, v_tail)
+        sum_args = (a_cid, u, u_tail, ubar, ubar_tail, w_tot, e, base, v_tail)
+        sum_scalars = (a_cid.shape[1], g.inv_tau, e.stride(0), v_tail.stride(0))
+    else:
+        sum_args, sum_scalars = (lse,) * 9, (0, g.inv_tau, 0, 0)  # not read without SUMS
     if M == 0:
-        return lse, acc_z, acc_s
+        return out
     cfg = _tile(g)
     block_k = cfg.block_k
-    args = (q, k, *labels, *visiting(M, dev, visit), lse, acc_z, acc_s,
+    args = (q, k, *labels, *visiting(M, dev, visit), lse, acc_z, acc_s, *sum_args,
             M, g.num_columns, g.num_samples, g.col_lo, g.dim, g.anchor_width, g.slots, g.table_width,
-            q.stride(0), k.stride(0), g.scale2, g.log2_beta, g.alpha)
-    meta = dict(_common(g), SLOTS=g.slots, BLOCK_K=block_k, Q_RESIDENT=g.dim <= block_k)
+            q.stride(0), k.stride(0), g.scale2, g.log2_beta, g.alpha, *sum_scalars)
+    # The sums' [BLOCK_M, BLOCK_DS] tiles: 4K elements, 16 registers a thread at 8 warps.
+    block_ds = configs.block_width(g.dim, max(16, 4096 // cfg.block_m), INTERPRETED)
+    meta = dict(_common(g), SLOTS=g.slots, BLOCK_K=block_k, Q_RESIDENT=g.dim <= block_k, SUMS=sums is not None,
+                BLOCK_DS=block_ds)
     _launch(forward.stats_kernel, "stats", g, cfg, lambda m: (triton.cdiv(M, m["BLOCK_M"]),), wrap, args, meta)
-    return lse, acc_z, acc_s
+    return out
 
 
 def rows(q, k, labels: tuple, lse, w_tot, scale, inv_z, g_up, g: Geometry, wrap, reg_value: bool, grad: bool,
