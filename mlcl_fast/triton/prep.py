@@ -6,7 +6,7 @@ columns carry, each with its columns in ascending order: a CSR), every anchor sl
 and weight u_ik = 1 / (a_i Z_ik), W_i, the head labels (the HB compact labels carried by most
 columns, ties to the smaller label) as dense fp16 tiles, the tail labels' weights, the anchors'
 visiting order and the anchor slots grouped by label for the backward. Written as torch
-operations this is ~150 small launches per call; here it is four kernels and seven library
+operations this is ~150 small launches per call; here it is three kernels and seven library
 calls (three sorts, a cumulative sum, a top-k and two searchsorted), each O(nnz) or O(U) work.
 
 Integer atomics (the live count) are exact, so every output is deterministic.
@@ -27,70 +27,70 @@ from .sparse import csr_blocks, csr_row_chunk
 
 
 @triton.jit
-def label_keys_kernel(c_index, keys, to_cid, col_owner, live, n, KC, L, C, col_lo, BLOCK: tl.constexpr):
+def label_keys_kernel(c_index, keys, label_start, col_owner, live, n, KC, L, C, col_lo, BLOCK: tl.constexpr):
     """Sort keys of the column label slots: the label, or L for padding and columns outside the
     softmax. Slot p is column p // KC's, so a stable sort keeps each label's columns ascending.
-    Also the initial values of what later launches fill in: to_cid [L + 1] and col_owner [C]
+    Also the initial values of what later launches fill in: label_start [L + 1] and col_owner [C]
     -1 (none), the live count 0 (instead of three fill operations)."""
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = p < n
     lab = tl.load(c_index + p, mask=m, other=-1)
     valid = (lab >= 0) & (p // KC >= col_lo)
     tl.store(keys + p, tl.where(valid, lab, L).to(keys.dtype.element_ty), mask=m)
-    tl.store(to_cid + p, tl.full([BLOCK], -1, tl.int64), mask=p < L + 1)
+    tl.store(label_start + p, tl.full([BLOCK], -1, tl.int64), mask=p < L + 1)
     tl.store(col_owner + p, tl.full([BLOCK], -1, tl.int32), mask=p < C)
     tl.store(live + p, tl.zeros([BLOCK], tl.int32), mask=p < 1)
 
 
 @triton.jit
-def label_runs_kernel(sorted_keys, order, first, col_sorted, n, KC, L, BLOCK: tl.constexpr):
-    """first[p] = 1 where a label's run of sorted slots starts; col_sorted: the slot's column."""
+def label_runs_kernel(sorted_keys, order, first, col_sorted, label_start, n, KC, L, U, BLOCK: tl.constexpr):
+    """Over the sorted slots: first[p] = 1 where a label's run starts (its cumulative sum is the
+    run number, so the compact id of the run at p is run[p] - 1), U + 1 where the padding starts
+    (every padding slot's run number then exceeds U: a search for u + 1 <= U + 1 stops at the end
+    of the labels' slots, so empty labels past the carried ones get empty segments);
+    label_start[label] = p at its run's start (with run[p], the label -> compact id map);
+    col_sorted: the slot's column (-1 for padding)."""
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = p < n
     lab = tl.load(sorted_keys + p, mask=m, other=0).to(tl.int64)
     prev = tl.load(sorted_keys + p - 1, mask=m & (p > 0), other=-1).to(tl.int64)
     valid = lab < L
-    tl.store(first + p, (valid & (lab != prev)).to(tl.int32), mask=m)
+    starts = lab != prev
+    tl.store(first + p, tl.where(valid, starts.to(tl.int32), tl.where(starts, U + 1, 0)), mask=m)
+    tl.store(label_start + lab, p.to(tl.int64), mask=m & valid & starts)
     col = tl.load(order + p, mask=m, other=0) // KC
     tl.store(col_sorted + p, tl.where(valid, col, -1), mask=m)
 
 
 @triton.jit
-def label_ids_kernel(sorted_keys, order, run, first, cid_sorted, col_cid, to_cid, n, L, U, BLOCK: tl.constexpr):
-    """Compact ids: run number - 1 of the sorted slot (U past the valid slots), scattered back to
-    the slots' places (col_cid) and, once per label, into the label -> compact id map."""
-    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = p < n
-    lab = tl.load(sorted_keys + p, mask=m, other=0).to(tl.int64)
-    valid = lab < L
-    cid = tl.where(valid, tl.load(run + p, mask=m, other=1) - 1, U)
-    tl.store(cid_sorted + p, cid, mask=m)
-    dest = tl.load(order + p, mask=m, other=0)
-    tl.store(col_cid + dest, tl.where(valid, cid, -1), mask=m)
-    starts = tl.load(first + p, mask=m, other=0) != 0
-    tl.store(to_cid + lab, cid, mask=m & starts)
+def compact_ids(lab, label_start, run, mask):
+    """The compact ids of labels `lab` (-1: padding, or a label no softmax column carries), from
+    label_runs_kernel's run starts and the run numbers."""
+    start = tl.load(label_start + lab, mask=mask, other=-1)
+    return tl.where(start >= 0, tl.load(run + start, mask=mask & (start >= 0), other=0) - 1, -1)
 
 
 @triton.jit
-def head_prep_kernel(a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u_out, u_tail_out, w_out, ubar_out,
-                     ubar_tail_out, head_u, row_scale, invalid, live, slot_keys, col_owner, col_cid, head_y,
-                     col_sorted, k_ptr, e_out, M, KA, L, U, col_lo, n_top, stride_hu, anchor_programs,
+def head_prep_kernel(a_index, a_count, self_col, label_start, run, col_ptr, top, a_cid, u_out, u_tail_out, w_out,
+                     ubar_out, ubar_tail_out, head_u, row_scale, invalid, live, slot_keys, col_owner, c_index, col_cid,
+                     head_y, col_sorted, k_ptr, e_out, M, KA, L, U, col_lo, n_top, stride_hu, anchor_programs,
                      column_programs, d_chunks, C, KC, d, stride_k, stride_e,
                      BLOCK_M: tl.constexpr, KA_P2: tl.constexpr, BLOCK_C: tl.constexpr, KC_P2: tl.constexpr,
                      HB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     """Everything that needs only the compact label index, in one launch: the first
     `anchor_programs` programs prepare blocks of anchors (_anchor_block), the next
-    `column_programs` blocks of columns (_column_block; both sides of the head only need its
-    compact ids `top`), and the rest, U * d_chunks of them, the closed form's label sums
+    `column_programs` blocks of columns (_column_block: their slots' compact ids and head rows;
+    both sides of the head only need its compact ids `top`), and the rest, U * d_chunks of them, the closed form's label sums
     E_k = sum of the softmax columns carrying k (sparse.csr_row_chunk over col_sorted), one
     label and feature chunk each."""
     pid = tl.program_id(0)
     if pid < anchor_programs:
-        _anchor_block(pid, a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u_out, u_tail_out, w_out,
+        _anchor_block(pid, a_index, a_count, self_col, label_start, run, col_ptr, top, a_cid, u_out, u_tail_out, w_out,
                       ubar_out, ubar_tail_out, head_u, row_scale, invalid, live, slot_keys, col_owner,
                       M, KA, L, U, col_lo, n_top, stride_hu, BLOCK_M, KA_P2, HB)
     elif pid < anchor_programs + column_programs:
-        _column_block(pid - anchor_programs, col_cid, top, head_y, C, KC, n_top, BLOCK_C, KC_P2, HB)
+        _column_block(pid - anchor_programs, c_index, label_start, run, col_cid, top, head_y, C, KC, L, col_lo, n_top,
+                      BLOCK_C, KC_P2, HB)
     else:
         r = pid - anchor_programs - column_programs
         csr_row_chunk(r // d_chunks, r % d_chunks, col_ptr, col_sorted, col_sorted, k_ptr, e_out, d, stride_k,
@@ -98,7 +98,8 @@ def head_prep_kernel(a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u_
 
 
 @triton.jit
-def _anchor_block(pid, a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u_out, u_tail_out, w_out, ubar_out,
+def _anchor_block(pid, a_index, a_count, self_col, label_start, run, col_ptr, top, a_cid, u_out, u_tail_out, w_out,
+                  ubar_out,
                   ubar_tail_out, head_u, row_scale, invalid, live, slot_keys, col_owner,
                   M, KA, L, U, col_lo, n_top, stride_hu,
                   BLOCK_M: tl.constexpr, KA_P2: tl.constexpr, HB: tl.constexpr):
@@ -112,7 +113,7 @@ def _anchor_block(pid, a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, 
     m2 = rmask[:, None] & (slots[None, :] < KA)
     flat = rows[:, None] * KA + slots[None, :]
     lab = tl.load(a_index + flat, mask=m2, other=-1)
-    cid = tl.load(to_cid + tl.where(lab >= 0, lab, L), mask=m2, other=-1)
+    cid = compact_ids(tl.where(lab >= 0, lab, L), label_start, run, m2)
     has = cid >= 0
     cnt = tl.load(col_ptr + cid + 1, mask=m2 & has, other=0) - tl.load(col_ptr + cid, mask=m2 & has, other=0)
     own_col = tl.load(self_col + rows, mask=rmask, other=-1)
@@ -156,14 +157,19 @@ def _anchor_block(pid, a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, 
 
 
 @triton.jit
-def _column_block(pid, col_cid, top, head_y, C, KC, n_top, BLOCK_C: tl.constexpr, KC_P2: tl.constexpr,
-                  HB: tl.constexpr):
-    """head_y[j, h] = 1 where column j carries the h-th head label (fp16, exact)."""
+def _column_block(pid, c_index, label_start, run, col_cid, top, head_y, C, KC, L, col_lo, n_top,
+                  BLOCK_C: tl.constexpr, KC_P2: tl.constexpr, HB: tl.constexpr):
+    """Per column: the compact id of each label slot (-1 for padding and outside the softmax),
+    and head_y[j, h] = 1 where column j carries the h-th head label (fp16, exact)."""
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     slots = tl.arange(0, KC_P2)
-    cid = tl.load(col_cid + cols[:, None] * KC + slots[None, :], mask=cmask[:, None] & (slots[None, :] < KC),
-                  other=-1)
+    m2 = cmask[:, None] & (slots[None, :] < KC)
+    flat = cols[:, None] * KC + slots[None, :]
+    lab = tl.load(c_index + flat, mask=m2, other=-1)
+    carried = (lab >= 0) & (cols >= col_lo)[:, None]
+    cid = compact_ids(tl.where(carried, lab, L), label_start, run, m2)
+    tl.store(col_cid + flat, cid, mask=m2)
     hcol = tl.arange(0, HB)
     head_ids = tl.load(top + hcol, mask=hcol < n_top, other=-2)
     y = tl.max((cid[:, :, None] == head_ids[None, None, :]).to(tl.float32), axis=1)
@@ -206,21 +212,19 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     # of one over 64-bit keys, and the order it returns holds the slots themselves.
     key_dtype = torch.int32 if L < 2**31 - 1 else torch.int64
     keys = torch.empty(n, dtype=key_dtype, device=dev)
-    to_cid = torch.empty(L + 1, dtype=torch.int64, device=dev)  # entry L: padding
+    label_start = torch.empty(L + 1, dtype=torch.int64, device=dev)  # entry L: padding
     col_owner = torch.empty(C, dtype=torch.int32, device=dev)
     live = torch.empty(1, dtype=torch.int32, device=dev)
     launch(label_keys_kernel, (triton.cdiv(max(n, L + 1, C), block),),
-           (c_index, keys, to_cid, col_owner, live, n, kc, L, C, col_lo), dict(BLOCK=block), wrap)
+           (c_index, keys, label_start, col_owner, live, n, kc, L, C, col_lo), dict(BLOCK=block), wrap)
     sorted_keys, order = torch.sort(keys, stable=True)
     first = torch.empty(n, dtype=torch.int32, device=dev)
     col_sorted = torch.empty(n, dtype=torch.int64, device=dev)
-    launch(label_runs_kernel, grid, (sorted_keys, order, first, col_sorted, n, kc, L), dict(BLOCK=block), wrap)
-    run = torch.cumsum(first, 0)
-    cid_sorted = torch.empty(n, dtype=torch.int64, device=dev)
-    col_cid = torch.empty(C, kc, dtype=torch.int64, device=dev)
-    launch(label_ids_kernel, grid, (sorted_keys, order, run, first, cid_sorted, col_cid, to_cid, n, L, U),
+    launch(label_runs_kernel, grid, (sorted_keys, order, first, col_sorted, label_start, n, kc, L, U),
            dict(BLOCK=block), wrap)
-    col_ptr = torch.searchsorted(cid_sorted, torch.arange(U + 1, device=dev))
+    run = torch.cumsum(first, 0)
+    # Compact label u's slots start where the run numbers reach u + 1 (padding's exceed U + 1).
+    col_ptr = torch.searchsorted(run, torch.arange(1, U + 2, device=dev))
 
     # The head: the compact labels carried by most columns, ties to the smaller label (compact
     # ids follow the labels' order).
@@ -235,6 +239,7 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     head_u = torch.empty(M, 2 * hb, dtype=torch.float16, device=dev)
     invalid = torch.empty(M, dtype=torch.int8, device=dev)
     head_y = torch.empty(C, hb, dtype=torch.float16, device=dev)
+    col_cid = torch.empty(C, kc, dtype=torch.int64, device=dev)
     ka_p2, kc_p2 = configs.pow2(ka), configs.pow2(kc)
     # The [rows, slots, head] comparison cubes stay within 8K elements per program.
     bm = 16 if interpret else max(1, min(64, 8192 // (ka_p2 * hb)))
@@ -247,8 +252,9 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     programs = anchor_programs + column_programs + U * d_chunks
     if programs:
         launch(head_prep_kernel, (programs,),
-               (a_index, a_count, self_col, to_cid, col_ptr, top, a_cid, u, u_tail, w_tot, ubar, ubar_tail, head_u,
-                row_scale, invalid, live, slot_keys, col_owner, col_cid, head_y, col_sorted, k, e, M, ka, L, U, col_lo,
+               (a_index, a_count, self_col, label_start, run, col_ptr, top, a_cid, u, u_tail, w_tot, ubar, ubar_tail,
+                head_u, row_scale, invalid, live, slot_keys, col_owner, c_index, col_cid, head_y, col_sorted, k, e, M,
+                ka, L, U, col_lo,
                 n_top, head_u.stride(0), anchor_programs, column_programs, d_chunks, C, kc, d, k.stride(0),
                 e.stride(0)),
                dict(BLOCK_M=bm, KA_P2=ka_p2, BLOCK_C=bc, KC_P2=kc_p2, HB=hb, BLOCK_P=bp, BLOCK_D=bd), wrap)
