@@ -129,7 +129,7 @@ def record_point(preset: str, dtype: torch.dtype, dim: int, num_labels: int, sam
     from mlcl_fast.inputs import prepare
     from mlcl_fast.presets import resolve_config
     from mlcl_fast.reduction import mean_loss
-    from mlcl_fast.triton import canonical, configs, driver, launch, normalize, recording
+    from mlcl_fast.triton import canonical, configs, driver, launch, normalize, prologue, recording
 
     if launch.INTERPRETED:
         raise RuntimeError("bench.kernels compiles for a GPU: run it without TRITON_INTERPRET")
@@ -153,8 +153,10 @@ def record_point(preset: str, dtype: torch.dtype, dim: int, num_labels: int, sam
             # would refuse a GPU backend on the CPU).
             problem = prepare(feats, index, protos, cfg, 0.1, num_labels, "indices", native_half=True,
                               unit_rows=normalize.unit_rows)
-            # The label canonicaliser of the check_values=False path (the host path above reads
-            # values instead): recorded here, its outputs unused.
+            # The check_values=False path's first launch (labels canonicalised with the rows
+            # normalised), and its canonicaliser alone (fp64 rows); the host path above reads
+            # values instead: recorded here, their outputs unused.
+            prologue.prologue_op(index, num_labels, feats, None, protos, feats.dtype)
             canonical.canonical_index_rows(index, num_labels)
             losses, valid = driver.anchor_losses(problem)
             mean_loss(problem, losses, valid).backward()

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .labels import LabelSets, as_label_sets, label_errors_named
+from .labels import LabelSets, as_label_sets, from_indices_on_device, label_errors_named
 from .presets import LossConfig
 from .problem import Problem
 
@@ -196,7 +196,7 @@ def temperature_scale(temperature, value: float, device) -> Optional[Tensor]:
 def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labels: Optional[int] = None,
             label_format: str = "auto", native_half: bool = False, check_values: bool = True,
             keys=None, key_labels=None, unit_rows: Optional[Callable] = None,
-            canonical_indices: Optional[Callable] = None) -> Problem:
+            canonical_indices: Optional[Callable] = None, prologue: Optional[Callable] = None) -> Problem:
     """Validate everything and build the backend's Problem (normalised rows, canonical labels).
     `check_values=False`: no check reads tensor values on the host (labels.as_label_sets); a
     temperature given as a tensor is read all the same. A temperature tensor that requires grad
@@ -204,7 +204,8 @@ def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labe
     (unit_rows(parts, out_dtype) -> the parts' rows normalised and stacked): it normalises the
     features, keys and prototypes together into the Problem's `columns` (one launch, no
     concatenation later), fp64 aside; `canonical_indices`: its canonicaliser of padded indices
-    (labels.as_label_sets)."""
+    (labels.as_label_sets); `prologue`: both at once where both run (prologue(labels, num_labels,
+    parts, out_dtype) -> (LabelSets, the normalised rows stacked), one launch instead of two)."""
     learnable = temperature
     temperature = check_temperature(temperature)
     if not isinstance(check_values, bool):
@@ -214,8 +215,20 @@ def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labe
     views = features.shape[1] if features.dim() == 3 else 1
     if prototypes is not None and num_labels is None and isinstance(prototypes, Tensor) and prototypes.dim() == 2:
         num_labels = prototypes.shape[0]
+    # With a prologue the canonicaliser's input is kept (as_label_sets checks the rest, on a
+    # stand-in of the canonical form's shape) until the rows are normalised with it below.
+    deferred = []
+
+    def defer(raw: Tensor, labels_count: int) -> LabelSets:
+        if raw.dim() != 2 or raw.dtype.is_floating_point or raw.dtype == torch.bool:
+            return (canonical_indices or from_indices_on_device)(raw, labels_count)  # its error, now
+        deferred.append(raw)
+        return LabelSets(torch.empty(raw.shape, dtype=torch.int64, device=raw.device),
+                         torch.empty(raw.shape[0], dtype=torch.int64, device=raw.device), labels_count)
+
     label_sets = as_label_sets(labels, batch, num_labels, label_format, device=features.device,
-                               check_values=check_values, canonical_indices=canonical_indices)
+                               check_values=check_values,
+                               canonical_indices=defer if prologue is not None else canonical_indices)
     prototypes = check_prototypes(prototypes, cfg, dim, label_sets.num_labels, features.device, check_values)
     if cfg.uses_prototypes and label_sets.num_labels != prototypes.shape[0]:
         raise ValueError(f"labels: label space of size {label_sets.num_labels} but {prototypes.shape[0]} prototypes")
@@ -228,9 +241,15 @@ def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labe
     parts = [t for t in (flat, keys, prototypes) if t is not None]
     scale = temperature_scale(learnable, temperature, features.device)
     columns = None
-    if unit_rows is not None and all(t.dtype != torch.float64 for t in parts) and row_dtype != torch.float64:
+    joint = unit_rows is not None and all(t.dtype != torch.float64 for t in parts) and row_dtype != torch.float64
+    if deferred and joint:
+        label_sets, columns = prologue(deferred[0], label_sets.num_labels, parts, row_dtype)
+    elif deferred:
+        label_sets = (canonical_indices or from_indices_on_device)(deferred[0], label_sets.num_labels)
+    if joint:
         # The columns in their order (samples, keys, prototypes) in one tensor; the parts are views.
-        columns = unit_rows(parts, row_dtype)
+        if columns is None:
+            columns = unit_rows(parts, row_dtype)
         if scale is not None:
             columns = columns * scale.to(columns.dtype)
         n, m = flat.shape[0], 0 if keys is None else keys.shape[0]

@@ -70,7 +70,8 @@ def multilabel_contrastive_loss(features: Tensor, labels, prototypes: Optional[T
     problem = prepare(features, labels, prototypes, cfg, temperature, num_labels, label_format,
                       native_half=getattr(impl, "NATIVE_HALF", False), check_values=check_values,
                       keys=keys, key_labels=key_labels, unit_rows=getattr(impl, "unit_rows", None),
-                      canonical_indices=getattr(impl, "canonical_indices", None))
+                      canonical_indices=getattr(impl, "canonical_indices", None),
+                      prologue=getattr(impl, "prologue", None))
     losses, valid = impl.anchor_losses(problem)
     return reduce_anchor_losses(problem, losses, valid, reduction)
 

@@ -332,34 +332,42 @@ class _DeviceOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @cpu_only
-@pytest.mark.parametrize("preset,L,limit,kernels", [("reg_noreg", 300, 40, 11), ("reg", 20, 39, 9),
-                                                    ("reg", 200, 41, 13), ("mulsupcon", 50, 35, 9)])
-def test_public_call_device_operations_are_counted(monkeypatch, preset, L, limit, kernels):
-    """The whole public call (check_values=False, padded indices), forward and backward, issues at
-    most `limit` torch operations that launch device work besides the `kernels` Triton launches:
-    each one is host time on a GPU. The limits are today's counts (README.md, host path)."""
+@pytest.mark.parametrize("preset,L,limit,kernels,form", [("reg_noreg", 300, 40, 10, "indices"),
+                                                         ("reg", 20, 39, 8, "indices"),
+                                                         ("reg", 200, 41, 12, "indices"),
+                                                         ("mulsupcon", 50, 35, 8, "indices"),
+                                                         ("reg", 20, 56, 8, "sets")])
+def test_public_call_device_operations_are_counted(monkeypatch, preset, L, limit, kernels, form):
+    """The whole public call (check_values=False, padded indices or LabelSets), forward and
+    backward, issues at most `limit` torch operations that launch device work besides the
+    `kernels` Triton launches: each one is host time on a GPU. The limits are today's counts
+    (README.md, host path); LabelSets are checked for the canonical form by torch operations on
+    the device."""
     from mlcl_fast.triton import launch, recording
 
     monkeypatch.setattr(launch, "POISON", False)  # as compiled: outputs are not filled before the kernels
     gen = torch.Generator().manual_seed(fresh_seed("device_ops", preset))
     B, V, d = 16, 2, 16
     index = torch.randint(-1, L, (B, 5), generator=gen)
+    labels = index if form == "indices" else as_label_sets(index, B, L, "indices")
     feats = torch.randn(B, V, d, generator=gen).requires_grad_(True)
     protos = torch.randn(L, d, generator=gen).requires_grad_(True) if cases.uses_prototypes(preset) else None
     launched = []
     counter = _DeviceOps()
     with recording.recording(lambda kernel, grid, args, meta: launched.append(kernel.__name__)), counter:
-        loss = multilabel_contrastive_loss(feats, index, protos, preset=preset, num_labels=L, label_format="indices",
+        loss = multilabel_contrastive_loss(feats, labels, protos, preset=preset, num_labels=L, label_format="indices",
                                            backend="triton", check_values=False)
         loss.backward()
     assert "stats_kernel" in launched and "sort" in counter.ops  # the counter sees inside the operators (prep)
-    # The rows (features and prototypes together) are normalised by the backend's two kernels,
-    # not by torch operations, into one tensor that is the columns (no concatenation to undo).
-    assert launched.count("unit_rows_kernel") == 1 and launched.count("unit_rows_backward_kernel") == 1
+    # The rows (features and prototypes together) are normalised by the backend's kernels, not by
+    # torch operations, into one tensor that is the columns (no concatenation to undo): forward in
+    # the first launch, with the padded indices' canonicaliser (prologue.py).
+    first = "prologue_kernel" if form == "indices" else "unit_rows_kernel"
+    assert launched[0] == first and launched.count(first) == 1 and launched.count("unit_rows_backward_kernel") == 1
     assert "linalg_vector_norm" not in counter.ops and "slice_backward" not in counter.ops
     assert len(launched) == kernels, launched
     # The padded indices are canonicalised by the backend's kernel, not by torch sorts.
-    assert launched[0] == "canonical_rows_kernel"
+    assert "canonical_rows_kernel" not in launched and ("unit_rows_kernel" in launched) == (form == "sets")
     assert len(counter.ops) <= limit, (len(counter.ops), sorted(counter.ops))
 
 
@@ -456,7 +464,9 @@ def test_public_call_canonicalises_with_the_kernel_only_without_host_checks():
         with recording.recording(lambda kernel, grid, args, meta: launched.append(kernel.__name__)):
             multilabel_contrastive_loss(feats, index, preset="supcon_any", num_labels=3, label_format="indices",
                                         backend="triton", check_values=check_values)
-        assert ("canonical_rows_kernel" in launched) == (not check_values)
+        # (with the rows' normaliser in one launch)
+        assert ("prologue_kernel" in launched) == (not check_values)
+        assert ("unit_rows_kernel" in launched) == check_values and "canonical_rows_kernel" not in launched
     a = multilabel_contrastive_loss(feats, index, preset="supcon_any", num_labels=3, label_format="indices",
                                     backend="triton", check_values=False)
     b = multilabel_contrastive_loss(feats, index, preset="supcon_any", num_labels=3, label_format="indices",
@@ -559,6 +569,85 @@ def test_unit_rows_of_several_tensors_in_one_launch(dtypes, sizes):
         assert t.grad.dtype == t.dtype
         torch.testing.assert_close(t.grad, alone.grad, **tol)
         first += t.shape[0]
+
+
+# ------------------------------------------------------------------------------- the prologue
+@cpu_only
+@pytest.mark.parametrize("B,K,sizes,dtypes", [(9, 5, (18, 0, 7), (torch.float32, None, torch.float32)),
+                                              (4, 17, (4, 3, 40), (torch.float16, torch.float16, torch.float32)),
+                                              (0, 3, (16, 0, 0), (torch.float32, None, None)),
+                                              (5, 64, (0, 0, 5), (None, None, torch.float32))],
+                         ids=["samples_prototypes", "keys_mixed", "no_label_rows", "wide_rows_one_set"])
+def test_prologue_is_the_canonicaliser_and_the_normaliser_in_one_launch(B, K, sizes, dtypes):
+    """prologue.prologue: the canonical labels and the normalised rows (and the rows' gradients)
+    of canonical.canonical_indices and normalize.unit_rows, bit for bit, from one launch forward
+    (one backward); labels the kernel does not take (wider than MAX_WIDTH) take the two paths."""
+    from mlcl_fast.triton import canonical, normalize, prologue, recording
+
+    gen = torch.Generator().manual_seed(fresh_seed("prologue", B, K, repr(sizes)))
+    L = 40
+    labels = torch.randint(-1, 12, (B, K), generator=gen)
+    labels[::3] = torch.randint(-1, L, labels[::3].shape, generator=gen)
+    labels = labels.t().contiguous().t()  # column-major: strides are the kernel's arguments
+    parts = [torch.randn(r, 12, generator=gen).to(dt) for r, dt in zip(sizes, dtypes) if dt is not None]
+    out_dtype = parts[0].dtype
+    runs = []
+    for joint in (True, False):
+        inputs = [t.clone().requires_grad_(True) for t in parts]
+        launched, run = [], recording.launch
+
+        def observe(kernel, grid, args, meta, wrap=None):
+            launched.append(kernel.__name__)
+            run(kernel, grid, args, meta, wrap)
+
+        recording.launch = observe
+        try:
+            if joint:
+                sets, y = prologue.prologue(labels, L, inputs, out_dtype)
+            else:
+                sets, y = canonical.canonical_indices(labels, L), normalize.unit_rows(inputs, out_dtype)
+            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+            (y.float() * g).sum().backward()
+        finally:
+            recording.launch = run
+        runs.append((sets, y, [t.grad for t in inputs], launched))
+    (sets, y, grads, launched), (sets2, y2, grads2, launched2) = runs
+    assert launched == ["prologue_kernel", "unit_rows_backward_kernel"], launched
+    assert launched2 == ["canonical_rows_kernel", "unit_rows_kernel", "unit_rows_backward_kernel"][0 if B else 1:]
+    assert sets.num_labels == L and torch.equal(sets.index, sets2.index) and torch.equal(sets.count, sets2.count)
+    assert y.dtype == out_dtype and torch.equal(y, y2)
+    for a, b in zip(grads, grads2):
+        assert a is not None and a.dtype == b.dtype and torch.equal(a, b)
+    # wider than the kernel's label width: the torch canonicaliser and the normaliser's own launch
+    wide = torch.randint(-1, L, (3, canonical.MAX_WIDTH + 1), generator=gen)
+    launched = []
+    with recording.recording(lambda kernel, grid, args, meta: launched.append(kernel.__name__)):
+        prologue.prologue(wide, L, [torch.randn(3, 12)], torch.float32)
+    assert launched == ["unit_rows_kernel"]
+
+
+@cpu_only
+def test_prologue_checks_its_labels_and_operator_schema():
+    """A label outside [-1, L) fails the device-side assertion (the canonicaliser's message); bad
+    arguments of the operator raise naming them; opcheck's schema and autograd checks pass."""
+    from mlcl_fast.labels import INDEX_RANGE_MESSAGE
+    from mlcl_fast.triton import prologue
+
+    x = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match=re.escape(INDEX_RANGE_MESSAGE)):
+        prologue.prologue(torch.tensor([[0, 1], [2, 9]]), 9, [x], torch.float32)
+    for labels, match in ((torch.zeros(2, 2), "labels: expected a 2-D integer"),
+                          (torch.zeros(2, 65, dtype=torch.int64), "labels: the kernel takes at most 64")):
+        with pytest.raises(ValueError, match=match):
+            prologue.prologue_op(labels, 3, x, None, None, torch.float32)
+    with pytest.raises(ValueError, match="x1: expected"):
+        prologue.prologue_op(torch.zeros(2, 2, dtype=torch.int64), 3, x, torch.randn(2, 5), None, torch.float32)
+    with pytest.raises(TypeError, match="out_dtype"):
+        prologue.prologue_op(torch.zeros(2, 2, dtype=torch.int64), 3, x, None, None, torch.int32)
+    torch.library.opcheck(prologue.prologue_op,
+                          (torch.tensor([[2, -1, 2], [0, 1, -1]]), 4, torch.randn(5, 6, requires_grad=True), None,
+                           torch.randn(3, 6, requires_grad=True), torch.float32),
+                          test_utils=("test_schema", "test_autograd_registration"))  # fake tracing: compiled only
 
 
 # ----------------------------------------------------------------------------- shapes and edges
@@ -1128,6 +1217,29 @@ def test_gpu_closed_form_torch_compile_fullgraph(preset, L):
     label_sets = as_label_sets(index, 128, case.num_labels, "indices").repeat_views(2)
 
     _compare_compiled_fullgraph(case, cfg, label_sets, rtol_loss=1e-4, rtol_grad=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("preset,L", [("reg", 12), ("reg", 300)])
+def test_gpu_public_call_torch_compile_fullgraph_with_padded_indices(preset, L):
+    """The whole public call with check_values=False and padded indices (the prologue's
+    canonicaliser and normaliser, the preparation, the loss) under torch.compile(fullgraph=True):
+    value and gradients as in eager mode."""
+    case, index = _closed_gpu_case(preset, L)
+    kwargs = dict(preset=preset, num_labels=case.num_labels, label_format="indices", backend="triton",
+                  check_values=False)
+
+    def loss_fn(feats, protos):
+        return multilabel_contrastive_loss(feats, index, protos, **kwargs)
+
+    inputs = [t.detach().clone().requires_grad_(True) for t in (case.features, case.prototypes) if t is not None]
+    args = inputs + [None] * (2 - len(inputs))
+    eager = loss_fn(*args)
+    compiled = torch.compile(loss_fn, fullgraph=True)(*args)
+    assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-6)  # bf16 rows: as the closed form's compile test
+    for a, b in zip(torch.autograd.grad(eager, inputs), torch.autograd.grad(compiled, inputs)):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -64,6 +64,14 @@ def canonical_indices(labels, num_labels):
     return run(labels, num_labels)
 
 
+def prologue(labels, num_labels, parts, out_dtype):
+    """canonical_indices and unit_rows together, where inputs.prepare needs both: one kernel
+    (mlcl_fast/triton/prologue.py)."""
+    from ..triton.prologue import prologue as run
+
+    return run(labels, num_labels, parts, out_dtype)
+
+
 def anchor_losses(problem):
     from ..triton.driver import anchor_losses as run
 

@@ -34,7 +34,15 @@ _ELEMENTS = 4096  # entries of a program's repeat mask (BLOCK_R * KP * KP)
 @triton.jit
 def canonical_rows_kernel(x_ptr, out_ptr, count_ptr, B, K, L, stride_r, stride_c,
                           BLOCK_R: tl.constexpr, KP: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    canonical_block(tl.program_id(0), x_ptr, out_ptr, count_ptr, B, K, L, stride_r, stride_c, BLOCK_R, KP)
+
+
+@triton.jit
+def canonical_block(pid, x_ptr, out_ptr, count_ptr, B, K, L, stride_r, stride_c,
+                    BLOCK_R: tl.constexpr, KP: tl.constexpr):
+    """Rows [pid * BLOCK_R, (pid + 1) * BLOCK_R) of the [B, K] input (also a role of
+    prologue.prologue_kernel)."""
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < B
     cols = tl.arange(0, KP)
     cmask = cols < K
@@ -56,40 +64,59 @@ def canonical_rows_kernel(x_ptr, out_ptr, count_ptr, B, K, L, stride_r, stride_c
     tl.store(count_ptr + rows, tl.where(bad, -1, count), mask=rmask)
 
 
-def _blocks(K: int) -> tuple[int, int]:
+def blocks(K: int) -> tuple[int, int]:
     kp = max(2, triton.next_power_of_2(K))
     return max(1, min(64, _ELEMENTS // (kp * kp))), kp
+
+
+def check_labels(labels: Tensor) -> None:
+    if labels.dim() != 2 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels: expected a 2-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
+    if labels.shape[1] > MAX_WIDTH:
+        raise ValueError(f"labels: the kernel takes at most {MAX_WIDTH} label slots per row, got {labels.shape[1]}")
+
+
+def takes(labels: Tensor) -> bool:
+    """Whether the kernel takes these padded indices (else the torch formulation does)."""
+    return labels.dim() == 2 and 0 < labels.shape[1] <= MAX_WIDTH and not labels.dtype.is_floating_point \
+        and labels.dtype != torch.bool
+
+
+def outputs(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(index [B, K] int64, count [B] int64), unfilled: what the kernel writes."""
+    B, K = labels.shape
+    return (torch.empty(B, K, dtype=torch.int64, device=labels.device),
+            torch.empty(B, dtype=torch.int64, device=labels.device))
 
 
 @triton_op("mlcl_fast::triton_canonical_indices", mutates_args=())
 def canonical_index_rows(labels: Tensor, num_labels: int) -> tuple[Tensor, Tensor]:
     """(index [B, K] int64: each row's distinct labels ascending, then -1; count [B] int64, -1 for
     a row holding a value outside [-1, num_labels))."""
-    if labels.dim() != 2 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels: expected a 2-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
+    check_labels(labels)
+    index, count = outputs(labels)
     B, K = labels.shape
-    if K > MAX_WIDTH:
-        raise ValueError(f"labels: the kernel takes at most {MAX_WIDTH} label slots per row, got {K}")
-    index = torch.empty(B, K, dtype=torch.int64, device=labels.device)
-    count = torch.empty(B, dtype=torch.int64, device=labels.device)
     if B:
-        br, kp = _blocks(K)
+        br, kp = blocks(K)
         recording.launch(canonical_rows_kernel, (triton.cdiv(B, br),),
                          (labels, index, count, B, K, num_labels, labels.stride(0), labels.stride(1)),
                          dict(BLOCK_R=br, KP=kp), wrap_triton)
     return index, count
 
 
-def canonical_indices(labels: Tensor, num_labels: int) -> LabelSets:
-    """labels._from_indices_on_device in one kernel (plus the device-side range assertion); the
-    torch formulation for inputs wider than MAX_WIDTH or with no label slot."""
-    if labels.dim() != 2 or not 0 < labels.shape[1] <= MAX_WIDTH or labels.dtype.is_floating_point \
-            or labels.dtype == torch.bool:
-        return from_indices_on_device(labels, num_labels)
-    index, count = canonical_index_rows(labels, num_labels)
+def checked(index: Tensor, count: Tensor, num_labels: int) -> LabelSets:
+    """The kernel's outputs as LabelSets, after the device-side range assertion (no host read)."""
     if count.numel():
         ok = count.min() >= 0
         if recording.active():  # a recorded launch leaves count without values: the same operations, no verdict
             ok = torch.ones_like(ok)
         torch._assert_async(ok, INDEX_RANGE_MESSAGE)
     return LabelSets(index, count, num_labels)
+
+
+def canonical_indices(labels: Tensor, num_labels: int) -> LabelSets:
+    """labels._from_indices_on_device in one kernel (plus the device-side range assertion); the
+    torch formulation for inputs wider than MAX_WIDTH or with no label slot."""
+    if not takes(labels):
+        return from_indices_on_device(labels, num_labels)
+    return checked(*canonical_index_rows(labels, num_labels), num_labels)

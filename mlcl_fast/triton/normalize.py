@@ -74,9 +74,17 @@ def _unit_block(x_ptr, y_ptr, inv_ptr, radial_ptr, first, R, out_row, d, stride_
 def unit_rows_kernel(x0, x1, x2, y_ptr, inv_ptr, radial_ptr, R0, R1, R2, d, stride0, stride1, stride2, stride_y, eps,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Up to three row sets (x0, x1, x2: [R_s, d], any of fp16/bf16/fp32 each) normalised into one
-    [R0 + R1 + R2, d] output, one launch: the first cdiv(R0, BLOCK_R) programs take x0's rows,
-    the next x1's, the rest x2's."""
-    pid = tl.program_id(0)
+    [R0 + R1 + R2, d] output, one launch (unit_sets)."""
+    unit_sets(tl.program_id(0), x0, x1, x2, y_ptr, inv_ptr, radial_ptr, R0, R1, R2, d, stride0, stride1, stride2,
+              stride_y, eps, BLOCK_R, BLOCK_D)
+
+
+@triton.jit
+def unit_sets(pid, x0, x1, x2, y_ptr, inv_ptr, radial_ptr, R0, R1, R2, d, stride0, stride1, stride2, stride_y, eps,
+              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program `pid` of the three row sets' cdiv(R0, BLOCK_R) + cdiv(R1, BLOCK_R) + cdiv(R2, BLOCK_R):
+    the first take x0's rows, the next x1's, the rest x2's (also a role of
+    prologue.prologue_kernel)."""
     b0 = tl.cdiv(R0, BLOCK_R)
     b1 = tl.cdiv(R1, BLOCK_R)
     if pid < b0:
@@ -133,7 +141,7 @@ def unit_rows_backward_kernel(g_ptr, y_ptr, inv_ptr, radial_ptr, dx0, dx1, dx2, 
                              stride_g, stride_y, stride2, BLOCK_R, BLOCK_D)
 
 
-def _blocks(d: int) -> tuple[int, int]:
+def blocks(d: int) -> tuple[int, int]:
     if launch.INTERPRETED:
         return 16, 16  # small blocks: the CPU tests cross block boundaries
     return 8, max(16, min(triton.next_power_of_2(max(d, 1)), 256))
@@ -147,15 +155,12 @@ def _check(name: str, t: Tensor) -> None:
                          f"{tuple(t.shape)} and strides {t.stride()}")
 
 
-def _grid(sizes, br: int) -> tuple[int]:
-    return (sum(triton.cdiv(r, br) for r in sizes),)
+def grid_size(sizes, br: int) -> int:
+    return sum(triton.cdiv(r, br) for r in sizes)
 
 
-@triton_op("mlcl_fast::triton_unit_rows", mutates_args=())
-def unit_rows_forward(x: Tensor, x1: Optional[Tensor], x2: Optional[Tensor], out_dtype: torch.dtype
-                      ) -> tuple[Tensor, Tensor, Tensor]:
-    """The rows of x, then x1's, then x2's (each optional, [R_s, d]), normalised into one
-    (y [R, d] in out_dtype, 1 / max(||x||, eps) [R] fp32, [||x|| >= eps] [R] fp32)."""
+def check_parts(x: Tensor, x1: Optional[Tensor], x2: Optional[Tensor], out_dtype: torch.dtype) -> list[int]:
+    """The forward's arguments; returns the three row counts."""
     parts = [("x", x), ("x1", x1), ("x2", x2)]
     for name, t in parts:
         if t is not None:
@@ -165,16 +170,33 @@ def unit_rows_forward(x: Tensor, x1: Optional[Tensor], x2: Optional[Tensor], out
                                  f"{t.device}")
     if out_dtype not in _HALF_OR_SINGLE:
         raise TypeError(f"out_dtype: expected one of {list(_HALF_OR_SINGLE)}, got {out_dtype}")
-    sizes = [0 if t is None else t.shape[0] for _, t in parts]
-    R, d = sum(sizes), x.shape[1]
-    y = torch.empty(R, d, dtype=out_dtype, device=x.device)
-    inv = torch.empty(R, dtype=torch.float32, device=x.device)
-    radial = torch.empty(R, dtype=torch.float32, device=x.device)
-    if R:
-        br, bd = _blocks(d)
-        src = [x if t is None else t for _, t in parts]  # an absent set has no rows: never read
-        recording.launch(unit_rows_kernel, _grid(sizes, br),
-                         (*src, y, inv, radial, *sizes, d, *(t.stride(0) for t in src), y.stride(0), NORM_EPS),
+    return [0 if t is None else t.shape[0] for _, t in parts]
+
+
+def outputs(x: Tensor, sizes: list[int], out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [R, d] in out_dtype, inv [R], radial [R] fp32), unfilled: what the kernel writes."""
+    R = sum(sizes)
+    return (torch.empty(R, x.shape[1], dtype=out_dtype, device=x.device),
+            torch.empty(R, dtype=torch.float32, device=x.device), torch.empty(R, dtype=torch.float32, device=x.device))
+
+
+def unit_args(x: Tensor, x1: Optional[Tensor], x2: Optional[Tensor], sizes: list[int], y: Tensor, inv: Tensor,
+              radial: Tensor) -> tuple:
+    """unit_sets' tensor and scalar arguments (an absent set has no rows: x stands in, never read)."""
+    src = [x if t is None else t for t in (x, x1, x2)]
+    return (*src, y, inv, radial, *sizes, x.shape[1], *(t.stride(0) for t in src), y.stride(0), NORM_EPS)
+
+
+@triton_op("mlcl_fast::triton_unit_rows", mutates_args=())
+def unit_rows_forward(x: Tensor, x1: Optional[Tensor], x2: Optional[Tensor], out_dtype: torch.dtype
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """The rows of x, then x1's, then x2's (each optional, [R_s, d]), normalised into one
+    (y [R, d] in out_dtype, 1 / max(||x||, eps) [R] fp32, [||x|| >= eps] [R] fp32)."""
+    sizes = check_parts(x, x1, x2, out_dtype)
+    y, inv, radial = outputs(x, sizes, out_dtype)
+    if sum(sizes):
+        br, bd = blocks(x.shape[1])
+        recording.launch(unit_rows_kernel, (grid_size(sizes, br),), unit_args(x, x1, x2, sizes, y, inv, radial),
                          dict(BLOCK_R=br, BLOCK_D=bd), wrap_triton)
     return y, inv, radial
 
@@ -198,41 +220,55 @@ def unit_rows_backward(g: Tensor, y: Tensor, inv: Tensor, radial: Tensor, sizes:
             raise TypeError(f"{name}: expected one of {list(_HALF_OR_SINGLE)}, got {dt}")
     dx = [torch.empty(r, d, dtype=dt, device=y.device) for r, dt in zip(sizes, (dtype0, dtype1, dtype2))]
     if R:
-        br, bd = _blocks(d)
-        recording.launch(unit_rows_backward_kernel, _grid(sizes, br),
+        br, bd = blocks(d)
+        recording.launch(unit_rows_backward_kernel, (grid_size(sizes, br),),
                          (g, y, inv, radial, *dx, *sizes, d, g.stride(0), y.stride(0), *(t.stride(0) for t in dx)),
                          dict(BLOCK_R=br, BLOCK_D=bd), wrap_triton)
     return dx
 
 
-def _setup_context(ctx, inputs, output):
-    parts = inputs[:3]
+def save_context(ctx, parts, output) -> None:
+    """What the backward of a forward normalising `parts` (three, each optional) into `output`
+    (y, inv, radial) needs: setup_context of unit_rows_forward and of prologue.prologue_op."""
     y, inv, radial = output
     ctx.present = [t is not None for t in parts]
     ctx.sizes = [0 if t is None else t.shape[0] for t in parts]
     ctx.dtypes = [parts[0].dtype if t is None else t.dtype for t in parts]
-    ctx.set_materialize_grads(False)  # only y is differentiated: no zero gradients for inv, radial
+    ctx.set_materialize_grads(False)  # only y is differentiated: no zero gradients for the rest
     ctx.save_for_backward(y, inv, radial)
 
 
-def _backward(ctx, g_y, *_unused):
+def parts_backward(ctx, g_y) -> tuple:
+    """The gradients of the three parts saved by save_context (None for absent ones)."""
     if g_y is None:
-        return None, None, None, None
+        return None, None, None
     y, inv, radial = ctx.saved_tensors
     g = g_y if g_y.stride(-1) == 1 else g_y.contiguous()
     dx = unit_rows_backward(g, y, inv, radial, ctx.sizes, *ctx.dtypes)
-    return (*(d if present else None for d, present in zip(dx, ctx.present)), None)
+    return tuple(d if present else None for d, present in zip(dx, ctx.present))
+
+
+def _setup_context(ctx, inputs, output):
+    save_context(ctx, inputs[:3], output)
+
+
+def _backward(ctx, g_y, *_unused):
+    return (*parts_backward(ctx, g_y), None)
 
 
 unit_rows_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def as_parts(parts: list[Tensor]) -> list[Optional[Tensor]]:
+    """One to three 2-D tensors as the forward's three parts (rows of unit stride, None for absent)."""
+    if not 1 <= len(parts) <= 3:
+        raise ValueError(f"parts: expected one to three tensors, got {len(parts)}")
+    parts = [t.contiguous() if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1 else t for t in parts]
+    return parts + [None] * (3 - len(parts))
 
 
 def unit_rows(parts: list[Tensor], out_dtype: torch.dtype) -> Tensor:
     """x / max(||x||, NORM_EPS) per row of each 2-D fp16/bf16/fp32 tensor of `parts` (one to
     three), stacked into one [sum of rows, d] tensor in out_dtype by one launch each way (the
     inputs' normaliser hook, see inputs.prepare)."""
-    if not 1 <= len(parts) <= 3:
-        raise ValueError(f"parts: expected one to three tensors, got {len(parts)}")
-    parts = [t.contiguous() if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1 else t for t in parts]
-    parts += [None] * (3 - len(parts))
-    return unit_rows_forward(*parts, out_dtype)[0]
+    return unit_rows_forward(*as_parts(parts), out_dtype)[0]
