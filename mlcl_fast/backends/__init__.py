@@ -5,6 +5,11 @@ A backend is a module `mlcl_fast.backends.<name>` exposing
     supports(device: torch.device) -> bool
     anchor_losses(problem: Problem) -> (loss [|A|], valid [|A|] bool)
     NATIVE_HALF: bool   # True: receives fp16/bf16 embeddings as they are (accumulates in fp32)
+and optionally its own forms of steps of inputs.prepare (each must give what the torch
+formulation gives; see mlcl_fast/backends/triton.py):
+    unit_rows(parts, out_dtype) -> the rows of 1-3 tensors normalised, stacked
+    canonical_indices(labels, num_labels) -> LabelSets   # check_values=False, padded indices
+    prologue(labels, num_labels, parts, out_dtype) -> (LabelSets, rows)   # the two above at once
 Modules that are missing or fail to import count as unavailable, with the reason kept for
 `backend_status()`.
 """
