@@ -9,6 +9,7 @@ below run instead (all dtypes, large shapes, torch.compile).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -475,6 +476,24 @@ def test_public_call_canonicalises_with_the_kernel_only_without_host_checks():
 
 
 # ------------------------------------------------------------------------ the row normaliser
+@contextlib.contextmanager
+def _observed_launches():
+    """The names of the kernels launched inside the block (which do run: not recorded)."""
+    from mlcl_fast.triton import recording
+
+    launched, run = [], recording.launch
+
+    def observe(kernel, grid, args, meta, wrap=None):
+        launched.append(kernel.__name__)
+        run(kernel, grid, args, meta, wrap)
+
+    recording.launch = observe
+    try:
+        yield launched
+    finally:
+        recording.launch = run
+
+
 @cpu_only
 @pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
                                              (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)],
@@ -538,25 +557,16 @@ def test_unit_rows_of_several_tensors_in_one_launch(dtypes, sizes):
     """normalize.unit_rows([features, keys, prototypes]): one launch each way, the rows stacked in
     order; equal to the tensors normalised one by one (value and each tensor's gradient, in its
     own dtype), whatever the row counts (ragged blocks, an empty set)."""
-    from mlcl_fast.triton import normalize, recording
+    from mlcl_fast.triton import normalize
 
     gen = torch.Generator().manual_seed(fresh_seed("unit_rows_joint", repr(dtypes), repr(sizes)))
     parts = [torch.randn(r, 24, generator=gen).to(dt).requires_grad_(True) for r, dt in zip(sizes, dtypes)
              if dt is not None]
     out_dtype = torch.float16 if dtypes[0] == torch.float16 else torch.float32
-    launched, run = [], recording.launch
-
-    def observe(kernel, grid, args, meta, wrap=None):
-        launched.append(kernel.__name__)
-        run(kernel, grid, args, meta, wrap)
-
-    recording.launch = observe
-    try:
+    with _observed_launches() as launched:
         y = normalize.unit_rows(parts, out_dtype)
         g = torch.randn(y.shape, generator=gen)
         (y.float() * g).sum().backward()
-    finally:
-        recording.launch = run
     assert launched == ["unit_rows_kernel", "unit_rows_backward_kernel"]
     assert y.shape == (sum(sizes), 24) and y.dtype == out_dtype
     first = 0
@@ -594,22 +604,13 @@ def test_prologue_is_the_canonicaliser_and_the_normaliser_in_one_launch(B, K, si
     runs = []
     for joint in (True, False):
         inputs = [t.clone().requires_grad_(True) for t in parts]
-        launched, run = [], recording.launch
-
-        def observe(kernel, grid, args, meta, wrap=None):
-            launched.append(kernel.__name__)
-            run(kernel, grid, args, meta, wrap)
-
-        recording.launch = observe
-        try:
+        with _observed_launches() as launched:
             if joint:
                 sets, y = prologue.prologue(labels, L, inputs, out_dtype)
             else:
                 sets, y = canonical.canonical_indices(labels, L), normalize.unit_rows(inputs, out_dtype)
             g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
             (y.float() * g).sum().backward()
-        finally:
-            recording.launch = run
         runs.append((sets, y, [t.grad for t in inputs], launched))
     (sets, y, grads, launched), (sets2, y2, grads2, launched2) = runs
     assert launched == ["prologue_kernel", "unit_rows_backward_kernel"], launched
