@@ -475,6 +475,26 @@ def test_public_call_canonicalises_with_the_kernel_only_without_host_checks():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@cpu_only
+def test_public_call_canonicalises_fp64_rows_apart():
+    """fp64 rows go to the reference (the kernels accumulate in fp32), so there is no row
+    normaliser to share a launch with: the padded indices take the canonicaliser's own kernel,
+    and the loss and gradients are the reference's."""
+    gen = torch.Generator().manual_seed(fresh_seed("fp64_canonical"))
+    index = torch.randint(-1, 6, (8, 3), generator=gen)
+    runs = []
+    for backend_name in ("triton", "reference"):
+        x = torch.randn(8, 2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        with _observed_launches() as launched:
+            loss = multilabel_contrastive_loss(x, index, preset="supcon_any", num_labels=6, label_format="indices",
+                                               backend=backend_name, check_values=backend_name == "reference")
+            loss.backward()
+        runs.append((loss, x.grad, launched))
+    assert runs[0][2] == ["canonical_rows_kernel"] and runs[1][2] == []
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------------ the row normaliser
 @contextlib.contextmanager
 def _observed_launches():
