@@ -568,6 +568,29 @@ def test_unit_rows_kernels_match_the_fp64_formulation(dtype, out_dtype):
 
 
 @cpu_only
+@pytest.mark.parametrize("d", [2, 7, 40])
+def test_unit_rows_backward_keeps_a_nearly_radial_gradient_exact(d):
+    """bf16 rows whose incoming gradient is nearly along the output row (50 times its tangential
+    part): the backward's tangential difference g - y (y . g) is formed from the direction
+    recomputed in fp32, so it carries the output's bf16 rounding only, not 50 times the bf16
+    rounding of y (about 10 % of it with y read back in bf16)."""
+    from mlcl_fast.triton import normalize
+
+    gen = torch.Generator().manual_seed(fresh_seed("unit_rows_radial", d))
+    x = torch.randn(48, d, generator=gen).to(torch.bfloat16).requires_grad_(True)
+    y64 = torch.nn.functional.normalize(x.detach().double(), dim=1)
+    t = torch.randn(48, d, generator=gen, dtype=torch.float64)
+    t = t - y64 * (y64 * t).sum(1, keepdim=True)  # tangential
+    # the incoming gradient as it reaches the kernel: in the rows' dtype (exact here)
+    g = (50 * y64 + t / t.norm(dim=1, keepdim=True)).to(torch.bfloat16).double()
+    y = normalize.unit_rows([x], torch.bfloat16)
+    (y.double() * g).sum().backward()
+    expect = (g - y64 * (y64 * g).sum(1, keepdim=True)) / x.detach().double().norm(dim=1, keepdim=True)
+    err = ((x.grad.double() - expect).norm(dim=1) / expect.norm(dim=1)).max()
+    assert err < 1e-2, err
+
+
+@cpu_only
 @pytest.mark.parametrize("dtypes,sizes", [((torch.float32, None, torch.float32), (19, 0, 35)),
                                           ((torch.float16, torch.float16, torch.float32), (19, 5, 35)),
                                           ((torch.float32, torch.float32, torch.float16), (3, 17, 16)),

@@ -8,7 +8,8 @@ No overflow or underflow for any finite row: the sum of squares is taken of x / 
 largest magnitude (every term <= 1; both in one pass over the row, rescaled as m grows), and y = (x / m) / max(r, NORM_EPS / m) with r = ||x / m||, so
 neither the norm m r (which may exceed the fp32 range) nor its square is ever formed. The sums are
 fp32 (the torch formulation's are fp64): the rows agree to a few fp32 ulps. The backward is the
-closed form dx = (g - y (y . g) [||x|| >= NORM_EPS]) / max(||x||, NORM_EPS).
+closed form dx = (g - y (y . g) [||x|| >= NORM_EPS]) / max(||x||, NORM_EPS), with y recomputed in
+fp32 from x (the saved inputs), not read back from a half-precision output.
 
 `unit_rows` is a triton_op (torch.compile sees the kernels) with register_autograd."""
 from __future__ import annotations
@@ -99,46 +100,50 @@ def unit_sets(pid, x0, x1, x2, y_ptr, inv_ptr, radial_ptr, R0, R1, R2, d, stride
 
 
 @triton.jit
-def _unit_block_backward(g_ptr, y_ptr, inv_ptr, radial_ptr, dx_ptr, first, R, in_row, d, stride_g, stride_y,
+def _unit_block_backward(g_ptr, x_ptr, inv_ptr, radial_ptr, dx_ptr, first, R, in_row, d, stride_g, stride_x,
                          stride_dx, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dx rows [first, first + BLOCK_R) of one row set from rows in_row + ... of g, y, inv, radial."""
+    """dx rows [first, first + BLOCK_R) of one row set (x) from rows in_row + ... of g, inv, radial.
+    The direction y = x / max(||x||, eps) is recomputed in fp32 from x, not read from the output:
+    where the gradient is nearly along y its tangential part g - y (y . g) is a small difference,
+    and a half-precision y (rounded by 2^-9 in bf16) would put its rounding into it (2.4 % of a
+    bf16 gradient at d = 2 in the long fuzz)."""
     rows = first + tl.arange(0, BLOCK_R)
     rmask = rows < R
     src = in_row + rows
     offs = tl.arange(0, BLOCK_D)
+    inv = tl.load(inv_ptr + src, mask=rmask, other=0.0)
     along = tl.zeros([BLOCK_R], dtype=tl.float32)
     for start in range(0, d, BLOCK_D):
         cols = start + offs
-        along += tl.sum(_block(y_ptr, src, rmask, cols, d, stride_y) * _block(g_ptr, src, rmask, cols, d, stride_g),
-                        axis=1)
+        y = _block(x_ptr, rows, rmask, cols, d, stride_x) * inv[:, None]
+        along += tl.sum(y * _block(g_ptr, src, rmask, cols, d, stride_g), axis=1)
     # Below the floor the map is x / eps: no radial part.
     along = along * tl.load(radial_ptr + src, mask=rmask, other=0.0)
-    inv = tl.load(inv_ptr + src, mask=rmask, other=0.0)
     for start in range(0, d, BLOCK_D):
         cols = start + offs
         g = _block(g_ptr, src, rmask, cols, d, stride_g)
-        y = _block(y_ptr, src, rmask, cols, d, stride_y)
+        y = _block(x_ptr, rows, rmask, cols, d, stride_x) * inv[:, None]
         dx = (g - y * along[:, None]) * inv[:, None]
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cols < d)[None, :])
 
 
 @triton.jit
-def unit_rows_backward_kernel(g_ptr, y_ptr, inv_ptr, radial_ptr, dx0, dx1, dx2, R0, R1, R2, d, stride_g, stride_y,
-                              stride0, stride1, stride2, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def unit_rows_backward_kernel(g_ptr, x0, x1, x2, inv_ptr, radial_ptr, dx0, dx1, dx2, R0, R1, R2, d, stride_g,
+                              sx0, sx1, sx2, stride0, stride1, stride2, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """The gradients of unit_rows_kernel's row sets, each in its own dtype, one launch."""
     pid = tl.program_id(0)
     b0 = tl.cdiv(R0, BLOCK_R)
     b1 = tl.cdiv(R1, BLOCK_R)
     if pid < b0:
-        _unit_block_backward(g_ptr, y_ptr, inv_ptr, radial_ptr, dx0, pid * BLOCK_R, R0, 0, d, stride_g, stride_y,
-                             stride0, BLOCK_R, BLOCK_D)
+        _unit_block_backward(g_ptr, x0, inv_ptr, radial_ptr, dx0, pid * BLOCK_R, R0, 0, d, stride_g, sx0, stride0,
+                             BLOCK_R, BLOCK_D)
     elif pid < b0 + b1:
-        _unit_block_backward(g_ptr, y_ptr, inv_ptr, radial_ptr, dx1, (pid - b0) * BLOCK_R, R1, R0, d, stride_g,
-                             stride_y, stride1, BLOCK_R, BLOCK_D)
+        _unit_block_backward(g_ptr, x1, inv_ptr, radial_ptr, dx1, (pid - b0) * BLOCK_R, R1, R0, d, stride_g, sx1,
+                             stride1, BLOCK_R, BLOCK_D)
     else:
-        _unit_block_backward(g_ptr, y_ptr, inv_ptr, radial_ptr, dx2, (pid - b0 - b1) * BLOCK_R, R2, R0 + R1, d,
-                             stride_g, stride_y, stride2, BLOCK_R, BLOCK_D)
+        _unit_block_backward(g_ptr, x2, inv_ptr, radial_ptr, dx2, (pid - b0 - b1) * BLOCK_R, R2, R0 + R1, d,
+                             stride_g, sx2, stride2, BLOCK_R, BLOCK_D)
 
 
 def blocks(d: int) -> tuple[int, int]:
@@ -202,49 +207,46 @@ def unit_rows_forward(x: Tensor, x1: Optional[Tensor], x2: Optional[Tensor], out
 
 
 @triton_op("mlcl_fast::triton_unit_rows_backward", mutates_args=())
-def unit_rows_backward(g: Tensor, y: Tensor, inv: Tensor, radial: Tensor, sizes: list[int], dtype0: torch.dtype,
-                       dtype1: torch.dtype, dtype2: torch.dtype) -> list[Tensor]:
-    """dx of the three row sets of unit_rows_forward (`sizes` rows each, in dtype0 / 1 / 2)."""
-    for name, t in (("g", g), ("y", y)):
-        _check(name, t)
-    if g.shape != y.shape:
-        raise ValueError(f"g: expected the shape of y {tuple(y.shape)}, got {tuple(g.shape)}")
-    R, d = y.shape
-    if len(sizes) != 3 or sum(sizes) != R or min(sizes) < 0:
-        raise ValueError(f"sizes: expected three row counts summing to {R}, got {sizes}")
+def unit_rows_backward(g: Tensor, x: Tensor, x1: Optional[Tensor], x2: Optional[Tensor], inv: Tensor,
+                       radial: Tensor) -> list[Tensor]:
+    """dx of the three row sets of unit_rows_forward(x, x1, x2, ...) (each in its own dtype) from
+    the gradient g of its stacked output and its inv, radial."""
+    _check("g", g)
+    sizes = check_parts(x, x1, x2, g.dtype)
+    R, d = sum(sizes), x.shape[1]
+    if g.shape != (R, d):
+        raise ValueError(f"g: expected the stacked rows' shape {(R, d)}, got {tuple(g.shape)}")
     for name, t in (("inv", inv), ("radial", radial)):
         if t.dtype != torch.float32 or t.shape != (R,):
             raise ValueError(f"{name}: expected float32 of shape ({R},), got {t.dtype} of shape {tuple(t.shape)}")
-    for name, dt in (("dtype0", dtype0), ("dtype1", dtype1), ("dtype2", dtype2)):
-        if dt not in _HALF_OR_SINGLE:
-            raise TypeError(f"{name}: expected one of {list(_HALF_OR_SINGLE)}, got {dt}")
-    dx = [torch.empty(r, d, dtype=dt, device=y.device) for r, dt in zip(sizes, (dtype0, dtype1, dtype2))]
+    src = [x if t is None else t for t in (x, x1, x2)]  # an absent set has no rows: never read
+    dx = [torch.empty(r, d, dtype=t.dtype, device=x.device) for r, t in zip(sizes, src)]
     if R:
         br, bd = blocks(d)
         recording.launch(unit_rows_backward_kernel, (grid_size(sizes, br),),
-                         (g, y, inv, radial, *dx, *sizes, d, g.stride(0), y.stride(0), *(t.stride(0) for t in dx)),
+                         (g, *src, inv, radial, *dx, *sizes, d, g.stride(0), *(t.stride(0) for t in src),
+                          *(t.stride(0) for t in dx)),
                          dict(BLOCK_R=br, BLOCK_D=bd), wrap_triton)
     return dx
 
 
 def save_context(ctx, parts, output) -> None:
     """What the backward of a forward normalising `parts` (three, each optional) into `output`
-    (y, inv, radial) needs: setup_context of unit_rows_forward and of prologue.prologue_op."""
-    y, inv, radial = output
+    (y, inv, radial) needs: setup_context of unit_rows_forward and of prologue.prologue_op. The
+    parts themselves, not y: the backward recomputes the direction in fp32."""
+    _, inv, radial = output
     ctx.present = [t is not None for t in parts]
-    ctx.sizes = [0 if t is None else t.shape[0] for t in parts]
-    ctx.dtypes = [parts[0].dtype if t is None else t.dtype for t in parts]
     ctx.set_materialize_grads(False)  # only y is differentiated: no zero gradients for the rest
-    ctx.save_for_backward(y, inv, radial)
+    ctx.save_for_backward(*parts, inv, radial)
 
 
 def parts_backward(ctx, g_y) -> tuple:
     """The gradients of the three parts saved by save_context (None for absent ones)."""
     if g_y is None:
         return None, None, None
-    y, inv, radial = ctx.saved_tensors
+    x, x1, x2, inv, radial = ctx.saved_tensors
     g = g_y if g_y.stride(-1) == 1 else g_y.contiguous()
-    dx = unit_rows_backward(g, y, inv, radial, ctx.sizes, *ctx.dtypes)
+    dx = unit_rows_backward(g, x, x1, x2, inv, radial)
     return tuple(d if present else None for d, present in zip(dx, ctx.present))
 
 
