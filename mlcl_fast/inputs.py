@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .labels import LabelSets, as_label_sets, from_indices_on_device, label_errors_named
+from .labels import LabelSets, as_label_sets, check_padded_indices, from_indices_on_device, label_errors_named
 from .presets import LossConfig
 from .problem import Problem
 
@@ -220,8 +220,7 @@ def prepare(features, labels, prototypes, cfg: LossConfig, temperature, num_labe
     deferred = []
 
     def defer(raw: Tensor, labels_count: int) -> LabelSets:
-        if raw.dim() != 2 or raw.dtype.is_floating_point or raw.dtype == torch.bool:
-            return (canonical_indices or from_indices_on_device)(raw, labels_count)  # its error, now
+        check_padded_indices(raw)  # the canonicaliser's errors, now
         deferred.append(raw)
         return LabelSets(torch.empty(raw.shape, dtype=torch.int64, device=raw.device),
                          torch.empty(raw.shape[0], dtype=torch.int64, device=raw.device), labels_count)

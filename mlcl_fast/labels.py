@@ -258,14 +258,19 @@ def _from_indices(labels: Tensor, num_labels: Optional[int]) -> LabelSets:
 INDEX_RANGE_MESSAGE = "labels: padded label indices must be in [0, num_labels), or -1 for padding"
 
 
+def check_padded_indices(labels: Tensor) -> None:
+    """What every canonicaliser of padded indices requires of its input: 2-D, integer."""
+    _check_2d(labels, "padded label indices")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels: padded label indices must be an integer tensor, got {labels.dtype}")
+
+
 def from_indices_on_device(labels: Tensor, num_labels: int) -> LabelSets:
     """Padded indices -> canonical form with static shapes and no host synchronisation: each row
     sorted, repeats replaced by padding, padding moved to the end; width K. Values outside
     [-1, num_labels) fail a device-side assertion. (A backend may do this in its own kernels:
     as_label_sets' `canonical_indices`.)"""
-    _check_2d(labels, "padded label indices")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"labels: padded label indices must be an integer tensor, got {labels.dtype}")
+    check_padded_indices(labels)
     labels = labels.long()
     if labels.numel():
         torch._assert_async(((labels >= -1) & (labels < num_labels)).all(), INDEX_RANGE_MESSAGE)

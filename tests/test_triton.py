@@ -476,6 +476,20 @@ def test_public_call_canonicalises_with_the_kernel_only_without_host_checks():
 
 
 @cpu_only
+@pytest.mark.parametrize("labels,error,match", [
+    (torch.zeros(4, 2), TypeError, "labels: padded label indices must be an integer tensor"),
+    (torch.zeros(4, dtype=torch.int64), ValueError, "labels: expected padded label indices of shape"),
+    (torch.zeros(4, 2, dtype=torch.bool), TypeError, "labels: padded label indices must be an integer tensor")])
+def test_public_call_refuses_bad_padded_indices_before_the_prologue(labels, error, match):
+    """check_values=False with padded indices: the labels the prologue would take later are checked
+    where the canonicaliser would have checked them (labels.check_padded_indices), same errors."""
+    for backend_name in ("triton", "reference"):
+        with pytest.raises(error, match=match):
+            multilabel_contrastive_loss(torch.randn(4, 2, 8), labels, preset="supcon_any", num_labels=3,
+                                        label_format="indices", backend=backend_name, check_values=False)
+
+
+@cpu_only
 def test_public_call_canonicalises_fp64_rows_apart():
     """fp64 rows go to the reference (the kernels accumulate in fp32), so there is no row
     normaliser to share a launch with: the padded indices take the canonicaliser's own kernel,

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ..labels import INDEX_RANGE_MESSAGE, LabelSets, from_indices_on_device
+from ..labels import INDEX_RANGE_MESSAGE, LabelSets, check_padded_indices, from_indices_on_device
 from . import recording
 
 # Widest padded input the kernel takes: its repeat mask has KP * KP entries per row.
@@ -77,9 +77,10 @@ def check_labels(labels: Tensor) -> None:
 
 
 def takes(labels: Tensor) -> bool:
-    """Whether the kernel takes these padded indices (else the torch formulation does)."""
-    return labels.dim() == 2 and 0 < labels.shape[1] <= MAX_WIDTH and not labels.dtype.is_floating_point \
-        and labels.dtype != torch.bool
+    """Whether the kernel takes these padded indices (else the torch formulation does); raises
+    for what no canonicaliser takes (labels.check_padded_indices)."""
+    check_padded_indices(labels)
+    return 0 < labels.shape[1] <= MAX_WIDTH
 
 
 def outputs(labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -30,8 +30,8 @@ def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_coun
                  s_cid, s_u, s_u_tail, s_ubar, s_ubar_tail, s_w, e_ptr, base_out, v_tail_out,
                  M, C, N, col_lo, d, KA, KAP, width, stride_q, stride_k,
                  scale2, log2_beta, alpha, KS, inv_tau, stride_e, stride_v,
-                 SUMS: tl.constexpr, BLOCK_DS: tl.constexpr, LABELS: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr,
-                 WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr, NATIVE: tl.constexpr,
+                 SUMS: tl.constexpr, BLOCK_DS: tl.constexpr, LABELS: tl.constexpr, MODE: tl.constexpr,
+                 WORDS: tl.constexpr, WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr, NATIVE: tl.constexpr,
                  SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  Q_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)

@@ -185,10 +185,15 @@ def outputs(x: Tensor, sizes: list[int], out_dtype: torch.dtype) -> tuple[Tensor
             torch.empty(R, dtype=torch.float32, device=x.device), torch.empty(R, dtype=torch.float32, device=x.device))
 
 
+def _sets(x: Tensor, x1: Optional[Tensor], x2: Optional[Tensor]) -> list[Tensor]:
+    """The three row sets as kernel arguments: an absent set has no rows, x stands in (never read)."""
+    return [x if t is None else t for t in (x, x1, x2)]
+
+
 def unit_args(x: Tensor, x1: Optional[Tensor], x2: Optional[Tensor], sizes: list[int], y: Tensor, inv: Tensor,
               radial: Tensor) -> tuple:
-    """unit_sets' tensor and scalar arguments (an absent set has no rows: x stands in, never read)."""
-    src = [x if t is None else t for t in (x, x1, x2)]
+    """unit_sets' tensor and scalar arguments."""
+    src = _sets(x, x1, x2)
     return (*src, y, inv, radial, *sizes, x.shape[1], *(t.stride(0) for t in src), y.stride(0), NORM_EPS)
 
 
@@ -219,7 +224,7 @@ def unit_rows_backward(g: Tensor, x: Tensor, x1: Optional[Tensor], x2: Optional[
     for name, t in (("inv", inv), ("radial", radial)):
         if t.dtype != torch.float32 or t.shape != (R,):
             raise ValueError(f"{name}: expected float32 of shape ({R},), got {t.dtype} of shape {tuple(t.shape)}")
-    src = [x if t is None else t for t in (x, x1, x2)]  # an absent set has no rows: never read
+    src = _sets(x, x1, x2)
     dx = [torch.empty(r, d, dtype=t.dtype, device=x.device) for r, t in zip(sizes, src)]
     if R:
         br, bd = blocks(d)

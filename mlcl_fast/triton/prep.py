@@ -254,9 +254,8 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
         launch(head_prep_kernel, (programs,),
                (a_index, a_count, self_col, label_start, run, col_ptr, top, a_cid, u, u_tail, w_tot, ubar, ubar_tail,
                 head_u, row_scale, invalid, live, slot_keys, col_owner, c_index, col_cid, head_y, col_sorted, k, e, M,
-                ka, L, U, col_lo,
-                n_top, head_u.stride(0), anchor_programs, column_programs, d_chunks, C, kc, d, k.stride(0),
-                e.stride(0)),
+                ka, L, U, col_lo, n_top, head_u.stride(0), anchor_programs, column_programs, d_chunks, C, kc, d,
+                k.stride(0), e.stride(0)),
                dict(BLOCK_M=bm, KA_P2=ka_p2, BLOCK_C=bc, KC_P2=kc_p2, HB=hb, BLOCK_P=bp, BLOCK_D=bd), wrap)
 
     # Anchors with a positive first, in their own order (a stable sort of the 0/1 flags).
