@@ -447,6 +447,23 @@ def test_plots_and_report_from_a_csv(tmp_path):
         sorted(f"sweep_cpu_test_{m}_vs_N.png" for m in ("time", "memory"))
 
 
+def test_gpu_targets_table(tmp_path, capsys):
+    """The short table gpu.sh prints last: one line per CSV row, the header first."""
+    import csv as csv_module
+    from bench import gpu_targets
+    path = tmp_path / "targets.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv_module.DictWriter(f, gpu_targets.FIELDS)
+        writer.writeheader()
+        writer.writerow(dict(target="rate", provider="torch.matmul bf16", status="790 TFLOP/s"))
+        writer.writerow(dict(target="T1", provider="triton", regime="heavy", L=16384, status="ok", median_ms=12.5,
+                             tile="free:anchors=128,64,8,2"))
+    assert gpu_targets.main(["--table", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[0].split()[:3] == ["target", "provider", "regime"]
+    assert "790 TFLOP/s" in lines[1] and "12.5" in lines[2] and "free:anchors=128,64,8,2" in lines[2]
+
+
 def test_gpu_script_dry_run(tmp_path):
     """bench/gpu.sh's CPU side: stage bookkeeping, logging into $OUT, the sweep's CUDA plan."""
     import os
@@ -459,7 +476,7 @@ def test_gpu_script_dry_run(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "gpu.log").read_text()
-    assert "== build: not run (dry run)" in log and "== sweep: ok" in log
+    assert "== cuda chain: not run (dry run): 1 step(s)" in log and "== sweep: ok" in log
     assert "plan:" in log and "on cuda (quick)" in log and "L=1000000" in log
     assert "tests-gpu" not in log                       # not selected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.log"]
@@ -485,6 +502,16 @@ def test_gpu_targets_points_and_valid_anchor_count():
     sym = {(p.target, p.regime, p.L) for p in full if p.grad == "symmetric"}
     assert {(p.target, p.regime, p.L) for p in full if p.target == "T1"} <= sym and \
         ("T3", "heavy", 128) in sym
+    # Smallest first, the Triton-only variants (precision, strategy, tiles) after every target point.
+    variants = [p.variant for p in full]
+    assert variants == sorted(variants) and variants.count(False) == 4 + 1 + 2 + 1
+    plain = [p.logits for p in full if not p.variant]
+    assert plain == sorted(plain) and full[0].target == "T3" and full[variants.index(True) - 1].target == "T2"
+    tiles = gpu_targets.points(["T1"], smoke=False, tiles=("free:anchors=128,64,8,2", "64,64,8,3"))
+    searched = [(p.tile, p.L) for p in tiles if p.tile]
+    assert sorted(searched) == sorted((t, L) for t in ("free:anchors=128,64,8,2", "64,64,8,3") for L in (16384, 262144))
+    assert all(p.regime == "heavy" and p.grad == "default" for p in tiles if p.tile)
+    assert gpu_targets.points(["none"], smoke=False) == []
     for regime in gpu_targets.REGIMES:
         point = gpu_targets.Point("T1", regime, 64, 300, 8, "float32")
         inputs = gpu_targets.build(point, "cpu")

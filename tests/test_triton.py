@@ -1021,6 +1021,25 @@ def test_tile_configs_per_kernel_family(monkeypatch):
         monkeypatch.setenv("MLCL_FAST_TRITON_TILE", bad)
         with pytest.raises(ValueError, match=match):
             configs.tile_config(64, False)
+    # Per kernel family: the first matching entry wins, families without one keep their defaults.
+    monkeypatch.setenv("MLCL_FAST_TRITON_TILE", "free:anchors=128,64,8,3; head:*=32,32,4,2;*:columns=16,128,8,4")
+    stats = configs.tile_config(256, False, "anchors", "free")
+    assert (stats.block_m, stats.block_n, stats.num_warps, stats.num_stages, stats.block_k) == (128, 64, 8, 3, 256)
+    for owner in configs.OWNERS:
+        head = configs.tile_config(256, False, owner, "head")
+        assert (head.block_m, head.block_n, head.num_warps, head.num_stages) == (32, 32, 4, 2)
+    cols = configs.tile_config(256, False, "columns", "free")
+    assert (cols.block_m, cols.block_n, cols.num_stages) == (16, 128, 4)
+    monkeypatch.delenv("MLCL_FAST_TRITON_TILE")
+    default = configs.tile_config(256, False, "symmetric", "free")
+    monkeypatch.setenv("MLCL_FAST_TRITON_TILE", "free:anchors=128,64,8,3")
+    assert configs.tile_config(256, False, "symmetric", "free") == default
+    for bad, match in (("free=64,64,4,2", "KIND:OWNER"), ("sparse:anchors=64,64,4,2", "kind must be"),
+                       ("free:rows=64,64,4,2", "owner must be"), ("head:*=64,64,4,2;free:*=64,48,4,2", "BLOCK_N"),
+                       ("free:*=64,64", "expected")):
+        monkeypatch.setenv("MLCL_FAST_TRITON_TILE", bad)
+        with pytest.raises(ValueError, match=match):
+            configs.tile_config(64, False, "anchors", "head")
 
 
 def test_fp32_precision_setting(monkeypatch):

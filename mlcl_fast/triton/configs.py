@@ -138,7 +138,7 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
         chunk = min(chunk, IEEE_CHUNK)
     elif fp32:
         chunk = min(chunk, X3_CHUNK if x3 else LABEL_MAX_CHUNK)  # 256 fp32 features resident spill (static report)
-    forced = forced_tile(chunk)
+    forced = forced_tile(chunk, owner, kind)
     if forced is not None:
         return forced
     if ieee:
@@ -191,19 +191,43 @@ def tile_config(dim: int, interpret: bool, owner: str = "anchors", kind: str = "
     return TileConfig(block_m=16, block_n=64, block_k=chunk, block_d=chunk, num_warps=4, num_stages=2)
 
 
-def forced_tile(chunk: int) -> TileConfig | None:
-    """MLCL_FAST_TRITON_TILE="BLOCK_M,BLOCK_N,num_warps,num_stages" fixes the anchor and column
-    tile (for measurements: bench/profile.py); the feature chunk stays `chunk`."""
+def forced_tile(chunk: int, owner: str = "anchors", kind: str = "in_tile") -> TileConfig | None:
+    """MLCL_FAST_TRITON_TILE fixes tiles for measurements (bench/profile.py, bench/gpu_targets.py);
+    the feature chunk stays `chunk`. Either "BLOCK_M,BLOCK_N,num_warps,num_stages" for every
+    kernel, or ";"-separated entries "KIND:OWNER=BLOCK_M,BLOCK_N,num_warps,num_stages" (KIND one of
+    TILE_KINDS, OWNER one of OWNERS, either may be "*") for the kernel families they match, the
+    first match winning: one kernel's tile changes while the others keep the defaults, which a
+    single tile for all cannot do without spilling some of them (static report)."""
     text = os.environ.get("MLCL_FAST_TRITON_TILE")
     if not text:
         return None
+    name = "MLCL_FAST_TRITON_TILE"
+    if "=" not in text:
+        return _parse_tile(name, text, chunk)
+    chosen = None
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        family, sep, value = entry.partition("=")
+        want_kind, colon, want_owner = family.strip().partition(":")
+        if not sep or not colon:
+            raise ValueError(f"{name}: expected entries 'KIND:OWNER=BLOCK_M,BLOCK_N,num_warps,num_stages', got {entry!r}")
+        if want_kind not in TILE_KINDS + ("*",):
+            raise ValueError(f"{name}: kind must be one of {list(TILE_KINDS)} or '*', got {want_kind!r}")
+        if want_owner not in OWNERS + ("*",):
+            raise ValueError(f"{name}: owner must be one of {list(OWNERS)} or '*', got {want_owner!r}")
+        tile = _parse_tile(name, value, chunk)  # every entry is checked, matching or not
+        if chosen is None and want_kind in ("*", kind) and want_owner in ("*", owner):
+            chosen = tile
+    return chosen
+
+
+def _parse_tile(name: str, text: str, chunk: int) -> TileConfig:
     try:
         bm, bn, warps, stages = (int(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"MLCL_FAST_TRITON_TILE: expected 'BLOCK_M,BLOCK_N,num_warps,num_stages', got {text!r}")
-    for name, v in (("BLOCK_M", bm), ("BLOCK_N", bn), ("num_warps", warps)):
+        raise ValueError(f"{name}: expected 'BLOCK_M,BLOCK_N,num_warps,num_stages', got {text!r}") from None
+    for what, v in (("BLOCK_M", bm), ("BLOCK_N", bn), ("num_warps", warps)):
         if v < 1 or v & (v - 1):
-            raise ValueError(f"MLCL_FAST_TRITON_TILE: {name} must be a power of two, got {v}")
+            raise ValueError(f"{name}: {what} must be a power of two, got {v}")
     return TileConfig(block_m=max(bm, 16), block_n=max(bn, 16), block_k=chunk, block_d=chunk,
                       num_warps=warps, num_stages=max(stages, 1))
 
