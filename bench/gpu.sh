@@ -110,7 +110,7 @@ BUILD_CMD="TORCH_CUDA_ARCH_LIST=\${TORCH_CUDA_ARCH_LIST:-9.0} MLCL_FAST_REQUIRE_
   && $PY -c 'import mlcl_fast, torch; print(mlcl_fast.backend_status()); print(\"cuda backends:\", mlcl_fast.available_backends(\"cuda\") if torch.cuda.is_available() else None)'"
 chain=()
 want build && chain+=("echo '== build'; $BUILD_CMD || exit 1")
-(want tests || want tests-cuda) && chain+=("echo '== tests-cuda'; ${PYTEST[*]} $(workers "${MLCL_GPU_CUDA_WORKERS:-4}") -m 'not slow' tests/test_cuda.py tests/test_errors.py::test_mixed_cpu_cuda")
+(want tests || want tests-cuda) && chain+=("echo '== tests-cuda'; ${PYTEST[*]} $(workers "${MLCL_GPU_CUDA_WORKERS:-4}") -m 'not slow' ${MLCL_GPU_CUDA_TESTS:-tests/test_cuda.py tests/test_errors.py::test_mixed_cpu_cuda}")
 # A host backtrace of the op-error tests that crashed on an H100 (csrc/cuda/README.md "Known
 # limits"), only when the tests above did not pass them; cuda-gdb also debugs the host side of a
 # Python process.
@@ -132,6 +132,13 @@ if (( ${#chain[@]} )); then
   fi
 fi
 
+# Not in the default stages: where a target point's time goes (bench/gpu_profile.py), before the
+# Triton tests so that only the background build shares the machine with it.
+if want profile && (( ! DRY )); then
+  # shellcheck disable=SC2086
+  stage profile "${MLCL_GPU_PROFILE_S:-120}" $PY -m bench.gpu_profile ${MLCL_GPU_PROFILE_ARGS:-}
+fi
+
 # The Triton backend's GPU tests, in the foreground. pytest-xdist (in the machine's image)
 # spreads them over the cores, which also parallelises Triton's compilation; MLCL_GPU_XDIST=0
 # runs them in one process. Verbose output names every test as it ends, so a stage cut by its
@@ -139,7 +146,7 @@ fi
 if (want tests || want tests-triton) && (( ! DRY )); then
   # shellcheck disable=SC2046
   stage tests-triton "${MLCL_GPU_TRITON_S:-170}" "${PYTEST[@]}" $(workers "${MLCL_GPU_WORKERS:-12}") \
-    -m "gpu and not slow" tests/test_triton.py
+    -m "gpu and not slow" ${MLCL_GPU_TRITON_TESTS:-tests/test_triton.py}
 fi
 
 if [ -n "$CUDA_PID" ]; then

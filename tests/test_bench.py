@@ -464,6 +464,19 @@ def test_gpu_targets_table(tmp_path, capsys):
     assert "790 TFLOP/s" in lines[1] and "12.5" in lines[2] and "free:anchors=128,64,8,2" in lines[2]
 
 
+def test_gpu_profile_points():
+    """bench.gpu_profile's point syntax: the target's shape, the check flag, errors naming --points."""
+    from bench import gpu_profile
+    provider, point, check = gpu_profile.parse_point("triton:T1:xmc:262144:0")
+    assert (provider, point.N, point.L, point.d, point.regime, check) == ("triton", 16384, 262144, 256, "xmc", False)
+    assert gpu_profile.parse_point("cuda:T3:heavy:128:1")[1:] == (gpu_profile.gpu_targets.Point(
+        "T3", "heavy", 1024, 128, 128, "bfloat16"), True)
+    for bad in ("triton:T1:heavy:16384", "triton:T9:heavy:1:1", "triton:T1:flat:1:1", "triton:T1:heavy:1:yes"):
+        with pytest.raises(ValueError, match="--points"):
+            gpu_profile.parse_point(bad)
+    assert [gpu_profile.parse_point(p)[0] for p in gpu_profile.DEFAULT_POINTS.split(",")][0] == "triton"
+
+
 def test_gpu_script_dry_run(tmp_path):
     """bench/gpu.sh's CPU side: stage bookkeeping, logging into $OUT, the sweep's CUDA plan."""
     import os
