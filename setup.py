@@ -35,14 +35,20 @@ def _extensions():
     if os.environ.get("MLCL_FAST_NATIVE", "1") == "1":  # source builds tune for the host CPU
         cxx.append("-march=native")
     extra = {"cxx": cxx}
+    # Link libstdc++ as the shared library the process (torch) already uses, before any implicit
+    # -lstdc++: a toolchain that resolved it to libstdc++.a (seen on an H200 machine's CUDA build)
+    # put a second, never-initialised libstdc++ into the extension, whose number formatting then
+    # crashed every TORCH_CHECK message with an integer in it (a segmentation fault instead of
+    # the argument error). tests/test_cpp.py checks the built library for such a copy.
+    link = ["-fopenmp"] + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else [])
     include = [os.path.join(here, "csrc")]
     if use_cuda:
         extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
         ext = CUDAExtension("mlcl_fast._C", cpu_sources + cuda_sources, include_dirs=include,
-                            extra_compile_args=extra, extra_link_args=["-fopenmp"], define_macros=[("MLCL_FAST_WITH_CUDA", "1")])
+                            extra_compile_args=extra, extra_link_args=link, define_macros=[("MLCL_FAST_WITH_CUDA", "1")])
     else:
         ext = CppExtension("mlcl_fast._C", cpu_sources, include_dirs=include,
-                           extra_compile_args=extra, extra_link_args=["-fopenmp"])
+                           extra_compile_args=extra, extra_link_args=link)
     return [ext], {"build_ext": _TolerantBuild.wrap(BuildExtension)}
 
 

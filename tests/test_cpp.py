@@ -574,3 +574,67 @@ def test_public_call_without_value_checks_makes_no_host_read(preset):
         assert feats.grad.shape == feats.shape
         with pytest.raises(DataDependentOutputException):  # the host-side checks do read values
             multilabel_contrastive_loss(feats, index, p if uses_p else None, **kwargs)
+
+
+# Symbols only libstdc++ itself defines: an extension that defines any of them carries a second,
+# static copy of the library (how a direct op call with a bad label value crashed on an H200:
+# setup.py's link flags).
+LIBSTDCXX_OWN_SYMBOLS = ("_ZNSo9_M_insertIlEERSoT_",      # std::ostream::_M_insert<long>
+                         "_ZNSt6locale7classicEv",         # std::locale::classic()
+                         "_ZNSt8ios_base4InitC1Ev")        # std::ios_base::Init::Init()
+
+
+def _static_libstdcxx_symbols(library: str) -> list[str]:
+    import shutil
+    import subprocess
+    if shutil.which("nm") is None:
+        pytest.skip("nm (binutils) is not installed")
+    listing = subprocess.run(["nm", library], capture_output=True, text=True, check=True).stdout
+    defined = {parts[2] for parts in (line.split() for line in listing.splitlines())
+               if len(parts) == 3 and parts[1] in "TtWw"}
+    return [s for s in LIBSTDCXX_OWN_SYMBOLS if s in defined]
+
+
+def test_extension_uses_the_shared_libstdcxx():
+    """The built extension (CPU or CUDA build) defines none of libstdc++'s own functions."""
+    import mlcl_fast._C as ext
+    assert _static_libstdcxx_symbols(ext.__file__) == []
+
+
+@pytest.mark.slow
+def test_a_static_libstdcxx_copy_breaks_check_messages_and_the_link_flag_prevents_it(tmp_path):
+    """The crash's mechanism on a CPU: a torch extension linked with a static libstdc++ (what
+    -static-libstdc++ forces) formats no integer in a TORCH_CHECK message (a truncated message
+    here, a segmentation fault on the H200 machine's newer libstdc++); setup.py's
+    -l:libstdc++.so.6 in front keeps the shared library even then."""
+    import subprocess
+    import sys
+    import textwrap
+    (tmp_path / "ext.cpp").write_text(textwrap.dedent("""
+        #include <torch/extension.h>
+        void check(int64_t v) { TORCH_CHECK(v < 3, "col_labels: value ", v, " out of range [0, ", 3, ")"); }
+        PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("check", &check); }
+    """))
+    script = textwrap.dedent("""
+        import sys
+        from torch.utils.cpp_extension import load
+        flags = {"static": ["-static-libstdc++"], "fixed": ["-l:libstdc++.so.6", "-static-libstdc++"]}[sys.argv[1]]
+        mod = load("libstdcxx_" + sys.argv[1], [sys.argv[2]], extra_ldflags=flags, build_directory=sys.argv[3])
+        print("library:", mod.__file__)
+        try:
+            mod.check(5)
+        except RuntimeError as err:
+            print("message:", str(err).splitlines()[0])
+    """)
+    results = {}
+    for variant in ("static", "fixed"):
+        build = tmp_path / variant
+        build.mkdir()
+        done = subprocess.run([sys.executable, "-c", script, variant, str(tmp_path / "ext.cpp"), str(build)],
+                              capture_output=True, text=True, timeout=600)
+        lines = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+        results[variant] = (done.returncode, lines.get("message"), _static_libstdcxx_symbols(lines["library"]))
+    rc, message, symbols = results["static"]
+    assert symbols, "-static-libstdc++ put no libstdc++ copy into the test extension"
+    assert rc != 0 or message != "col_labels: value 5 out of range [0, 3)"
+    assert results["fixed"] == (0, "col_labels: value 5 out of range [0, 3)", [])
