@@ -236,9 +236,12 @@ def test_torch_compile_fullgraph(preset, dtype):
     gc = torch.autograd.grad(compiled, inputs)
     assert compiled.dtype == eager.dtype == torch.float32
     assert torch.allclose(eager, compiled, rtol=1e-5, atol=1e-6)
+    # bf16 gradients: the compiled graph rounds the normalisation's backward at other points than
+    # eager mode, one bf16 unit (2^-8 relative) apart in places (seen on an H200 with rtol=1e-3)
+    rtol = 1e-3 if dtype == torch.float32 else 2 ** -7
     for a, b in zip(ge, gc):
         assert a.dtype == b.dtype == dtype
-        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-5)
+        assert torch.allclose(a.float(), b.float(), rtol=rtol, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ op errors
