@@ -1001,7 +1001,9 @@ def test_tile_configs_per_kernel_family(monkeypatch):
     assert (free.block_m, free.block_n, free.num_warps, free.block_k) == (128, 64, 8, 128)
     assert (free_c.block_m, free_c.block_n) == (64, 128)
     wide, wide_c = configs.tile_config(256, False, kind="head"), configs.tile_config(256, False, "columns", "head")
-    assert (wide.block_m, wide.block_n, wide.block_k, wide.block_d) == (64, 32, 256, 256)
+    assert (wide.block_m, wide.block_n, wide.block_k, wide.block_d, wide.num_stages) == (64, 32, 256, 256, 3)
+    assert configs.tile_config(256, False, kind="head", fp32=True).num_stages == 2
+    assert configs.tile_config(128, False, kind="head").num_stages == 2
     assert (wide_c.block_m, wide_c.block_n) == (32, 64)
     ieee = configs.tile_config(256, False, kind="free", ieee=True, fp32=True)
     assert (ieee.block_m, ieee.block_n, ieee.block_k) == (32, 32, configs.IEEE_CHUNK)
