@@ -41,17 +41,7 @@ def parse_point(text: str) -> tuple[str, gpu_targets.Point, bool]:
 
 
 def step_fn(provider: str, point: gpu_targets.Point, check: bool):
-    import mlcl_fast
-    inputs = gpu_targets.build(point, "cuda")
-
-    def step():
-        loss = mlcl_fast.multilabel_contrastive_loss(inputs.features, inputs.labels, inputs.prototypes,
-                                                     preset=inputs.preset, temperature=inputs.temperature,
-                                                     backend=provider, check_values=check)
-        inputs.features.grad = None
-        inputs.prototypes.grad = None
-        loss.backward()
-    return step
+    return gpu_targets.public_step(provider, gpu_targets.build(point, "cuda"), check)
 
 
 def profile_point(provider: str, point: gpu_targets.Point, check: bool, top: int) -> str:
