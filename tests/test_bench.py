@@ -525,6 +525,10 @@ def test_gpu_targets_points_and_valid_anchor_count():
     assert sorted(searched) == sorted((t, L) for t in ("free:anchors=128,64,8,2", "64,64,8,3") for L in (16384, 262144))
     assert all(p.regime == "heavy" and p.grad == "default" for p in tiles if p.tile)
     assert gpu_targets.points(["none"], smoke=False) == []
+    # T4's public call without host reads: one forward + backward that leaves both gradients
+    inputs = gpu_targets.build(gpu_targets.Point("T4", "heavy", 32, 40, 8, "float32"), "cpu")
+    gpu_targets.public_step("reference", inputs, check_values=False)()
+    assert inputs.features.grad is not None and inputs.prototypes.grad.abs().sum() > 0
     for regime in gpu_targets.REGIMES:
         point = gpu_targets.Point("T1", regime, 64, 300, 8, "float32")
         inputs = gpu_targets.build(point, "cpu")
