@@ -1427,25 +1427,28 @@ def test_padded_indices_canonicalised_on_the_device_match_the_host_path():
 
 
 @cpu_only
+@pytest.mark.parametrize("d", [10, 40])
 @pytest.mark.parametrize("grad_mode", ["forward", "recompute", "symmetric"])
-def test_closed_form_takes_any_number_of_tail_pairs(monkeypatch, grad_mode):
+def test_closed_form_takes_any_number_of_tail_pairs(monkeypatch, grad_mode, d):
     """reg with labels outside the head: the closed form whatever the number of pairs sharing a
     tail label (its tail kernels keep no list: nothing to count or size), and the tail kernels
     contribute (their value is not 0 on this case: near-duplicate rows sharing tail labels),
     matching the reference and the fp64 oracle; the anchor-row gradient of those pairs comes from
-    the forward (G = 1, scaled) or from the backward (MLCL_FAST_TRITON_GRAD=recompute)."""
+    the forward (G = 1, scaled) or from the backward (MLCL_FAST_TRITON_GRAD=recompute). d = 10
+    fits one feature block (the tail programs load each gathered row once, WHOLE); d = 40 takes
+    three 16-wide blocks under the interpreter (chunked: as d > 256 on a GPU)."""
     from mlcl_fast.triton import configs, prep, tail
 
     monkeypatch.setenv("MLCL_FAST_TRITON_GRAD", grad_mode)
 
     monkeypatch.setattr(configs, "HEAD_LABELS", 16)
     monkeypatch.setattr(configs, "HEAD_LABELS_WIDE", 16)
-    case = _shared_tail_case()
+    case = _shared_tail_case(d=d)
     # Near-duplicate rows: p_ij well above w_ij, so the tail labels change r on their pairs.
     gen = torch.Generator().manual_seed(case.seed)
     case.features[1:4] = case.features[0] + 0.01 * torch.randn(3, case.features.shape[1], generator=gen)
     case = cases.replace(case, temperature=0.05)
-    calls, changes = [], []
+    calls, changes, blocks = [], [], []
     original, original_tail = prep.prepare, tail.add_anchor_terms
 
     def spy(*args, **kwargs):
@@ -1453,12 +1456,14 @@ def test_closed_form_takes_any_number_of_tail_pairs(monkeypatch, grad_mode):
         original_tail(*args, **kwargs)
         if before is not None:
             changes.append(float((kwargs["value"] - before).abs().max()))
+        blocks.append(configs.block_width(d, tail.TAIL_MAX_CHUNK, True) >= d)
 
     monkeypatch.setattr(prep, "prepare", lambda *a: calls.append(1) or original(*a))
     monkeypatch.setattr(tail, "add_anchor_terms", spy)
     assert_backend_matches("triton", case, **FP32)
     assert calls, "the closed form"
     assert changes and all(c > 0 for c in changes), "the tail kernels corrected some pair's value"
+    assert set(blocks) == {d <= 16}, "the whole-row and the chunked tail programs are both covered"
 
 
 def test_positive_triples_leave_out_the_head():
@@ -1480,10 +1485,10 @@ def test_positive_triples_leave_out_the_head():
     assert tl_labels.most_frequent(ties, 2).tolist() == [1, 2]
 
 
-def _shared_tail_case(B=12, L=28):
+def _shared_tail_case(B=12, L=28, d=10):
     """Rows whose pairs share several labels outside a 16-label head (labels 0..15 in most rows,
     16..21 in many): a pair is listed once per tail label it shares."""
-    case = _case("shared_tail", "reg", None, B=B, d=10, L=L, density=0.1)
+    case = _case("shared_tail", "reg", None, B=B, d=d, L=L, density=0.1)
     gen = torch.Generator().manual_seed(case.seed)
     case.labels[:, :16] = torch.rand(B, 16, generator=gen) < 0.85
     case.labels[:, 16:22] = torch.rand(B, 6, generator=gen) < 0.5

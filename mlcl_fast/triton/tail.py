@@ -57,13 +57,17 @@ def tail_anchor_kernel(q_ptr, k_ptr, a_index, a_cid, u_tail, c_index, col_ptr, c
                        head_y, row_scale, g_up, value_out, dq_out, d, KA, KC, num_samples, scale2, log2_beta,
                        inv_tau, stride_q, stride_k, stride_hu, stride_hy, stride_o,
                        BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, KC_P2: tl.constexpr, HB: tl.constexpr,
-                       VALUE: tl.constexpr, GRAD: tl.constexpr, SCALE_G: tl.constexpr):
+                       VALUE: tl.constexpr, GRAD: tl.constexpr, SCALE_G: tl.constexpr, WHOLE: tl.constexpr):
     """Anchor i's tail pairs, added in place: value_out[i] -= sum_j delta_ij s_ij (VALUE; by the
     programs of chunk 0) and dq_out[i, chunk] -= G_i / tau sum_j delta_ij k_j[chunk] (GRAD; G_i = 1
-    unless SCALE_G)."""
+    unless SCALE_G). WHOLE (BLOCK_D >= d, one program per anchor): each gathered column row is
+    loaded once, for its logit and its gradient term; otherwise each chunk's program recomputes
+    the pair's d-long logit and loads its chunk again."""
     i = tl.program_id(0)
     oo = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     omask = oo < d
+    if WHOLE:
+        q_row = tl.load(q_ptr + i * stride_q + oo, mask=omask, other=0.0).to(tl.float32)
     own = tl.load(self_col + i)
     lse_i = tl.load(lse2 + i)
     rs = tl.load(row_scale + i)
@@ -83,14 +87,19 @@ def tail_anchor_kernel(q_ptr, k_ptr, a_index, a_cid, u_tail, c_index, col_ptr, c
                 e = e0 + tl.arange(0, BLOCK_J)
                 emask = e < hi
                 j = tl.load(col_s + e, mask=emask, other=0)
-                dot = tl.zeros([BLOCK_J], dtype=tl.float32)
-                for d0 in range(0, d, BLOCK_D):
-                    dd = d0 + tl.arange(0, BLOCK_D)
-                    dmask = dd < d
-                    qi = tl.load(q_ptr + i * stride_q + dd, mask=dmask, other=0.0).to(tl.float32)
-                    kj = tl.load(k_ptr + j[:, None] * stride_k + dd[None, :],
-                                 mask=emask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-                    dot += tl.sum(kj * qi[None, :], axis=1)
+                if WHOLE:
+                    k_rows = tl.load(k_ptr + j[:, None] * stride_k + oo[None, :],
+                                     mask=emask[:, None] & omask[None, :], other=0.0).to(tl.float32)
+                    dot = tl.sum(k_rows * q_row[None, :], axis=1)
+                else:
+                    dot = tl.zeros([BLOCK_J], dtype=tl.float32)
+                    for d0 in range(0, d, BLOCK_D):
+                        dd = d0 + tl.arange(0, BLOCK_D)
+                        dmask = dd < d
+                        qi = tl.load(q_ptr + i * stride_q + dd, mask=dmask, other=0.0).to(tl.float32)
+                        kj = tl.load(k_ptr + j[:, None] * stride_k + dd[None, :],
+                                     mask=emask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                        dot += tl.sum(kj * qi[None, :], axis=1)
                 # The column's labels against the anchor's tail labels: w^T and the first shared slot.
                 c_lab = tl.load(c_index + j[:, None] * KC + cslots[None, :],
                                 mask=emask[:, None] & (cslots[None, :] < KC), other=-1)
@@ -108,9 +117,12 @@ def tail_anchor_kernel(q_ptr, k_ptr, a_index, a_cid, u_tail, c_index, col_ptr, c
                 keep = emask & (first == t) & (j != own)
                 delta = _delta(dot, lse_i, j, w_head, w_tail, keep, num_samples, scale2, log2_beta)
                 if GRAD:
-                    ko = tl.load(k_ptr + j[:, None] * stride_k + oo[None, :], mask=emask[:, None] & omask[None, :],
-                                 other=0.0).to(tl.float32)
-                    acc += delta[:, None] * ko
+                    if WHOLE:
+                        acc += delta[:, None] * k_rows
+                    else:
+                        ko = tl.load(k_ptr + j[:, None] * stride_k + oo[None, :],
+                                     mask=emask[:, None] & omask[None, :], other=0.0).to(tl.float32)
+                        acc += delta[:, None] * ko
                 if VALUE:
                     total += delta * dot * inv_tau
     if GRAD:
@@ -129,12 +141,16 @@ def tail_anchor_kernel(q_ptr, k_ptr, a_index, a_cid, u_tail, c_index, col_ptr, c
 def tail_column_kernel(q_ptr, k_ptr, a_index, u_tail, c_index, col_cid, slot_ptr, slot_s, top, self_col, lse2,
                        head_u, head_y, row_scale, g_up, out, d, KA, KC, n_top, num_samples, scale2, log2_beta,
                        inv_tau, stride_q, stride_k, stride_hu, stride_hy, stride_o,
-                       BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, KA_P2: tl.constexpr, HB: tl.constexpr):
+                       BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, KA_P2: tl.constexpr, HB: tl.constexpr,
+                       WHOLE: tl.constexpr):
     """Column j's tail pairs, added in place: out[j, chunk] -= 1/tau sum_i G_i delta_ij q_i[chunk],
-    over the anchor slots of j's labels outside the head (flat anchor * KA + slot in slot_s)."""
+    over the anchor slots of j's labels outside the head (flat anchor * KA + slot in slot_s).
+    WHOLE (BLOCK_D >= d): each gathered anchor row is loaded once, as in tail_anchor_kernel."""
     j = tl.program_id(0)
     oo = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     omask = oo < d
+    if WHOLE:
+        k_row = tl.load(k_ptr + j * stride_k + oo, mask=omask, other=0.0).to(tl.float32)
     hcol = tl.arange(0, HB)
     hy = tl.load(head_y + j * stride_hy + hcol).to(tl.float32)
     head_ids = tl.load(top + hcol, mask=hcol < n_top, other=-2)
@@ -167,22 +183,30 @@ def tail_column_kernel(q_ptr, k_ptr, a_index, u_tail, c_index, col_cid, slot_ptr
                             other=0.0).to(tl.float32)
                 rs = tl.load(row_scale + i, mask=emask, other=0.0)
                 w_head = tl.sum(unit * hy[None, :], axis=1) * rs
-                dot = tl.zeros([BLOCK_P], dtype=tl.float32)
-                for d0 in range(0, d, BLOCK_D):
-                    dd = d0 + tl.arange(0, BLOCK_D)
-                    dmask = dd < d
-                    kj = tl.load(k_ptr + j * stride_k + dd, mask=dmask, other=0.0).to(tl.float32)
-                    qi = tl.load(q_ptr + i[:, None] * stride_q + dd[None, :], mask=emask[:, None] & dmask[None, :],
-                                 other=0.0).to(tl.float32)
-                    dot += tl.sum(qi * kj[None, :], axis=1)
+                if WHOLE:
+                    q_rows = tl.load(q_ptr + i[:, None] * stride_q + oo[None, :],
+                                     mask=emask[:, None] & omask[None, :], other=0.0).to(tl.float32)
+                    dot = tl.sum(q_rows * k_row[None, :], axis=1)
+                else:
+                    dot = tl.zeros([BLOCK_P], dtype=tl.float32)
+                    for d0 in range(0, d, BLOCK_D):
+                        dd = d0 + tl.arange(0, BLOCK_D)
+                        dmask = dd < d
+                        kj = tl.load(k_ptr + j * stride_k + dd, mask=dmask, other=0.0).to(tl.float32)
+                        qi = tl.load(q_ptr + i[:, None] * stride_q + dd[None, :],
+                                     mask=emask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                        dot += tl.sum(qi * kj[None, :], axis=1)
                 own = tl.load(self_col + i, mask=emask, other=-1)
                 lse_i = tl.load(lse2 + i, mask=emask, other=0.0)
                 keep = emask & (first == t) & (own != j)
                 delta = _delta(dot, lse_i, j, w_head, w_tail, keep, num_samples, scale2, log2_beta)
                 g = tl.load(g_up + i, mask=emask, other=0.0)
-                qo = tl.load(q_ptr + i[:, None] * stride_q + oo[None, :], mask=emask[:, None] & omask[None, :],
-                             other=0.0).to(tl.float32)
-                acc += (delta * g)[:, None] * qo
+                if WHOLE:
+                    acc += (delta * g)[:, None] * q_rows
+                else:
+                    qo = tl.load(q_ptr + i[:, None] * stride_q + oo[None, :],
+                                 mask=emask[:, None] & omask[None, :], other=0.0).to(tl.float32)
+                    acc += (delta * g)[:, None] * qo
     cur = tl.load(out + j * stride_o + oo, mask=omask, other=0.0)
     tl.store(out + j * stride_o + oo, cur - inv_tau * tl.sum(acc, axis=0), mask=omask)
 
@@ -230,6 +254,21 @@ def check(args: checks.Arguments, a_index: Tensor, c_index: Tensor, a_cid: Tenso
         args.assert_values("col_sorted", (col_sorted >= 0) | ~listed, f"column indices in [0, {C}) up to col_ptr[-1]")
 
 
+# The widest feature block of a tail program: up to 256 features (T1's d) one program per anchor
+# or column holds the whole row, so each gathered row is read once for its logit and its gradient
+# term (at d = 256 the chunked kernels read it three times: the logit in each of two chunk
+# programs, then the chunk). Half of T1's step at L = 16384 was these kernels (H200 profile,
+# bench/RESULTS.md).
+TAIL_MAX_CHUNK = 256
+
+
+def _warps(block_d: int, owner: str) -> int:
+    """8 warps for 256-wide rows; at 128 also for the anchor kernel, which at 4 warps takes 234
+    registers (two programs per multiprocessor for a kernel that waits on gathers), while the
+    column kernel at 8 warps spills in fp32 (static report)."""
+    return 8 if block_d > 128 or (block_d == 128 and owner == "anchors") else 4
+
+
 def _scalars(q: Tensor, k: Tensor, t: Labels, num_samples: int, log_beta: float, inv_tau: float) -> tuple:
     return (num_samples, inv_tau * configs.LOG2E, log_beta * configs.LOG2E, inv_tau, q.stride(0), k.stride(0),
             t.head_u.stride(0), t.head_y.stride(0))
@@ -244,7 +283,7 @@ def add_anchor_terms(q: Tensor, k: Tensor, t: Labels, lse2: Tensor, num_samples:
     d = q.shape[1]
     if M == 0 or ka == 0 or d == 0 or (value is None and dq is None):
         return
-    bd = configs.block_width(d, 128, launch.INTERPRETED)
+    bd = configs.block_width(d, TAIL_MAX_CHUNK, launch.INTERPRETED)
     grad = dq is not None
     _launch(tail_anchor_kernel, (M, triton.cdiv(d, bd) if grad else 1),
             (q, k, t.a_index, t.a_cid, t.u_tail, t.c_index, t.col_ptr, t.col_sorted, t.self_col, lse2, t.head_u,
@@ -252,7 +291,8 @@ def add_anchor_terms(q: Tensor, k: Tensor, t: Labels, lse2: Tensor, num_samples:
              dq if grad else lse2, d, ka, t.c_index.shape[1], *_scalars(q, k, t, num_samples, log_beta, inv_tau),
              dq.stride(0) if grad else 0),
             dict(BLOCK_J=16 if launch.INTERPRETED else 32, BLOCK_D=bd, KC_P2=configs.pow2(t.c_index.shape[1]),
-                 HB=t.head_y.shape[1], VALUE=value is not None, GRAD=grad, SCALE_G=g_up is not None, num_warps=4),
+                 HB=t.head_y.shape[1], VALUE=value is not None, GRAD=grad, SCALE_G=g_up is not None, WHOLE=bd >= d,
+                 num_warps=_warps(bd, "anchors")),
             wrap)
 
 
@@ -264,10 +304,11 @@ def add_column_terms(q: Tensor, k: Tensor, t: Labels, lse2: Tensor, g_up: Tensor
     d = q.shape[1]
     if M == 0 or ka == 0 or C == 0 or d == 0:
         return
-    bd = configs.block_width(d, 128, launch.INTERPRETED)
+    bd = configs.block_width(d, TAIL_MAX_CHUNK, launch.INTERPRETED)
     _launch(tail_column_kernel, (C, triton.cdiv(d, bd)),
             (q, k, t.a_index, t.u_tail, t.c_index, t.col_cid, t.slot_ptr, t.slot_sorted, t.top, t.self_col, lse2,
              t.head_u, t.head_y, t.row_scale, g_up, dk, d, ka, kc, t.top.numel(),
              *_scalars(q, k, t, num_samples, log_beta, inv_tau), dk.stride(0)),
             # 16 anchor slots per step: 32 spill registers at d = 256 (the static report).
-            dict(BLOCK_P=16, BLOCK_D=bd, KA_P2=configs.pow2(ka), HB=t.head_y.shape[1], num_warps=4), wrap)
+            dict(BLOCK_P=16, BLOCK_D=bd, KA_P2=configs.pow2(ka), HB=t.head_y.shape[1], WHOLE=bd >= d,
+                 num_warps=_warps(bd, "columns")), wrap)
