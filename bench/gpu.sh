@@ -202,5 +202,5 @@ log "summary:"$'\n'"$SUMMARY"
 ls -la "$OUT" | tee -a "$LOG"
 [ -s "$CSV" ] && sed -n '/== report: start/,/== report:/p' "$LOG" | tail -n 60
 # the short table last: the reply of a remote call carries the end of the output
-[ -s "$OUT/targets.csv" ] && $PY -m bench.gpu_targets --table "$OUT/targets.csv" | tee -a "$LOG"
+[ -s "$OUT/targets.csv" ] && $PY -m bench.gpu_targets --plot "$OUT/targets.csv" --table "$OUT/targets.csv" | tee -a "$LOG"
 exit 0

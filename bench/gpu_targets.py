@@ -2,6 +2,7 @@
 
     python -m bench.gpu_targets [--targets T1,T2,T3,T4] [--providers triton,cuda,reference,compile(reference)]
                                 [--tiles SPEC|SPEC...] [--out DIR] [--budget-s 420] [--smoke]
+    python -m bench.gpu_targets --table CSV | --plot CSV
 
 T1  N = 16384 (B = 8192, V = 2), d = 256, L = 16384 and 262144, 2-20 labels per sample, reg,
     bf16, forward + backward, two label regimes: heavy head (Zipf 1.1: the top label in most
@@ -247,9 +248,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tiles", default="", help="'|'-separated MLCL_FAST_TRITON_TILE values to search at T1")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--table", metavar="CSV", help="print a short table of a targets.csv and exit")
+    ap.add_argument("--plot", metavar="CSV", help="plot the T1 and T2 rows of a targets.csv next to it and exit")
     args = ap.parse_args(argv)
-    if args.table:
-        print(table(args.table))
+    if args.table or args.plot:
+        if args.table:
+            print(table(args.table))
+        if args.plot:
+            from .plots import plot_targets
+            print("plot:", plot_targets(args.plot))
         return 0
     if not torch.cuda.is_available():
         print("bench.gpu_targets needs a CUDA device", file=sys.stderr)

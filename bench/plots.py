@@ -133,3 +133,41 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def plot_targets(csv_path, out_png=None) -> Path | None:
+    """One PNG of a bench.gpu_targets CSV: forward + backward time (log) and the share of the
+    valid-anchor 4-GEMM limit of each provider at the T1 and T2 points (default settings only),
+    grouped by point. Returns its path (None without such rows)."""
+    import csv
+
+    csv_path = Path(csv_path)
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["target"] in ("T1", "T2") and r["grad"] == "default"
+                and not r.get("tile") and number(r, "median_ms") is not None]
+    if not rows:
+        return None
+    points = sorted({(int(r["L"]), r["regime"]) for r in rows})
+    providers = sorted({r["provider"] for r in rows})
+    colors = _colors(providers)
+    width = 0.8 / len(providers)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for k, name in enumerate(providers):
+        by_point = {(int(r["L"]), r["regime"]): r for r in rows if r["provider"] == name}
+        xs = [i + k * width for i, p in enumerate(points) if p in by_point]
+        for ax, field in zip(axes, ("median_ms", "limit_share")):
+            ys = [number(by_point[p], field) * (100 if field == "limit_share" else 1) for p in points if p in by_point]
+            ax.bar(xs, ys, width, label=name, color=colors[name])
+    labels = [f"L={L:,}\n{regime}" for L, regime in points]
+    for ax, title in zip(axes, ("forward + backward, ms (log)", "share of the 4-GEMM limit, %")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(points))], labels, fontsize=8)
+        ax.set_title(title)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{csv_path.name}: reg, bf16, N = 16384, d = 256")
+    fig.tight_layout()
+    out = Path(out_png) if out_png else csv_path.with_suffix(".png")
+    save_figure(fig, out, dpi=110)
+    plt.close(fig)
+    return out
+

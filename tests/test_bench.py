@@ -462,6 +462,15 @@ def test_gpu_targets_table(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[0].split()[:3] == ["target", "provider", "regime"]
     assert "790 TFLOP/s" in lines[1] and "12.5" in lines[2] and "free:anchors=128,64,8,2" in lines[2]
+    # The plot takes the default-setting T1/T2 rows only: none here (the one T1 row has a tile)
+    assert gpu_targets.main(["--plot", str(path)]) == 0 and "plot: None" in capsys.readouterr().out
+    with open(path, "a", newline="") as f:
+        writer = csv_module.DictWriter(f, gpu_targets.FIELDS)
+        for provider, ms in (("triton", 44.5), ("cuda", 41.3)):
+            writer.writerow(dict(target="T1", provider=provider, regime="heavy", L=16384, grad="default",
+                                 status="ok", median_ms=ms, limit_share=0.05))
+    assert gpu_targets.main(["--plot", str(path)]) == 0
+    assert "targets.png" in capsys.readouterr().out and (tmp_path / "targets.png").stat().st_size > 0
 
 
 def test_gpu_profile_points():
