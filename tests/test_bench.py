@@ -486,6 +486,18 @@ def test_gpu_profile_points():
     assert [gpu_profile.parse_point(p)[0] for p in gpu_profile.DEFAULT_POINTS.split(",")][0] == "triton"
 
 
+def test_gpu_script_lists_every_triton_gpu_test():
+    """bench/gpu.sh runs the Triton GPU tests by name, in a priority order: every GPU test function
+    of tests/test_triton.py is in its list once, and nothing else."""
+    import re
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "bench" / "gpu.sh").read_text()
+    loop = re.search(r"for name in (.*?); do", script, re.S).group(1)
+    listed = ["test_gpu_" + n for n in loop.replace("\\", " ").split()]
+    defined = re.findall(r"^def (test_gpu_\w+)\(", (root / "tests" / "test_triton.py").read_text(), re.M)
+    assert len(listed) == len(set(listed)) and sorted(listed) == sorted(defined)
+
+
 def test_gpu_script_dry_run(tmp_path):
     """bench/gpu.sh's CPU side: stage bookkeeping, logging into $OUT, the sweep's CUDA plan."""
     import os
