@@ -13,13 +13,12 @@ steps summed over kernels, and the `--top` kernels by device time. A GPU only.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
 from . import gpu_targets
+from .profile import host_ms, median_ms
 
 DEFAULT_POINTS = ("triton:T1:heavy:16384:1,triton:T1:heavy:16384:0,cuda:T1:heavy:16384:1,"
                   "triton:T1:heavy:262144:0,triton:T3:heavy:128:0")
@@ -51,21 +50,7 @@ def profile_point(provider: str, point: gpu_targets.Point, check: bool, top: int
     for _ in range(2):
         step()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    host = []
-    for _ in range(3):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        host.append((time.perf_counter() - t0) * 1e3)
-    torch.cuda.synchronize()
+    step_ms, host = median_ms(step, 5), host_ms(step, 3)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             step()
@@ -74,7 +59,7 @@ def profile_point(provider: str, point: gpu_targets.Point, check: bool, top: int
     total = sum(e.self_device_time_total for e in events) / 3e3
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
     lines = [f"## {provider} {point.target} {point.regime} L={point.L} check_values={check}: "
-             f"step {statistics.median(times):.3f} ms (median of 5), host issue {statistics.median(host):.3f} ms, "
+             f"step {step_ms:.3f} ms (median of 5), host issue {host:.3f} ms, "
              f"kernels {total:.3f} ms per step"]
     for e in events[:top]:
         lines.append(f"  {e.self_device_time_total / 3e3:9.3f} ms  {e.count // 3:5d}x  {e.key[:110]}")

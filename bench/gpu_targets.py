@@ -207,13 +207,9 @@ def public_step(backend: str, inputs: Inputs, check_values: bool):
 def host_issue(step) -> dict:
     """Median wall time to issue one forward+backward with the GPU idle (the host's share), and
     whether the call synchronises (sync debug mode 'error' raises on a synchronising call)."""
-    times = []
-    for _ in range(20):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    torch.cuda.synchronize()
+    from .profile import host_ms
+
+    host = host_ms(step, 20)
     syncs = "none"
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -222,8 +218,7 @@ def host_issue(step) -> dict:
         syncs = f"yes ({str(err).splitlines()[0][:120]})"
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    times.sort()
-    return dict(host_ms=round(times[len(times) // 2], 3), syncs=syncs)
+    return dict(host_ms=round(host, 3), syncs=syncs)
 
 
 def table(path: str) -> str:

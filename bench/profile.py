@@ -20,7 +20,8 @@ from .providers import BackendProvider
 from .worker import build_inputs
 
 
-def _median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int) -> float:
+    """Median device time of `fn` over `repeats` calls (CUDA events around each)."""
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -32,7 +33,7 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _host_ms(fn, repeats: int) -> float:
+def host_ms(fn, repeats: int) -> float:
     """Wall time of issuing `fn` without waiting for the device (host-side cost)."""
     torch.cuda.synchronize()
     times = []
@@ -88,9 +89,9 @@ def profile_point(point: str, backend: str, tile: str | None, repeats: int, emit
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
     full()
-    fwd = _median_ms(runner.forward, repeats)
-    both = _median_ms(full, repeats)
-    host = _host_ms(full, repeats)
+    fwd = median_ms(runner.forward, repeats)
+    both = median_ms(full, repeats)
+    host = host_ms(full, repeats)
     label = f"{point} {backend}" + (f" tile={tile}" if tile else "")
     emit(f"== {label}: first call {first_s:.1f} s (compile included), fwd {fwd:.2f} ms, "
          f"fwd+bwd {both:.2f} ms, host issue {host:.2f} ms")
