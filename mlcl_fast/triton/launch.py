@@ -57,6 +57,11 @@ class Geometry:
         return self.mode == configs.MODE_HEAD
 
     @property
+    def ieee(self) -> bool:
+        """fp32 operands whose dots run as IEEE fp32 (FFMA, no tensor cores)."""
+        return self.precision == "ieee" and not self.half
+
+    @property
     def tile_kind(self) -> str:
         """configs.tile_config's `kind`: the label work of the sweeps."""
         if self.mode == configs.MODE_DENSE:  # overlaps (and label sums) as dots: no per-slot label loops
@@ -126,7 +131,7 @@ def geometry(q: Tensor, k: Tensor, labels: tuple, num_samples: int, col_lo: int,
 
 
 def _tile(g: Geometry, owner: str = "anchors") -> TileConfig:
-    return configs.tile_config(g.dim, INTERPRETED, owner, g.tile_kind, ieee=g.precision == "ieee" and not g.half,
+    return configs.tile_config(g.dim, INTERPRETED, owner, g.tile_kind, ieee=g.ieee,
                                x3=g.precision == "tf32x3" and not g.half,
                                fp32=not g.half)
 
@@ -217,8 +222,7 @@ def stats(q, k, labels: tuple, g: Geometry, wrap, visit: tuple | None = None, su
     # 4 warps, spilled 40 bytes; at 8 a thread 94 / 96 (88), no spills (static report). The IEEE
     # sweep still spilled 16 bytes under Triton 3.6 (the H200 machine's): 4 a thread there, 80-84
     # registers under 3.6 and 3.9, no spills.
-    ieee = g.precision == "ieee" and not g.half
-    block_ds = configs.block_width(g.dim, max(16, (128 if ieee else 256) * cfg.num_warps // cfg.block_m), INTERPRETED)
+    block_ds = configs.block_width(g.dim, max(16, (128 if g.ieee else 256) * cfg.num_warps // cfg.block_m), INTERPRETED)
     meta = dict(_common(g), SLOTS=g.slots, BLOCK_K=block_k, Q_RESIDENT=g.dim <= block_k, SUMS=sums is not None,
                 BLOCK_DS=block_ds)
     _launch(forward.stats_kernel, "stats", g, cfg, lambda m: (triton.cdiv(M, m["BLOCK_M"]),), wrap, args, meta)
