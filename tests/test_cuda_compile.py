@@ -4,8 +4,9 @@
    headers involved) without register spills, and the launcher (ops_cuda.cpp) passes a C++ syntax
    check against the installed torch headers.
 2. The backend module: availability reasons, and the op arguments it builds (run through the CPU
-   kernels of the same ops). The label preparation (csrc/cpu/label_index.h) and the value checks
-   the CUDA ops run (check_values_by_count) on CPU tensors (slow: they build an extension).
+   kernels of the same ops). The value checks the CUDA ops run (check_values_by_count) on CPU
+   tensors (slow: it builds an extension). The label index the CUDA ops use is the Python one
+   (mlcl_fast/label_index.py, tests/test_label_index.py).
 The algorithm itself (the block loop and the formulas the CUDA kernels share, csrc/cpu/block_math.h)
 runs on the CPU in tests/test_blocked.py. What none of these checks: the kernels' warp and block
 reductions and the cuBLAS calls with half operands (tests/test_cuda.py does, on a GPU).
@@ -22,7 +23,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from mlcl_fast.labels import LabelSets, as_label_sets
+from mlcl_fast.labels import as_label_sets
 from mlcl_fast.presets import resolve_config
 from mlcl_fast.problem import Problem
 from mlcl_fast.reference import anchor_losses
@@ -179,18 +180,12 @@ def test_op_inputs_through_the_cpu_ops(preset, sample_anchors, prototype_anchors
 
 
 PREPARE_BINDINGS = """
-#include "cpu/label_index.h"
 #include "cpu/options.h"
-std::vector<at::Tensor> label_index(at::Tensor col_labels, int64_t num_labels) {
-  const auto index = mlcl_fast::label_index::column_label_index(col_labels, num_labels);
-  return {index.ptr, index.cols};
-}
 void check_by_count(at::Tensor row_labels, at::Tensor col_labels, at::Tensor self_col, int64_t num_cols,
                     int64_t num_labels) {
   const auto opt = mlcl_fast::parse_options(0, num_labels, 0.1, 1.0, "any", "one", 0.0, false);
   mlcl_fast::check_values_by_count(row_labels, col_labels, self_col, num_cols, opt);
 }
-at::Tensor counts(at::Tensor labels) { return mlcl_fast::label_index::label_counts(labels); }
 """
 
 
@@ -203,28 +198,9 @@ def prepare_ops(tmp_path_factory):
     options_cpp = (ROOT / "csrc" / "cpu" / "options.cpp").read_text()
     options_cpp = options_cpp.replace('#include "options.h"', '#include "cpu/options.h"')
     return cpp_extension.load_inline("mlcl_cuda_prepare_check", cpp_sources=[options_cpp, PREPARE_BINDINGS],
-                                     functions=["label_index", "check_by_count", "counts"],
+                                     functions=["check_by_count"],
                                      extra_include_paths=[str(ROOT / "csrc")], build_directory=str(build),
                                      extra_cflags=["-O0"], verbose=False)
-
-
-@pytest.mark.slow
-def test_prepare_label_index_on_cpu(prepare_ops):
-    gen = torch.Generator().manual_seed(4)
-    num_labels = 9
-    dense = torch.rand(20, num_labels, generator=gen) < 0.3
-    dense[3] = False
-    sets = as_label_sets(dense, 20, num_labels).concat(LabelSets.singletons(num_labels))
-    ptr, cols = prepare_ops.label_index(sets.index, num_labels)
-    assert ptr.dtype == torch.int32 and cols.dtype == torch.int32
-    for k in range(num_labels):
-        expected = torch.nonzero((sets.index == k).any(dim=1)).flatten().int()
-        assert torch.equal(cols[ptr[k]:ptr[k + 1]], expected), k
-    assert int(ptr[-1]) == int(sets.count.sum())
-    assert torch.equal(prepare_ops.counts(sets.index), sets.count.int())
-    empty = torch.full((4, 0), -1, dtype=torch.int64)
-    ptr0, cols0 = prepare_ops.label_index(empty, 3)
-    assert ptr0.tolist() == [0, 0, 0, 0] and cols0.numel() == 0
 
 
 @pytest.mark.slow

@@ -1551,11 +1551,18 @@ def test_closed_form_tail_pairs_sharing_several_tail_labels(monkeypatch, preset,
 @pytest.mark.parametrize("col_lo,L,hb,padding", [(0, 40, 16, True), (5, 40, 16, True), (0, 9, 16, True),
                                                  (3, 200, 32, True), (0, 40, 16, False)],
                          ids=["all_columns", "beta0", "fewer_labels_than_head", "wide", "no_padding"])
-def test_closed_form_preparation_kernels_match_a_plain_definition(col_lo, L, hb, padding):
+def test_closed_form_preparation_kernels_match_a_plain_definition(col_lo, L, hb, padding, monkeypatch):
     """prep.prepare (three kernels, seven library calls) against the definitions written out in
     Python: compact label index, u, W, ubar, head tiles (ties to the smaller label), tail part,
-    visiting order, the slots grouped by label, and the label sums E_k."""
+    visiting order, the slots grouped by label, and the label sums E_k. Its first kernel writes
+    the shared label index's sort keys (mlcl_fast.label_index.slot_keys), and its compact index
+    is that index without the labels no softmax column carries."""
+    from mlcl_fast import label_index
     from mlcl_fast.triton import prep
+
+    sorted_keys = []
+    original_sort = label_index.sort_slots
+    monkeypatch.setattr(label_index, "sort_slots", lambda keys: sorted_keys.append(keys) or original_sort(keys))
 
     gen = torch.Generator().manual_seed(fresh_seed("prep", col_lo, L, hb))
     M, C, ka, kc = 11, 17, 4, 3
@@ -1568,6 +1575,7 @@ def test_closed_form_preparation_kernels_match_a_plain_definition(col_lo, L, hb,
     self_col = torch.randperm(C, generator=gen)[:M].to(torch.int32)
     k = torch.randn(C, 6, generator=gen)
     pre = prep.prepare(a_index, a_count, c_index, self_col, col_lo, L, hb, k, True, None)
+    assert len(sorted_keys) == 1 and torch.equal(sorted_keys[0], label_index.slot_keys(c_index, L, col_lo))
 
     carried = {}
     for j in range(col_lo, C):
@@ -1589,6 +1597,11 @@ def test_closed_form_preparation_kernels_match_a_plain_definition(col_lo, L, hb,
     assert pre.col_ptr.tolist() == ptr
     flat_cols = [j for lab in labels for j in sorted(carried[lab])]
     assert pre.col_sorted.tolist() == flat_cols + [-1] * (C * kc - len(flat_cols))
+    shared = label_index.column_label_index(c_index, L, col_lo)
+    carried_ids = torch.nonzero(shared.ptr.diff()).flatten()
+    assert carried_ids.tolist() == labels
+    assert pre.col_sorted[:len(flat_cols)].tolist() == shared.cols[:int(shared.ptr[-1])].tolist()
+    assert pre.col_ptr[1:len(labels) + 1].tolist() == shared.ptr[carried_ids + 1].tolist()
     expect_ccid = [[cid[lab] if lab >= 0 and j >= col_lo else -1 for lab in c_index[j].tolist()] for j in range(C)]
     assert pre.col_cid.tolist() == expect_ccid
     assert pre.a_cid.tolist() == [[cid.get(lab, -1) if lab >= 0 else -1 for lab in row] for row in a_index.tolist()]

@@ -2,6 +2,7 @@
 #include "blocked.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/version.h>
 
 #include <algorithm>
@@ -9,8 +10,6 @@
 #include <cstring>
 #include <limits>
 #include <string>
-
-#include "label_index.h"
 
 namespace mlcl_fast {
 
@@ -40,9 +39,28 @@ int64_t prep_size(int64_t R, int64_t C, int64_t row_width, int64_t col_width, in
   return num_labels + 1 + C * col_width + R + C + R * row_width;
 }
 
+// |y| per row as int32.
+at::Tensor label_counts(const at::Tensor& labels) {
+  return (labels >= 0).sum({1}, /*keepdim=*/false, at::kInt);
+}
+
+// The columns' inverted label index (label k: columns cols[ptr[k] .. ptr[k+1]), ascending): the
+// operator mlcl_fast::column_label_index, whose one implementation (mlcl_fast/label_index.py, shared
+// with the Triton backend) `import mlcl_fast` registers. Called through the dispatcher, it runs
+// on the labels' device with no host synchronisation.
+std::tuple<at::Tensor, at::Tensor> column_label_index(const at::Tensor& col_labels, int64_t num_labels) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mlcl_fast::column_label_index", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, int64_t)>();
+  TORCH_CHECK(op.hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd),
+              "mlcl_fast::column_label_index has no implementation: it is registered in Python by "
+              "`import mlcl_fast` (mlcl_fast/backends/native_ops.py)");
+  return op.call(col_labels, num_labels, /*col_lo=*/0);
+}
+
 at::Tensor prepare_labels(const at::Tensor& row_labels, const at::Tensor& col_labels, int64_t num_labels) {
-  const label_index::LabelIndex index = label_index::column_label_index(col_labels, num_labels);
-  return at::cat({index.ptr, index.cols, label_index::label_counts(row_labels), label_index::label_counts(col_labels),
+  const auto [ptr, cols] = column_label_index(col_labels, num_labels);
+  return at::cat({ptr.to(at::kInt), cols.to(at::kInt), label_counts(row_labels), label_counts(col_labels),
                   row_labels.to(at::kInt).reshape({-1})});
 }
 

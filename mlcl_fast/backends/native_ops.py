@@ -13,6 +13,7 @@ import os
 import torch
 from torch import Tensor
 
+from .. import label_index
 from ..problem import Problem
 
 LOAD_ERROR = ""
@@ -23,6 +24,7 @@ except ImportError as err:  # extension not built
 
 OPS_PRESENT = not LOAD_ERROR and hasattr(torch.ops.mlcl_fast, "anchor_loss_forward")
 FORWARD = "mlcl_fast::anchor_loss_forward"
+LABEL_INDEX = "mlcl_fast::column_label_index"
 
 
 def ops_available() -> tuple[bool, str]:
@@ -113,6 +115,16 @@ def _backward_fake(grad_loss, rows, cols, row_labels, col_labels, self_col, lse,
     return torch.empty_like(rows), torch.empty_like(cols)
 
 
+def _column_label_index(col_labels: Tensor, num_labels: int, col_lo: int = 0) -> tuple[Tensor, Tensor]:
+    return tuple(label_index.checked_column_label_index(col_labels, num_labels, col_lo))
+
+
+def _column_label_index_fake(col_labels, num_labels, col_lo=0):
+    label_index.check_arguments(col_labels, num_labels, col_lo)
+    return (col_labels.new_empty(num_labels + 1, dtype=torch.int64),
+            col_labels.new_empty(col_labels.numel(), dtype=torch.int64))
+
+
 def _setup_context(ctx, inputs, output):
     rows, cols, row_labels, col_labels, self_col = inputs[:5]
     _, _, lse, total_weight, normalizer, label_prep = output
@@ -136,3 +148,6 @@ if OPS_PRESENT:
     torch.library.register_fake(FORWARD, _forward_fake)
     torch.library.register_fake("mlcl_fast::anchor_loss_backward", _backward_fake)
     torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
+    # The blocked algorithm's label index (csrc/cpu/blocked.cpp calls it): the Python one, for every device.
+    torch.library.impl(LABEL_INDEX, "default", _column_label_index)
+    torch.library.register_fake(LABEL_INDEX, _column_label_index_fake)

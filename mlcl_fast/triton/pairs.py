@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
+from .. import label_index
 from . import checks, configs, launch, sparse
 from . import labels as tl_labels
 from .configs import FACTOR_CODES, WEIGHTING_CODES
@@ -44,12 +45,7 @@ def positive_pairs(a_index: Tensor, c_index: Tensor, self_col: Tensor, col_lo: i
     pairs sorted by (i, j), triples sorted by (i, t, j)."""
     dev = a_index.device
     C, KA = c_index.shape[0], a_index.shape[1]
-    col_ids = torch.arange(C, device=dev).unsqueeze(1).expand_as(c_index)
-    keep = (c_index >= 0) & (col_ids >= col_lo)
-    labs, cols = c_index[keep], col_ids[keep]
-    order = torch.argsort(labs * C + cols)  # keys are distinct: a deterministic order
-    by_label = cols[order]
-    col_ptr = sparse.offsets(labs[order], num_labels)
+    col_ptr, by_label = label_index.column_label_index(c_index, num_labels, col_lo)
 
     flat = a_index.reshape(-1)
     slot = torch.nonzero(flat >= 0).flatten()        # i * KA + t, ascending

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import label_index
 from . import configs
 from .labels import most_frequent
 from .recording import launch
@@ -208,16 +209,16 @@ def prepare(a_index: Tensor, a_count: Tensor, c_index: Tensor, self_col: Tensor,
     n = C * kc
     block = 16 if interpret else 1024
     grid = (triton.cdiv(max(n, 1), block),)
-    # Stable sorts of 32-bit keys (labels, compact ids): a radix sort then makes half the passes
-    # of one over 64-bit keys, and the order it returns holds the slots themselves.
-    key_dtype = torch.int32 if L < 2**31 - 1 else torch.int64
+    # The label index's keys and sort (mlcl_fast.label_index, whose slot_keys label_keys_kernel
+    # writes fused with three initialisations); the compact ids' sort uses the same key type.
+    key_dtype = label_index.key_dtype(L)
     keys = torch.empty(n, dtype=key_dtype, device=dev)
     label_start = torch.empty(L + 1, dtype=torch.int64, device=dev)  # entry L: padding
     col_owner = torch.empty(C, dtype=torch.int32, device=dev)
     live = torch.empty(1, dtype=torch.int32, device=dev)
     launch(label_keys_kernel, (triton.cdiv(max(n, L + 1, C), block),),
            (c_index, keys, label_start, col_owner, live, n, kc, L, C, col_lo), dict(BLOCK=block), wrap)
-    sorted_keys, order = torch.sort(keys, stable=True)
+    sorted_keys, order = label_index.sort_slots(keys)
     first = torch.empty(n, dtype=torch.int32, device=dev)
     col_sorted = torch.empty(n, dtype=torch.int64, device=dev)
     launch(label_runs_kernel, grid, (sorted_keys, order, first, col_sorted, label_start, n, kc, L, U),
