@@ -216,6 +216,15 @@ def test_opcheck(preset):
     outputs = torch.ops.mlcl_fast.anchor_loss_forward(*args)
     assert [t.dtype for t in outputs[2:5]] == [torch.float32] * 3
     assert outputs[5].dtype == torch.int32 and outputs[5].numel() > 0  # the label preparation, reused by the backward
+    # its head is the shared label index (mlcl_fast/label_index.py), made on the device
+    col_labels, num_labels = args[3], args[6]
+    ptr, cols = torch.ops.mlcl_fast.column_label_index(col_labels, num_labels)
+    assert ptr.is_cuda and cols.is_cuda
+    assert torch.equal(outputs[5][:num_labels + 1 + cols.numel()].long(), torch.cat([ptr, cols]))
+    cpu = torch.ops.mlcl_fast.column_label_index(col_labels.cpu(), num_labels)
+    assert torch.equal(ptr.cpu(), cpu[0]) and torch.equal(cols.cpu(), cpu[1])
+    torch.library.opcheck(torch.ops.mlcl_fast.column_label_index.default, (col_labels, num_labels, 2),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
