@@ -13,6 +13,7 @@ without TRITON_INTERPRET. tests/test_kernel_report.py asserts wgmma and no spill
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -73,17 +74,32 @@ def _compile(fn, args: tuple, meta: dict):
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
+# cuobjdump's reading of each distinct cubin (by content), for the rest of the process: points of
+# one report share many kernels (the preparation's, the normaliser's), and reading one takes
+# ~0.4 s, most of a point's time when triton's cache holds the compiled kernels.
+_READ: dict[bytes, tuple[int, int, int, dict]] = {}
+
+
+def _read_cubin(cubin: bytes, tmpdir: str, stem: str) -> tuple[int, int, int, dict]:
+    digest = hashlib.sha256(cubin).digest()
+    if digest not in _READ:
+        path = os.path.join(tmpdir, stem + ".cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        # one call prints the resource usage, then the SASS
+        out = subprocess.run([_tool("cuobjdump"), "-res-usage", "-sass", path], capture_output=True, text=True,
+                             check=True).stdout
+        found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", out)
+        if found is None:
+            raise RuntimeError(f"cuobjdump -res-usage: no resource line in {out[:2000]!r}")
+        counts = {op: len(re.findall(rf"\b{op}\b", out)) for op in SASS_OPS}
+        regs, stack, shared = (int(v) for v in found.groups())
+        _READ[digest] = regs, stack, shared, counts
+    return _READ[digest]
+
+
 def _inspect(compiled, tmpdir: str, stem: str) -> tuple[int, int, int, dict]:
-    path = os.path.join(tmpdir, stem + ".cubin")
-    with open(path, "wb") as fh:
-        fh.write(compiled.asm["cubin"])
-    usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
-    if found is None:
-        raise RuntimeError(f"cuobjdump -res-usage: no resource line in {usage!r}")
-    sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
-    counts = {op: len(re.findall(rf"\b{op}\b", sass)) for op in SASS_OPS}
-    regs, stack, shared = (int(v) for v in found.groups())
+    regs, stack, shared, counts = _read_cubin(compiled.asm["cubin"], tmpdir, stem)
     return regs, stack, max(shared, int(compiled.metadata.shared)), counts
 
 
@@ -173,19 +189,21 @@ def report(launches: list[tuple]) -> list[KernelReport]:
     """Compile each distinct recorded launch once and read its cubin."""
     import tempfile
 
-    out, seen = [], set()
-    with tempfile.TemporaryDirectory() as tmp:
-        for n, (kernel, args, meta) in enumerate(launches):
-            arg_kinds = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
-            key = (kernel.__name__, arg_kinds, tuple(sorted(meta.items())))
-            if key in seen:
-                continue
+    from concurrent.futures import ThreadPoolExecutor
+
+    distinct, seen = [], set()
+    for kernel, args, meta in launches:
+        arg_kinds = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
+        key = (kernel.__name__, arg_kinds, tuple(sorted(meta.items())))
+        if key not in seen:
             seen.add(key)
-            compiled = _compile(kernel, args, meta)
-            regs, stack, shared, counts = _inspect(compiled, tmp, f"k{n}")
-            out.append(KernelReport(kernel.__name__, _meta_text(meta), regs, stack, shared,
-                                    int(meta.get("num_warps", 4)), _dots_in_source(kernel), counts))
-    return out
+            distinct.append((kernel, meta, _compile(kernel, args, meta)))
+    # cuobjdump runs as a subprocess: threads read several cubins at once
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        reads = list(pool.map(lambda item: _inspect(item[1][2], tmp, f"k{item[0]}"), enumerate(distinct)))
+    return [KernelReport(kernel.__name__, _meta_text(meta), regs, stack, shared, int(meta.get("num_warps", 4)),
+                         _dots_in_source(kernel), counts)
+            for (kernel, meta, _), (regs, stack, shared, counts) in zip(distinct, reads)]
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
