@@ -149,10 +149,11 @@ fi
 
 # The Triton backend's GPU tests, in the foreground, in this order (pytest keeps the order of node
 # ids): those that have not passed on a GPU yet first (the compile tests failed on an H200 without
-# a recorded cause; the others were not reached), the ones that passed there last. Every GPU test
+# a recorded cause; aot_eager first, which runs the same traced graph without inductor; the others
+# were not reached), the ones that passed there last. Every GPU test
 # function of tests/test_triton.py is listed (tests/test_bench.py checks it).
 TRITON_TESTS=""
-for name in torch_compile_fullgraph public_call_torch_compile_fullgraph_with_padded_indices \
+for name in torch_compile_aot_eager torch_compile_fullgraph public_call_torch_compile_fullgraph_with_padded_indices \
     closed_form_torch_compile_fullgraph fp32_precisions dense_kernels_at_d256 closed_form_large_label_space \
     regimes_large_label_space symmetric_backward closed_form_has_no_host_sync_and_replays_in_a_cuda_graph \
     deterministic memory_has_no_anchor_by_column_term canonical_kernel_matches_the_torch_formulation_and_compiles \

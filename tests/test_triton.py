@@ -1192,9 +1192,10 @@ def test_gpu_symmetric_backward(monkeypatch, dtype, d, preset):
     assert_backend_matches("triton", case, **GPU_DTYPES[dtype])
 
 
-def _compare_compiled_fullgraph(case, cfg, label_sets, rtol_loss: float, rtol_grad: float):
-    """The backend's operators under torch.compile(fullgraph=True), from normalisation to the
-    reduced loss (labels prepared outside): value and gradients as in eager mode."""
+def _compare_compiled_fullgraph(case, cfg, label_sets, rtol_loss: float, rtol_grad: float, backend="inductor"):
+    """The backend's operators under torch.compile(fullgraph=True, backend=backend), from
+    normalisation to the reduced loss (labels prepared outside): value and gradients as in eager
+    mode."""
     import torch.nn.functional as F
 
     from mlcl_fast.triton import driver
@@ -1208,10 +1209,26 @@ def _compare_compiled_fullgraph(case, cfg, label_sets, rtol_loss: float, rtol_gr
     inputs = [t.detach().requires_grad_(True) for t in (case.features, case.prototypes) if t is not None]
     args = inputs + [None] * (2 - len(inputs))
     eager = loss_fn(*args)
-    compiled = torch.compile(loss_fn, fullgraph=True)(*args)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)(*args)
     assert torch.allclose(eager, compiled, rtol=rtol_loss, atol=1e-6)
     for a, b in zip(torch.autograd.grad(eager, inputs), torch.autograd.grad(compiled, inputs)):
         assert torch.allclose(a.float(), b.float(), rtol=rtol_grad, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("preset", ["reg", "msc"])
+def test_gpu_torch_compile_aot_eager(preset):
+    """As test_gpu_torch_compile_fullgraph, compiled by dynamo and AOT autograd but run by eager
+    kernels (backend 'aot_eager', no inductor): with the tracing itself checked on the CPU
+    (bench/compile_trace.py, tests/test_compile_trace.py), this tells a failure of inductor's
+    code generation from one of the traced graph."""
+    from mlcl_fast import as_label_sets
+
+    case = _case("compile", preset, None, B=128, V=2, d=64, L=12, device="cuda")
+    cfg = resolve_config(case.preset, **case.overrides)
+    label_sets = as_label_sets(case.labels, 128, case.num_labels).repeat_views(2)
+    _compare_compiled_fullgraph(case, cfg, label_sets, rtol_loss=1e-5, rtol_grad=1e-4, backend="aot_eager")
 
 
 @pytest.mark.gpu
