@@ -69,13 +69,15 @@ def check_arguments(col_labels: Tensor, num_labels: int, col_lo: int = 0) -> Non
         raise ValueError(f"col_lo: expected a column in [0, {col_labels.shape[0]}], got {col_lo}")
 
 
-def checked_column_label_index(col_labels: Tensor, num_labels: int, col_lo: int = 0) -> LabelIndex:
+def checked_column_label_index(col_labels: Tensor, num_labels: int, col_lo: int = 0,
+                               check_values: bool = True) -> LabelIndex:
     """`column_label_index` for direct callers (the operator `mlcl_fast::column_label_index`): the
-    arguments' types and shapes checked on the host, the label values (canonical rows: ascending
-    ids in [0, num_labels), then -1 padding) asserted on the labels' device, so no value is read
-    back (on a GPU a violation fails the stream; on the CPU it raises at once)."""
+    arguments' types and shapes checked on the host and, with `check_values`, the label values
+    (canonical rows: ascending ids in [0, num_labels), then -1 padding) asserted on the labels'
+    device, so no value is read back (on a GPU a violation fails the stream; on the CPU it raises
+    at once). The blocked C++ ops pass check_values=False: their own checks covered the labels."""
     check_arguments(col_labels, num_labels, col_lo)
-    if col_labels.numel():
+    if check_values and col_labels.numel():
         present = col_labels >= 0
         in_range = (col_labels >= -1) & (col_labels < num_labels)
         # an id must follow a smaller id (or start the row): ascending, unique, padding last

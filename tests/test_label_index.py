@@ -139,3 +139,14 @@ def test_the_operator_names_a_bad_argument(args, message):
     with pytest.raises((ValueError, RuntimeError), match=message):
         torch.ops.mlcl_fast.column_label_index(*args)
     assert torch.ops.mlcl_fast.column_label_index(torch.tensor([[0, 2], [1, -1]]), 3)[0].tolist() == [0, 1, 2, 3]
+
+
+@needs_ops
+def test_check_values_false_skips_only_the_value_assertion():
+    """check_values=False (what the blocked ops pass, having checked the labels themselves) leaves
+    out the device-side assertion, not the argument checks."""
+    bad_values = torch.tensor([[2, 1]])
+    ptr, _ = torch.ops.mlcl_fast.column_label_index(bad_values, 3, 0, False)  # not asserted
+    assert ptr.shape == (4,)
+    with pytest.raises(ValueError, match="num_labels"):
+        torch.ops.mlcl_fast.column_label_index(bad_values, -1, 0, False)

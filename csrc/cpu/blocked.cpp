@@ -51,11 +51,12 @@ at::Tensor label_counts(const at::Tensor& labels) {
 std::tuple<at::Tensor, at::Tensor> column_label_index(const at::Tensor& col_labels, int64_t num_labels) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("mlcl_fast::column_label_index", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, int64_t)>();
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, int64_t, bool)>();
   TORCH_CHECK(op.hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd),
               "mlcl_fast::column_label_index has no implementation: it is registered in Python by "
               "`import mlcl_fast` (mlcl_fast/backends/native_ops.py)");
-  return op.call(col_labels, num_labels, /*col_lo=*/0);
+  // check_values=false: the op's check_inputs has checked (or asserted) these labels already.
+  return op.call(col_labels, num_labels, /*col_lo=*/0, /*check_values=*/false);
 }
 
 at::Tensor prepare_labels(const at::Tensor& row_labels, const at::Tensor& col_labels, int64_t num_labels) {

@@ -78,7 +78,8 @@ TORCH_LIBRARY(mlcl_fast, m) {
   // The columns' inverted label index. Implemented in Python (mlcl_fast/label_index.py, registered
   // by mlcl_fast/backends/native_ops.py): the one implementation, shared with the Triton backend;
   // the blocked algorithm calls it through the dispatcher (blocked.cpp).
-  m.def("column_label_index(Tensor col_labels, int num_labels, int col_lo=0) -> (Tensor ptr, Tensor cols)");
+  m.def("column_label_index(Tensor col_labels, int num_labels, int col_lo=0, bool check_values=True) "
+        "-> (Tensor ptr, Tensor cols)");
 }
 
 TORCH_LIBRARY_IMPL(mlcl_fast, CPU, m) {

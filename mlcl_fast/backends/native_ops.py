@@ -115,11 +115,12 @@ def _backward_fake(grad_loss, rows, cols, row_labels, col_labels, self_col, lse,
     return torch.empty_like(rows), torch.empty_like(cols)
 
 
-def _column_label_index(col_labels: Tensor, num_labels: int, col_lo: int = 0) -> tuple[Tensor, Tensor]:
-    return tuple(label_index.checked_column_label_index(col_labels, num_labels, col_lo))
+def _column_label_index(col_labels: Tensor, num_labels: int, col_lo: int = 0,
+                        check_values: bool = True) -> tuple[Tensor, Tensor]:
+    return tuple(label_index.checked_column_label_index(col_labels, num_labels, col_lo, check_values))
 
 
-def _column_label_index_fake(col_labels, num_labels, col_lo=0):
+def _column_label_index_fake(col_labels, num_labels, col_lo=0, check_values=True):
     label_index.check_arguments(col_labels, num_labels, col_lo)
     return (col_labels.new_empty(num_labels + 1, dtype=torch.int64),
             col_labels.new_empty(col_labels.numel(), dtype=torch.int64))
