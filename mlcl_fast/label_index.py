@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .labels import canonical_row_conditions
+
 
 class LabelIndex(NamedTuple):
     ptr: Tensor   # [L + 1] int64: label k's columns are cols[ptr[k]:ptr[k + 1]]
@@ -55,7 +57,6 @@ def column_label_index(col_labels: Tensor, num_labels: int, col_lo: int = 0) -> 
     return LabelIndex(torch.searchsorted(sorted_keys, bounds), cols)
 
 
-
 def check_arguments(col_labels: Tensor, num_labels: int, col_lo: int = 0) -> None:
     """The operator's argument types and shapes (host only; the fake implementation runs it too)."""
     if not isinstance(col_labels, Tensor) or col_labels.dim() != 2 or col_labels.dtype not in (torch.int32,
@@ -78,11 +79,6 @@ def checked_column_label_index(col_labels: Tensor, num_labels: int, col_lo: int 
     at once). The blocked C++ ops pass check_values=False: their own checks covered the labels."""
     check_arguments(col_labels, num_labels, col_lo)
     if check_values and col_labels.numel():
-        present = col_labels >= 0
-        in_range = (col_labels >= -1) & (col_labels < num_labels)
-        # an id must follow a smaller id (or start the row): ascending, unique, padding last
-        ordered = ~present[:, 1:] | (present[:, :-1] & (col_labels[:, 1:] > col_labels[:, :-1]))
-        torch._assert_async(in_range.all() & ordered.all(),
-                            "col_labels: expected canonical label lists (each row ascending unique ids in "
-                            "[0, num_labels), then -1 padding)")
+        for ok, expected in canonical_row_conditions(col_labels, num_labels):
+            torch._assert_async(ok.all(), f"col_labels: expected canonical label lists: {expected}")
     return column_label_index(col_labels, num_labels, col_lo)
