@@ -81,6 +81,8 @@ def rows_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
     the gradient product. GATHER: the sweep covers only the columns col_list[0 .. col_count)
     (all >= col_lo; the symmetric backward's columns that no visited anchor owns), not
     [col_lo, C)."""
+    # float scalars as fp32: inductor passes Python floats as fp64 (README, torch.compile)
+    scale2, log2_beta, alpha = tl.cast(scale2, tl.float32), tl.cast(log2_beta, tl.float32), tl.cast(alpha, tl.float32)
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     live_n = tl.load(live)
@@ -146,6 +148,8 @@ def cols_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_count
                 NATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                 K_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (column blocks of [col_lo, C), feature chunks): dk_out[j, chunk] = sum_i g_ij q_i."""
+    # float scalars as fp32: inductor passes Python floats as fp64 (README, torch.compile)
+    scale2, log2_beta, alpha = tl.cast(scale2, tl.float32), tl.cast(log2_beta, tl.float32), tl.cast(alpha, tl.float32)
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     cols = col_lo + pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -200,6 +204,8 @@ def cols_free_kernel(q_ptr, k_ptr, self_col, col_owner, order, live, lse, w_tot,
     column's row (q and k are one embedding: only dq_o + dk_j matters); the other columns of o's
     softmax come from rows_kernel's GATHER sweep. Owners without a positive (W_o = 0, never
     visited, their lse not computed) add nothing."""
+    # float scalars as fp32: inductor passes Python floats as fp64 (README, torch.compile)
+    scale2, log2_beta = tl.cast(scale2, tl.float32), tl.cast(log2_beta, tl.float32)
     pid = tl.program_id(0)
     cols = col_lo + pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < C
@@ -278,6 +284,8 @@ def cols_dense_kernel(q_ptr, k_ptr, self_col, a_bits, a_count, table, c_count, o
     resident; per anchor tile every product has the owned columns as its M dimension (wgmma):
     sT = k_j q_i^T, the overlaps cT = y_j a_i^T, label-centric weights y_j (1/Z_i)^T as a split
     dot, and dk_j += gT q_i. The weights are those of tiles.positive_weights, transposed."""
+    # float scalars as fp32: inductor passes Python floats as fp64 (README, torch.compile)
+    scale2, log2_beta, alpha = tl.cast(scale2, tl.float32), tl.cast(log2_beta, tl.float32), tl.cast(alpha, tl.float32)
     pid = tl.program_id(0)
     cols = col_lo + pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < C

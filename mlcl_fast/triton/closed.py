@@ -88,6 +88,8 @@ def label_anchor_sums_kernel(slot_ptr, slot_sorted, u_tail, g_up, q_ptr, out, d,
 def column_label_grad_kernel(col_cid, f_ptr, col_owner, g_up, ubar_tail, q_ptr, dk, KC, d, inv_tau,
                              stride_f, stride_q, stride_dk, KC_P2: tl.constexpr, BLOCK_D: tl.constexpr):
     """dk_j -= (sum_{k in y_j} F_k - [j is anchor i's own column] G_i ubar^T_i q_i) / tau, in place."""
+    # float scalars as fp32: inductor passes Python floats as fp64 (README, torch.compile)
+    inv_tau = tl.cast(inv_tau, tl.float32)
     j = tl.program_id(0)
     dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dd < d

@@ -34,6 +34,9 @@ def stats_kernel(q_ptr, k_ptr, self_col, a_index, a_bits, a_count, table, c_coun
                  WORDS: tl.constexpr, WEIGHTING: tl.constexpr, FACTOR: tl.constexpr, HARD: tl.constexpr, NATIVE: tl.constexpr,
                  SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  Q_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
+    # float scalars as fp32: inductor passes Python floats as fp64 (README, torch.compile)
+    scale2, log2_beta = tl.cast(scale2, tl.float32), tl.cast(log2_beta, tl.float32)
+    alpha, inv_tau = tl.cast(alpha, tl.float32), tl.cast(inv_tau, tl.float32)
     pid = tl.program_id(0)
     live_n = tl.load(live)
     rows, rmask = anchor_rows(order, live_n, pid * BLOCK_M, BLOCK_M)

@@ -76,6 +76,8 @@ def unit_rows_kernel(x0, x1, x2, y_ptr, inv_ptr, radial_ptr, R0, R1, R2, d, stri
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Up to three row sets (x0, x1, x2: [R_s, d], any of fp16/bf16/fp32 each) normalised into one
     [R0 + R1 + R2, d] output, one launch (unit_sets)."""
+    # float scalars as fp32: inductor passes Python floats as fp64 (README, torch.compile)
+    eps = tl.cast(eps, tl.float32)
     unit_sets(tl.program_id(0), x0, x1, x2, y_ptr, inv_ptr, radial_ptr, R0, R1, R2, d, stride0, stride1, stride2,
               stride_y, eps, BLOCK_R, BLOCK_D)
 

@@ -29,6 +29,8 @@ def prologue_kernel(lab_ptr, index_ptr, count_ptr, B, K, L, stride_r, stride_c,
                     x0, x1, x2, y_ptr, inv_ptr, radial_ptr, R0, R1, R2, d, stride0, stride1, stride2, stride_y, eps,
                     label_programs, BLOCK_L: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_D: tl.constexpr):
+    # float scalars as fp32: inductor passes Python floats as fp64 (README, torch.compile)
+    eps = tl.cast(eps, tl.float32)
     pid = tl.program_id(0)
     if pid < label_programs:
         canonical_block(pid, lab_ptr, index_ptr, count_ptr, B, K, L, stride_r, stride_c, BLOCK_L, KP)

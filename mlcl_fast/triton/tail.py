@@ -63,6 +63,9 @@ def tail_anchor_kernel(q_ptr, k_ptr, a_index, a_cid, u_tail, c_index, col_ptr, c
     unless SCALE_G). WHOLE (BLOCK_D >= d, one program per anchor): each gathered column row is
     loaded once, for its logit and its gradient term; otherwise each chunk's program recomputes
     the pair's d-long logit and loads its chunk again."""
+    # float scalars as fp32: inductor passes Python floats as fp64 (README, torch.compile)
+    scale2, log2_beta = tl.cast(scale2, tl.float32), tl.cast(log2_beta, tl.float32)
+    inv_tau = tl.cast(inv_tau, tl.float32)
     i = tl.program_id(0)
     oo = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     omask = oo < d
@@ -146,6 +149,9 @@ def tail_column_kernel(q_ptr, k_ptr, a_index, u_tail, c_index, col_cid, slot_ptr
     """Column j's tail pairs, added in place: out[j, chunk] -= 1/tau sum_i G_i delta_ij q_i[chunk],
     over the anchor slots of j's labels outside the head (flat anchor * KA + slot in slot_s).
     WHOLE (BLOCK_D >= d): each gathered anchor row is loaded once, as in tail_anchor_kernel."""
+    # float scalars as fp32: inductor passes Python floats as fp64 (README, torch.compile)
+    scale2, log2_beta = tl.cast(scale2, tl.float32), tl.cast(log2_beta, tl.float32)
+    inv_tau = tl.cast(inv_tau, tl.float32)
     j = tl.program_id(0)
     oo = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     omask = oo < d
