@@ -34,6 +34,8 @@ import traceback
 
 import torch
 
+from .kernels import ARCH, gpu_target
+
 DEFAULT_CASES = ("reg:12", "reg:300", "reg:300:symmetric", "reg_noreg:12", "msc:12", "reg:12::driver",
                  "msc:12:recompute:driver")
 
@@ -57,9 +59,7 @@ class _StandInDriver:
             pass
 
     def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", ARCH, 32)
+        return gpu_target()
 
     def get_current_device(self):
         return 0
@@ -74,17 +74,15 @@ class _StandInDriver:
         return lambda *args, **kwargs: None  # nothing runs here
 
 
-ARCH = 90
 COMPILED: list[str] = []  # the kernels compiled for sm_90 in --inductor mode, in order
 
 
 def _compile_for_gpu(original):
     """triton.compile with inductor's CPU target replaced by sm_90 (the CPU options dropped)."""
-    from triton.backends.compiler import GPUTarget
 
     def compile_for_gpu(src, target=None, options=None, **kwargs):
         if target is not None and target.backend == "cpu":
-            target = GPUTarget("cuda", ARCH, 32)
+            target = gpu_target()
             options = {k: v for k, v in (options or {}).items() if k in ("num_warps", "num_stages", "debug")}
         out = original(src, target=target, options=options, **kwargs)
         COMPILED.append(getattr(src, "name", "?"))

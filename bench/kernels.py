@@ -58,15 +58,21 @@ def _tool(name: str) -> str:
     return path
 
 
+def gpu_target():
+    """The compilation target of every tool here that compiles without a GPU: sm_90, warps of 32."""
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", ARCH, 32)
+
+
 def _compile(fn, args: tuple, meta: dict):
     """Compile `fn` for sm_90 with the signature, specialisation and options the JIT would derive
     from these arguments on a GPU (triton's own binder, with the CUDA backend of the target)."""
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    target = GPUTarget("cuda", ARCH, 32)
+    target = gpu_target()
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **meta)

@@ -1215,6 +1215,15 @@ def _compare_compiled_fullgraph(case, cfg, label_sets, rtol_loss: float, rtol_gr
         assert torch.allclose(a.float(), b.float(), rtol=rtol_grad, atol=1e-6)
 
 
+def _compile_case(preset):
+    """(case, config, label sets) of the GPU compile tests: labels prepared outside the region."""
+    from mlcl_fast import as_label_sets
+
+    case = _case("compile", preset, None, B=128, V=2, d=64, L=12, device="cuda")
+    cfg = resolve_config(case.preset, **case.overrides)
+    return case, cfg, as_label_sets(case.labels, 128, case.num_labels).repeat_views(2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("preset", ["reg", "msc"])
@@ -1223,12 +1232,7 @@ def test_gpu_torch_compile_aot_eager(preset):
     kernels (backend 'aot_eager', no inductor): with the tracing itself checked on the CPU
     (bench/compile_trace.py, tests/test_compile_trace.py), this tells a failure of inductor's
     code generation from one of the traced graph."""
-    from mlcl_fast import as_label_sets
-
-    case = _case("compile", preset, None, B=128, V=2, d=64, L=12, device="cuda")
-    cfg = resolve_config(case.preset, **case.overrides)
-    label_sets = as_label_sets(case.labels, 128, case.num_labels).repeat_views(2)
-    _compare_compiled_fullgraph(case, cfg, label_sets, rtol_loss=1e-5, rtol_grad=1e-4, backend="aot_eager")
+    _compare_compiled_fullgraph(*_compile_case(preset), rtol_loss=1e-5, rtol_grad=1e-4, backend="aot_eager")
 
 
 @pytest.mark.gpu
@@ -1238,14 +1242,8 @@ def test_gpu_torch_compile_aot_eager(preset):
 def test_gpu_torch_compile_fullgraph(monkeypatch, preset, grad_mode):
     """The backend's operators under torch.compile(fullgraph=True): from normalisation to the
     reduced loss, with labels prepared outside (the public API validates inputs eagerly)."""
-    from mlcl_fast import as_label_sets
-
     monkeypatch.setenv("MLCL_FAST_TRITON_GRAD", grad_mode)
-    case = _case("compile", preset, None, B=128, V=2, d=64, L=12, device="cuda")
-    cfg = resolve_config(case.preset, **case.overrides)
-    label_sets = as_label_sets(case.labels, 128, case.num_labels).repeat_views(2)
-
-    _compare_compiled_fullgraph(case, cfg, label_sets, rtol_loss=1e-5, rtol_grad=1e-4)
+    _compare_compiled_fullgraph(*_compile_case(preset), rtol_loss=1e-5, rtol_grad=1e-4)
 
 
 def _closed_gpu_case(preset, L=12):
